@@ -1,0 +1,180 @@
+"""Alert engine: rules from the configuration turn violations, utilisation and load into alerts.
+
+Rules (``plugins.alert_engine.rules.<name>``; each may set ``enabled``, ``severity`` and its
+threshold):
+
+- ``quota_violation``: a user with >= ``threshold`` (5) violations today -> critical.
+- ``high_utilization``: a user at >= ``threshold`` (0.8) of a daily limit -> high.
+- ``approaching_limit``: >= ``threshold`` (0.9) of a daily limit -> high, before the violation.
+- ``sustained_throttling``: factor < ``threshold`` (0.5) for ``duration`` (300) s -> high.
+- ``high_system_load``: CPU or memory >= ``threshold`` (85) % -> critical.
+
+Storage, deduplication (one live alert per rule, user and day; a repeat raises ``count``),
+acknowledge and resolve belong to ``app.alerts``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from typing import Any
+
+from quotaserver import hookimpl
+from quotaserver.models import Violation, naive_utc
+from quotaserver.realtime.emitters import PeriodicEmitter
+
+NAME = "alert_engine"
+DEFAULT_RULES: dict[str, dict[str, Any]] = {
+    "quota_violation": {"threshold": 5, "severity": "critical"},
+    "high_utilization": {"threshold": 0.8, "severity": "high"},
+    "approaching_limit": {"threshold": 0.9, "severity": "high"},
+    "sustained_throttling": {"threshold": 0.5, "duration": 300, "severity": "high"},
+    "high_system_load": {"threshold": 85, "severity": "critical"},
+}
+
+
+class Engine:
+    def __init__(self, settings: dict[str, Any]):
+        configured = settings.get("rules") or {}
+        unknown = set(configured) - set(DEFAULT_RULES)
+        if unknown:
+            raise ValueError(f"plugins.alert_engine.rules: unknown rule {sorted(unknown)[0]!r}")
+        self.rules = {
+            name: {**default, **(configured.get(name) or {})}
+            for name, default in DEFAULT_RULES.items()
+        }
+        self.check_interval = float(settings.get("check_interval", 10.0))
+        self.day_key: int | None = None
+        self.violations: Counter[int] = Counter()
+        self.throttled_since: float | None = None
+        self.throttle_alerted = False
+        self.load_alerted = False
+
+    def rule(self, name: str) -> dict[str, Any] | None:
+        rule = self.rules[name]
+        return rule if rule.get("enabled", True) else None
+
+
+def _engine(app: Any) -> Engine:
+    state = app.plugin_state(NAME)
+    if "engine" not in state:
+        state["engine"] = Engine(app.plugin_config(NAME))
+    return state["engine"]
+
+
+def _day(app: Any) -> tuple[int, str]:
+    window = app.quota.calendar.window("daily", app.clock())
+    return window.key, window.start.astimezone(app.quota.calendar.tz).date().isoformat()
+
+
+def _violations_today(app: Any) -> Counter[int]:
+    start = app.quota.calendar.window("daily", app.clock()).start
+    rows = Violation.select(Violation.user).where(Violation.created_at >= naive_utc(start))
+    return Counter(row.user_id for row in rows)
+
+
+@hookimpl
+def startup(app: Any) -> Any:
+    engine = _engine(app)
+
+    async def load() -> None:
+        engine.violations = await app.store.run(_violations_today, app)
+        engine.day_key = _day(app)[0]
+
+    return load()
+
+
+@hookimpl
+async def on_violation(app: Any, violation: dict[str, Any]) -> None:
+    engine = _engine(app)
+    rule = engine.rule("quota_violation")
+    day_key, day = _day(app)
+    if day_key != engine.day_key:
+        engine.day_key, engine.violations = day_key, Counter()
+    user_id = violation["user_id"]
+    engine.violations[user_id] += 1
+    count = engine.violations[user_id]
+    if rule is None or count < rule["threshold"]:
+        return
+    label = "Critical" if rule["severity"] == "critical" else rule["severity"].capitalize()
+    await app.alerts.raise_alert(
+        "quota_violation",
+        rule["severity"],
+        f"{label}: {count} quota violations today",
+        user_id=user_id,
+        action_needed="Review this user's activity; raise the limit or contact the user",
+        dedupe_day=day,
+    )
+
+
+@hookimpl
+async def on_decision(app: Any, decision: Any) -> None:
+    daily = decision.periods.get("daily")
+    if not decision.consumed or daily is None or not daily.limit:
+        return
+    engine = _engine(app)
+    before = (daily.used - decision.count) / daily.limit
+    after = daily.used / daily.limit
+    _, day = _day(app)
+    # Only a crossing raises (or repeats) an alert, not every command above the line.
+    for name, action in (
+        ("approaching_limit", "The user will be refused soon; consider raising the limit"),
+        ("high_utilization", "Watch this user's usage"),
+    ):
+        rule = engine.rule(name)
+        if rule is None or not before < rule["threshold"] <= after:
+            continue
+        percent = round(after * 100)
+        await app.alerts.raise_alert(
+            name,
+            rule["severity"],
+            f"{decision.user} at {percent}% of the daily {decision.command_type} limit "
+            f"({daily.used}/{daily.limit})",
+            user_id=decision.user_id,
+            action_needed=action,
+            dedupe_day=day,
+        )
+        break  # approaching_limit implies high_utilization: one alert per crossing
+
+
+@hookimpl
+def register_emitters(app: Any) -> list[PeriodicEmitter]:
+    engine = _engine(app)
+
+    async def check_load() -> None:
+        now = time.time()
+        load = app.load.current
+        _, day = _day(app)
+        throttling = engine.rule("sustained_throttling")
+        if throttling is not None and load.sampled_at:
+            if load.factor < throttling["threshold"]:
+                engine.throttled_since = engine.throttled_since or now
+                lasted = now - engine.throttled_since
+                if lasted >= throttling["duration"] and not engine.throttle_alerted:
+                    engine.throttle_alerted = True
+                    await app.alerts.raise_alert(
+                        "sustained_throttling",
+                        throttling["severity"],
+                        f"Throttle factor below {throttling['threshold']} for "
+                        f"{int(lasted)} s (now {load.factor})",
+                        action_needed="Add capacity or find the source of the load",
+                        dedupe_day=day,
+                    )
+            else:
+                engine.throttled_since, engine.throttle_alerted = None, False
+        high = engine.rule("high_system_load")
+        if high is not None and load.sampled_at:
+            peak = max(load.cpu_percent, load.memory_percent)
+            if peak >= high["threshold"] and not engine.load_alerted:
+                engine.load_alerted = True
+                await app.alerts.raise_alert(
+                    "high_system_load",
+                    high["severity"],
+                    f"System load high: CPU {load.cpu_percent}%, memory {load.memory_percent}%",
+                    action_needed="Check the host; consumes are throttled",
+                    dedupe_day=day,
+                )
+            elif peak < high["threshold"]:
+                engine.load_alerted = False
+
+    return [PeriodicEmitter("alert_rules", engine.check_interval, check_load)]

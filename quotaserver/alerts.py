@@ -1,0 +1,150 @@
+"""AlertService: persist alerts (one live alert per rule, user and day), acknowledge, resolve.
+
+Rules that decide *when* to raise an alert live in the alert-engine plugin; this module
+owns the storage and the events, so every alert change is persisted, then published.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from .audit import record_audit
+from .db import Store
+from .events import append_event
+from .models import Alert, User, aware, naive_utc
+from .realtime.messages import Message
+from .windows import Clock, isoformat, utc_now
+
+SEVERITIES = ("low", "medium", "high", "critical")
+STATUSES = ("open", "acknowledged", "resolved")
+
+
+class AlertNotFound(LookupError):
+    pass
+
+
+def alert_json(row: Alert, username: str | None = None) -> dict[str, Any]:
+    if username is None and row.user_id is not None:
+        username = row.user.username
+    return {
+        "alert_id": row.id,
+        "alert_type": row.rule,
+        "severity": row.severity,
+        "user_id": row.user_id,
+        "username": username,
+        "message": row.message,
+        "action_needed": row.action_needed,
+        "count": row.count,
+        "status": row.status,
+        "created_at": isoformat(aware(row.created_at)),
+        "updated_at": isoformat(aware(row.updated_at)),
+        "acknowledged_by": row.acknowledged_by,
+        "resolved_by": row.resolved_by,
+    }
+
+
+class AlertService:
+    def __init__(
+        self,
+        store: Store,
+        publish: Callable[[list[Message]], None],
+        clock: Clock = utc_now,
+    ):
+        self.store = store
+        self.publish = publish
+        self.clock = clock
+
+    async def raise_alert(
+        self,
+        rule: str,
+        severity: str,
+        message: str,
+        *,
+        user_id: int | None = None,
+        action_needed: str = "",
+        dedupe_day: str | None = None,
+    ) -> dict[str, Any]:
+        """Open an alert, or count a repeat of the live one for (rule, user, day)."""
+        if severity not in SEVERITIES:
+            raise ValueError(f"unknown severity {severity!r}")
+        payload, events = await self.store.run(
+            self._raise_sync, rule, severity, message, user_id, action_needed, dedupe_day
+        )
+        self.publish(events)
+        return payload
+
+    async def acknowledge(self, alert_id: int, actor: str) -> dict[str, Any]:
+        return await self._transition(alert_id, "acknowledged", actor)
+
+    async def resolve(self, alert_id: int, actor: str) -> dict[str, Any]:
+        return await self._transition(alert_id, "resolved", actor)
+
+    async def _transition(self, alert_id: int, status: str, actor: str) -> dict[str, Any]:
+        payload, events = await self.store.run(self._transition_sync, alert_id, status, actor)
+        self.publish(events)
+        return payload
+
+    # -- database work -----------------------------------------------------------------
+    def _raise_sync(
+        self,
+        rule: str,
+        severity: str,
+        message: str,
+        user_id: int | None,
+        action_needed: str,
+        dedupe_day: str | None,
+    ) -> tuple[dict, list[Message]]:
+        now = self.clock()
+        day = dedupe_day or now.date().isoformat()
+        key = f"{rule}:{user_id if user_id is not None else '-'}:{day}"
+        stamp = naive_utc(now)
+        with self.store.db.atomic():
+            Alert.insert(
+                rule=rule,
+                severity=severity,
+                user=user_id,
+                message=message,
+                action_needed=action_needed,
+                count=1,
+                status="open",
+                dedupe_key=key,
+                created_at=stamp,
+                updated_at=stamp,
+            ).on_conflict(
+                conflict_target=[Alert.dedupe_key],
+                update={
+                    Alert.count: Alert.count + 1,
+                    Alert.message: message,
+                    Alert.severity: severity,
+                    Alert.updated_at: stamp,
+                },
+            ).execute()
+            row = Alert.get(Alert.dedupe_key == key)
+            username = User.get_by_id(user_id).username if user_id is not None else None
+            payload = alert_json(row, username)
+            payload["update"] = row.count > 1
+            return payload, [append_event("alert", payload, now)]
+
+    def _transition_sync(self, alert_id: int, status: str, actor: str) -> tuple[dict, list]:
+        now = self.clock()
+        with self.store.db.atomic():
+            row = Alert.get_or_none(Alert.id == alert_id)
+            if row is None:
+                raise AlertNotFound(alert_id)
+            if row.status == "resolved" or row.status == status:
+                # Idempotent: nothing changes, nothing is published.
+                return alert_json(row), []
+            row.status = status
+            row.updated_at = naive_utc(now)
+            if status == "acknowledged":
+                row.acknowledged_by, row.acknowledged_at = actor, naive_utc(now)
+            else:
+                row.resolved_by, row.resolved_at = actor, naive_utc(now)
+                row.dedupe_key = None  # a later repeat opens a new alert
+            row.save()
+            action = "alert.acknowledge" if status == "acknowledged" else "alert.resolve"
+            record_audit(actor, action, f"alert:{alert_id}", {"status": status}, now)
+            payload = alert_json(row)
+            payload["update"] = True
+            return payload, [append_event("alert", payload, now)]

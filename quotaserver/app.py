@@ -1,0 +1,255 @@
+"""QuotaApp: owns the database, services, broadcaster and plugins; ``start`` and ``stop``."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+from typing import Any
+
+import pluggy
+import tornado.httpserver
+import tornado.netutil
+import tornado.web
+from tornado.ioloop import PeriodicCallback
+
+from .alerts import AlertService
+from .auth import Auth, Identity, _read_or_create_secret
+from .config import Config
+from .db import Store
+from .events import events_after, last_seq
+from .plugins import Hooks, get_plugin_manager
+from .quota import Decision, QuotaService
+from .realtime.emitters import Scheduler
+from .realtime.hub import Hub
+from .realtime.limits import ConnectionLimiter
+from .realtime.messages import CLOSE_GOING_AWAY, CLOSE_POLICY, Message
+from .rules import RuleService
+from .throttle import SystemLoad
+from .urls import routes
+from .windows import Clock, utc_now
+
+log = logging.getLogger(__name__)
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+class QuotaApp:
+    """The application. Plugins get it as ``app`` and use its public attributes:
+
+    ``config``, ``clock``, ``store`` (``await app.store.run(fn)``), ``quota``
+    (QuotaService), ``rules`` (RuleService), ``alerts`` (AlertService), ``load``
+    (SystemLoad), ``hub``, ``publish_event``, ``plugin_config``, ``plugin_state``.
+    """
+
+    def __init__(
+        self,
+        config: Config,
+        *,
+        clock: Clock = utc_now,
+        plugin_manager: pluggy.PluginManager | None = None,
+        env: dict[str, str] | None = None,
+    ):
+        self.config = config
+        self.clock = clock
+        self.store = Store(
+            config["database.url"],
+            config["database.sqlite_synchronous"],
+            config["database.pool_size"],
+        )
+        self.load = SystemLoad(config["throttle.cpu_bands"], config["throttle.memory_bands"])
+        self.hub = Hub(
+            self._replay,
+            max_connections=config["realtime.max_connections"],
+            client_queue=config["realtime.client_queue"],
+            client_queue_bytes=config["realtime.client_queue_bytes"],
+            replay_limit=config["realtime.replay_limit"],
+            ring_size=config["realtime.ring_size"],
+            intervals={
+                "stats": config["realtime.stats_interval"],
+                "heartbeat": config["realtime.heartbeat_interval"],
+                "client_timeout": config["realtime.client_timeout"],
+            },
+        )
+        self.pm = plugin_manager or get_plugin_manager(config)
+        self.hooks = Hooks(self.pm)
+        self.quota = QuotaService(
+            config, self.store, self.load, clock, publish=self.publish, on_decision=self._decided
+        )
+        self.alerts = AlertService(self.store, self.publish, clock)
+        self.rules = RuleService(self.quota, self.publish)
+        self.scheduler = Scheduler(self.publish_event)
+        self.auth = Auth(config, env)
+        self.limiter = ConnectionLimiter()
+        self.web = tornado.web.Application(routes(self), **self._settings())
+        self.server: tornado.httpserver.HTTPServer | None = None
+        self.port: int | None = None
+        self.running = False
+        self._timers: list[PeriodicCallback] = []
+        self._tasks: set[asyncio.Future] = set()
+        self._plugin_state: dict[str, dict[str, Any]] = {}
+
+    def _settings(self) -> dict[str, Any]:
+        cfg = self.config
+        secret = cfg["auth.cookie_secret"]
+        if not secret:
+            data_dir = os.path.dirname(cfg["auth.token_file"]) or "."
+            secret, _ = _read_or_create_secret(os.path.join(data_dir, "cookie_secret"), 32)
+        return {
+            "cookie_secret": secret,
+            "template_path": os.path.join(ROOT, "templates"),
+            "static_path": os.path.join(ROOT, "static"),
+            "websocket_ping_interval": cfg["realtime.client_timeout"],
+            "websocket_ping_timeout": cfg["realtime.client_timeout"],
+            "websocket_max_message_size": 64 * 1024,
+            "xsrf_cookie_kwargs": {"samesite": "Strict"},
+            "compress_response": False,
+            "log_function": _log_request,
+        }
+
+    # -- lifecycle ---------------------------------------------------------------------
+    async def start(self, listen: bool = True) -> None:
+        """Migrate, load state, start plugins, emitters and timers, then listen."""
+        await self.store.run(self.store.migrate)
+        await self.store.run(self.quota.seed_defaults)
+        self.hub.last_seq = await self.store.run(last_seq)
+        await self.hooks.call_async("startup", app=self)
+        for plugin, emitters in self.hooks.call("register_emitters", app=self):
+            for emitter in emitters:
+                self.scheduler.add(emitter, plugin)
+        await self.scheduler.start()
+        cfg = self.config
+        self._timers = [
+            PeriodicCallback(self.broadcast_stats, cfg["realtime.stats_interval"] * 1000),
+            PeriodicCallback(self.hub.ping, cfg["realtime.heartbeat_interval"] * 1000),
+        ]
+        for timer in self._timers:
+            timer.start()
+        self.broadcast_stats()
+        self.running = True
+        if listen:
+            sockets = tornado.netutil.bind_sockets(
+                cfg["server.port"], cfg["server.host"], family=socket.AF_INET
+            )
+            self.server = tornado.httpserver.HTTPServer(
+                self.web,
+                xheaders=cfg["server.xheaders"],
+                max_body_size=cfg["server.max_body_size"],
+                idle_connection_timeout=120,
+            )
+            self.server.add_sockets(sockets)
+            self.port = sockets[0].getsockname()[1]
+
+    async def stop(
+        self, code: int = CLOSE_GOING_AWAY, reason: str = "server shutting down"
+    ) -> None:
+        """Stop accepting, close clients with ``code``, stop emitters, finish DB writes."""
+        if self.server is not None:
+            self.server.stop()
+        self.running = False
+        for timer in self._timers:
+            timer.stop()
+        self.hub.close_all(code, reason)
+        await self.scheduler.stop()
+        if self._tasks:
+            await asyncio.wait(list(self._tasks), timeout=5)
+        await self.hooks.call_async("shutdown", app=self)
+        if self.server is not None:
+            try:
+                await asyncio.wait_for(self.server.close_all_connections(), timeout=2)
+            except TimeoutError:
+                log.warning("some connections did not close in time")
+        await asyncio.get_running_loop().run_in_executor(None, self.store.close)
+
+    @property
+    def url(self) -> str:
+        host = self.config["server.host"]
+        host = "127.0.0.1" if host in ("0.0.0.0", "") else host
+        return f"http://{host}:{self.port}"
+
+    # -- publishing --------------------------------------------------------------------
+    def publish(self, messages: list[Message]) -> None:
+        """Fan committed events out to clients, then tell plugins (never blocks)."""
+        for message in messages:
+            self.hub.publish(message)
+        for message in messages:
+            self.track(self.hooks.call_async("on_event", app=self, message=message))
+            if message.type == "violation":
+                self.track(self.hooks.call_async("on_violation", app=self, violation=message.data))
+
+    async def publish_event(self, type: str, data: dict[str, Any]) -> Message:
+        """Persist a durable event, then publish it. The ``emit`` of event emitters."""
+        from .events import append_event
+
+        def work() -> Message:
+            with self.store.db.atomic():
+                return append_event(type, data, self.clock())
+
+        message = await self.store.run(work)
+        self.publish([message])
+        return message
+
+    def broadcast_stats(self) -> None:
+        self.hub.publish_stats(self.stats_snapshot())
+
+    def stats_snapshot(self) -> dict[str, Any]:
+        snapshot: dict[str, Any] = {}
+        for _plugin, fields in self.hooks.call("stats_fields", app=self):
+            if isinstance(fields, dict):
+                snapshot.update(fields)
+        snapshot.update(self.scheduler.stats_fields())
+        return snapshot
+
+    def _decided(self, decision: Decision) -> None:
+        self.track(self.hooks.call_async("on_decision", app=self, decision=decision))
+
+    async def _replay(self, after: int, limit: int) -> list[Message]:
+        return await self.store.run(events_after, after, limit)
+
+    def track(self, awaitable: Any) -> asyncio.Future:
+        """Run ``awaitable`` in the background, keeping a reference until it is done."""
+        future = asyncio.ensure_future(awaitable)
+        self._tasks.add(future)
+        future.add_done_callback(self._tasks.discard)
+        return future
+
+    # -- plugins and connections -------------------------------------------------------
+    def plugin_config(self, name: str) -> dict[str, Any]:
+        """The ``plugins.<name>`` block of the configuration (without ``enabled``)."""
+        return {k: v for k, v in self.config.plugin(name).items() if k != "enabled"}
+
+    def plugin_state(self, name: str) -> dict[str, Any]:
+        """A dict private to plugin ``name`` for the life of this application."""
+        return self._plugin_state.setdefault(name, {})
+
+    def connection_refusal(self, ip: str, identity: Identity | None) -> str | None:
+        key = identity.key if identity else "anonymous"
+        live = sum(1 for c in self.hub.clients if c.identity == key)
+        return self.limiter.refusal(ip, key, live)
+
+    def end_identity(self, *, session_id: str | None = None, token_ids: list[str] = ()) -> int:
+        """Close live connections of a logged-out session or revoked tokens with 1008."""
+        return self.hub.close_where(
+            lambda c: (
+                (session_id is not None and getattr(c, "session_id", None) == session_id)
+                or getattr(c, "token_id", None) in token_ids
+            ),
+            CLOSE_POLICY,
+            "credentials revoked",
+        )
+
+
+def _log_request(handler: tornado.web.RequestHandler) -> None:
+    """Access log without query strings (a login URL carries a token)."""
+    status = handler.get_status()
+    level = logging.INFO if status < 400 else logging.WARNING if status < 500 else logging.ERROR
+    request = handler.request
+    logging.getLogger("tornado.access").log(
+        level,
+        "%d %s %s (%s) %.1fms",
+        status,
+        request.method,
+        request.path,
+        request.remote_ip,
+        1000.0 * request.request_time(),
+    )

@@ -1,0 +1,435 @@
+"""Settings, declared once: name, type, default, help, bounds.
+
+Values come from (lowest to highest precedence) the declared defaults, the YAML file,
+environment variables ``QUOTASERVER_<SECTION>_<KEY>`` and command-line flags. Every
+problem is a :class:`ConfigError` naming the key (and file); ``run.py`` turns it into a
+one-line message and exit status 2.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import zoneinfo
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import yaml
+
+PERIODS = ("hourly", "daily", "weekly", "monthly")
+WEEKDAYS = ("monday", "tuesday", "wednesday", "thursday", "friday", "saturday", "sunday")
+ENV_PREFIX = "QUOTASERVER_"
+
+
+class ConfigError(Exception):
+    """A configuration problem; the message names the offending key."""
+
+
+@dataclass(frozen=True)
+class Setting:
+    key: str  # dotted path, e.g. "server.port"
+    type: type | tuple[type, ...]
+    default: Any
+    help: str
+    min: float | None = None
+    max: float | None = None
+    choices: tuple[Any, ...] | None = None
+    check: Callable[[Any], str | None] | None = None  # returns an error text or None
+
+    @property
+    def env(self) -> str:
+        return ENV_PREFIX + self.key.replace(".", "_").upper()
+
+
+def _check_timezone(value: str) -> str | None:
+    try:
+        zoneinfo.ZoneInfo(value)
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+        return f"unknown time zone {value!r}"
+    return None
+
+
+def _check_limits(value: Any) -> str | None:
+    if not isinstance(value, dict):
+        return "must be a mapping of command type to limits"
+    for cmd, limits in value.items():
+        if not isinstance(cmd, str) or not cmd:
+            return "command type names must be non-empty strings"
+        if not isinstance(limits, dict):
+            return f"{cmd}: must be a mapping of period to limit"
+        for period, limit in limits.items():
+            if period not in PERIODS:
+                return f"{cmd}.{period}: unknown period (expected one of {', '.join(PERIODS)})"
+            if limit is not None and (
+                not isinstance(limit, int) or isinstance(limit, bool) or limit < 0
+            ):
+                return f"{cmd}.{period}: must be a non-negative integer or null (unlimited)"
+    return None
+
+
+def _check_bands(value: Any) -> str | None:
+    if not isinstance(value, list) or not value:
+        return "must be a non-empty list of [threshold_percent, factor] pairs"
+    for band in value:
+        if (
+            not isinstance(band, list | tuple)
+            or len(band) != 2
+            or not all(isinstance(x, int | float) and not isinstance(x, bool) for x in band)
+        ):
+            return "each band must be [threshold_percent, factor]"
+        threshold, factor = band
+        if not 0 <= threshold <= 100 or not 0 <= factor <= 1:
+            return "threshold must be within 0..100 and factor within 0..1"
+    return None
+
+
+def _check_tokens(value: Any) -> str | None:
+    if not isinstance(value, list):
+        return "must be a list of {name, role, sha256 | env}"
+    for i, tok in enumerate(value):
+        if not isinstance(tok, dict):
+            return f"[{i}]: must be a mapping"
+        unknown = set(tok) - {"name", "role", "sha256", "env"}
+        if unknown:
+            return f"[{i}]: unknown key {sorted(unknown)[0]!r}"
+        if not isinstance(tok.get("name"), str) or not tok["name"]:
+            return f"[{i}].name: required"
+        if tok.get("role") not in ("admin", "viewer", "service"):
+            return f"[{i}].role: must be admin, viewer or service"
+        if ("sha256" in tok) == ("env" in tok):
+            return f"[{i}]: give exactly one of sha256 or env"
+        if "sha256" in tok and (
+            not isinstance(tok["sha256"], str)
+            or len(tok["sha256"]) != 64
+            or any(c not in "0123456789abcdef" for c in tok["sha256"].lower())
+        ):
+            return f"[{i}].sha256: must be a hex SHA-256 digest"
+    return None
+
+
+def _check_str_list(value: Any) -> str | None:
+    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+        return "must be a list of non-empty strings"
+    return None
+
+
+def _check_periods(value: Any) -> str | None:
+    err = _check_str_list(value)
+    if err:
+        return err
+    bad = [v for v in value if v not in PERIODS]
+    return f"unknown period {bad[0]!r}" if bad else None
+
+
+DEFAULT_LIMITS = {
+    "shell": {"daily": 500, "weekly": 3000, "monthly": 10000},
+    "code": {"daily": 300, "weekly": 1500, "monthly": 5000},
+    "test": {"daily": 1000, "weekly": 5000, "monthly": 20000},
+    "review": {"daily": 200, "weekly": 1000, "monthly": 3000},
+    "refactor": {"daily": 200, "weekly": 1000, "monthly": 3000},
+}
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting("dev", bool, False, "Enable development endpoints (/api/ws/test-*); admin only."),
+    Setting("demo", bool, False, "Simulate users issuing commands through the real quota API."),
+    Setting("server.host", str, "127.0.0.1", "Address to listen on."),
+    Setting("server.port", int, 8888, "TCP port to listen on.", min=0, max=65535),
+    Setting("server.xheaders", bool, False, "Trust X-Forwarded-For/Proto from a reverse proxy."),
+    Setting(
+        "server.max_body_size", int, 65536, "Largest accepted request body (bytes).", 1024, 2**26
+    ),
+    Setting("server.shutdown_timeout", float, 10.0, "Seconds allowed for a clean stop.", 0.1, 300),
+    Setting("server.log_level", str, "info", "Log level.", choices=("debug", "info", "warning")),
+    Setting("database.url", str, "sqlite:///data/quotaserver.db", "peewee database URL."),
+    Setting(
+        "database.sqlite_synchronous",
+        str,
+        "full",
+        "SQLite synchronous mode: full survives power loss, normal a process crash.",
+        choices=("full", "normal"),
+    ),
+    Setting("database.pool_size", int, 4, "Database worker threads (PostgreSQL).", 1, 64),
+    Setting(
+        "quotas.command_types",
+        list,
+        list(DEFAULT_LIMITS),
+        "Known command types.",
+        check=_check_str_list,
+    ),
+    Setting(
+        "quotas.periods",
+        list,
+        ["daily", "weekly", "monthly"],
+        "Tracked windows (hourly is optional).",
+        check=_check_periods,
+    ),
+    Setting(
+        "quotas.defaults",
+        dict,
+        DEFAULT_LIMITS,
+        "Global default limits per command type and period (null = unlimited). "
+        "Seeded into the database once; edit them later through the admin API.",
+        check=_check_limits,
+    ),
+    Setting(
+        "quotas.timezone", str, "UTC", "Time zone of window boundaries.", check=_check_timezone
+    ),
+    Setting("quotas.week_start", str, "monday", "First day of a weekly window.", choices=WEEKDAYS),
+    Setting("quotas.max_count", int, 10000, "Largest count accepted in one request.", 1, 10**9),
+    Setting("quotas.max_username_length", int, 64, "Longest accepted user name.", 1, 255),
+    Setting(
+        "quotas.unknown_command_status",
+        int,
+        400,
+        "HTTP status for an unknown command type.",
+        choices=(400, 404, 422),
+    ),
+    Setting(
+        "throttle.cpu_bands",
+        list,
+        [[98, 0.0], [95, 0.3], [90, 0.6], [80, 0.8]],
+        "CPU % thresholds and the throttle factor at or above each.",
+        check=_check_bands,
+    ),
+    Setting(
+        "throttle.memory_bands",
+        list,
+        [[98, 0.0], [95, 0.3], [90, 0.6], [85, 0.8]],
+        "Memory % thresholds and the throttle factor at or above each.",
+        check=_check_bands,
+    ),
+    Setting("realtime.stats_interval", float, 5.0, "Seconds between stats broadcasts.", 0.05, 3600),
+    Setting(
+        "realtime.heartbeat_interval", float, 10.0, "Seconds between ping messages.", 0.05, 3600
+    ),
+    Setting(
+        "realtime.client_timeout",
+        float,
+        30.0,
+        "Drop a WebSocket peer that has not answered protocol pings for this long.",
+        0.1,
+        3600,
+    ),
+    Setting("realtime.max_connections", int, 1000, "Live clients per instance.", 1, 1_000_000),
+    Setting("realtime.client_queue", int, 50, "Durable events pending per client before close.", 1),
+    Setting(
+        "realtime.client_queue_bytes",
+        int,
+        1_048_576,
+        "Bytes pending per client before close.",
+        1024,
+    ),
+    Setting("realtime.replay_limit", int, 1000, "Most events replayed on reconnect.", 1, 100_000),
+    Setting(
+        "realtime.ring_size", int, 2000, "Recent events kept in memory for replay.", 0, 1_000_000
+    ),
+    Setting("realtime.sse_retry_ms", int, 2000, "SSE reconnection hint.", 100, 600_000),
+    Setting("auth.enabled", bool, True, "Require credentials (turn off only for experiments)."),
+    Setting(
+        "auth.tokens", list, [], "API tokens: {name, role, sha256 | env}.", check=_check_tokens
+    ),
+    Setting(
+        "auth.token_file",
+        str,
+        "data/admin_token",
+        "Where the first-run admin token is stored (mode 0600).",
+    ),
+    Setting("auth.session_lifetime", float, 43200.0, "Browser session lifetime (s).", 60, 2**31),
+    Setting(
+        "auth.allowed_origins",
+        list,
+        [],
+        "Extra WebSocket/SSE origins allowed (the server's own origin always is).",
+        check=_check_str_list,
+    ),
+    Setting("auth.cookie_secret", str, "", "Cookie signing secret; generated and stored if empty."),
+    Setting("plugins_dir", str, "", "Directory of extra plugin .py files (empty: none)."),
+)
+
+BY_KEY: dict[str, Setting] = {s.key: s for s in SETTINGS}
+BY_ENV: dict[str, Setting] = {s.env: s for s in SETTINGS}
+SECTIONS = {s.key.split(".")[0] for s in SETTINGS if "." in s.key}
+
+
+class Config(Mapping[str, Any]):
+    """Validated, flat settings (``cfg["server.port"]``) plus per-plugin blocks."""
+
+    def __init__(self, values: dict[str, Any], plugins: dict[str, dict], source: str | None):
+        self._values = values
+        self.plugins = plugins
+        self.source = source
+
+    def __getitem__(self, key: str) -> Any:
+        return self._values[key]
+
+    def __iter__(self):
+        return iter(self._values)
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+    def plugin(self, name: str) -> dict:
+        """Settings block of plugin ``name`` (empty if absent)."""
+        return self.plugins.get(name, {})
+
+    def plugin_enabled(self, name: str) -> bool:
+        return self.plugin(name).get("enabled", True) is not False
+
+    def with_overrides(self, **overrides: Any) -> Config:
+        """A copy with some keys replaced (dots written as ``__``), validated."""
+        values = dict(self._values)
+        for name, value in overrides.items():
+            key = name.replace("__", ".")
+            if key not in BY_KEY:
+                raise ConfigError(f"{key}: unknown setting")
+            values[key] = _validate(BY_KEY[key], value, self.source)
+        return Config(values, copy.deepcopy(self.plugins), self.source)
+
+    def as_nested(self) -> dict[str, Any]:
+        """The effective configuration as YAML-shaped nested dicts (secrets redacted)."""
+        out: dict[str, Any] = {}
+        for key, value in self._values.items():
+            if key == "auth.cookie_secret" and value:
+                value = "<redacted>"
+            node = out
+            *parents, leaf = key.split(".")
+            for p in parents:
+                node = node.setdefault(p, {})
+            node[leaf] = value
+        out["plugins"] = self.plugins
+        return out
+
+
+def _where(source: str | None) -> str:
+    return f" (in {source})" if source else ""
+
+
+def _validate(setting: Setting, value: Any, source: str | None) -> Any:
+    where = _where(source)
+    expected = setting.type
+    if expected is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    ok = isinstance(value, expected) and not (expected is not bool and isinstance(value, bool))
+    if not ok:
+        name = expected.__name__ if isinstance(expected, type) else "value"
+        raise ConfigError(f"{setting.key}: expected {name}, got {value!r}{where}")
+    if setting.min is not None and value < setting.min:
+        raise ConfigError(f"{setting.key}: must be >= {setting.min}, got {value!r}{where}")
+    if setting.max is not None and value > setting.max:
+        raise ConfigError(f"{setting.key}: must be <= {setting.max}, got {value!r}{where}")
+    if setting.choices is not None and value not in setting.choices:
+        allowed = ", ".join(str(c) for c in setting.choices)
+        raise ConfigError(f"{setting.key}: must be one of {allowed}, got {value!r}{where}")
+    if setting.check is not None:
+        err = setting.check(value)
+        if err:
+            raise ConfigError(f"{setting.key}: {err}{where}")
+    return value
+
+
+def _parse_env(setting: Setting, raw: str) -> Any:
+    if setting.type is bool:
+        low = raw.strip().lower()
+        if low in ("1", "true", "yes", "on"):
+            return True
+        if low in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(f"{setting.key}: expected a boolean in {setting.env}, got {raw!r}")
+    if setting.type in (int, float):
+        try:
+            return setting.type(raw)
+        except ValueError:
+            raise ConfigError(
+                f"{setting.key}: expected {setting.type.__name__} in {setting.env}, got {raw!r}"
+            ) from None
+    if setting.type in (list, dict):
+        try:
+            return yaml.safe_load(raw)
+        except yaml.YAMLError:
+            raise ConfigError(f"{setting.key}: {setting.env} is not valid YAML") from None
+    return raw
+
+
+def _flatten(data: dict, source: str | None) -> tuple[dict[str, Any], dict[str, dict]]:
+    flat: dict[str, Any] = {}
+    plugins: dict[str, dict] = {}
+    where = _where(source)
+    for top, value in data.items():
+        if not isinstance(top, str):
+            raise ConfigError(f"{top!r}: keys must be strings{where}")
+        if top == "plugins":
+            if value is None:
+                continue
+            if not isinstance(value, dict):
+                raise ConfigError(f"plugins: must be a mapping of plugin name to settings{where}")
+            for name, block in value.items():
+                block = {} if block is None else block
+                if not isinstance(block, dict):
+                    raise ConfigError(f"plugins.{name}: must be a mapping{where}")
+                if "enabled" in block and not isinstance(block["enabled"], bool):
+                    raise ConfigError(f"plugins.{name}.enabled: expected bool{where}")
+                plugins[str(name)] = dict(block)
+        elif top in SECTIONS:
+            if value is None:
+                continue
+            if not isinstance(value, dict):
+                raise ConfigError(f"{top}: must be a mapping{where}")
+            for key, sub in value.items():
+                full = f"{top}.{key}"
+                if full not in BY_KEY:
+                    raise ConfigError(f"{full}: unknown setting{where}")
+                flat[full] = sub
+        elif top in BY_KEY:
+            flat[top] = value
+        else:
+            raise ConfigError(f"{top}: unknown setting{where}")
+    return flat, plugins
+
+
+def load_config(
+    path: str | None = None,
+    env: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Config:
+    """Build the effective configuration; raises :class:`ConfigError` on any problem."""
+    env = os.environ if env is None else env
+    raw: dict[str, Any] = {}
+    plugins: dict[str, dict] = {}
+    if path:
+        try:
+            with open(path, encoding="utf-8") as fh:
+                data = yaml.safe_load(fh)
+        except FileNotFoundError:
+            raise ConfigError(f"config file not found: {path}") from None
+        except OSError as exc:
+            raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            at = f" at line {mark.line + 1}" if mark else ""
+            raise ConfigError(f"invalid YAML{at} (in {path})") from None
+        if data is not None and not isinstance(data, dict):
+            raise ConfigError(f"the top level must be a mapping (in {path})")
+        raw, plugins = _flatten(data or {}, path)
+
+    values = {s.key: copy.deepcopy(s.default) for s in SETTINGS}
+    for key, value in raw.items():
+        values[key] = _validate(BY_KEY[key], value, path)
+    for name, value in env.items():
+        if not name.startswith(ENV_PREFIX) or name == "QUOTASERVER_ADMIN_TOKEN":
+            continue
+        setting = BY_ENV.get(name)
+        if setting is None:
+            raise ConfigError(f"{name}: unknown setting in the environment")
+        values[setting.key] = _validate(setting, _parse_env(setting, value), name)
+    for key, value in (overrides or {}).items():
+        if value is not None:
+            values[key] = _validate(BY_KEY[key], value, "command line")
+
+    unknown = set(values["quotas.defaults"]) - set(values["quotas.command_types"])
+    if unknown:
+        name = sorted(unknown)[0]
+        raise ConfigError(
+            f"quotas.defaults.{name}: not listed in quotas.command_types{_where(path)}"
+        )
+    return Config(values, plugins, path)

@@ -1,0 +1,1 @@
+"""HTTP, WebSocket and SSE handlers: thin layers that parse, call a service, render."""

@@ -1,0 +1,134 @@
+"""The quota API for services: check, consume, a user's status, health."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from .. import __version__
+from ..quota import Decision, QuotaError, UnknownCommandType
+from ..windows import utc_now
+from .base import SERVICE, ApiError, BaseHandler
+
+REQUEST_FIELDS = {"user", "command_type", "count"}
+
+
+def validate_username(value: Any, max_length: int, field: str = "user") -> str:
+    if not isinstance(value, str):
+        raise ApiError(400, "invalid_field", f"{field} must be a string")
+    if not value.strip():
+        raise ApiError(400, "invalid_field", f"{field} must not be empty")
+    if len(value) > max_length:
+        raise ApiError(400, "invalid_field", f"{field} is longer than {max_length} characters")
+    if any(ord(c) < 32 or ord(c) == 127 for c in value):
+        raise ApiError(400, "invalid_field", f"{field} must not contain control characters")
+    return value
+
+
+def validate_count(value: Any, max_count: int) -> int:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ApiError(400, "invalid_field", "count must be an integer")
+    if value <= 0:
+        raise ApiError(400, "invalid_field", "count must be positive")
+    if value > max_count:
+        raise ApiError(400, "invalid_field", f"count must be at most {max_count}")
+    return value
+
+
+class QuotaRequestHandler(BaseHandler):
+    roles = SERVICE
+    consume = False
+
+    def parse(self) -> tuple[str, str, int]:
+        body = self.json_body()
+        unknown = set(body) - REQUEST_FIELDS
+        if unknown:
+            raise ApiError(400, "unknown_field", f"unknown field {sorted(unknown)[0]!r}")
+        for name in ("user", "command_type"):
+            if name not in body:
+                raise ApiError(400, "missing_field", f"{name} is required")
+        config = self.app.config
+        user = validate_username(body["user"], config["quotas.max_username_length"])
+        command_type = body["command_type"]
+        if not isinstance(command_type, str) or not command_type:
+            raise ApiError(400, "invalid_field", "command_type must be a non-empty string")
+        count = validate_count(body.get("count", 1), config["quotas.max_count"])
+        return user, command_type, count
+
+    async def post(self) -> None:
+        user, command_type, count = self.parse()
+        service = self.app.quota
+        try:
+            if self.consume:
+                decision = await service.consume(user, command_type, count)
+            else:
+                decision = await service.check(user, command_type, count)
+        except UnknownCommandType as exc:
+            status = self.app.config["quotas.unknown_command_status"]
+            raise ApiError(status, exc.code, exc.message) from None
+        except QuotaError as exc:
+            raise ApiError(400, exc.code, exc.message) from None
+        self.respond(decision)
+
+    def respond(self, decision: Decision) -> None:
+        now = utc_now()
+        tightest = decision.tightest()
+        if tightest is not None:
+            period, status = tightest
+            self.set_header("RateLimit-Limit", str(status.limit))
+            self.set_header("RateLimit-Remaining", str(status.remaining))
+            reset = max(0, math.ceil((status.resets_at - now).total_seconds()))
+            self.set_header("RateLimit-Reset", str(reset))
+        if decision.allowed:
+            return self.send_json(decision.to_json())
+        if decision.reason == "system_overloaded":
+            self.set_header("Retry-After", "5")
+            return self.send_json(decision.to_json(), status=503)
+        period = decision.violation["period"]
+        window = decision.periods[period]
+        reset = max(1, math.ceil((window.resets_at - now).total_seconds()))
+        self.set_header("Retry-After", str(reset))
+        self.set_header("RateLimit-Limit", str(window.limit))
+        self.set_header("RateLimit-Remaining", str(window.remaining))
+        self.set_header("RateLimit-Reset", str(reset))
+        self.send_json(decision.to_json(), status=429)
+
+
+class CheckHandler(QuotaRequestHandler):
+    """POST /api/quotas/check: would this be admitted? No side effects."""
+
+
+class ConsumeHandler(QuotaRequestHandler):
+    """POST /api/quotas/consume: admit and count, or deny and record a violation."""
+
+    consume = True
+
+
+class UserStatusHandler(BaseHandler):
+    """GET /api/quotas/users/{username}"""
+
+    roles = frozenset({"service", "viewer"})
+
+    async def get(self, username: str) -> None:
+        username = validate_username(
+            username, self.app.config["quotas.max_username_length"], "username"
+        )
+        status = await self.app.quota.user_status(username)
+        if status is None:
+            raise ApiError(404, "unknown_user", "no such user")
+        self.send_json(status)
+
+
+class HealthHandler(BaseHandler):
+    """GET /api/health: liveness for load balancers (public, reveals nothing sensitive)."""
+
+    roles = None
+
+    async def get(self) -> None:
+        reachable = await self.app.store.run(self.app.store.ping)
+        body = {
+            "status": "ok" if reachable else "degraded",
+            "version": __version__,
+            "database": {"reachable": reachable},
+        }
+        self.send_json(body, status=200 if reachable else 503)

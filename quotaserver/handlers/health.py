@@ -1,0 +1,44 @@
+"""Health of the real-time core and the plugin list."""
+
+from __future__ import annotations
+
+from ..plugins import plugin_list
+from .base import VIEWER, BaseHandler
+
+
+class StreamHealthHandler(BaseHandler):
+    """GET /api/ws/health: clients per transport, limits, seq, sources."""
+
+    roles = VIEWER
+
+    def get(self) -> None:
+        app = self.app
+        hub = app.hub
+        sources = [h.to_json() for h in app.scheduler.sources.values()]
+        healthy = app.running and all(s["healthy"] for s in sources)
+        self.send_json(
+            {
+                "status": "ok" if healthy else "degraded",
+                "broadcaster_running": app.running,
+                "clients": {
+                    "websocket": hub.count("websocket"),
+                    "sse": hub.count("sse"),
+                    "total": hub.count(),
+                },
+                "max_connections": hub.max_connections,
+                "seq": hub.last_seq,
+                "published": hub.published,
+                "slow_consumers_closed": hub.slow_closed,
+                "sources": sources,
+                "plugin_errors": app.hooks.errors,
+            }
+        )
+
+
+class PluginsHandler(BaseHandler):
+    """GET /api/plugins: registered plugins with version and hooks."""
+
+    roles = VIEWER
+
+    def get(self) -> None:
+        self.send_json({"plugins": plugin_list(self.app.pm)})

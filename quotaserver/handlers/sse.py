@@ -1,0 +1,85 @@
+"""Server-Sent Events transport: ``GET /sse/admin/quotas``.
+
+``id:`` is the event seq (durable events only), ``event:`` the type, ``data:`` the JSON
+envelope. Resume with the ``Last-Event-ID`` header (EventSource sends it) or
+``?last_event_id=N``. Heartbeats are comment lines plus a ``ping`` event.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from tornado.iostream import StreamClosedError
+
+from ..realtime.hub import Client
+from ..realtime.messages import CLOSE_SLOW_CONSUMER, Message
+from .base import VIEWER, ApiError, BaseHandler
+from .streams import parse_types
+
+
+class SseClient(Client):
+    transport = "sse"
+
+    def __init__(self, handler: AdminEventsHandler, identity: Any, types: Any):
+        super().__init__(identity.key if identity else "anonymous", types)
+        self.handler = handler
+        self.session_id = identity.session_id if identity else None
+        self.token_id = identity.token_id if identity else None
+
+    def write(self, message: Message) -> asyncio.Future:
+        if message.type == "ping":
+            self.handler.write(b": heartbeat\n\n")
+        self.handler.write(message.sse)
+        return self.handler.flush()
+
+    def close(self, code: int, reason: str) -> None:
+        self.handler.end_stream(abort=code == CLOSE_SLOW_CONSUMER)
+
+
+class AdminEventsHandler(BaseHandler):
+    """The live admin stream over Server-Sent Events."""
+
+    roles = VIEWER
+
+    async def get(self) -> None:
+        origin = self.request.headers.get("Origin")
+        if origin is not None and not self.app.auth.origin_allowed(
+            origin, self.request.host, self.request.protocol
+        ):
+            raise ApiError(403, "forbidden_origin", "origin not allowed")
+        types = parse_types(self.get_query_argument("types", None))
+        refusal = self.app.connection_refusal(self.request.remote_ip, self.identity)
+        if refusal:
+            raise ApiError(429, "too_many_connections", refusal)
+        if self.app.hub.full:
+            raise ApiError(503, "server_full", "too many live connections", {"Retry-After": "5"})
+        cursor = self.request.headers.get("Last-Event-ID") or self.get_query_argument(
+            "last_event_id", None
+        )
+        self.set_header("Content-Type", "text/event-stream; charset=utf-8")
+        self.set_header("Cache-Control", "no-cache")
+        self.set_header("X-Accel-Buffering", "no")
+        self.write(f"retry: {self.app.config['realtime.sse_retry_ms']}\n\n".encode())
+        self._ended = asyncio.Event()
+        self.client = SseClient(self, self.identity, types)
+        try:
+            await self.flush()
+            await self.app.hub.attach(self.client, cursor)
+            await self._ended.wait()
+        except StreamClosedError:
+            pass
+        finally:
+            self.app.hub.detach(self.client)
+
+    def end_stream(self, abort: bool = False) -> None:
+        """Finish the response (or drop the connection of a client that stopped reading)."""
+        if abort and self.request.connection is not None:
+            self.request.connection.close()
+        self._ended.set()
+
+    def on_connection_close(self) -> None:
+        if hasattr(self, "client"):
+            self.app.hub.detach(self.client)
+        if hasattr(self, "_ended"):
+            self._ended.set()

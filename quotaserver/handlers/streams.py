@@ -1,0 +1,20 @@
+"""Shared parsing for the two stream transports."""
+
+from __future__ import annotations
+
+import re
+
+from .base import ApiError
+
+TYPE_NAME = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
+
+
+def parse_types(raw: str | None) -> frozenset[str] | None:
+    """``"violation,alert"`` -> a set of type names; None or empty -> everything."""
+    if raw is None or not raw.strip():
+        return None
+    names = [t.strip() for t in raw.split(",") if t.strip()]
+    bad = [t for t in names if not TYPE_NAME.match(t)]
+    if bad or len(names) > 32:
+        raise ApiError(400, "invalid_types", "types must be a comma-separated list of type names")
+    return frozenset(names)

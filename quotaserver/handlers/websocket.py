@@ -1,0 +1,157 @@
+"""WebSocket transport: ``GET /ws/admin/quotas`` (``?last_seq=N``, ``?types=a,b``).
+
+Credentials and Origin are checked before the upgrade (401/403, never a 101 for a
+stranger). Client messages are validated; abuse closes the connection with 1008.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from typing import TYPE_CHECKING, Any
+
+import tornado.websocket
+
+from ..realtime.hub import Client
+from ..realtime.messages import (
+    CLIENT_TYPES,
+    CLOSE_POLICY,
+    CLOSE_TRY_AGAIN,
+    CLOSE_UNSUPPORTED,
+    Message,
+    error_message,
+)
+from .base import VIEWER, ApiError, identify, security_headers
+from .streams import parse_types
+
+if TYPE_CHECKING:
+    from ..app import QuotaApp
+
+log = logging.getLogger(__name__)
+
+MAX_BAD_MESSAGES = 5
+RATE_PER_SECOND = 10.0  # sustained client messages per second
+RATE_BURST = 20.0
+
+
+class WebSocketClient(Client):
+    transport = "websocket"
+
+    def __init__(self, handler: AdminSocketHandler, identity: Any, types: Any):
+        super().__init__(identity.key if identity else "anonymous", types)
+        self.handler = handler
+        self.session_id = identity.session_id if identity else None
+        self.token_id = identity.token_id if identity else None
+
+    def write(self, message: Message) -> asyncio.Future:
+        return self.handler.write_message(message.text)
+
+    def close(self, code: int, reason: str) -> None:
+        self.handler.close(code, reason)
+
+
+class AdminSocketHandler(tornado.websocket.WebSocketHandler):
+    """The live admin stream over WebSocket."""
+
+    roles = VIEWER
+
+    def initialize(self, app: QuotaApp) -> None:
+        self.app = app
+        self.client: WebSocketClient | None = None
+        self.identity = None
+        self._bad = 0
+        self._tokens = RATE_BURST
+        self._last = time.monotonic()
+
+    def set_default_headers(self) -> None:
+        security_headers(self)
+
+    def _refuse(self, status: int, code: str, message: str) -> None:
+        self.set_status(status)
+        self.set_header("Content-Type", "application/json; charset=utf-8")
+        self.finish(json.dumps({"error": {"code": code, "message": message}}))
+
+    async def get(self, *args: Any, **kwargs: Any) -> None:
+        # Everything a stranger could be refused for is decided before the upgrade.
+        self.identity = identify(self, self.app)
+        if self.identity is None:
+            self.set_header("WWW-Authenticate", 'Bearer realm="quotaserver"')
+            return self._refuse(401, "unauthorized", "credentials required")
+        if not self.identity.allowed(self.roles):
+            return self._refuse(403, "forbidden", "this role may not use this route")
+        origin = self.request.headers.get("Origin")
+        if origin is not None and not self.check_origin(origin):
+            return self._refuse(403, "forbidden_origin", "origin not allowed")
+        try:
+            self._types = parse_types(self.get_query_argument("types", None))
+        except ApiError as exc:
+            return self._refuse(exc.status_code, exc.code, exc.message)
+        refusal = self.app.connection_refusal(self.request.remote_ip, self.identity)
+        if refusal:
+            return self._refuse(429, "too_many_connections", refusal)
+        await super().get(*args, **kwargs)
+
+    def check_origin(self, origin: str) -> bool:
+        scheme = self.request.protocol
+        return self.app.auth.origin_allowed(origin, self.request.host, scheme)
+
+    def open(self, *args: Any, **kwargs: Any) -> None:
+        if self.app.hub.full:
+            self.close(CLOSE_TRY_AGAIN, "server full, try again later")
+            return
+        self.client = WebSocketClient(self, self.identity, self._types)
+        cursor = self.get_query_argument("last_seq", None)
+        task = asyncio.ensure_future(self.app.hub.attach(self.client, cursor))
+        self.app.track(task)
+
+    def on_message(self, message: str | bytes) -> None:
+        if self.client is None or self.client.closed:
+            return
+        now = time.monotonic()
+        self._tokens = min(RATE_BURST, self._tokens + (now - self._last) * RATE_PER_SECOND)
+        self._last = now
+        if self._tokens < 1:
+            self.close(CLOSE_POLICY, "too many messages")
+            return
+        self._tokens -= 1
+        if isinstance(message, bytes):
+            self.close(CLOSE_UNSUPPORTED, "binary messages are not supported")
+            return
+        try:
+            data = json.loads(message)
+        except ValueError:
+            return self._bad_message("invalid_json", "messages must be JSON objects")
+        if not isinstance(data, dict) or data.get("type") not in CLIENT_TYPES:
+            return self._bad_message("unknown_type", "expected subscribe, ping or pong")
+        kind = data["type"]
+        if kind == "subscribe":
+            raw = data.get("types")
+            if not isinstance(raw, list) or not all(isinstance(t, str) for t in raw):
+                return self._bad_message("invalid_subscribe", "types must be a list of strings")
+            try:
+                types = parse_types(",".join(raw)) if raw else None
+            except ApiError as exc:
+                return self._bad_message(exc.code, exc.message)
+            self.client.types = types
+            self.write_message(
+                Message("subscribed", {"types": sorted(types) if types else None}).text
+            )
+        elif kind == "ping":
+            self.write_message(Message("pong", {}).text)
+
+    def _bad_message(self, code: str, text: str) -> None:
+        self._bad += 1
+        if self._bad > MAX_BAD_MESSAGES:
+            self.close(CLOSE_POLICY, "too many invalid messages")
+            return
+        self.write_message(error_message(code, text).text)
+
+    def on_close(self) -> None:
+        if self.client is not None:
+            self.app.hub.detach(self.client)
+
+    def write_error(self, status_code: int, **kwargs: Any) -> None:
+        self.set_header("Content-Type", "application/json; charset=utf-8")
+        self.finish(json.dumps({"error": {"code": "error", "message": self._reason}}))

@@ -1,0 +1,77 @@
+"""The plugin contract. Every hook is documented in docs/plugins.md and tested.
+
+Hooks receive the running :class:`quotaserver.app.QuotaApp` as ``app``; plugins use only its
+public API (``app.quota``, ``app.alerts``, ``app.load``, ``app.publish_event``,
+``app.store``, ``app.plugin_config``). A hook implementation may be a plain function or a
+coroutine function where the spec says "may be awaitable".
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import pluggy
+
+if TYPE_CHECKING:
+    from .app import QuotaApp
+    from .quota import Decision
+    from .realtime.emitters import EventEmitter, PeriodicEmitter
+    from .realtime.messages import Message
+
+hookspec = pluggy.HookspecMarker("quotaserver")
+
+
+@hookspec
+def register_emitters(app: QuotaApp) -> list[PeriodicEmitter | EventEmitter] | None:
+    """Data sources of this plugin, called once at start-up.
+
+    :param app: the application.
+    :return: periodic emitters (run every ``interval``) and event emitters (started with
+        an ``emit`` callable, stopped at shutdown). The host runs each one in isolation.
+    """
+
+
+@hookspec
+def stats_fields(app: QuotaApp) -> dict[str, Any] | None:
+    """Fields this plugin adds to the stats snapshot, called every ``stats_interval``.
+
+    Must be cheap (in-memory figures only): it runs on the IOLoop.
+
+    :return: a mapping of field name to a JSON-serialisable value; None adds nothing.
+    """
+
+
+@hookspec
+def on_decision(app: QuotaApp, decision: Decision) -> None:
+    """Called after every consume decision (allowed, denied or overloaded) has committed.
+
+    Runs on the IOLoop: keep it quick, or schedule work. May be awaitable.
+    """
+
+
+@hookspec
+def on_violation(app: QuotaApp, violation: dict[str, Any]) -> None:
+    """Called after a quota violation was committed and published.
+
+    :param violation: the violation payload as sent to clients (``user_id``, ``username``,
+        ``command_type``, ``period``, ``limit``, ``attempted``, ``message``).
+    May be awaitable.
+    """
+
+
+@hookspec
+def on_event(app: QuotaApp, message: Message) -> None:
+    """Called after any durable event (violation, alert, quota_change, throttle, or a
+    plugin's own) was committed and published. May be awaitable."""
+
+
+@hookspec
+def startup(app: QuotaApp) -> None:
+    """Called once when the application starts, after the database is ready and before
+    emitters run. May be awaitable (for example to load state from the database)."""
+
+
+@hookspec
+def shutdown(app: QuotaApp) -> None:
+    """Called once at shutdown, after emitters stopped and clients were closed. May be
+    awaitable."""

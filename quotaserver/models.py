@@ -1,0 +1,151 @@
+"""peewee models. Portable SQL only: the same models run on SQLite and PostgreSQL.
+
+Times are stored as naive UTC datetimes; window keys as epoch seconds (integers compare
+the same way on every database).
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from typing import Any
+
+from peewee import (
+    AutoField,
+    BigIntegerField,
+    CharField,
+    DatabaseProxy,
+    DateTimeField,
+    ForeignKeyField,
+    IntegerField,
+    Model,
+    TextField,
+)
+
+database_proxy = DatabaseProxy()
+
+GLOBAL_SCOPE = ""  # QuotaRule.scope of the global default rules
+
+
+def naive_utc(ts: datetime) -> datetime:
+    return ts.astimezone(UTC).replace(tzinfo=None)
+
+
+def aware(ts: datetime) -> datetime:
+    return ts.replace(tzinfo=UTC) if ts.tzinfo is None else ts
+
+
+class BaseModel(Model):
+    class Meta:
+        database = database_proxy
+        legacy_table_names = False
+
+
+class SchemaVersion(BaseModel):
+    version = IntegerField(primary_key=True)
+    applied_at = DateTimeField()
+
+
+class User(BaseModel):
+    id = AutoField()
+    username = CharField(max_length=255, unique=True)
+    created_at = DateTimeField()
+
+
+class QuotaRule(BaseModel):
+    """One limit: (scope, command type, period) -> limit, NULL meaning unlimited.
+
+    ``scope`` is ``""`` for the global default, else the user's id as text; a user's rule
+    overrides the global one for that period only, and a missing user rule inherits.
+    """
+
+    id = AutoField()
+    scope = CharField(max_length=32, default=GLOBAL_SCOPE)
+    user = ForeignKeyField(User, null=True, on_delete="CASCADE", backref="rules")
+    command_type = CharField(max_length=64)
+    period = CharField(max_length=16)
+    limit = BigIntegerField(null=True)
+    updated_at = DateTimeField()
+
+    class Meta:
+        indexes = ((("scope", "command_type", "period"), True),)
+
+
+class Usage(BaseModel):
+    """The counter of one (user, command type, period window)."""
+
+    id = AutoField()
+    user = ForeignKeyField(User, on_delete="CASCADE", backref="usage")
+    command_type = CharField(max_length=64)
+    period = CharField(max_length=16)
+    window_start = BigIntegerField()
+    used = BigIntegerField(default=0)
+
+    class Meta:
+        indexes = (
+            (("user", "command_type", "period", "window_start"), True),
+            (("period", "window_start"), False),
+        )
+
+
+class Violation(BaseModel):
+    id = AutoField()
+    user = ForeignKeyField(User, on_delete="CASCADE", backref="violations")
+    command_type = CharField(max_length=64)
+    period = CharField(max_length=16)
+    limit = BigIntegerField()
+    attempted = BigIntegerField()
+    message = TextField()
+    created_at = DateTimeField(index=True)
+
+
+class Event(BaseModel):
+    """Append-only outbox; ``id`` is the real-time sequence number (``seq``)."""
+
+    id = AutoField()
+    type = CharField(max_length=64)
+    data = TextField()
+    created_at = DateTimeField()
+
+    def payload(self) -> dict[str, Any]:
+        return json.loads(self.data)
+
+
+class Alert(BaseModel):
+    id = AutoField()
+    rule = CharField(max_length=64)
+    severity = CharField(max_length=16)
+    user = ForeignKeyField(User, null=True, on_delete="CASCADE", backref="alerts")
+    message = TextField()
+    action_needed = TextField(default="")
+    count = IntegerField(default=1)
+    status = CharField(max_length=16, default="open", index=True)
+    # "rule:user:day" while the alert is not resolved, NULL afterwards: the unique index
+    # keeps one live alert per (rule, user, day) on every database.
+    dedupe_key = CharField(max_length=160, null=True, unique=True)
+    created_at = DateTimeField(index=True)
+    updated_at = DateTimeField()
+    acknowledged_by = CharField(max_length=128, null=True)
+    acknowledged_at = DateTimeField(null=True)
+    resolved_by = CharField(max_length=128, null=True)
+    resolved_at = DateTimeField(null=True)
+
+
+class AuditLog(BaseModel):
+    id = AutoField()
+    actor = CharField(max_length=128)
+    action = CharField(max_length=64)
+    target = CharField(max_length=255)
+    details = TextField(default="{}")
+    created_at = DateTimeField(index=True)
+
+
+class Activity(BaseModel):
+    """Per-minute totals that feed the dashboard charts (maintained with each decision)."""
+
+    minute = BigIntegerField(primary_key=True)  # epoch seconds of the minute's start
+    commands = BigIntegerField(default=0)
+    violations = BigIntegerField(default=0)
+
+
+ALL_MODELS = (SchemaVersion, User, QuotaRule, Usage, Violation, Event, Alert, AuditLog, Activity)

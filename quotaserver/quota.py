@@ -1,0 +1,403 @@
+"""QuotaService: check and consume against every window, exactly, with atomic SQL.
+
+A consume runs in one transaction: make sure the user and its window counters exist, then
+``UPDATE usage SET used = used + n WHERE ... AND used + n <= limit`` for each window inside
+a savepoint. If any window refuses, the savepoint rolls back (no counter changes) and the
+violation and its event row are written in the same outer transaction.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from peewee import Database
+
+from .config import PERIODS, Config
+from .db import Store
+from .events import append_event
+from .models import (
+    GLOBAL_SCOPE,
+    Activity,
+    QuotaRule,
+    Usage,
+    User,
+    Violation,
+    aware,
+    naive_utc,
+)
+from .realtime.messages import Message
+from .throttle import SystemLoad
+from .windows import Clock, Window, WindowCalendar, isoformat, utc_now
+
+log = logging.getLogger(__name__)
+
+
+class QuotaError(ValueError):
+    """Bad input to the quota service; ``code`` is the API error code."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+class UnknownCommandType(QuotaError):
+    def __init__(self, command_type: str):
+        super().__init__("unknown_command_type", f"unknown command type {command_type!r}")
+
+
+@dataclass(slots=True)
+class PeriodStatus:
+    limit: int | None
+    used: int
+    resets_at: datetime
+
+    @property
+    def remaining(self) -> int | None:
+        return None if self.limit is None else max(self.limit - self.used, 0)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "limit": self.limit,
+            "used": self.used,
+            "remaining": self.remaining,
+            "resets_at": isoformat(self.resets_at),
+        }
+
+
+@dataclass(slots=True)
+class Decision:
+    allowed: bool
+    user: str
+    user_id: int | None
+    command_type: str
+    count: int
+    throttle_factor: float
+    periods: dict[str, PeriodStatus]
+    consumed: bool = False  # True when counters were incremented
+    reason: str | None = None  # "quota_exceeded" | "system_overloaded"
+    violation: dict[str, Any] | None = None
+    new_user: bool = False
+    events: list[Message] = field(default_factory=list)
+    at: datetime = field(default_factory=utc_now)
+
+    def to_json(self) -> dict[str, Any]:
+        body: dict[str, Any] = {
+            "allowed": self.allowed,
+            "user": self.user,
+            "command_type": self.command_type,
+            "count": self.count,
+            "throttle_factor": self.throttle_factor,
+            "periods": {p: s.to_json() for p, s in self.periods.items()},
+        }
+        if self.reason:
+            body["reason"] = self.reason
+        if self.violation:
+            body["violation"] = {
+                k: self.violation[k] for k in ("period", "limit", "attempted", "message")
+            }
+        return body
+
+    def tightest(self) -> tuple[str, PeriodStatus] | None:
+        """The limited window with the least remaining (the one a client should watch)."""
+        limited = [(p, s) for p, s in self.periods.items() if s.limit is not None]
+        return min(limited, key=lambda ps: (ps[1].remaining, ps[1].resets_at)) if limited else None
+
+
+class _Exhausted(Exception):
+    def __init__(self, period: str):
+        self.period = period
+
+
+class QuotaService:
+    """The in-process quota API used by HTTP handlers and plugins."""
+
+    def __init__(
+        self,
+        config: Config,
+        store: Store,
+        load: SystemLoad,
+        clock: Clock = utc_now,
+        publish: Callable[[list[Message]], None] | None = None,
+        on_decision: Callable[[Decision], None] | None = None,
+    ):
+        self.store = store
+        self.load = load
+        self.clock = clock
+        self.publish = publish or (lambda msgs: None)
+        self.on_decision = on_decision or (lambda d: None)
+        self.command_types: tuple[str, ...] = tuple(config["quotas.command_types"])
+        # Shortest window first: a multi-window denial reports the first exhausted one.
+        self.periods = tuple(p for p in PERIODS if p in config["quotas.periods"])
+        self.calendar = WindowCalendar(config["quotas.timezone"], config["quotas.week_start"])
+        self.defaults: dict[str, dict[str, int | None]] = config["quotas.defaults"]
+
+    @property
+    def db(self) -> Database:
+        return self.store.db
+
+    # -- validation -------------------------------------------------------------------
+    def validate_command_type(self, command_type: str) -> None:
+        if command_type not in self.command_types:
+            raise UnknownCommandType(command_type)
+
+    # -- public API -------------------------------------------------------------------
+    async def check(self, user: str, command_type: str, count: int = 1) -> Decision:
+        """Would ``count`` commands be admitted now? No side effects."""
+        self.validate_command_type(command_type)
+        factor = self.load.factor
+        decision = await self.store.run(self._check_sync, user, command_type, count, factor)
+        return decision
+
+    async def consume(self, user: str, command_type: str, count: int = 1) -> Decision:
+        """Admit and count ``count`` commands in every window, or deny and record why."""
+        self.validate_command_type(command_type)
+        factor = self.load.factor
+        if factor <= 0.0:
+            decision = await self.store.run(self._check_sync, user, command_type, count, factor)
+            decision.allowed = False
+            decision.reason = "system_overloaded"
+        else:
+            decision = await self.store.run(self._consume_sync, user, command_type, count, factor)
+        # Persist, then publish: the transaction has committed by now.
+        if decision.events:
+            self.publish(decision.events)
+        self.on_decision(decision)
+        return decision
+
+    async def user_status(self, user: str) -> dict[str, Any] | None:
+        """Per command type and period: limit, used, remaining, resets_at; None if unknown."""
+        return await self.store.run(self._user_status_sync, user)
+
+    def seed_defaults(self) -> None:
+        """Insert the configured global defaults for command types that have no rule yet."""
+        now = naive_utc(self.clock())
+        with self.db.atomic():
+            present = {
+                r.command_type
+                for r in QuotaRule.select(QuotaRule.command_type).where(
+                    QuotaRule.scope == GLOBAL_SCOPE
+                )
+            }
+            for command_type, limits in self.defaults.items():
+                if command_type in present:
+                    continue
+                for period, limit in limits.items():
+                    QuotaRule.create(
+                        scope=GLOBAL_SCOPE,
+                        command_type=command_type,
+                        period=period,
+                        limit=limit,
+                        updated_at=now,
+                    )
+
+    # -- database work (runs on a worker thread) --------------------------------------
+    def limits_for(self, user_id: int | None, command_type: str) -> dict[str, int | None]:
+        """Effective limits: the user's rule for a period beats the global one."""
+        scopes = [GLOBAL_SCOPE] if user_id is None else [GLOBAL_SCOPE, str(user_id)]
+        rows = QuotaRule.select(QuotaRule.scope, QuotaRule.period, QuotaRule.limit).where(
+            (QuotaRule.command_type == command_type) & (QuotaRule.scope.in_(scopes))
+        )
+        limits: dict[str, int | None] = dict.fromkeys(self.periods)
+        overridden: set[str] = set()
+        for row in rows:
+            if row.period not in limits:
+                continue
+            if row.scope != GLOBAL_SCOPE:
+                limits[row.period] = row.limit
+                overridden.add(row.period)
+            elif row.period not in overridden:
+                limits[row.period] = row.limit
+        return limits
+
+    def _used(self, user_id: int | None, command_type: str, windows: dict[str, Window]) -> dict:
+        used = dict.fromkeys(windows, 0)
+        if user_id is None:
+            return used
+        rows = Usage.select(Usage.period, Usage.window_start, Usage.used).where(
+            (Usage.user == user_id)
+            & (Usage.command_type == command_type)
+            & (Usage.period.in_(list(windows)))
+        )
+        for row in rows:
+            if windows[row.period].key == row.window_start:
+                used[row.period] = row.used
+        return used
+
+    def _statuses(self, limits: dict, used: dict, windows: dict[str, Window]) -> dict:
+        return {p: PeriodStatus(limits[p], used[p], windows[p].end) for p in self.periods}
+
+    def _check_sync(self, user: str, command_type: str, count: int, factor: float) -> Decision:
+        now = self.clock()
+        windows = self.calendar.windows(self.periods, now)
+        row = User.select(User.id).where(User.username == user).first()
+        user_id = row.id if row else None
+        limits = self.limits_for(user_id, command_type)
+        used = self._used(user_id, command_type, windows)
+        exhausted = next(
+            (p for p in self.periods if limits[p] is not None and used[p] + count > limits[p]),
+            None,
+        )
+        decision = Decision(
+            allowed=exhausted is None and factor > 0.0,
+            user=user,
+            user_id=user_id,
+            command_type=command_type,
+            count=count,
+            throttle_factor=factor,
+            periods=self._statuses(limits, used, windows),
+            at=now,
+        )
+        if factor <= 0.0:
+            decision.reason = "system_overloaded"
+        elif exhausted:
+            decision.reason = "quota_exceeded"
+            decision.violation = self._violation_fields(
+                exhausted, limits[exhausted], used[exhausted] + count, command_type
+            )
+        return decision
+
+    @staticmethod
+    def _violation_fields(period: str, limit: int, attempted: int, command_type: str) -> dict:
+        message = (
+            f"{period.capitalize()} {command_type} quota exceeded: "
+            f"{attempted} attempted, limit {limit}"
+        )
+        return {"period": period, "limit": limit, "attempted": attempted, "message": message}
+
+    def ensure_user(self, username: str, now: datetime) -> tuple[int, bool]:
+        inserted = (
+            User.insert(username=username, created_at=naive_utc(now))
+            .on_conflict_ignore()
+            .as_rowcount()
+            .execute()
+        )
+        return User.get(User.username == username).id, bool(inserted)
+
+    def _consume_sync(self, user: str, command_type: str, count: int, factor: float) -> Decision:
+        now = self.clock()
+        windows = self.calendar.windows(self.periods, now)
+        with self.db.atomic():
+            user_id, new_user = self.ensure_user(user, now)
+            limits = self.limits_for(user_id, command_type)
+            Usage.insert_many(
+                [
+                    {
+                        "user": user_id,
+                        "command_type": command_type,
+                        "period": p,
+                        "window_start": w.key,
+                        "used": 0,
+                    }
+                    for p, w in windows.items()
+                ]
+            ).on_conflict_ignore().execute()
+            exhausted = None
+            try:
+                with self.db.atomic():  # savepoint: all windows or none
+                    for p, w in windows.items():
+                        query = Usage.update(used=Usage.used + count).where(
+                            (Usage.user == user_id)
+                            & (Usage.command_type == command_type)
+                            & (Usage.period == p)
+                            & (Usage.window_start == w.key)
+                        )
+                        if limits[p] is not None:
+                            query = query.where(Usage.used + count <= limits[p])
+                        if query.execute() != 1:
+                            raise _Exhausted(p)
+            except _Exhausted as exc:
+                exhausted = exc.period
+            used = self._used(user_id, command_type, windows)
+            decision = Decision(
+                allowed=exhausted is None,
+                user=user,
+                user_id=user_id,
+                command_type=command_type,
+                count=count,
+                throttle_factor=factor,
+                periods=self._statuses(limits, used, windows),
+                consumed=exhausted is None,
+                new_user=new_user,
+                at=now,
+            )
+            if exhausted is None:
+                self._bump_activity(int(now.timestamp()) // 60 * 60, commands=count)
+                return decision
+            fields = self._violation_fields(
+                exhausted, limits[exhausted], used[exhausted] + count, command_type
+            )
+            decision.reason = "quota_exceeded"
+            decision.violation, event = self._record_violation(
+                user_id, user, command_type, fields, now
+            )
+            decision.events.append(event)
+            return decision
+
+    def _record_violation(
+        self, user_id: int, user: str, command_type: str, fields: dict, now: datetime
+    ) -> tuple[dict[str, Any], Message]:
+        """Write the violation, its event and the per-minute count (inside a transaction)."""
+        Violation.create(
+            user=user_id, command_type=command_type, created_at=naive_utc(now), **fields
+        )
+        payload = {"user_id": user_id, "username": user, "command_type": command_type}
+        payload.update(fields)
+        self._bump_activity(int(now.timestamp()) // 60 * 60, violations=1)
+        return payload, append_event("violation", payload, now)
+
+    async def record_violation(self, user: str, command_type: str, period: str) -> dict:
+        """Record a violation of ``period`` as if one more command had been attempted.
+
+        For the development endpoints: it takes the same storage and publishing path as a
+        denied consume.
+        """
+        self.validate_command_type(command_type)
+
+        def work() -> tuple[dict, Message]:
+            now = self.clock()
+            window = self.calendar.window(period, now)
+            with self.db.atomic():
+                user_id, _ = self.ensure_user(user, now)
+                limit = self.limits_for(user_id, command_type).get(period) or 0
+                used = self._used(user_id, command_type, {period: window})[period]
+                fields = self._violation_fields(period, limit, used + 1, command_type)
+                return self._record_violation(user_id, user, command_type, fields, now)
+
+        payload, event = await self.store.run(work)
+        self.publish([event])
+        return payload
+
+    @staticmethod
+    def _bump_activity(minute: int, commands: int = 0, violations: int = 0) -> None:
+        Activity.insert(minute=minute, commands=commands, violations=violations).on_conflict(
+            conflict_target=[Activity.minute],
+            update={
+                Activity.commands: Activity.commands + commands,
+                Activity.violations: Activity.violations + violations,
+            },
+        ).execute()
+
+    def _user_status_sync(self, user: str) -> dict[str, Any] | None:
+        row = User.select().where(User.username == user).first()
+        if row is None:
+            return None
+        now = self.clock()
+        windows = self.calendar.windows(self.periods, now)
+        commands = {}
+        for command_type in self.command_types:
+            limits = self.limits_for(row.id, command_type)
+            used = self._used(row.id, command_type, windows)
+            statuses = self._statuses(limits, used, windows)
+            commands[command_type] = {p: s.to_json() for p, s in statuses.items()}
+        return {
+            "user": row.username,
+            "user_id": row.id,
+            "created_at": isoformat(aware(row.created_at)),
+            "throttle_factor": self.load.factor,
+            "command_types": commands,
+        }

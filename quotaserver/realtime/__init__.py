@@ -1,0 +1,1 @@
+"""Real-time delivery: envelope, broadcaster, emitters."""

@@ -1,0 +1,287 @@
+"""The broadcaster: clients of both transports, bounded per-client queues, replay.
+
+Every message is encoded once (:class:`Message`) and the same text goes to every client.
+A client's queue is the set of writes its transport has not flushed yet; the hub counts
+them. A slow client gets its stats coalesced (a full snapshot once it catches up) and,
+past ``client_queue`` durable events or ``client_queue_bytes``, is closed with
+:data:`CLOSE_SLOW_CONSUMER`; it then reconnects with its last seq and recovers.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import logging
+import uuid
+from collections import deque
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any
+
+from ..windows import isoformat, utc_now
+from .messages import CLOSE_SLOW_CONSUMER, Message
+
+log = logging.getLogger(__name__)
+
+# Delivered whatever a client subscribed to.
+CONTROL_TYPES = frozenset({"welcome", "ping", "recovered", "error"})
+
+ReplaySource = Callable[[int, int], Awaitable[list[Message]]]
+
+
+class Client(abc.ABC):
+    """One live connection, WebSocket or SSE. Transports implement ``write`` and ``close``."""
+
+    transport = "?"
+
+    def __init__(self, identity: str = "anonymous", types: Iterable[str] | None = None):
+        self.id = uuid.uuid4().hex[:16]
+        self.identity = identity
+        self.types: frozenset[str] | None = frozenset(types) if types is not None else None
+        self.pending = 0  # writes not yet flushed to the socket
+        self.pending_durable = 0
+        self.pending_bytes = 0
+        self.stats_stale = False  # a stats update was skipped while behind
+        self.backlog: list[Message] | None = None  # live events held back during replay
+        self.last_seq = 0  # highest durable seq sent to this client
+        self.closed = False
+
+    def wants(self, type: str) -> bool:
+        return self.types is None or type in CONTROL_TYPES or type in self.types
+
+    @abc.abstractmethod
+    def write(self, message: Message) -> asyncio.Future | None:
+        """Queue ``message`` on the transport; the future resolves once it is flushed."""
+
+    @abc.abstractmethod
+    def close(self, code: int, reason: str) -> None:
+        """Close the connection (WebSocket close code; SSE ends the stream)."""
+
+
+class StatsState:
+    """The current stats snapshot; yields deltas of changed top-level fields."""
+
+    def __init__(self) -> None:
+        self.current: dict[str, Any] = {}
+        self._full: Message | None = None
+
+    def update(self, snapshot: dict[str, Any]) -> dict[str, Any]:
+        changed = {k: v for k, v in snapshot.items() if self.current.get(k, object()) != v}
+        if changed:
+            self.current = {**self.current, **changed}
+            self._full = None
+        return changed
+
+    def full_message(self) -> Message:
+        if self._full is None:
+            self._full = Message("stats", {"delta": False, **self.current})
+        return self._full
+
+
+class Hub:
+    """Fans messages out to every client; keeps a ring of recent durable events for replay."""
+
+    def __init__(
+        self,
+        replay_source: ReplaySource,
+        *,
+        max_connections: int = 1000,
+        client_queue: int = 50,
+        client_queue_bytes: int = 1 << 20,
+        replay_limit: int = 1000,
+        ring_size: int = 2000,
+        intervals: dict[str, float] | None = None,
+    ):
+        self.replay_source = replay_source
+        self.max_connections = max_connections
+        self.client_queue = client_queue
+        self.client_queue_bytes = client_queue_bytes
+        self.replay_limit = replay_limit
+        self.intervals = intervals or {}
+        self.clients: set[Client] = set()
+        self.ring: deque[Message] = deque(maxlen=ring_size)
+        self.last_seq = 0
+        self.stats = StatsState()
+        self.published = 0
+        self.slow_closed = 0
+
+    # -- connections ---------------------------------------------------------------
+    @property
+    def full(self) -> bool:
+        return len(self.clients) >= self.max_connections
+
+    def count(self, transport: str | None = None) -> int:
+        if transport is None:
+            return len(self.clients)
+        return sum(1 for c in self.clients if c.transport == transport)
+
+    async def attach(self, client: Client, cursor: str | None = None) -> None:
+        """Register ``client``: welcome, stats snapshot, then replay after ``cursor``."""
+        self.clients.add(client)
+        if cursor is not None:
+            client.backlog = []  # hold live events until the replay is out
+        self._send(client, self._welcome(client))
+        self._send(client, self.stats.full_message())
+        if cursor is None:
+            client.last_seq = self.last_seq
+            return
+        await self._recover(client, cursor)
+        if client.closed:
+            return
+        backlog, client.backlog = client.backlog or [], None
+        for message in backlog:
+            if message.seq > client.last_seq:
+                self._deliver(client, message)
+
+    def detach(self, client: Client) -> None:
+        client.closed = True
+        self.clients.discard(client)
+
+    def close_all(self, code: int, reason: str) -> None:
+        for client in list(self.clients):
+            self.detach(client)
+            client.close(code, reason)
+
+    def close_where(self, predicate: Callable[[Client], bool], code: int, reason: str) -> int:
+        victims = [c for c in self.clients if predicate(c)]
+        for client in victims:
+            self.detach(client)
+            client.close(code, reason)
+        return len(victims)
+
+    # -- publishing ------------------------------------------------------------------
+    def publish(self, message: Message) -> None:
+        """Send ``message`` to every client (durable events also go to the replay ring)."""
+        if message.seq is not None:
+            if message.seq <= self.last_seq and self.ring and message.seq <= self.ring[-1].seq:
+                log.warning("event %d published out of order; replay covers it", message.seq)
+            self.ring.append(message)
+            self.last_seq = max(self.last_seq, message.seq)
+        self.published += 1
+        for client in list(self.clients):
+            self._deliver(client, message)
+
+    def publish_stats(self, snapshot: dict[str, Any]) -> bool:
+        """Broadcast the fields of ``snapshot`` that changed; return whether any did."""
+        changed = self.stats.update(snapshot)
+        if changed:
+            self.publish(Message("stats", {"delta": True, **changed}))
+        return bool(changed)
+
+    def ping(self) -> None:
+        self.publish(Message("ping", {"server_time": isoformat(utc_now())}))
+
+    # -- internals -------------------------------------------------------------------
+    def _welcome(self, client: Client) -> Message:
+        return Message(
+            "welcome",
+            {
+                "client_id": client.id,
+                "transport": client.transport,
+                "server_time": isoformat(utc_now()),
+                "seq": self.last_seq,
+                "intervals": self.intervals,
+                "types": sorted(client.types) if client.types is not None else None,
+            },
+        )
+
+    async def _recover(self, client: Client, cursor: str) -> None:
+        head = self.last_seq
+        try:
+            after = int(cursor)
+            if after < 0:
+                raise ValueError(cursor)
+        except (TypeError, ValueError):
+            return self._recovered(client, False, head, reason="invalid_cursor")
+        if after > head:
+            return self._recovered(client, False, head, reason="unknown_cursor")
+        missed = self._from_ring(after)
+        if missed is None:
+            try:
+                missed = await self.replay_source(after, self.replay_limit + 1)
+            except Exception:
+                log.exception("replay from the event log failed")
+                return self._recovered(client, False, head, reason="replay_failed")
+            if client.closed:
+                return None
+        if len(missed) > self.replay_limit:
+            return self._recovered(client, False, head, reason="too_many_missed")
+        sent = 0
+        for message in missed:
+            if client.wants(message.type):
+                self._send(client, message)
+                sent += 1
+            client.last_seq = max(client.last_seq, message.seq)
+        return self._recovered(client, True, head, missed=sent)
+
+    def _recovered(
+        self, client: Client, ok: bool, head: int, missed: int | None = None, reason: str = ""
+    ) -> None:
+        client.last_seq = max(client.last_seq, head)
+        data: dict[str, Any] = {"recovered": ok, "missed": missed, "seq": head}
+        if reason:
+            data["reason"] = reason
+        self._send(client, Message("recovered", data))
+
+    def _from_ring(self, after: int) -> list[Message] | None:
+        """Events after ``after`` if the ring still holds all of them, else None."""
+        if after >= self.last_seq:
+            return []
+        if self.ring and self.ring[0].seq <= after + 1:
+            return [m for m in self.ring if m.seq > after]
+        return None
+
+    def _deliver(self, client: Client, message: Message) -> None:
+        if client.closed or not client.wants(message.type):
+            return
+        if client.backlog is not None:
+            if message.seq is not None:
+                client.backlog.append(message)
+            elif message.type == "stats":
+                client.stats_stale = True
+            return
+        if message.seq is not None:
+            if message.seq <= client.last_seq:
+                return  # already sent (replay overlap)
+            over_count = client.pending_durable >= self.client_queue
+            over_bytes = client.pending_bytes + len(message.text) > self.client_queue_bytes
+            if over_count or over_bytes:
+                self.slow_closed += 1
+                log.info("closing slow client %s (%s)", client.id, client.transport)
+                self.detach(client)
+                client.close(CLOSE_SLOW_CONSUMER, "slow consumer: reconnect and resume")
+                return
+            client.last_seq = message.seq
+        elif client.pending:
+            # Behind: coalesce stats (a full snapshot follows once drained); skip pings.
+            if message.type == "stats":
+                client.stats_stale = True
+            return
+        self._send(client, message)
+
+    def _send(self, client: Client, message: Message) -> None:
+        try:
+            future = client.write(message)
+        except Exception:  # the transport is gone; it detaches itself on close
+            log.debug("write to %s failed", client.id, exc_info=True)
+            self.detach(client)
+            return
+        if future is None:
+            return
+        size = len(message.text)
+        durable = message.seq is not None
+        client.pending += 1
+        client.pending_bytes += size
+        if durable:
+            client.pending_durable += 1
+        future.add_done_callback(lambda f: self._flushed(client, size, durable, f))
+
+    def _flushed(self, client: Client, size: int, durable: bool, future: asyncio.Future) -> None:
+        if not future.cancelled():
+            future.exception()  # consume it: a closed stream is handled by on_close
+        client.pending -= 1
+        client.pending_bytes -= size
+        if durable:
+            client.pending_durable -= 1
+        if client.pending == 0 and client.stats_stale and not client.closed:
+            client.stats_stale = False
+            self._send(client, self.stats.full_message())

@@ -1,0 +1,78 @@
+"""The wire envelope, encoded once per message for every client and transport.
+
+``{"type": str, "seq": int (durable events only), "timestamp": RFC 3339 UTC, "data": {...}}``
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from typing import Any
+
+from ..windows import isoformat, utc_now
+
+# Durable events are persisted in the event log and carry its id as ``seq``.
+DURABLE_TYPES = frozenset({"violation", "alert", "quota_change", "throttle"})
+# Everything the server may send; plugins may add durable types of their own.
+SERVER_TYPES = DURABLE_TYPES | {"welcome", "stats", "ping", "recovered", "error"}
+CLIENT_TYPES = frozenset({"subscribe", "pong", "ping"})
+
+# Close codes (also documented in docs/protocol.md).
+CLOSE_GOING_AWAY = 1001
+CLOSE_UNSUPPORTED = 1003
+CLOSE_POLICY = 1008
+CLOSE_TOO_BIG = 1009
+CLOSE_SERVER_ERROR = 1011
+CLOSE_RESTART = 1012
+CLOSE_TRY_AGAIN = 1013
+CLOSE_SLOW_CONSUMER = 4008
+
+
+def _dumps(obj: Any) -> str:
+    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False)
+
+
+class Message:
+    """An immutable envelope; :attr:`text` and :attr:`sse` are built once and shared."""
+
+    __slots__ = ("type", "seq", "timestamp", "data", "text", "_sse")
+
+    def __init__(
+        self,
+        type: str,
+        data: dict[str, Any],
+        seq: int | None = None,
+        timestamp: datetime | str | None = None,
+    ):
+        self.type = type
+        self.seq = seq
+        if timestamp is None:
+            timestamp = utc_now()
+        self.timestamp = timestamp if isinstance(timestamp, str) else isoformat(timestamp)
+        self.data = data
+        envelope: dict[str, Any] = {"type": type}
+        if seq is not None:
+            envelope["seq"] = seq
+        envelope["timestamp"] = self.timestamp
+        envelope["data"] = data
+        self.text = _dumps(envelope)
+        self._sse: bytes | None = None
+
+    @property
+    def durable(self) -> bool:
+        return self.seq is not None
+
+    @property
+    def sse(self) -> bytes:
+        """The Server-Sent Events frame: ``id`` (durable only), ``event``, ``data``."""
+        if self._sse is None:
+            head = f"id: {self.seq}\n" if self.seq is not None else ""
+            self._sse = f"{head}event: {self.type}\ndata: {self.text}\n\n".encode()
+        return self._sse
+
+    def __repr__(self) -> str:
+        return f"Message({self.type!r}, seq={self.seq})"
+
+
+def error_message(code: str, message: str) -> Message:
+    return Message("error", {"code": code, "message": message})

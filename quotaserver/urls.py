@@ -1,0 +1,37 @@
+"""Every route in one list. Each handler class declares the roles it admits."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from .handlers import api, dev, health, session, sse, websocket
+from .handlers.base import NotFoundHandler
+
+if TYPE_CHECKING:
+    from .app import QuotaApp
+
+ROUTES: list[tuple[str, type]] = [
+    (r"/api/health", api.HealthHandler),
+    (r"/api/quotas/check", api.CheckHandler),
+    (r"/api/quotas/consume", api.ConsumeHandler),
+    (r"/api/quotas/users/([^/]+)", api.UserStatusHandler),
+    (r"/api/ws/health", health.StreamHealthHandler),
+    (r"/api/plugins", health.PluginsHandler),
+    (r"/ws/admin/quotas", websocket.AdminSocketHandler),
+    (r"/sse/admin/quotas", sse.AdminEventsHandler),
+    (r"/login", session.LoginHandler),
+    (r"/logout", session.LogoutHandler),
+]
+
+DEV_ROUTES: list[tuple[str, type]] = [
+    (r"/api/ws/test-broadcast", dev.TestBroadcastHandler),
+    (r"/api/ws/test-violation", dev.TestViolationHandler),
+    (r"/api/ws/test-alert", dev.TestAlertHandler),
+]
+
+
+def routes(app: QuotaApp) -> list[tuple[str, type, dict[str, Any]]]:
+    table = ROUTES + (DEV_ROUTES if app.config["dev"] else [])
+    return [(pattern, handler, {"app": app}) for pattern, handler in table] + [
+        (r".*", NotFoundHandler, {"app": app})
+    ]

@@ -1,0 +1,69 @@
+"""Quota windows: exact [start, end) instants for hourly, daily, weekly and monthly periods.
+
+Boundaries are wall-clock midnights (or hours) in the configured time zone, so a day in a
+zone that changes to summer time is 23 hours long and its reset is still exact.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, date, datetime, timedelta
+from zoneinfo import ZoneInfo
+
+from .config import WEEKDAYS
+
+Clock = Callable[[], datetime]
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+def isoformat(ts: datetime) -> str:
+    """RFC 3339 in UTC with a ``Z`` suffix and millisecond precision."""
+    return ts.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+@dataclass(frozen=True, slots=True)
+class Window:
+    period: str
+    start: datetime  # aware, UTC
+    end: datetime  # aware, UTC
+
+    @property
+    def key(self) -> int:
+        """Stable integer key of the window (its start in epoch seconds)."""
+        return int(self.start.timestamp())
+
+
+class WindowCalendar:
+    """Computes windows in one time zone with a configurable first day of the week."""
+
+    def __init__(self, timezone: str = "UTC", week_start: str = "monday"):
+        self.tz = ZoneInfo(timezone)
+        self.week_start = WEEKDAYS.index(week_start)
+
+    def _midnight(self, day: date) -> datetime:
+        return datetime(day.year, day.month, day.day, tzinfo=self.tz).astimezone(UTC)
+
+    def window(self, period: str, now: datetime) -> Window:
+        local = now.astimezone(self.tz)
+        if period == "hourly":
+            start_local = local.replace(minute=0, second=0, microsecond=0)
+            start = start_local.astimezone(UTC)
+            return Window(period, start, start + timedelta(hours=1))
+        day = local.date()
+        if period == "daily":
+            return Window(period, self._midnight(day), self._midnight(day + timedelta(days=1)))
+        if period == "weekly":
+            first = day - timedelta(days=(day.weekday() - self.week_start) % 7)
+            return Window(period, self._midnight(first), self._midnight(first + timedelta(days=7)))
+        if period == "monthly":
+            first = day.replace(day=1)
+            nxt = (first + timedelta(days=32)).replace(day=1)
+            return Window(period, self._midnight(first), self._midnight(nxt))
+        raise ValueError(f"unknown period {period!r}")
+
+    def windows(self, periods: tuple[str, ...], now: datetime) -> dict[str, Window]:
+        return {p: self.window(p, now) for p in periods}
