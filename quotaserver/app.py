@@ -85,6 +85,7 @@ class QuotaApp:
         self.server: tornado.httpserver.HTTPServer | None = None
         self.port: int | None = None
         self.running = False
+        self.stopped = False
         self._timers: list[PeriodicCallback] = []
         self._tasks: set[asyncio.Future] = set()
         self._plugin_state: dict[str, dict[str, Any]] = {}
@@ -144,6 +145,9 @@ class QuotaApp:
         self, code: int = CLOSE_GOING_AWAY, reason: str = "server shutting down"
     ) -> None:
         """Stop accepting, close clients with ``code``, stop emitters, finish DB writes."""
+        if self.stopped:
+            return
+        self.stopped = True
         if self.server is not None:
             self.server.stop()
         self.running = False

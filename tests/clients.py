@@ -1,0 +1,184 @@
+"""Real clients for tests: HTTP JSON calls, a WebSocket reader and an SSE reader."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+from tornado.httpclient import AsyncHTTPClient, HTTPRequest
+from tornado.websocket import WebSocketClientConnection, websocket_connect
+
+ADMIN = "admin-token-for-tests-0123456789"
+VIEWER = "viewer-token-for-tests-0123456789"
+SERVICE = "service-token-for-tests-0123456789"
+
+
+class Response:
+    def __init__(self, code: int, headers: Any, body: bytes):
+        self.code = code
+        self.headers = headers
+        self.body = body
+
+    @property
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+    def __repr__(self) -> str:
+        return f"<Response {self.code} {self.body[:200]!r}>"
+
+
+async def call(
+    app: Any,
+    method: str,
+    path: str,
+    body: Any = None,
+    token: str | None = ADMIN,
+    headers: dict[str, str] | None = None,
+    raw: bytes | str | None = None,
+) -> Response:
+    """One HTTP request to the running app; never raises for 4xx/5xx."""
+    hdrs = {"Content-Type": "application/json"}
+    if token:
+        hdrs["Authorization"] = f"Bearer {token}"
+    hdrs.update(headers or {})
+    data = raw if raw is not None else (json.dumps(body) if body is not None else None)
+    if data is None and method in ("POST", "PUT", "PATCH"):
+        data = b""
+    request = HTTPRequest(
+        app.url + path,
+        method=method,
+        headers=hdrs,
+        body=data,
+        allow_nonstandard_methods=True,
+        follow_redirects=False,
+        request_timeout=30,
+    )
+    resp = await AsyncHTTPClient().fetch(request, raise_error=False)
+    return Response(resp.code, resp.headers, resp.body or b"")
+
+
+async def consume(
+    app: Any, user: str, command_type: str = "shell", count: int = 1, token: str = SERVICE
+) -> Response:
+    return await call(
+        app, "POST", "/api/quotas/consume",
+        {"user": user, "command_type": command_type, "count": count}, token=token,
+    )  # fmt: skip
+
+
+class WsClient:
+    """A WebSocket client that collects parsed messages."""
+
+    def __init__(self, conn: WebSocketClientConnection):
+        self.conn = conn
+        self.messages: list[dict] = []
+
+    async def recv(self, timeout: float = 5.0) -> dict | None:
+        raw = await asyncio.wait_for(self.conn.read_message(), timeout)
+        if raw is None:
+            return None
+        msg = json.loads(raw)
+        self.messages.append(msg)
+        return msg
+
+    async def recv_type(self, type: str, timeout: float = 5.0) -> dict:
+        """Read until a message of ``type`` arrives (others are kept in ``messages``)."""
+        deadline = asyncio.get_running_loop().time() + timeout
+        while True:
+            left = deadline - asyncio.get_running_loop().time()
+            msg = await self.recv(max(left, 0.01))
+            if msg is None:
+                raise ConnectionError(f"closed ({self.conn.close_code}) before {type}")
+            if msg["type"] == type:
+                return msg
+
+    async def send(self, obj: Any) -> None:
+        await self.conn.write_message(obj if isinstance(obj, str | bytes) else json.dumps(obj))
+
+    async def closed(self, timeout: float = 5.0) -> int | None:
+        """Wait for the server to close; return the close code."""
+        while True:
+            raw = await asyncio.wait_for(self.conn.read_message(), timeout)
+            if raw is None:
+                return self.conn.close_code
+            self.messages.append(json.loads(raw))
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+async def ws_connect(
+    app: Any, query: str = "", token: str | None = ADMIN, headers: dict | None = None
+) -> WsClient:
+    url = app.url.replace("http://", "ws://") + "/ws/admin/quotas" + (f"?{query}" if query else "")
+    hdrs = dict(headers or {})
+    if token:
+        hdrs["Authorization"] = f"Bearer {token}"
+    conn = await websocket_connect(HTTPRequest(url, headers=hdrs, request_timeout=10))
+    return WsClient(conn)
+
+
+class SseClient:
+    """Reads a text/event-stream response into parsed events."""
+
+    def __init__(self) -> None:
+        self.events: asyncio.Queue[dict] = asyncio.Queue()
+        self.all: list[dict] = []
+        self.comments = 0
+        self.retry: int | None = None
+        self._buffer = b""
+        self.fetch: asyncio.Future | None = None
+        self.code: int | None = None
+        self.headers: Any = None
+
+    def _header(self, line: str) -> None:
+        if line.startswith("HTTP/"):
+            self.code = int(line.split()[1])
+
+    def _chunk(self, chunk: bytes) -> None:
+        self._buffer += chunk
+        while b"\n\n" in self._buffer:
+            block, self._buffer = self._buffer.split(b"\n\n", 1)
+            event: dict[str, Any] = {}
+            for line in block.decode().split("\n"):
+                if line.startswith(":"):
+                    self.comments += 1
+                elif line.startswith("retry:"):
+                    self.retry = int(line[6:].strip())
+                elif ":" in line:
+                    field, _, value = line.partition(":")
+                    event[field] = value[1:] if value.startswith(" ") else value
+            if "data" in event:
+                event["message"] = json.loads(event["data"])
+                self.all.append(event)
+                self.events.put_nowait(event)
+
+    async def next(self, timeout: float = 5.0) -> dict:
+        return await asyncio.wait_for(self.events.get(), timeout)
+
+    async def next_type(self, type: str, timeout: float = 5.0) -> dict:
+        deadline = asyncio.get_running_loop().time() + timeout
+        while True:
+            event = await self.next(max(deadline - asyncio.get_running_loop().time(), 0.01))
+            if event.get("event") == type:
+                return event
+
+
+async def sse_connect(
+    app: Any, query: str = "", token: str | None = ADMIN, headers: dict | None = None
+) -> SseClient:
+    client = SseClient()
+    hdrs = dict(headers or {})
+    if token:
+        hdrs["Authorization"] = f"Bearer {token}"
+    url = app.url + "/sse/admin/quotas" + (f"?{query}" if query else "")
+    request = HTTPRequest(
+        url,
+        headers=hdrs,
+        streaming_callback=client._chunk,
+        header_callback=lambda line: client._header(line.strip()),
+        request_timeout=3600,
+    )
+    client.fetch = asyncio.ensure_future(AsyncHTTPClient().fetch(request, raise_error=False))
+    return client

@@ -1,0 +1,90 @@
+"""The real application on a temporary SQLite file, over real sockets."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from clients import ADMIN, SERVICE, VIEWER  # noqa: E402
+
+from quotaserver.app import QuotaApp  # noqa: E402
+from quotaserver.config import Config, load_config  # noqa: E402
+
+
+def sha(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+TOKENS = [
+    {"name": "test-admin", "role": "admin", "sha256": sha(ADMIN)},
+    {"name": "test-viewer", "role": "viewer", "sha256": sha(VIEWER)},
+    {"name": "test-service", "role": "service", "sha256": sha(SERVICE)},
+]
+
+
+class FakeClock:
+    """An injectable clock: tests move time instead of sleeping."""
+
+    def __init__(self, start: datetime | None = None):
+        self.now = start or datetime(2026, 3, 10, 12, 0, tzinfo=UTC)
+
+    def __call__(self) -> datetime:
+        return self.now
+
+    def advance(self, **kwargs: float) -> None:
+        self.now += timedelta(**kwargs)
+
+    def set(self, when: datetime) -> None:
+        self.now = when
+
+
+def make_config(tmp_path: Any, plugins: dict | None = None, **overrides: Any) -> Config:
+    """A config on a temp SQLite file, test tokens, port 0; ``a__b=v`` sets ``a.b``."""
+    base = load_config(env={})
+    values = {
+        "database__url": f"sqlite:///{tmp_path}/quotaserver.db",
+        "database__sqlite_synchronous": "normal",
+        "server__port": 0,
+        "auth__tokens": TOKENS,
+        "auth__token_file": f"{tmp_path}/admin_token",
+    }
+    values.update(overrides)
+    config = base.with_overrides(**values)
+    # The system-metrics plugin samples the real machine: tests inject load instead.
+    config.plugins = {"system_metrics": {"enabled": False}, **(plugins or {})}
+    return config
+
+
+@pytest.fixture
+def app_factory(io_loop: Any, tmp_path: Any) -> Callable[..., Any]:
+    """``app = await app_factory(**config_overrides)`` starts a real server."""
+    apps: list[QuotaApp] = []
+
+    async def start(
+        plugins: dict | None = None,
+        clock: Callable[[], datetime] | None = None,
+        env: dict | None = None,
+        **overrides: Any,
+    ) -> QuotaApp:
+        config = make_config(tmp_path, plugins, **overrides)
+        kwargs: dict[str, Any] = {"env": env or {}}
+        if clock is not None:
+            kwargs["clock"] = clock
+        app = QuotaApp(config, **kwargs)
+        await app.start()
+        apps.append(app)
+        return app
+
+    yield start
+    for app in apps:
+        io_loop.run_sync(app.stop, timeout=15)  # idempotent: tests may have stopped it
