@@ -18,6 +18,7 @@ import yaml
 
 from quotaserver import __version__
 from quotaserver.config import ConfigError, load_config
+from quotaserver.plugins import get_plugin_manager
 from quotaserver.realtime.messages import CLOSE_GOING_AWAY, CLOSE_RESTART
 
 log = logging.getLogger("quotaserver")
@@ -88,6 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     try:
         config = load_config(args.config, overrides=overrides)
+        get_plugin_manager(config)  # plugin names and plugins_dir are configuration too
     except ConfigError as exc:
         print(f"quotaserver: configuration error: {exc}", file=sys.stderr)
         return 2

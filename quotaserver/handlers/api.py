@@ -7,7 +7,6 @@ from typing import Any
 
 from .. import __version__
 from ..quota import Decision, QuotaError, UnknownCommandType
-from ..windows import utc_now
 from .base import SERVICE, ApiError, BaseHandler
 
 REQUEST_FIELDS = {"user", "command_type", "count"}
@@ -71,7 +70,7 @@ class QuotaRequestHandler(BaseHandler):
         self.respond(decision)
 
     def respond(self, decision: Decision) -> None:
-        now = utc_now()
+        now = decision.at  # the service's clock, so resets are exact under a test clock
         tightest = decision.tightest()
         if tightest is not None:
             period, status = tightest
