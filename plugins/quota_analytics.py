@@ -132,6 +132,7 @@ def on_event(app: Any, message: Any) -> Any:
 @hookimpl
 def stats_fields(app: Any) -> dict[str, Any]:
     fig = _figures(app)
+    load = app.load.current
     today = _today(app)
     if fig.day_key is not None and fig.day_key != today.key:
         fig.new_day(today.key)
@@ -142,4 +143,10 @@ def stats_fields(app: Any) -> dict[str, Any]:
         "violations_today": fig.violations,
         "high_utilization_count": len(fig.high),
         "average_throttle_factor": fig.average_factor(time.time()),
+        "system_load": {
+            "cpu_percent": load.cpu_percent,
+            "memory_percent": load.memory_percent,
+            "throttle_factor": load.factor,
+            "throttle_active": load.throttle_active,
+        },
     }

@@ -1,7 +1,8 @@
 """System metrics: CPU and memory via psutil, sampled off the IOLoop.
 
-Feeds the throttle factor (``app.load``), publishes the ``system_load`` stats field and a
-durable ``throttle`` event whenever the factor changes band.
+Feeds the throttle factor (``app.load``, which the ``system_load`` stats field of
+quota analytics reads) and publishes a durable ``throttle`` event whenever the factor
+changes band.
 
 Settings (``plugins.system_metrics``): ``interval`` seconds between samples (default 2).
 """
@@ -29,7 +30,7 @@ def register_emitters(app: Any) -> list[PeriodicEmitter]:
     interval = float(app.plugin_config(NAME).get("interval", 2.0))
     loop = asyncio.get_running_loop()
 
-    async def collect() -> dict[str, Any]:
+    async def collect() -> None:
         cpu, memory = await loop.run_in_executor(None, sample)
         previous = app.load.factor
         current, changed = app.load.update(cpu, memory)
@@ -44,21 +45,5 @@ def register_emitters(app: Any) -> list[PeriodicEmitter]:
                     "throttle_active": current.throttle_active,
                 },
             )
-        return system_load(app)
 
     return [PeriodicEmitter("system_metrics", interval, collect, timeout=max(interval, 5.0))]
-
-
-def system_load(app: Any) -> dict[str, Any]:
-    current = app.load.current
-    return {
-        "cpu_percent": current.cpu_percent,
-        "memory_percent": current.memory_percent,
-        "throttle_factor": current.factor,
-        "throttle_active": current.throttle_active,
-    }
-
-
-@hookimpl
-def stats_fields(app: Any) -> dict[str, Any]:
-    return {"system_load": system_load(app)}

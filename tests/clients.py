@@ -94,7 +94,10 @@ class WsClient:
                 return msg
 
     async def send(self, obj: Any) -> None:
-        await self.conn.write_message(obj if isinstance(obj, str | bytes) else json.dumps(obj))
+        if isinstance(obj, bytes):
+            await self.conn.write_message(obj, binary=True)
+        else:
+            await self.conn.write_message(obj if isinstance(obj, str) else json.dumps(obj))
 
     async def closed(self, timeout: float = 5.0) -> int | None:
         """Wait for the server to close; return the close code."""

@@ -12,13 +12,14 @@ from __future__ import annotations
 import abc
 import asyncio
 import logging
+import time
 import uuid
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
 from ..windows import isoformat, utc_now
-from .messages import CLOSE_SLOW_CONSUMER, Message
+from .messages import CLOSE_GOING_AWAY, CLOSE_SLOW_CONSUMER, Message
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +33,9 @@ class Client(abc.ABC):
     """One live connection, WebSocket or SSE. Transports implement ``write`` and ``close``."""
 
     transport = "?"
+    # True where the transport answers protocol pings (WebSocket): such a client is
+    # dropped by :meth:`Hub.reap` once it has been silent for ``client_timeout``.
+    expects_pong = False
 
     def __init__(self, identity: str = "anonymous", types: Iterable[str] | None = None):
         self.id = uuid.uuid4().hex[:16]
@@ -44,6 +48,11 @@ class Client(abc.ABC):
         self.backlog: list[Message] | None = None  # live events held back during replay
         self.last_seq = 0  # highest durable seq sent to this client
         self.closed = False
+        self.last_seen = time.monotonic()
+
+    def seen(self) -> None:
+        """Record a sign of life (a pong or any client message)."""
+        self.last_seen = time.monotonic()
 
     def wants(self, type: str) -> bool:
         return self.types is None or type in CONTROL_TYPES or type in self.types
@@ -120,7 +129,8 @@ class Hub:
         if cursor is not None:
             client.backlog = []  # hold live events until the replay is out
         self._send(client, self._welcome(client))
-        self._send(client, self.stats.full_message())
+        if client.wants("stats"):
+            self._send(client, self.stats.full_message())
         if cursor is None:
             client.last_seq = self.last_seq
             return
@@ -140,6 +150,13 @@ class Hub:
         for client in list(self.clients):
             self.detach(client)
             client.close(code, reason)
+
+    def reap(self, timeout: float) -> int:
+        """Drop clients silent to protocol pings for longer than ``timeout`` seconds."""
+        cutoff = time.monotonic() - timeout
+        return self.close_where(
+            lambda c: c.expects_pong and c.last_seen < cutoff, CLOSE_GOING_AWAY, "ping timeout"
+        )
 
     def close_where(self, predicate: Callable[[Client], bool], code: int, reason: str) -> int:
         victims = [c for c in self.clients if predicate(c)]

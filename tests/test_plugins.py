@@ -1,0 +1,286 @@
+"""The plugin contract: every hook is documented and tested here; failures stay local."""
+
+import asyncio
+import os
+import re
+import sys
+import textwrap
+
+import pytest
+from clients import VIEWER, call, consume, ws_connect
+
+from quotaserver import hookspecs
+from quotaserver.plugins import get_plugin_manager
+
+HOOKS = sorted(n for n in dir(hookspecs) if hasattr(getattr(hookspecs, n), "quotaserver_spec"))
+DOCS = os.path.join(os.path.dirname(__file__), "..", "docs", "plugins.md")
+
+RECORDER = """
+from quotaserver import hookimpl
+from quotaserver.realtime.emitters import EventEmitter, PeriodicEmitter
+
+NAME = "recorder"
+
+def _calls(app):
+    return app.plugin_state(NAME).setdefault("calls", [])
+
+@hookimpl
+async def startup(app):
+    await asyncio_sleep0()
+    _calls(app).append(("startup",))
+
+async def asyncio_sleep0():
+    import asyncio
+    await asyncio.sleep(0)
+
+@hookimpl
+def shutdown(app):
+    with open(app.plugin_config(NAME)["marker"], "w") as fh:
+        fh.write("shutdown")
+
+@hookimpl
+def stats_fields(app):
+    return {"recorder_calls": len(_calls(app))}
+
+@hookimpl
+def on_decision(app, decision):
+    _calls(app).append(("decision", decision.user, decision.allowed, decision.reason))
+
+@hookimpl
+async def on_violation(app, violation):
+    _calls(app).append(("violation", violation["username"], violation["attempted"]))
+
+@hookimpl
+def on_event(app, message):
+    _calls(app).append(("event", message.type, message.seq))
+
+@hookimpl
+def register_emitters(app):
+    state = app.plugin_state(NAME)
+
+    async def start(emit):
+        state["emit"] = emit
+
+    def stop():
+        state["stopped"] = True
+
+    ticks = iter(range(10**9))
+    return [
+        PeriodicEmitter("recorder_ticks", 0.05, lambda: next(ticks), stats_field="ticks"),
+        EventEmitter("recorder_events", start, stop),
+    ]
+"""
+
+FAULTY = """
+import threading, time
+from quotaserver import hookimpl
+from quotaserver.realtime.emitters import PeriodicEmitter
+
+forever = threading.Event()
+
+def boom():
+    raise RuntimeError("sensor on fire")
+
+def hang():
+    forever.wait(30)
+
+@hookimpl
+def register_emitters(app):
+    return [
+        PeriodicEmitter("raising_source", 0.05, boom),
+        PeriodicEmitter("hanging_source", 0.1, hang, blocking=True, timeout=0.2),
+    ]
+
+@hookimpl
+def stats_fields(app):
+    raise ValueError("stats broken")
+
+@hookimpl
+def on_decision(app, decision):
+    raise KeyError("decision broken")
+"""
+
+
+def plugin_dir(tmp_path, **files):
+    directory = tmp_path / "plugins"
+    directory.mkdir(exist_ok=True)
+    for name, text in files.items():
+        (directory / f"{name}.py").write_text(textwrap.dedent(text))
+    return str(directory)
+
+
+async def recorder_app(app_factory, tmp_path, **overrides):
+    marker = tmp_path / "shutdown-marker"
+    app = await app_factory(
+        plugins_dir=plugin_dir(tmp_path, recorder=RECORDER),
+        plugins={"recorder": {"marker": str(marker)}, "alert_engine": {"enabled": False}},
+        realtime__stats_interval=0.05,
+        **overrides,
+    )
+    await app.rules.set_global_limits("shell", {"daily": 1}, actor="test")
+    return app, marker
+
+
+async def wait_for(predicate, timeout=5.0):
+    for _ in range(int(timeout / 0.02)):
+        if predicate():
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError("condition not met in time")
+
+
+def calls(app):
+    return app.plugin_state("recorder").get("calls", [])
+
+
+# -- one test per hook (test_every_hook_has_a_test enforces it) --------------------------
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_hook_startup(app_factory, tmp_path):
+    app, _ = await recorder_app(app_factory, tmp_path)
+    assert calls(app)[0] == ("startup",)  # awaited before the server started serving
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_hook_shutdown(app_factory, tmp_path):
+    app, marker = await recorder_app(app_factory, tmp_path)
+    await app.stop()
+    assert marker.read_text() == "shutdown"
+    assert app.plugin_state("recorder")["stopped"] is True  # event emitter stopped first
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_hook_stats_fields(app_factory, tmp_path):
+    app, _ = await recorder_app(app_factory, tmp_path)
+    ws = await ws_connect(app)
+    snapshot = await ws.recv_type("stats")
+    assert "recorder_calls" in snapshot["data"]
+    await consume(app, "ann")
+    delta = await ws.recv_type("stats")
+    while delta["data"].get("recorder_calls", 0) < 2:
+        delta = await ws.recv_type("stats")
+    ws.close()
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_hook_on_decision(app_factory, tmp_path):
+    app, _ = await recorder_app(app_factory, tmp_path)
+    await consume(app, "ben")
+    await consume(app, "ben")
+    await wait_for(lambda: len([c for c in calls(app) if c[0] == "decision"]) == 2)
+    decisions = [c for c in calls(app) if c[0] == "decision"]
+    assert decisions == [
+        ("decision", "ben", True, None),
+        ("decision", "ben", False, "quota_exceeded"),
+    ]
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_hook_on_violation(app_factory, tmp_path):
+    app, _ = await recorder_app(app_factory, tmp_path)
+    await consume(app, "cat", count=3)
+    await wait_for(lambda: any(c[0] == "violation" for c in calls(app)))
+    assert ("violation", "cat", 3) in calls(app)
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_hook_on_event(app_factory, tmp_path):
+    app, _ = await recorder_app(app_factory, tmp_path)
+    message = await app.publish_event("quota_change", {"x": 1})
+    await wait_for(lambda: ("event", "quota_change", message.seq) in calls(app))
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_hook_register_emitters(app_factory, tmp_path):
+    app, _ = await recorder_app(app_factory, tmp_path)
+    # Periodic: its value becomes a stats field.
+    ws = await ws_connect(app, "types=stats,custom_note")
+    await wait_for(lambda: app.scheduler.sources["recorder_ticks"].runs >= 3)
+    stats = await ws.recv_type("stats")
+    while "ticks" not in stats["data"]:
+        stats = await ws.recv_type("stats")
+    # Event-driven: emit persists, then publishes, with a seq.
+    emit = app.plugin_state("recorder")["emit"]
+    message = await emit("custom_note", {"text": "hello"})
+    got = await ws.recv_type("custom_note")
+    assert got["seq"] == message.seq and got["data"] == {"text": "hello"}
+    health = await call(app, "GET", "/api/ws/health", token=VIEWER)
+    names = {s["name"]: s for s in health.json["sources"]}
+    assert names["recorder_ticks"]["healthy"] and names["recorder_events"]["kind"] == "event"
+    ws.close()
+
+
+# -- failures stay local ------------------------------------------------------------------
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_raising_and_hanging_plugins_are_isolated(app_factory, tmp_path):
+    app = await app_factory(
+        plugins_dir=plugin_dir(tmp_path, faulty=FAULTY),
+        realtime__stats_interval=0.05,
+        realtime__heartbeat_interval=0.1,
+    )
+    ws = await ws_connect(app)
+    await ws.recv_type("welcome")
+    await wait_for(lambda: app.scheduler.sources["hanging_source"].failures >= 1)
+    await wait_for(lambda: app.scheduler.sources["raising_source"].failures >= 2)
+    health = (await call(app, "GET", "/api/ws/health", token=VIEWER)).json
+    sources = {s["name"]: s for s in health["sources"]}
+    assert health["status"] == "degraded"
+    assert sources["raising_source"]["healthy"] is False
+    assert "sensor on fire" in sources["raising_source"]["last_error"]
+    assert sources["hanging_source"]["last_error"] == "timed out"
+    assert sources["alert_rules"]["healthy"] is True
+    assert "faulty" in health["plugin_errors"]
+    # Everything else goes on: quotas, the built-in stats, heartbeats, other clients.
+    assert (await consume(app, "dee")).code == 200
+    stats = await ws.recv_type("stats")
+    while stats["data"].get("commands_today") != 1:  # the analytics plugin keeps counting
+        stats = await ws.recv_type("stats")
+    await ws.recv_type("ping")
+    ws.close()
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_enabled_false_turns_off_a_builtin(app_factory):
+    app = await app_factory(plugins={"alert_engine": {"enabled": False}})
+    listed = await call(app, "GET", "/api/plugins", token=VIEWER)
+    names = {p["name"] for p in listed.json["plugins"]}
+    assert "alert_engine" not in names
+    assert {"quota_analytics"} <= names
+    assert "alert_rules" not in app.scheduler.sources
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_third_party_entry_point_plugin_disk_usage(app_factory, tmp_path):
+    pytest.importorskip("quotaserver_disk_usage", reason="install plugins/example_disk_usage")
+    app = await app_factory(plugins={"disk_usage": {"path": str(tmp_path), "interval": 0.1}})
+    listed = await call(app, "GET", "/api/plugins", token=VIEWER)
+    disk = [p for p in listed.json["plugins"] if p["name"] == "disk_usage"]
+    assert disk and disk[0]["version"] == "0.1.0" and disk[0]["hooks"] == ["register_emitters"]
+    value = await app.scheduler.run_once("disk_usage")
+    assert value["path"] == str(tmp_path) and 0 <= value["percent"] <= 100
+    assert app.stats_snapshot()["disk"] == value
+
+
+def test_get_plugin_manager_is_a_fresh_factory():
+    first, second = get_plugin_manager(), get_plugin_manager()
+    assert first is not second
+    assert first.has_plugin("quota_analytics") and second.has_plugin("quota_analytics")
+
+
+def test_every_hook_has_a_test():
+    module = sys.modules[__name__]
+    missing = [h for h in HOOKS if not hasattr(module, f"test_hook_{h}")]
+    assert HOOKS and not missing, f"hooks without a test: {missing}"
+
+
+def test_every_hook_is_documented_with_signature_and_example():
+    with open(DOCS) as fh:
+        text = fh.read()
+    for hook in HOOKS:
+        section = re.search(rf"^### `{hook}\((.*?)\)`(.*?)(?=^### |\Z)", text, re.M | re.S)
+        assert section, f"docs/plugins.md has no section for {hook}"
+        assert "```python" in section.group(2), f"{hook}: no example"
+        assert "When" in section.group(2) or "when" in section.group(2), f"{hook}: no timing"
