@@ -1,0 +1,151 @@
+"""Alert rules (from the config) with deduplication; acknowledge and resolve."""
+
+import asyncio
+
+import pytest
+from clients import consume, ws_connect
+
+from quotaserver.models import Alert, AuditLog
+
+ONLY_VIOLATIONS = {
+    "alert_engine": {
+        "rules": {"high_utilization": {"enabled": False}, "approaching_limit": {"enabled": False}}
+    }
+}
+
+
+async def alerts(app):
+    return await app.store.run(lambda: list(Alert.select().order_by(Alert.id).dicts()))
+
+
+async def settle(app):
+    """Wait for background hook tasks (the alert engine runs after publish)."""
+    for _ in range(100):
+        if not app._tasks:
+            return
+        await asyncio.sleep(0.01)
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_quota_violation_rule_opens_one_alert_and_counts_repeats(app_factory):
+    app = await app_factory(plugins=ONLY_VIOLATIONS)
+    await app.rules.set_global_limits("shell", {"daily": 1}, actor="t")
+    ws = await ws_connect(app, "types=alert")
+    await consume(app, "ana")
+    for _ in range(7):
+        await consume(app, "ana")  # 7 violations
+        await settle(app)
+    rows = [a for a in await alerts(app) if a["rule"] == "quota_violation"]
+    assert len(rows) == 1
+    assert rows[0]["severity"] == "critical"
+    assert rows[0]["count"] == 3  # opened at the 5th violation, repeated at the 6th and 7th
+    assert rows[0]["message"] == "Critical: 7 quota violations today"
+    first = await ws.recv_type("alert")
+    assert first["data"]["update"] is False and first["data"]["count"] == 1
+    assert first["data"]["username"] == "ana" and first["data"]["action_needed"]
+    second = await ws.recv_type("alert")
+    assert second["data"]["alert_id"] == first["data"]["alert_id"]
+    assert second["data"]["update"] is True and second["data"]["count"] == 2
+    ws.close()
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_utilization_rules_fire_on_crossing_before_the_violation(app_factory):
+    app = await app_factory()
+    await app.rules.set_global_limits("code", {"daily": 10}, actor="t")
+    await consume(app, "bea", "code", 7)
+    await settle(app)
+    assert await alerts(app) == []
+    await consume(app, "bea", "code", 1)  # 80 %
+    await settle(app)
+    rows = await alerts(app)
+    assert [(a["rule"], a["severity"]) for a in rows] == [("high_utilization", "high")]
+    await consume(app, "bea", "code", 1)  # 90 %: approaching the limit, no violation yet
+    await settle(app)
+    rows = await alerts(app)
+    assert [a["rule"] for a in rows] == ["high_utilization", "approaching_limit"]
+    assert "90%" in rows[1]["message"]
+    await consume(app, "bea", "code", 1)  # 100 %: no new crossing, no new alert
+    await settle(app)
+    assert len(await alerts(app)) == 2
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_system_load_rules(app_factory):
+    app = await app_factory(
+        plugins={"alert_engine": {"rules": {"sustained_throttling": {"duration": 0}}}}
+    )
+    app.load.update(91, 40)  # factor 0.6: throttled, not below 0.5
+    await app.scheduler.run_once("alert_rules")
+    assert [a["rule"] for a in await alerts(app)] == ["high_system_load"]
+    app.load.update(96, 40)  # factor 0.3 < 0.5
+    await app.scheduler.run_once("alert_rules")
+    await app.scheduler.run_once("alert_rules")
+    rows = await alerts(app)
+    assert sorted(a["rule"] for a in rows) == ["high_system_load", "sustained_throttling"]
+    assert all(a["count"] == 1 for a in rows)  # once per episode, not every check
+    assert rows[0]["severity"] == "critical"
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_rules_can_be_disabled_and_thresholds_changed(app_factory):
+    app = await app_factory(
+        plugins={
+            "alert_engine": {
+                "rules": {
+                    "quota_violation": {"threshold": 2, "severity": "high"},
+                    "high_utilization": {"enabled": False},
+                    "approaching_limit": {"enabled": False},
+                }
+            }
+        }
+    )
+    await app.rules.set_global_limits("shell", {"daily": 1}, actor="t")
+    for _ in range(3):
+        await consume(app, "cid")
+        await settle(app)
+    rows = await alerts(app)
+    assert [(a["rule"], a["severity"], a["count"]) for a in rows] == [
+        ("quota_violation", "high", 1)
+    ]
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_acknowledge_and_resolve_publish_updates_and_audit(app_factory):
+    app = await app_factory()
+    ws = await ws_connect(app, "types=alert")
+    opened = await app.alerts.raise_alert("manual", "medium", "disk almost full")
+    assert (await ws.recv_type("alert"))["data"]["status"] == "open"
+    acked = await app.alerts.acknowledge(opened["alert_id"], actor="ops")
+    assert acked["status"] == "acknowledged" and acked["acknowledged_by"] == "ops"
+    msg = await ws.recv_type("alert")
+    assert msg["data"]["status"] == "acknowledged" and msg["data"]["update"] is True
+    # A repeat while acknowledged counts on the same alert.
+    repeat = await app.alerts.raise_alert("manual", "medium", "disk almost full")
+    assert repeat["alert_id"] == opened["alert_id"] and repeat["count"] == 2
+    resolved = await app.alerts.resolve(opened["alert_id"], actor="ops")
+    assert resolved["status"] == "resolved"
+    # After resolution a repeat opens a new alert.
+    fresh = await app.alerts.raise_alert("manual", "medium", "disk almost full")
+    assert fresh["alert_id"] != opened["alert_id"] and fresh["count"] == 1
+    actions = await app.store.run(
+        lambda: [(r.actor, r.action) for r in AuditLog.select().order_by(AuditLog.id)]
+    )
+    assert actions == [("ops", "alert.acknowledge"), ("ops", "alert.resolve")]
+    ws.close()
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_violation_counts_survive_a_restart(app_factory):
+    app = await app_factory(plugins=ONLY_VIOLATIONS)
+    await app.rules.set_global_limits("shell", {"daily": 1}, actor="t")
+    await consume(app, "dov")
+    for _ in range(4):
+        await consume(app, "dov")
+        await settle(app)
+    assert await alerts(app) == []
+    await app.stop()
+    again = await app_factory(plugins=ONLY_VIOLATIONS)
+    await consume(again, "dov")  # the 5th violation today, counted from the database
+    await settle(again)
+    assert [a["rule"] for a in await alerts(again)] == ["quota_violation"]

@@ -1,0 +1,124 @@
+"""The real process: start-up output, graceful shutdown on signals; dev endpoints; health."""
+
+import asyncio
+import os
+import re
+import signal
+import socket
+import sys
+
+import pytest
+from clients import ADMIN, VIEWER, call, consume, sse_connect, ws_connect
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+async def start_server(tmp_path, *args):
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("QUOTASERVER_")}
+    env["QUOTASERVER_ADMIN_TOKEN"] = ADMIN
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, os.path.join(ROOT, "run.py"), "--port", str(port), *args,
+        cwd=str(tmp_path), env=env,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+    )  # fmt: skip
+    lines = []
+    while True:
+        line = (await asyncio.wait_for(proc.stdout.readline(), 30)).decode()
+        assert line, "".join(lines)
+        lines.append(line)
+        if "listening on" in line:
+            break
+    proc.url = re.search(r"http://\S+", line).group(0)
+    return proc
+
+
+@pytest.mark.parametrize(("sig", "code"), [(signal.SIGTERM, 1012), (signal.SIGINT, 1001)])
+@pytest.mark.gen_test(timeout=60)
+async def test_signal_closes_clients_and_exits_0_within_10_s(tmp_path, sig, code):
+    proc = await start_server(tmp_path)
+    assert proc.url == f"http://127.0.0.1:{proc.url.rsplit(':', 1)[1]}"
+    ws = await ws_connect(proc)
+    sse = await sse_connect(proc)
+    await ws.recv_type("welcome")
+    await sse.next_type("welcome")
+    assert (await consume(proc, "zed", token=ADMIN)).code == 200
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    proc.send_signal(sig)
+    assert await ws.closed(timeout=10) == code
+    await asyncio.wait_for(sse.fetch, 10)
+    assert await asyncio.wait_for(proc.wait(), 10) == 0
+    assert loop.time() - started < 10
+    rest = (await proc.stdout.read()).decode()
+    assert "Traceback" not in rest
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_port_in_use_is_a_clear_error(tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = await asyncio.create_subprocess_exec(
+            sys.executable, os.path.join(ROOT, "run.py"), "--port", str(port),
+            cwd=str(tmp_path), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        out, err = await asyncio.wait_for(result.communicate(), 30)
+    assert result.returncode == 1
+    assert b"cannot listen" in err and b"Traceback" not in err
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_dev_endpoints_persist_and_publish_like_real_events(app_factory):
+    app = await app_factory(dev=True)
+    ws = await ws_connect(app)
+    await ws.recv_type("welcome")
+    violation = await call(app, "POST", "/api/ws/test-violation",
+                           {"user": "dev-user", "command_type": "code"})  # fmt: skip
+    assert violation.code == 200
+    got = await ws.recv_type("violation")
+    assert got["data"]["username"] == "dev-user" and got["seq"] >= 1
+    alert = await call(app, "POST", "/api/ws/test-alert", {"severity": "critical"})
+    assert alert.code == 200
+    assert (await ws.recv_type("alert"))["data"]["severity"] == "critical"
+    broadcast = await call(app, "POST", "/api/ws/test-broadcast",
+                           {"type": "quota_change", "data": {"hello": 1}})  # fmt: skip
+    assert broadcast.code == 200
+    got = await ws.recv_type("quota_change")
+    assert got["seq"] == broadcast.json["seq"] and got["data"]["hello"] == 1
+    bad = await call(app, "POST", "/api/ws/test-broadcast", {"type": "stats"})
+    assert bad.code == 400
+    # Replayable from the event log like any event.
+    again = await ws_connect(app, f"last_seq={got['seq'] - 3}")
+    types = []
+    while (msg := await again.recv())["type"] != "recovered":
+        if "seq" in msg:
+            types.append(msg["type"])
+    assert types == ["violation", "alert", "quota_change"]
+    ws.close()
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_stream_health_reports_clients_seq_and_sources(app_factory):
+    app = await app_factory(realtime__max_connections=7)
+    ws = await ws_connect(app)
+    sse = await sse_connect(app)
+    await ws.recv_type("welcome")
+    await sse.next_type("welcome")
+    message = await app.publish_event("quota_change", {"x": 1})
+    health = (await call(app, "GET", "/api/ws/health", token=VIEWER)).json
+    assert health["clients"] == {"websocket": 1, "sse": 1, "total": 2}
+    assert health["max_connections"] == 7
+    assert health["seq"] == message.seq
+    assert health["broadcaster_running"] is True
+    assert {s["name"] for s in health["sources"]} >= {"alert_rules"}
+    for source in health["sources"]:
+        assert {"last_run", "last_error", "healthy"} <= set(source)
+    ws.close()
