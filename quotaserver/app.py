@@ -19,6 +19,7 @@ from .auth import Auth, Identity, _read_or_create_secret
 from .config import Config
 from .db import Store
 from .events import events_after, last_seq
+from .handlers.base import StaticHandler
 from .plugins import Hooks, get_plugin_manager
 from .quota import Decision, QuotaService
 from .realtime.emitters import Scheduler
@@ -80,7 +81,7 @@ class QuotaApp:
         self.rules = RuleService(self.quota, self.publish)
         self.scheduler = Scheduler(self.publish_event)
         self.auth = Auth(config, env)
-        self.limiter = ConnectionLimiter()
+        self.limiter = ConnectionLimiter.from_config(config)
         self.web = tornado.web.Application(routes(self), **self._settings())
         self.server: tornado.httpserver.HTTPServer | None = None
         self.port: int | None = None
@@ -100,6 +101,7 @@ class QuotaApp:
             "cookie_secret": secret,
             "template_path": os.path.join(ROOT, "templates"),
             "static_path": os.path.join(ROOT, "static"),
+            "static_handler_class": StaticHandler,
             "websocket_ping_interval": cfg["realtime.client_timeout"],
             "websocket_ping_timeout": cfg["realtime.client_timeout"],
             "websocket_max_message_size": 64 * 1024,
@@ -112,6 +114,7 @@ class QuotaApp:
     async def start(self, listen: bool = True) -> None:
         """Migrate, load state, start plugins, emitters and timers, then listen."""
         await self.store.run(self.store.migrate)
+        await self.auth.load(self.store, self.clock)
         await self.store.run(self.quota.seed_defaults)
         self.hub.last_seq = await self.store.run(last_seq)
         await self.hooks.call_async("startup", app=self)
@@ -226,10 +229,10 @@ class QuotaApp:
         """A dict private to plugin ``name`` for the life of this application."""
         return self._plugin_state.setdefault(name, {})
 
-    def connection_refusal(self, ip: str, identity: Identity | None) -> str | None:
-        key = identity.key if identity else "anonymous"
-        live = sum(1 for c in self.hub.clients if c.identity == key)
-        return self.limiter.refusal(ip, key, live)
+    def connection_refusal(self, identity: Identity) -> str | None:
+        """Why one more live connection for ``identity`` is refused now, or None."""
+        live = sum(1 for c in self.hub.clients if c.identity == identity.key)
+        return self.limiter.identity_refusal(live)
 
     def end_identity(self, *, session_id: str | None = None, token_ids: list[str] = ()) -> int:
         """Close live connections of a logged-out session or revoked tokens with 1008."""

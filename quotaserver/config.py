@@ -244,6 +244,34 @@ SETTINGS: tuple[Setting, ...] = (
         check=_check_str_list,
     ),
     Setting("auth.cookie_secret", str, "", "Cookie signing secret; generated and stored if empty."),
+    Setting(
+        "auth.connect_attempts_per_ip",
+        int,
+        60,
+        "WebSocket/SSE handshakes per client address per connect_window (more: 429).",
+        1,
+        1_000_000,
+    ),
+    Setting(
+        "auth.connect_window", float, 10.0, "Window of connect_attempts_per_ip (s).", 0.1, 3600
+    ),
+    Setting(
+        "auth.max_connections_per_identity",
+        int,
+        50,
+        "Live WebSocket + SSE connections per token or session identity (more: 429).",
+        1,
+        1_000_000,
+    ),
+    Setting(
+        "auth.ws_message_rate",
+        float,
+        10.0,
+        "Sustained client messages per second on one WebSocket (beyond the burst: 1008).",
+        0.1,
+        10_000,
+    ),
+    Setting("auth.ws_message_burst", int, 20, "Client messages allowed in a burst.", 1, 100_000),
     Setting("plugins_dir", str, "", "Directory of extra plugin .py files (empty: none)."),
 )
 

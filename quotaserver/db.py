@@ -31,8 +31,16 @@ def _migration_1(db: Database) -> None:
     db.create_tables([m for m in models.ALL_MODELS if m is not models.SchemaVersion])
 
 
+def _migration_2(db: Database) -> None:
+    """API tokens (digests only) and token/session revocations."""
+    db.create_tables(list(models.AUTH_MODELS))
+
+
 # Append-only: (version, function). Never edit a released migration; add a new one.
-MIGRATIONS: tuple[tuple[int, Callable[[Database], None]], ...] = ((1, _migration_1),)
+MIGRATIONS: tuple[tuple[int, Callable[[Database], None]], ...] = (
+    (1, _migration_1),
+    (2, _migration_2),
+)
 
 
 def open_database(url: str, synchronous: str = "full") -> Database:

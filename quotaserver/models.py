@@ -148,4 +148,31 @@ class Activity(BaseModel):
     violations = BigIntegerField(default=0)
 
 
+class ApiToken(BaseModel):
+    """A token created through the admin API, or the revocation of any token.
+
+    Only the SHA-256 digest is stored. A row with ``revoked_at`` set never authenticates
+    again, whatever declared the token (API, config, environment, first-run file).
+    """
+
+    id = AutoField()
+    digest = CharField(max_length=64, unique=True)
+    name = CharField(max_length=64)
+    role = CharField(max_length=16)
+    source = CharField(max_length=16, default="api")  # api | config | env | first-run | runtime
+    created_by = CharField(max_length=128)
+    created_at = DateTimeField()
+    revoked_by = CharField(max_length=128, null=True)
+    revoked_at = DateTimeField(null=True)
+
+
+class RevokedSession(BaseModel):
+    """A logged-out browser session, kept until the cookie would have expired anyway."""
+
+    session_id = CharField(max_length=32, primary_key=True)
+    expires_at = DateTimeField(index=True)
+
+
 ALL_MODELS = (SchemaVersion, User, QuotaRule, Usage, Violation, Event, Alert, AuditLog, Activity)
+# Added by migration 2 (kept out of ALL_MODELS so that migration 1 stays what it was).
+AUTH_MODELS = (ApiToken, RevokedSession)

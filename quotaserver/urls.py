@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from .handlers import api, dev, health, session, sse, websocket
+from .handlers import api, dev, health, session, sse, tokens, websocket
 from .handlers.base import NotFoundHandler
 
 if TYPE_CHECKING:
@@ -21,6 +21,8 @@ ROUTES: list[tuple[str, type]] = [
     (r"/sse/admin/quotas", sse.AdminEventsHandler),
     (r"/login", session.LoginHandler),
     (r"/logout", session.LogoutHandler),
+    (r"/api/admin/tokens", tokens.TokensHandler),
+    (r"/api/admin/tokens/([0-9a-f]{16})", tokens.TokenHandler),
 ]
 
 DEV_ROUTES: list[tuple[str, type]] = [

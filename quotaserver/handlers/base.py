@@ -2,13 +2,28 @@
 
 Every error leaves as ``{"error": {"code": "...", "message": "..."}}`` with a 4xx/5xx
 status; a traceback never reaches a client.
+
+Access control is declared on the handler class and enforced in :meth:`BaseHandler.prepare`
+before any handler code runs::
+
+    class RulesHandler(BaseHandler):
+        roles = ADMIN                   # every method: admin only (the default)
+        method_roles = {"GET": VIEWER}  # ...but viewers may read
+
+``roles = None`` makes a route public. Admin is always allowed. ``page = True`` marks an
+HTML page: a caller without credentials is redirected to ``/login?next=<path>`` instead of
+getting a 401. tests/test_security.py walks the route table and checks every route and
+method against these declarations.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Mapping
+from types import TracebackType
 from typing import TYPE_CHECKING, Any, ClassVar
+from urllib.parse import urlencode
 
 import tornado.escape
 import tornado.web
@@ -56,12 +71,37 @@ STATUS_CODES = {
 }
 
 
-def security_headers(handler: tornado.web.RequestHandler) -> None:
+STATE_CHANGING = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+
+
+def security_headers(handler: tornado.web.RequestHandler, cache: bool = False) -> None:
+    handler.clear_header("Server")  # no version banner for scanners
     handler.set_header("Content-Security-Policy", CSP)
     handler.set_header("X-Content-Type-Options", "nosniff")
     handler.set_header("X-Frame-Options", "DENY")
     handler.set_header("Referrer-Policy", "same-origin")
-    handler.set_header("Cache-Control", "no-store")
+    if not cache:
+        handler.set_header("Cache-Control", "no-store")
+
+
+def request_summary(handler: tornado.web.RequestHandler) -> str:
+    """Method, path and address for logs: never the query string (a login URL has a token)."""
+    request = handler.request
+    return f"{request.method} {request.path} ({request.remote_ip})"
+
+
+def log_handler_exception(
+    handler: tornado.web.RequestHandler,
+    typ: type[BaseException] | None,
+    value: BaseException | None,
+    tb: TracebackType | None,
+) -> None:
+    """Tornado's logging of handler errors without the request repr (it holds the URI)."""
+    if isinstance(value, tornado.web.HTTPError):
+        if value.log_message:
+            log.warning("%d %s: %s", value.status_code, request_summary(handler), value.log_message)
+    else:
+        log.error("uncaught exception %s", request_summary(handler), exc_info=(typ, value, tb))
 
 
 def identify(handler: tornado.web.RequestHandler, app: QuotaApp) -> Identity | None:
@@ -89,8 +129,20 @@ class BaseHandler(tornado.web.RequestHandler):
     """Routes declare ``roles`` (admin is always allowed); ``None`` means public."""
 
     roles: ClassVar[frozenset[str] | None] = ADMIN
+    #: Per-method exceptions to ``roles``, e.g. ``{"GET": VIEWER}``.
+    method_roles: ClassVar[Mapping[str, frozenset[str] | None]] = {}
+    #: An HTML page: strangers are sent to the login page rather than given a 401.
+    page: ClassVar[bool] = False
     app: QuotaApp
     identity: Identity | None
+
+    def roles_for(self, method: str) -> frozenset[str] | None:
+        """The roles admitted for ``method`` (None: public).
+
+        ``self.roles`` may also be set per request in ``initialize()``; the security tests
+        read this method on a handler built for each route and method.
+        """
+        return self.method_roles.get(method, self.roles)
 
     def initialize(self, app: QuotaApp) -> None:
         self.app = app
@@ -106,21 +158,39 @@ class BaseHandler(tornado.web.RequestHandler):
         except tornado.web.HTTPError:
             raise ApiError(403, "xsrf", "missing or invalid XSRF token") from None
 
+    def _request_summary(self) -> str:
+        return request_summary(self)
+
+    def log_exception(
+        self,
+        typ: type[BaseException] | None,
+        value: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        log_handler_exception(self, typ, value, tb)
+
     def prepare(self) -> None:
         self.identity = identify(self, self.app)
-        if self.roles is None:
+        roles = self.roles_for(self.request.method or "GET")
+        if roles is None:
             return
         if self.identity is None:
+            if self.page and self.request.method in ("GET", "HEAD"):
+                target = self.request.path
+                if self.request.query:
+                    target += "?" + self.request.query
+                # Tornado skips the method once prepare() has finished the response.
+                return self.redirect("/login?" + urlencode({"next": target}))
             raise ApiError(
                 401,
                 "unauthorized",
                 "credentials required",
                 {"WWW-Authenticate": 'Bearer realm="quotaserver"'},
             )
-        if not self.identity.allowed(self.roles):
+        if not self.identity.allowed(roles):
             raise ApiError(403, "forbidden", "this role may not use this route")
         # A bearer token is not an ambient credential: only cookie sessions need XSRF.
-        if self.identity.session_id and self.request.method in ("POST", "PUT", "PATCH", "DELETE"):
+        if self.identity.session_id and self.request.method in STATE_CHANGING:
             self.check_xsrf()
 
     @property
@@ -170,3 +240,13 @@ class NotFoundHandler(BaseHandler):
 
     def prepare(self) -> None:
         raise ApiError(404, "not_found", "no such route")
+
+
+class StaticHandler(tornado.web.StaticFileHandler):
+    """Static files with the same security headers (and no version banner)."""
+
+    def set_default_headers(self) -> None:
+        security_headers(self, cache=True)
+
+    def _request_summary(self) -> str:
+        return request_summary(self)

@@ -3,18 +3,32 @@
 from __future__ import annotations
 
 import json
+from urllib.parse import quote, urlsplit
 
 from ..auth import SESSION_COOKIE
 from .base import VIEWER, BaseHandler
 
 DEFAULT_NEXT = "/admin/quotas"
+# Kept as they are in a path or query; everything else (spaces, non-ASCII) is escaped.
+_URL_SAFE = "!#$%&'()*+,-./:;=?@[]_~"
 
 
 def safe_next(value: str | None) -> str:
-    """Only same-site absolute paths: never an open redirect."""
-    if not value or not value.startswith("/") or value.startswith("//") or "\\" in value:
+    """A same-site absolute path to go to after login: never an open redirect.
+
+    Browsers drop tabs and newlines from URLs and read ``\\`` as ``/``, so ``/\\evil``
+    or ``/<TAB>/evil`` would become ``//evil`` (another host): anything with a control
+    character or a backslash falls back to the dashboard.
+    """
+    if not value or not value.startswith("/") or value.startswith("//"):
         return DEFAULT_NEXT
-    return value
+    if "\\" in value or any(ord(c) < 32 or ord(c) == 127 for c in value):
+        return DEFAULT_NEXT
+    target = quote(value, safe=_URL_SAFE)  # a Location header must be ASCII
+    parts = urlsplit(target)
+    if parts.scheme or parts.netloc or not target.startswith("/") or target.startswith("//"):
+        return DEFAULT_NEXT
+    return target
 
 
 class LoginHandler(BaseHandler):
@@ -46,6 +60,7 @@ class LoginHandler(BaseHandler):
             expires_days=self.app.auth.session_lifetime / 86400,
             httponly=True,
             samesite="Strict",
+            # request.protocol follows X-Forwarded-Proto when server.xheaders is on.
             secure=self.request.protocol == "https",
         )
         self.redirect(safe_next(self.get_argument("next", None)))
@@ -63,9 +78,9 @@ class LogoutHandler(BaseHandler):
 
     roles = VIEWER
 
-    def post(self) -> None:
+    async def post(self) -> None:
         if self.identity is not None and self.identity.session_id:
-            self.app.auth.end_session(self.identity)
+            await self.app.auth.end_session(self.identity)
             self.app.end_identity(session_id=self.identity.session_id)
         self.clear_cookie(SESSION_COOKIE)
         if self.request.headers.get("Accept", "").startswith("application/json"):

@@ -3,6 +3,13 @@
 ``id:`` is the event seq (durable events only), ``event:`` the type, ``data:`` the JSON
 envelope. Resume with the ``Last-Event-ID`` header (EventSource sends it) or
 ``?last_event_id=N``. Heartbeats are comment lines plus a ``ping`` event.
+
+Admission mirrors the WebSocket handshake: attempts per client address (429), Origin
+(403), credentials (401/403), then live connections per identity (429), all before the
+first byte of the stream. When the server ends a stream (logout, revoked token,
+shutdown) its last event is ``close`` with the WebSocket close code it stands for, e.g.
+``{"code": 1008, "reason": "credentials revoked"}``: EventSource would otherwise just
+reconnect (and get a 401).
 """
 
 from __future__ import annotations
@@ -34,7 +41,10 @@ class SseClient(Client):
         return self.handler.flush()
 
     def close(self, code: int, reason: str) -> None:
-        self.handler.end_stream(abort=code == CLOSE_SLOW_CONSUMER)
+        if code == CLOSE_SLOW_CONSUMER:
+            self.handler.end_stream(abort=True)
+            return
+        self.handler.end_stream(final=Message("close", {"code": code, "reason": reason}))
 
 
 class AdminEventsHandler(BaseHandler):
@@ -42,14 +52,26 @@ class AdminEventsHandler(BaseHandler):
 
     roles = VIEWER
 
-    async def get(self) -> None:
+    def prepare(self) -> None:
+        wait = self.app.limiter.attempt(self.request.remote_ip or "?")
+        if wait is not None:
+            raise ApiError(
+                429,
+                "too_many_attempts",
+                "too many connection attempts",
+                {"Retry-After": str(wait)},
+            )
         origin = self.request.headers.get("Origin")
         if origin is not None and not self.app.auth.origin_allowed(
             origin, self.request.host, self.request.protocol
         ):
             raise ApiError(403, "forbidden_origin", "origin not allowed")
+        super().prepare()  # credentials and role
+
+    async def get(self) -> None:
         types = parse_types(self.get_query_argument("types", None))
-        refusal = self.app.connection_refusal(self.request.remote_ip, self.identity)
+        assert self.identity is not None
+        refusal = self.app.connection_refusal(self.identity)
         if refusal:
             raise ApiError(429, "too_many_connections", refusal)
         if self.app.hub.full:
@@ -72,10 +94,12 @@ class AdminEventsHandler(BaseHandler):
         finally:
             self.app.hub.detach(self.client)
 
-    def end_stream(self, abort: bool = False) -> None:
+    def end_stream(self, abort: bool = False, final: Message | None = None) -> None:
         """Finish the response (or drop the connection of a client that stopped reading)."""
         if abort and self.request.connection is not None:
             self.request.connection.close()
+        elif final is not None and not self._ended.is_set():
+            self.write(final.sse)  # buffered; sent when get() finishes the response
         self._ended.set()
 
     def on_connection_close(self) -> None:

@@ -1,7 +1,10 @@
 """WebSocket transport: ``GET /ws/admin/quotas`` (``?last_seq=N``, ``?types=a,b``).
 
-Credentials and Origin are checked before the upgrade (401/403, never a 101 for a
-stranger). Client messages are validated; abuse closes the connection with 1008.
+Everything a stranger could be refused for is decided before the upgrade, in this order:
+handshakes per client address (429), Origin (403), credentials (401/403), the query (400),
+live connections per identity (429). Never a 101 for a stranger. Client messages are
+at most 64 KiB (Tornado closes with 1009 beyond), rate-limited by a token bucket and
+validated; abuse closes the connection with 1008.
 """
 
 from __future__ import annotations
@@ -23,7 +26,14 @@ from ..realtime.messages import (
     Message,
     error_message,
 )
-from .base import VIEWER, ApiError, identify, security_headers
+from .base import (
+    VIEWER,
+    ApiError,
+    identify,
+    log_handler_exception,
+    request_summary,
+    security_headers,
+)
 from .streams import parse_types
 
 if TYPE_CHECKING:
@@ -32,12 +42,11 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 MAX_BAD_MESSAGES = 5
-RATE_PER_SECOND = 10.0  # sustained client messages per second
-RATE_BURST = 20.0
 
 
 class WebSocketClient(Client):
     transport = "websocket"
+    expects_pong = True
 
     def __init__(self, handler: AdminSocketHandler, identity: Any, types: Any):
         super().__init__(identity.key if identity else "anonymous", types)
@@ -57,16 +66,27 @@ class AdminSocketHandler(tornado.websocket.WebSocketHandler):
 
     roles = VIEWER
 
+    def roles_for(self, method: str) -> frozenset[str] | None:
+        return self.roles
+
     def initialize(self, app: QuotaApp) -> None:
         self.app = app
         self.client: WebSocketClient | None = None
         self.identity = None
         self._bad = 0
-        self._tokens = RATE_BURST
+        self._rate = float(app.config["auth.ws_message_rate"])
+        self._burst = float(app.config["auth.ws_message_burst"])
+        self._tokens = self._burst
         self._last = time.monotonic()
 
     def set_default_headers(self) -> None:
         security_headers(self)
+
+    def _request_summary(self) -> str:
+        return request_summary(self)
+
+    def log_exception(self, typ: Any, value: Any, tb: Any) -> None:
+        log_handler_exception(self, typ, value, tb)
 
     def _refuse(self, status: int, code: str, message: str) -> None:
         self.set_status(status)
@@ -74,21 +94,25 @@ class AdminSocketHandler(tornado.websocket.WebSocketHandler):
         self.finish(json.dumps({"error": {"code": code, "message": message}}))
 
     async def get(self, *args: Any, **kwargs: Any) -> None:
-        # Everything a stranger could be refused for is decided before the upgrade.
+        wait = self.app.limiter.attempt(self.request.remote_ip or "?")
+        if wait is not None:
+            self.set_header("Retry-After", str(wait))
+            return self._refuse(429, "too_many_attempts", "too many connection attempts")
+        # A foreign page is refused before its (ambient) cookie is even looked at.
+        origin = self.request.headers.get("Origin")
+        if origin is not None and not self.check_origin(origin):
+            return self._refuse(403, "forbidden_origin", "origin not allowed")
         self.identity = identify(self, self.app)
         if self.identity is None:
             self.set_header("WWW-Authenticate", 'Bearer realm="quotaserver"')
             return self._refuse(401, "unauthorized", "credentials required")
         if not self.identity.allowed(self.roles):
             return self._refuse(403, "forbidden", "this role may not use this route")
-        origin = self.request.headers.get("Origin")
-        if origin is not None and not self.check_origin(origin):
-            return self._refuse(403, "forbidden_origin", "origin not allowed")
         try:
             self._types = parse_types(self.get_query_argument("types", None))
         except ApiError as exc:
             return self._refuse(exc.status_code, exc.code, exc.message)
-        refusal = self.app.connection_refusal(self.request.remote_ip, self.identity)
+        refusal = self.app.connection_refusal(self.identity)
         if refusal:
             return self._refuse(429, "too_many_connections", refusal)
         await super().get(*args, **kwargs)
@@ -106,11 +130,16 @@ class AdminSocketHandler(tornado.websocket.WebSocketHandler):
         task = asyncio.ensure_future(self.app.hub.attach(self.client, cursor))
         self.app.track(task)
 
+    def on_pong(self, data: bytes) -> None:
+        if self.client is not None:
+            self.client.seen()
+
     def on_message(self, message: str | bytes) -> None:
         if self.client is None or self.client.closed:
             return
+        self.client.seen()
         now = time.monotonic()
-        self._tokens = min(RATE_BURST, self._tokens + (now - self._last) * RATE_PER_SECOND)
+        self._tokens = min(self._burst, self._tokens + (now - self._last) * self._rate)
         self._last = now
         if self._tokens < 1:
             self.close(CLOSE_POLICY, "too many messages")
