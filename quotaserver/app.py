@@ -102,8 +102,10 @@ class QuotaApp:
             "template_path": os.path.join(ROOT, "templates"),
             "static_path": os.path.join(ROOT, "static"),
             "static_handler_class": StaticHandler,
-            "websocket_ping_interval": cfg["realtime.client_timeout"],
-            "websocket_ping_timeout": cfg["realtime.client_timeout"],
+            # Protocol pings three times per timeout; Hub.reap drops a peer whose pongs
+            # stop (Tornado's own ping timeout would wait 5 s more for a close handshake).
+            "websocket_ping_interval": cfg["realtime.client_timeout"] / 3,
+            "websocket_ping_timeout": 0,
             "websocket_max_message_size": 64 * 1024,
             "xsrf_cookie_kwargs": {"samesite": "Strict"},
             "compress_response": False,
@@ -126,6 +128,10 @@ class QuotaApp:
         self._timers = [
             PeriodicCallback(self.broadcast_stats, cfg["realtime.stats_interval"] * 1000),
             PeriodicCallback(self.hub.ping, cfg["realtime.heartbeat_interval"] * 1000),
+            PeriodicCallback(
+                lambda: self.hub.reap(cfg["realtime.client_timeout"]),
+                cfg["realtime.client_timeout"] * 1000 / 3,
+            ),
         ]
         for timer in self._timers:
             timer.start()

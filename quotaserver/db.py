@@ -1,8 +1,13 @@
 """The database: connection by URL, SQLite durability pragmas, migrations, off-loop runner.
 
 Every query runs on a worker thread (``await store.run(fn)``) so a slow statement never
-delays heartbeats or fan-out. SQLite gets one worker: it has one writer anyway, and a
-single thread keeps its commit order equal to its event-id order.
+delays heartbeats or fan-out.
+
+SQLite gets one writer thread that **group-commits**: the units of work queued while a
+transaction was being written run together in the next one, each inside its own savepoint
+(a failing unit rolls back alone), and their callers are answered only after the single
+COMMIT. With ``synchronous=full`` that is one fsync per batch instead of one per consume,
+and one thread keeps commit order equal to event-id order.
 """
 
 from __future__ import annotations
@@ -11,8 +16,10 @@ import asyncio
 import functools
 import logging
 import os
+import queue
+import threading
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
@@ -95,6 +102,79 @@ def migrate(db: Database) -> int:
     return version
 
 
+class GroupCommitter:
+    """One thread that runs queued units of work in shared transactions (see module doc)."""
+
+    def __init__(self, db: Database, max_batch: int = 128):
+        self.db = db
+        self.max_batch = max_batch
+        self.batches = 0
+        self.units = 0
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._loop, name="db-writer", daemon=True)
+        self._thread.start()
+
+    def submit(self, fn: Callable[[], Any]) -> Future:
+        future: Future = Future()
+        self._queue.put((future, fn))
+        return future
+
+    def shutdown(self) -> None:
+        """Finish everything queued, close the connection, stop the thread."""
+        self._queue.put(None)
+        self._thread.join()
+
+    def _loop(self) -> None:
+        while True:
+            item = self._queue.get()
+            batch = []
+            stop = item is None
+            if not stop:
+                batch.append(item)
+            while not stop and len(batch) < self.max_batch:
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if item is None:
+                    stop = True
+                else:
+                    batch.append(item)
+            if batch:
+                self._run(batch)
+            if stop:
+                if not self.db.is_closed():
+                    self.db.close()
+                return
+
+    def _run(self, batch: list[tuple[Future, Callable[[], Any]]]) -> None:
+        outcomes: list[tuple[Future, bool, Any]] = []
+        try:
+            with self.db.atomic():
+                for future, fn in batch:
+                    if not future.set_running_or_notify_cancel():
+                        continue
+                    try:
+                        with self.db.atomic():  # a savepoint per unit
+                            outcomes.append((future, True, fn()))
+                    except BaseException as exc:  # noqa: BLE001 - handed to the caller
+                        outcomes.append((future, False, exc))
+        except BaseException as exc:  # the COMMIT itself failed: nothing was written
+            log.exception("group commit failed")
+            for future, ok, _ in outcomes:
+                if ok:
+                    future.set_exception(exc)
+            outcomes = [(f, False, v) for f, ok, v in outcomes if not ok]
+        self.batches += 1
+        self.units += len(batch)
+        # Answer only now: every result handed out has been committed.
+        for future, ok, value in outcomes:
+            if ok:
+                future.set_result(value)
+            else:
+                future.set_exception(value)
+
+
 class Store:
     """Owns the database connection and the worker threads that use it."""
 
@@ -103,16 +183,22 @@ class Store:
         self.db = open_database(url, synchronous)
         self.is_sqlite = isinstance(self.db, SqliteDatabase)
         models.database_proxy.initialize(self.db)
-        workers = 1 if self.is_sqlite else pool_size
-        self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="db")
+        self._committer: GroupCommitter | None = None
+        self._executor: ThreadPoolExecutor | None = None
+        if self.is_sqlite:
+            self._committer = GroupCommitter(self.db)
+        else:
+            self._executor = ThreadPoolExecutor(max_workers=pool_size, thread_name_prefix="db")
 
     def migrate(self) -> int:
         return migrate(self.db)
 
     async def run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        """Run ``fn`` on a database worker thread and return its result."""
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, functools.partial(fn, *args, **kwargs))
+        """Run ``fn`` on a database worker thread and return its result (once committed)."""
+        call = functools.partial(fn, *args, **kwargs)
+        if self._committer is not None:
+            return await asyncio.wrap_future(self._committer.submit(call))
+        return await asyncio.get_running_loop().run_in_executor(self._executor, call)
 
     def ping(self) -> bool:
         try:
@@ -124,9 +210,12 @@ class Store:
 
     def close(self) -> None:
         """Wait for queued work (so no write is cut short), then close connections."""
-        # Connections are per thread: close the worker's own before stopping it.
-        self._executor.submit(self._close_connection).result()
-        self._executor.shutdown(wait=True)
+        if self._committer is not None:
+            self._committer.shutdown()
+        else:
+            # Connections are per thread: close the worker's own before stopping it.
+            self._executor.submit(self._close_connection).result()
+            self._executor.shutdown(wait=True)
         self._close_connection()
 
     def _close_connection(self) -> None:

@@ -17,13 +17,12 @@ from typing import Any
 from peewee import Database
 
 from .config import PERIODS, Config
+from .counters import CounterSQL
 from .db import Store
 from .events import append_event
 from .models import (
     GLOBAL_SCOPE,
-    Activity,
     QuotaRule,
-    Usage,
     User,
     Violation,
     aware,
@@ -135,6 +134,7 @@ class QuotaService:
         self.periods = tuple(p for p in PERIODS if p in config["quotas.periods"])
         self.calendar = WindowCalendar(config["quotas.timezone"], config["quotas.week_start"])
         self.defaults: dict[str, dict[str, int | None]] = config["quotas.defaults"]
+        self.sql = CounterSQL(store.db)
 
     @property
     def db(self) -> Database:
@@ -198,35 +198,10 @@ class QuotaService:
     # -- database work (runs on a worker thread) --------------------------------------
     def limits_for(self, user_id: int | None, command_type: str) -> dict[str, int | None]:
         """Effective limits: the user's rule for a period beats the global one."""
-        scopes = [GLOBAL_SCOPE] if user_id is None else [GLOBAL_SCOPE, str(user_id)]
-        rows = QuotaRule.select(QuotaRule.scope, QuotaRule.period, QuotaRule.limit).where(
-            (QuotaRule.command_type == command_type) & (QuotaRule.scope.in_(scopes))
-        )
-        limits: dict[str, int | None] = dict.fromkeys(self.periods)
-        overridden: set[str] = set()
-        for row in rows:
-            if row.period not in limits:
-                continue
-            if row.scope != GLOBAL_SCOPE:
-                limits[row.period] = row.limit
-                overridden.add(row.period)
-            elif row.period not in overridden:
-                limits[row.period] = row.limit
-        return limits
+        return self.sql.limits(user_id, command_type, self.periods)
 
     def _used(self, user_id: int | None, command_type: str, windows: dict[str, Window]) -> dict:
-        used = dict.fromkeys(windows, 0)
-        if user_id is None:
-            return used
-        rows = Usage.select(Usage.period, Usage.window_start, Usage.used).where(
-            (Usage.user == user_id)
-            & (Usage.command_type == command_type)
-            & (Usage.period.in_(list(windows)))
-        )
-        for row in rows:
-            if windows[row.period].key == row.window_start:
-                used[row.period] = row.used
-        return used
+        return self.sql.used(user_id, command_type, windows)
 
     def _statuses(self, limits: dict, used: dict, windows: dict[str, Window]) -> dict:
         return {p: PeriodStatus(limits[p], used[p], windows[p].end) for p in self.periods}
@@ -234,8 +209,7 @@ class QuotaService:
     def _check_sync(self, user: str, command_type: str, count: int, factor: float) -> Decision:
         now = self.clock()
         windows = self.calendar.windows(self.periods, now)
-        row = User.select(User.id).where(User.username == user).first()
-        user_id = row.id if row else None
+        user_id = self.sql.user_id(user)
         limits = self.limits_for(user_id, command_type)
         used = self._used(user_id, command_type, windows)
         exhausted = next(
@@ -270,13 +244,8 @@ class QuotaService:
         return {"period": period, "limit": limit, "attempted": attempted, "message": message}
 
     def ensure_user(self, username: str, now: datetime) -> tuple[int, bool]:
-        inserted = (
-            User.insert(username=username, created_at=naive_utc(now))
-            .on_conflict_ignore()
-            .as_rowcount()
-            .execute()
-        )
-        return User.get(User.username == username).id, bool(inserted)
+        """The user's id (created on first sight) and whether it was just created."""
+        return self.sql.ensure_user(username, now)
 
     def _consume_sync(self, user: str, command_type: str, count: int, factor: float) -> Decision:
         now = self.clock()
@@ -284,31 +253,12 @@ class QuotaService:
         with self.db.atomic():
             user_id, new_user = self.ensure_user(user, now)
             limits = self.limits_for(user_id, command_type)
-            Usage.insert_many(
-                [
-                    {
-                        "user": user_id,
-                        "command_type": command_type,
-                        "period": p,
-                        "window_start": w.key,
-                        "used": 0,
-                    }
-                    for p, w in windows.items()
-                ]
-            ).on_conflict_ignore().execute()
+            self.sql.ensure_windows(user_id, command_type, windows)
             exhausted = None
             try:
                 with self.db.atomic():  # savepoint: all windows or none
                     for p, w in windows.items():
-                        query = Usage.update(used=Usage.used + count).where(
-                            (Usage.user == user_id)
-                            & (Usage.command_type == command_type)
-                            & (Usage.period == p)
-                            & (Usage.window_start == w.key)
-                        )
-                        if limits[p] is not None:
-                            query = query.where(Usage.used + count <= limits[p])
-                        if query.execute() != 1:
+                        if not self.sql.increment(user_id, command_type, w, count, limits[p]):
                             raise _Exhausted(p)
             except _Exhausted as exc:
                 exhausted = exc.period
@@ -326,7 +276,7 @@ class QuotaService:
                 at=now,
             )
             if exhausted is None:
-                self._bump_activity(int(now.timestamp()) // 60 * 60, commands=count)
+                self.sql.bump_activity(int(now.timestamp()) // 60 * 60, commands=count)
                 return decision
             fields = self._violation_fields(
                 exhausted, limits[exhausted], used[exhausted] + count, command_type
@@ -347,7 +297,7 @@ class QuotaService:
         )
         payload = {"user_id": user_id, "username": user, "command_type": command_type}
         payload.update(fields)
-        self._bump_activity(int(now.timestamp()) // 60 * 60, violations=1)
+        self.sql.bump_activity(int(now.timestamp()) // 60 * 60, violations=1)
         return payload, append_event("violation", payload, now)
 
     async def record_violation(self, user: str, command_type: str, period: str) -> dict:
@@ -371,16 +321,6 @@ class QuotaService:
         payload, event = await self.store.run(work)
         self.publish([event])
         return payload
-
-    @staticmethod
-    def _bump_activity(minute: int, commands: int = 0, violations: int = 0) -> None:
-        Activity.insert(minute=minute, commands=commands, violations=violations).on_conflict(
-            conflict_target=[Activity.minute],
-            update={
-                Activity.commands: Activity.commands + commands,
-                Activity.violations: Activity.violations + violations,
-            },
-        ).execute()
 
     def _user_status_sync(self, user: str) -> dict[str, Any] | None:
         row = User.select().where(User.username == user).first()

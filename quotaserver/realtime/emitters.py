@@ -96,7 +96,7 @@ class Scheduler:
         self._periodic: list[tuple[PeriodicEmitter, SourceHealth]] = []
         self._event: list[tuple[EventEmitter, SourceHealth]] = []
         self._tasks: list[asyncio.Task] = []
-        self._executors: list[ThreadPoolExecutor] = []
+        self._executors: dict[str, ThreadPoolExecutor] = {}
         self._running = False
 
     def add(self, emitter: PeriodicEmitter | EventEmitter, plugin: str) -> None:
@@ -143,7 +143,7 @@ class Scheduler:
                 await asyncio.wait_for(maybe_await(emitter.stop()), timeout=5)
             except Exception as exc:
                 self._failed(health, exc)
-        for executor in self._executors:
+        for executor in self._executors.values():
             executor.shutdown(wait=False, cancel_futures=True)
 
     async def run_once(self, name: str) -> Any:
@@ -156,12 +156,11 @@ class Scheduler:
     def _executor_for(self, emitter: PeriodicEmitter) -> ThreadPoolExecutor | None:
         if not emitter.blocking:
             return None
-        executor = getattr(emitter, "_executor", None)
+        executor = self._executors.get(emitter.name)
         if executor is None:
             # One thread per blocking source: a hung source cannot starve the others.
             executor = ThreadPoolExecutor(1, thread_name_prefix=f"emitter-{emitter.name}")
-            emitter._executor = executor  # type: ignore[attr-defined]
-            self._executors.append(executor)
+            self._executors[emitter.name] = executor
         return executor
 
     async def _run(
@@ -171,14 +170,18 @@ class Scheduler:
             raise TimeoutError("previous run still in progress")
         timeout = emitter.timeout or max(emitter.interval, 1.0)
         health.running = True
+        # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow a cancellation
+        # that races with completion, which left a stopped scheduler waiting forever.
         try:
             if executor is not None:
                 future = asyncio.get_running_loop().run_in_executor(executor, emitter.collect)
                 # Leave the thread alone if it hangs; "running" stays set until it returns.
                 future.add_done_callback(lambda f: setattr(health, "running", False))
-                value = await asyncio.wait_for(asyncio.shield(future), timeout)
+                async with asyncio.timeout(timeout):
+                    value = await asyncio.shield(future)
             else:
-                value = await asyncio.wait_for(maybe_await(emitter.collect()), timeout)
+                async with asyncio.timeout(timeout):
+                    value = await maybe_await(emitter.collect())
                 health.running = False
         except BaseException:
             if executor is None:
