@@ -14,6 +14,7 @@ import logging
 import signal
 import sys
 
+import peewee
 import yaml
 
 from quotaserver import __version__
@@ -51,6 +52,10 @@ async def serve(config, stop_signals: asyncio.Queue) -> int:
             f"{exc.strerror}",
             file=sys.stderr,
         )
+        await app.stop()
+        return 1
+    except peewee.OperationalError as exc:
+        print(f"quotaserver: cannot use the database: {exc}".strip(), file=sys.stderr)
         await app.stop()
         return 1
     print(f"quotaserver {__version__} listening on {app.url}", flush=True)

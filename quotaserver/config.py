@@ -50,6 +50,12 @@ def _check_timezone(value: str) -> str | None:
     return None
 
 
+def _check_database_url(value: str) -> str | None:
+    if not value.startswith(("sqlite:///", "postgres://", "postgresql://")):
+        return "must start with sqlite:/// or postgresql://"
+    return None
+
+
 def _check_limits(value: Any) -> str | None:
     if not isinstance(value, dict):
         return "must be a mapping of command type to limits"
@@ -141,7 +147,13 @@ SETTINGS: tuple[Setting, ...] = (
     ),
     Setting("server.shutdown_timeout", float, 10.0, "Seconds allowed for a clean stop.", 0.1, 300),
     Setting("server.log_level", str, "info", "Log level.", choices=("debug", "info", "warning")),
-    Setting("database.url", str, "sqlite:///data/quotaserver.db", "peewee database URL."),
+    Setting(
+        "database.url",
+        str,
+        "sqlite:///data/quotaserver.db",
+        "peewee database URL.",
+        check=_check_database_url,
+    ),
     Setting(
         "database.sqlite_synchronous",
         str,

@@ -76,6 +76,14 @@ def open_database(url: str, synchronous: str = "full") -> Database:
             },
             check_same_thread=False,
         )
+    if url.startswith(("postgres://", "postgresql://")):
+        try:
+            import psycopg2  # noqa: F401 - only checks that the driver is installed
+        except ImportError:
+            raise ConfigError(
+                "database.url: PostgreSQL needs the psycopg2 driver "
+                "(pip install 'quotaserver[postgres]')"
+            ) from None
     try:
         return connect(url)
     except (RuntimeError, ImportError) as exc:

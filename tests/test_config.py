@@ -85,6 +85,7 @@ def test_environment_and_flags_override_yaml(tmp_path):
         ("plugins:\n  alert_engine: {enabled: maybe}\n", {}, "plugins.alert_engine.enabled"),
         ("", {"QUOTASERVER_SERVER_PORT": "abc"}, "server.port: expected int"),
         ("", {"QUOTASERVER_NOPE": "1"}, "QUOTASERVER_NOPE: unknown setting"),
+        ("database:\n  url: mysql://x/y\n", {}, "database.url"),
     ],
 )
 def test_config_errors_exit_2_with_one_message_naming_the_key(tmp_path, text, env, needle):
