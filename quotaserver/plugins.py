@@ -21,7 +21,12 @@ log = logging.getLogger(__name__)
 
 PROJECT = "quotaserver"
 ENTRY_POINT_GROUP = "quotaserver"
-BUILTIN_PLUGINS = ("plugins.system_metrics", "plugins.quota_analytics", "plugins.alert_engine")
+BUILTIN_PLUGINS = (
+    "plugins.system_metrics",
+    "plugins.quota_analytics",
+    "plugins.alert_engine",
+    "plugins.load_history",
+)
 
 
 def _import_file(path: str) -> ModuleType:

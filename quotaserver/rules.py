@@ -9,6 +9,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from peewee import JOIN
+
 from .audit import record_audit
 from .events import append_event
 from .models import GLOBAL_SCOPE, QuotaRule, Usage, User, naive_utc
@@ -54,7 +56,7 @@ class RuleService:
         defaults: dict[str, Limits] = {c: {} for c in self.quota.command_types}
         overrides: dict[str, dict[str, Limits]] = {}
         query = QuotaRule.select(QuotaRule, User.username).join(
-            User, on=(QuotaRule.user == User.id), join_type="LEFT OUTER"
+            User, on=(QuotaRule.user == User.id), join_type=JOIN.LEFT_OUTER
         )
         for row in query.objects():
             if row.scope == GLOBAL_SCOPE:

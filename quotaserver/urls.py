@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from .handlers import api, dev, health, session, sse, tokens, websocket
+from .handlers import admin, api, dashboard, dev, health, session, sse, tokens, websocket
 from .handlers.base import NotFoundHandler
 
 if TYPE_CHECKING:
@@ -23,6 +23,23 @@ ROUTES: list[tuple[str, type]] = [
     (r"/logout", session.LogoutHandler),
     (r"/api/admin/tokens", tokens.TokensHandler),
     (r"/api/admin/tokens/([0-9a-f]{16})", tokens.TokenHandler),
+    (r"/", dashboard.RootHandler),
+    (r"/admin/quotas", dashboard.DashboardHandler),
+    (r"/api/admin/quotas/stats", admin.StatsHandler),
+    (r"/api/admin/quotas/history", admin.HistoryHandler),
+    (r"/api/admin/quotas/events", admin.EventsHandler),
+    (r"/api/admin/quotas/users", admin.UsersHandler),
+    (r"/api/admin/quotas/users/([^/]+)", admin.UserHandler),
+    (r"/api/admin/quotas/users/([^/]+)/limits/([^/]+)", admin.UserLimitsHandler),
+    (r"/api/admin/quotas/users/([^/]+)/reset", admin.UserResetHandler),
+    (r"/api/admin/quotas/overrides", admin.OverridesHandler),
+    (r"/api/admin/quotas/rules", admin.RulesHandler),
+    (r"/api/admin/quotas/rules/([^/]+)", admin.RuleHandler),
+    (r"/api/admin/quotas/violations", admin.ViolationsHandler),
+    (r"/api/admin/quotas/violations/daily", admin.ViolationsDailyHandler),
+    (r"/api/admin/quotas/alerts", admin.AlertsHandler),
+    (r"/api/admin/quotas/alerts/([^/]+)/(acknowledge|resolve)", admin.AlertActionHandler),
+    (r"/api/admin/quotas/audit", admin.AuditHandler),
 ]
 
 DEV_ROUTES: list[tuple[str, type]] = [

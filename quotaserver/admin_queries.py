@@ -1,0 +1,433 @@
+"""Read queries behind the admin API: users with utilisation, violations, alerts, audit log,
+recent events. Writes go through ``app.rules`` and ``app.alerts`` (audited and published).
+
+Every list is read in one transaction together with the event-log head (``seq``), so a
+page that reloads over REST and then resumes its stream from that ``seq`` neither misses
+nor repeats an event. All database work runs on the store's worker thread.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
+
+from peewee import JOIN, SQL, NodeList, fn
+
+from .alerts import alert_json
+from .audit import audit_json
+from .events import last_seq
+from .models import (
+    GLOBAL_SCOPE,
+    Alert,
+    AuditLog,
+    Event,
+    QuotaRule,
+    Usage,
+    User,
+    Violation,
+    aware,
+    naive_utc,
+)
+from .windows import isoformat
+
+if TYPE_CHECKING:
+    from .app import QuotaApp
+    from .quota import QuotaService
+
+# Utilisation risk levels, highest first: (name, percent at or above which it applies).
+RISK_LEVELS = (("critical", 95.0), ("high", 90.0), ("elevated", 80.0))
+USER_SORTS = ("username", "utilization")
+
+Limits = dict[str, dict[str, int | None]]  # command type -> period -> limit
+
+
+@dataclass(frozen=True, slots=True)
+class PageRequest:
+    page: int = 1
+    per_page: int = 50
+
+    @property
+    def offset(self) -> int:
+        return (self.page - 1) * self.per_page
+
+    def result(self, items: list, total: int, seq: int) -> dict[str, Any]:
+        pages = max(1, -(-total // self.per_page))
+        return {
+            "items": items,
+            "page": self.page,
+            "per_page": self.per_page,
+            "total": total,
+            "pages": pages,
+            "seq": seq,
+        }
+
+
+def risk(percent: float | None) -> str | None:
+    if percent is None:
+        return None
+    return next((name for name, floor in RISK_LEVELS if percent >= floor), None)
+
+
+def utilization(used: int, limit: int | None) -> float | None:
+    """Percent of ``limit`` used; None when unlimited; a zero limit counts as exhausted."""
+    if limit is None:
+        return None
+    if limit == 0:
+        return 100.0
+    return round(100.0 * used / limit, 1)
+
+
+def _contains(field: Any, text: str) -> Any:
+    """Case-insensitive substring match with LIKE wildcards in ``text`` taken literally."""
+    escaped = text.lower().replace("!", "!!").replace("%", "!%").replace("_", "!_")
+    return NodeList((fn.LOWER(field), SQL("LIKE"), f"%{escaped}%", SQL("ESCAPE '!'")))
+
+
+class Rules:
+    """Global defaults and per-user overrides, loaded once per query."""
+
+    def __init__(self, user_ids: Iterable[int] | None = None):
+        self.defaults: Limits = {}
+        self.overrides: dict[int, Limits] = {}
+        query = QuotaRule.select(QuotaRule.scope, QuotaRule.user, QuotaRule.command_type,
+                                 QuotaRule.period, QuotaRule.limit)  # fmt: skip
+        if user_ids is not None:
+            scopes = [GLOBAL_SCOPE, *(str(i) for i in user_ids)]
+            query = query.where(QuotaRule.scope.in_(scopes))
+        for row in query:
+            if row.scope == GLOBAL_SCOPE:
+                target = self.defaults
+            else:
+                target = self.overrides.setdefault(row.user_id, {})
+            target.setdefault(row.command_type, {})[row.period] = row.limit
+
+    def limit(self, user_id: int, command_type: str, period: str) -> int | None:
+        own = self.overrides.get(user_id, {}).get(command_type, {})
+        if period in own:
+            return own[period]
+        return self.defaults.get(command_type, {}).get(period)
+
+    def overridden(self, user_id: int, command_type: str, period: str) -> bool:
+        return period in self.overrides.get(user_id, {}).get(command_type, {})
+
+
+class AdminQueries:
+    """Read-side of the admin API for one application."""
+
+    def __init__(self, app: QuotaApp):
+        self.app = app
+        self.quota: QuotaService = app.quota
+        self.store = app.store
+
+    async def _read(self, fn: Any, *args: Any) -> Any:
+        def work() -> Any:
+            with self.store.db.atomic():  # one snapshot for the rows and the seq
+                return fn(*args)
+
+        return await self.store.run(work)
+
+    # -- users -------------------------------------------------------------------------
+    async def users(self, search: str, sort: str, page: PageRequest) -> dict[str, Any]:
+        return await self._read(self._users_sync, search, sort, page)
+
+    async def user_detail(self, username: str) -> dict[str, Any] | None:
+        return await self._read(self._user_detail_sync, username)
+
+    async def overrides(self, username: str | None) -> dict[str, Any]:
+        return await self._read(self._overrides_sync, username)
+
+    def _today(self) -> Any:
+        return self.quota.calendar.window("daily", self.quota.clock())
+
+    def _daily_usage(self, user_ids: list[int] | None, day_key: int) -> dict[int, dict]:
+        query = Usage.select(Usage.user, Usage.command_type, Usage.used).where(
+            (Usage.period == "daily") & (Usage.window_start == day_key)
+        )
+        if user_ids is not None:
+            query = query.where(Usage.user.in_(user_ids))
+        else:
+            query = query.where(Usage.used > 0)
+        used: dict[int, dict[str, int]] = {}
+        for row in query:
+            used.setdefault(row.user_id, {})[row.command_type] = row.used
+        return used
+
+    def _user_json(self, user: User, used: dict[str, int], rules: Rules, violations: int) -> dict:
+        usage = {}
+        percents = []
+        for command_type in self.quota.command_types:
+            n = used.get(command_type, 0)
+            limit = rules.limit(user.id, command_type, "daily")
+            percent = utilization(n, limit)
+            if percent is not None:
+                percents.append(percent)
+            usage[command_type] = {
+                "used": n,
+                "limit": limit,
+                "percent": percent,
+                "overridden": rules.overridden(user.id, command_type, "daily"),
+            }
+        top = max(percents) if percents else None
+        return {
+            "user_id": user.id,
+            "username": user.username,
+            "created_at": isoformat(aware(user.created_at)),
+            "usage": usage,
+            "max_percent": top,
+            "risk": risk(top),
+            "violations_today": violations,
+        }
+
+    def _violations_today(self, user_ids: list[int], since: datetime) -> dict[int, int]:
+        if not user_ids:
+            return {}
+        rows = (
+            Violation.select(Violation.user, fn.COUNT(Violation.id).alias("n"))
+            .where(Violation.user.in_(user_ids) & (Violation.created_at >= naive_utc(since)))
+            .group_by(Violation.user)
+        )
+        return {row.user_id: row.n for row in rows}
+
+    def _users_sync(self, search: str, sort: str, page: PageRequest) -> dict[str, Any]:
+        today = self._today()
+        match = _contains(User.username, search) if search else SQL("1 = 1")
+        total = User.select().where(match).count()
+        if sort == "utilization":
+            users = self._by_utilization(match, today.key, page)
+        else:
+            users = list(
+                User.select()
+                .where(match)
+                .order_by(User.username)
+                .offset(page.offset)
+                .limit(page.per_page)
+            )
+        ids = [u.id for u in users]
+        rules = Rules(ids)
+        used = self._daily_usage(ids, today.key)
+        violations = self._violations_today(ids, today.start)
+        items = [self._user_json(u, used.get(u.id, {}), rules, violations.get(u.id, 0))
+                 for u in users]  # fmt: skip
+        return page.result(items, total, last_seq())
+
+    def _by_utilization(self, match: Any, day_key: int, page: PageRequest) -> list[User]:
+        """Users active today by highest daily utilisation, then everyone else by name.
+
+        Only today's active users are ranked in Python (their count is bounded by the
+        day's traffic); the idle tail is paged in SQL.
+        """
+        active_ids = (
+            Usage.select(Usage.user)
+            .where((Usage.period == "daily") & (Usage.window_start == day_key) & (Usage.used > 0))
+            .distinct()
+        )
+        active = {u.id: u for u in User.select().where(match & User.id.in_(active_ids))}
+        used = self._daily_usage(list(active), day_key) if active else {}
+        rules = Rules(list(active)) if active else Rules([])
+
+        def key(user: User) -> tuple[float, str]:
+            percents = [
+                utilization(n, rules.limit(user.id, c, "daily")) for c, n in used[user.id].items()
+            ]
+            top = max((p for p in percents if p is not None), default=-1.0)
+            return (-top, user.username)
+
+        ranked = sorted(active.values(), key=key)
+        chosen = ranked[page.offset : page.offset + page.per_page]
+        missing = page.per_page - len(chosen)
+        if missing > 0:
+            skip = max(0, page.offset - len(ranked))
+            chosen += list(
+                User.select()
+                .where(match & User.id.not_in(active_ids))
+                .order_by(User.username)
+                .offset(skip)
+                .limit(missing)
+            )
+        return chosen
+
+    def _user_detail_sync(self, username: str) -> dict[str, Any] | None:
+        user = User.get_or_none(User.username == username)
+        if user is None:
+            return None
+        now = self.quota.clock()
+        windows = self.quota.calendar.windows(self.quota.periods, now)
+        rules = Rules([user.id])
+        rows = Usage.select().where(Usage.user == user.id)
+        used = {
+            (r.command_type, r.period): r.used
+            for r in rows
+            if r.period in windows and windows[r.period].key == r.window_start
+        }
+        limits = {}
+        for command_type in self.quota.command_types:
+            limits[command_type] = {}
+            for period, window in windows.items():
+                limit = rules.limit(user.id, command_type, period)
+                n = used.get((command_type, period), 0)
+                limits[command_type][period] = {
+                    "limit": limit,
+                    "used": n,
+                    "remaining": None if limit is None else max(limit - n, 0),
+                    "percent": utilization(n, limit),
+                    "overridden": rules.overridden(user.id, command_type, period),
+                    "default": rules.defaults.get(command_type, {}).get(period),
+                    "resets_at": isoformat(window.end),
+                }
+        today = windows.get("daily") or self.quota.calendar.window("daily", now)
+        recent = (
+            Violation.select()
+            .where(Violation.user == user.id)
+            .order_by(Violation.id.desc())
+            .limit(20)
+        )
+        alerts = (
+            Alert.select()
+            .where((Alert.user == user.id) & (Alert.status != "resolved"))
+            .order_by(Alert.id.desc())
+        )
+        daily = self._user_json(
+            user,
+            {c: used.get((c, "daily"), 0) for c in self.quota.command_types},
+            rules,
+            self._violations_today([user.id], today.start).get(user.id, 0),
+        )
+        return {
+            **daily,
+            "periods": list(self.quota.periods),
+            "limits": limits,
+            "recent_violations": [violation_json(v, user.username) for v in recent],
+            "open_alerts": [alert_json(a, user.username) for a in alerts],
+            "seq": last_seq(),
+        }
+
+    def _overrides_sync(self, username: str | None) -> dict[str, Any]:
+        query = (
+            QuotaRule.select(QuotaRule, User.id, User.username)
+            .join(User, on=(QuotaRule.user == User.id))
+            .where(QuotaRule.scope != GLOBAL_SCOPE)
+            .order_by(User.username, QuotaRule.command_type, QuotaRule.period)
+        )
+        if username is not None:
+            query = query.where(User.username == username)
+        items = [
+            {
+                "username": row.user.username,
+                "user_id": row.user_id,
+                "command_type": row.command_type,
+                "period": row.period,
+                "limit": row.limit,
+                "updated_at": isoformat(aware(row.updated_at)),
+            }
+            for row in query
+        ]
+        return {"items": items, "seq": last_seq()}
+
+    # -- violations, alerts, audit, events ---------------------------------------------
+    async def violations(
+        self,
+        page: PageRequest,
+        user: str | None = None,
+        command_type: str | None = None,
+        since: datetime | None = None,
+    ) -> dict[str, Any]:
+        return await self._read(self._violations_sync, page, user, command_type, since)
+
+    def _violations_sync(
+        self, page: PageRequest, user: str | None, command_type: str | None, since: Any
+    ) -> dict[str, Any]:
+        query = Violation.select(Violation, User.id, User.username).join(User)
+        if user is not None:
+            query = query.where(User.username == user)
+        if command_type is not None:
+            query = query.where(Violation.command_type == command_type)
+        if since is not None:
+            query = query.where(Violation.created_at >= naive_utc(since))
+        total = query.count()
+        rows = query.order_by(Violation.id.desc()).offset(page.offset).limit(page.per_page)
+        items = [violation_json(row, row.user.username) for row in rows]
+        return page.result(items, total, last_seq())
+
+    async def alerts(
+        self, page: PageRequest, statuses: list[str] | None, severity: str | None
+    ) -> dict[str, Any]:
+        return await self._read(self._alerts_sync, page, statuses, severity)
+
+    def _alerts_sync(
+        self, page: PageRequest, statuses: list[str] | None, severity: str | None
+    ) -> dict[str, Any]:
+        query = Alert.select(Alert, User.id, User.username).join(
+            User, JOIN.LEFT_OUTER, on=(Alert.user == User.id)
+        )
+        if statuses is not None:
+            query = query.where(Alert.status.in_(statuses))
+        if severity is not None:
+            query = query.where(Alert.severity == severity)
+        total = query.count()
+        counts = {
+            row.status: row.n
+            for row in Alert.select(Alert.status, fn.COUNT(Alert.id).alias("n")).group_by(
+                Alert.status
+            )
+        }
+        rows = query.order_by(Alert.updated_at.desc(), Alert.id.desc())
+        rows = rows.offset(page.offset).limit(page.per_page)
+        items = [alert_json(row, row.user.username if row.user_id else None) for row in rows]
+        result = page.result(items, total, last_seq())
+        result["counts"] = {s: counts.get(s, 0) for s in ("open", "acknowledged", "resolved")}
+        return result
+
+    async def audit(
+        self, page: PageRequest, action: str | None, actor: str | None
+    ) -> dict[str, Any]:
+        return await self._read(self._audit_sync, page, action, actor)
+
+    def _audit_sync(self, page: PageRequest, action: str | None, actor: str | None) -> dict:
+        query = AuditLog.select()
+        if action is not None:
+            query = query.where(AuditLog.action == action)
+        if actor is not None:
+            query = query.where(AuditLog.actor == actor)
+        total = query.count()
+        rows = query.order_by(AuditLog.id.desc()).offset(page.offset).limit(page.per_page)
+        return page.result([audit_json(r) for r in rows], total, last_seq())
+
+    async def events(
+        self, types: frozenset[str] | None, limit: int, before: int | None
+    ) -> dict[str, Any]:
+        return await self._read(self._events_sync, types, limit, before)
+
+    def _events_sync(self, types: frozenset[str] | None, limit: int, before: int | None) -> dict:
+        query = Event.select()
+        if types is not None:
+            query = query.where(Event.type.in_(sorted(types)))
+        if before is not None:
+            query = query.where(Event.id < before)
+        rows = query.order_by(Event.id.desc()).limit(limit)
+        items = [
+            {
+                "type": r.type,
+                "seq": r.id,
+                "timestamp": isoformat(aware(r.created_at)),
+                "data": json.loads(r.data),
+            }
+            for r in rows
+        ]
+        return {"items": items, "seq": last_seq()}
+
+
+def violation_json(row: Violation, username: str) -> dict[str, Any]:
+    return {
+        "id": row.id,
+        "user_id": row.user_id,
+        "username": username,
+        "command_type": row.command_type,
+        "period": row.period,
+        "limit": row.limit,
+        "attempted": row.attempted,
+        "message": row.message,
+        "created_at": isoformat(aware(row.created_at)),
+    }

@@ -1,0 +1,311 @@
+"""The admin REST API under ``/api/admin/quotas/``: thin handlers over the services.
+
+Reads admit viewers; writes need an admin (and, for a browser session, the XSRF header).
+Queries live in :mod:`quotaserver.admin_queries` and :mod:`quotaserver.history`; changes go
+through ``app.rules`` and ``app.alerts``, which audit, persist and publish them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..admin_queries import USER_SORTS, AdminQueries
+from ..alerts import SEVERITIES, STATUSES, AlertNotFound
+from ..history import activity_per_minute, load_ring, violations_per_day
+from ..quota import QuotaError, UnknownCommandType
+from ..rules import UnknownUser
+from ..windows import isoformat
+from .api import validate_username
+from .base import ADMIN, VIEWER, ApiError, BaseHandler
+from .params import choice_arg, int_arg, page_arg, str_arg, time_arg
+from .streams import parse_types
+
+ALERT_STATUS_FILTERS = (*STATUSES, "active", "all")
+
+
+class AdminHandler(BaseHandler):
+    """Base of the admin routes: viewers read, admins write; service errors become 4xx."""
+
+    roles = ADMIN
+    method_roles = {"GET": VIEWER, "HEAD": VIEWER}
+
+    def initialize(self, app: Any) -> None:
+        super().initialize(app)
+        self.queries = AdminQueries(app)
+
+    def username_arg(self, raw: str) -> str:
+        return validate_username(raw, self.app.config["quotas.max_username_length"], "username")
+
+    def command_type_arg(self, raw: str) -> str:
+        if raw not in self.app.quota.command_types:
+            raise ApiError(404, "unknown_command_type", f"unknown command type {raw!r}")
+        return raw
+
+    def optional_body(self) -> dict[str, Any]:
+        """The JSON body, or ``{}`` when there is none (for POSTs whose fields are optional)."""
+        if not self.request.body:
+            return {}
+        return self.json_body()
+
+    def limits_body(self, allowed: set[str] | None = None) -> dict[str, Any]:
+        body = self.json_body()
+        allowed = allowed or {"limits"}
+        unknown = set(body) - allowed
+        if unknown:
+            raise ApiError(400, "unknown_field", f"unknown field {sorted(unknown)[0]!r}")
+        if "limits" not in body:
+            raise ApiError(400, "missing_field", "limits is required")
+        return body
+
+    def period_args(self) -> list[str] | None:
+        periods = self.get_query_arguments("period")
+        if not periods:
+            return None
+        bad = [p for p in periods if p not in self.app.quota.periods]
+        if bad:
+            raise ApiError(400, "invalid_parameter", f"unknown or untracked period {bad[0]!r}")
+        return periods
+
+    async def rule_change(self, call: Any) -> dict[str, Any]:
+        """Run a RuleService change, mapping its errors to 4xx."""
+        try:
+            return await call
+        except UnknownCommandType as exc:
+            raise ApiError(404, exc.code, exc.message) from None
+        except QuotaError as exc:
+            raise ApiError(400, exc.code, exc.message) from None
+        except UnknownUser:
+            raise ApiError(404, "unknown_user", "no such user") from None
+
+
+# -- overview -------------------------------------------------------------------------
+class StatsHandler(AdminHandler):
+    """GET /api/admin/quotas/stats: the current stats snapshot (what ``stats`` streams)."""
+
+    def get(self) -> None:
+        self.send_json(
+            {
+                "stats": self.app.stats_snapshot(),
+                "seq": self.app.hub.last_seq,
+                "server_time": isoformat(self.app.clock()),
+            }
+        )
+
+
+class HistoryHandler(AdminHandler):
+    """GET /api/admin/quotas/history: per-minute activity and recent load for the charts."""
+
+    async def get(self) -> None:
+        minutes = int_arg(self, "minutes", 60, 1, 24 * 60)
+        load_minutes = int_arg(self, "load_minutes", 15, 1, 15)
+        now = self.app.clock()
+        activity = await self.app.store.run(activity_per_minute, now, minutes)
+        self.send_json(
+            {
+                "server_time": isoformat(now),
+                "minutes": minutes,
+                "activity": activity,
+                "load_minutes": load_minutes,
+                "load": load_ring(self.app).since(load_minutes * 60.0),
+            }
+        )
+
+
+class ViolationsDailyHandler(AdminHandler):
+    """GET /api/admin/quotas/violations/daily: violations per day, last 30 days."""
+
+    async def get(self) -> None:
+        days = int_arg(self, "days", 30, 1, 366)
+        quota = self.app.quota
+        points = await self.app.store.run(violations_per_day, quota.calendar, quota.clock(), days)
+        self.send_json(
+            {
+                "days": points,
+                "total": sum(p["violations"] for p in points),
+                "timezone": self.app.config["quotas.timezone"],
+            }
+        )
+
+
+class EventsHandler(AdminHandler):
+    """GET /api/admin/quotas/events: recent durable events with their seq (the feeds)."""
+
+    async def get(self) -> None:
+        types = parse_types(self.get_query_argument("types", None))
+        limit = int_arg(self, "limit", 50, 1, 500)
+        before = int_arg(self, "before", None, 1, 2**62)
+        self.send_json(await self.queries.events(types, limit, before))
+
+
+# -- users ----------------------------------------------------------------------------
+class UsersHandler(AdminHandler):
+    """GET /api/admin/quotas/users?q=&sort=&page=&per_page="""
+
+    async def get(self) -> None:
+        search = str_arg(self, "q", self.app.config["quotas.max_username_length"]) or ""
+        sort = choice_arg(self, "sort", USER_SORTS, "username")
+        page = page_arg(self, per_page=25)
+        result = await self.queries.users(search, sort, page)
+        result["command_types"] = list(self.app.quota.command_types)
+        self.send_json(result)
+
+
+class UserHandler(AdminHandler):
+    """GET /api/admin/quotas/users/{username}"""
+
+    async def get(self, username: str) -> None:
+        detail = await self.queries.user_detail(self.username_arg(username))
+        if detail is None:
+            raise ApiError(404, "unknown_user", "no such user")
+        self.send_json(detail)
+
+
+class UserLimitsHandler(AdminHandler):
+    """PUT/DELETE /api/admin/quotas/users/{username}/limits/{command_type}: overrides."""
+
+    async def put(self, username: str, command_type: str) -> None:
+        username = self.username_arg(username)
+        command_type = self.command_type_arg(command_type)
+        body = self.limits_body()
+        result = await self.rule_change(
+            self.app.rules.set_user_limits(username, command_type, body["limits"], self.actor)
+        )
+        self.send_json(result)
+
+    async def delete(self, username: str, command_type: str) -> None:
+        username = self.username_arg(username)
+        command_type = self.command_type_arg(command_type)
+        periods = self.period_args()
+        result = await self.rule_change(
+            self.app.rules.remove_user_override(username, command_type, periods, self.actor)
+        )
+        self.send_json(result)
+
+
+class UserResetHandler(AdminHandler):
+    """POST /api/admin/quotas/users/{username}/reset {"command_type": optional}"""
+
+    async def post(self, username: str) -> None:
+        username = self.username_arg(username)
+        body = self.optional_body()
+        unknown = set(body) - {"command_type"}
+        if unknown:
+            raise ApiError(400, "unknown_field", f"unknown field {sorted(unknown)[0]!r}")
+        command_type = body.get("command_type")
+        if command_type is not None and command_type not in self.app.quota.command_types:
+            raise ApiError(400, "unknown_command_type", "command_type must be a known type or null")
+        result = await self.rule_change(
+            self.app.rules.reset_usage(username, command_type, self.actor)
+        )
+        self.send_json(result)
+
+
+class OverridesHandler(AdminHandler):
+    """GET /api/admin/quotas/overrides?user=: every per-user override."""
+
+    async def get(self) -> None:
+        user = str_arg(self, "user", self.app.config["quotas.max_username_length"])
+        self.send_json(await self.queries.overrides(user))
+
+
+# -- rules ----------------------------------------------------------------------------
+class RulesHandler(AdminHandler):
+    """GET /api/admin/quotas/rules; POST creates or updates a global rule or an override."""
+
+    async def get(self) -> None:
+        rules = await self.app.rules.list_rules()
+        rules["command_types"] = list(self.app.quota.command_types)
+        rules["seq"] = self.app.hub.last_seq
+        self.send_json(rules)
+
+    async def post(self) -> None:
+        body = self.limits_body({"command_type", "limits", "username"})
+        command_type = body.get("command_type")
+        if not isinstance(command_type, str) or not command_type:
+            raise ApiError(400, "missing_field", "command_type is required")
+        if command_type not in self.app.quota.command_types:
+            raise ApiError(400, "unknown_command_type", f"unknown command type {command_type!r}")
+        rules = self.app.rules
+        if body.get("username") is None:
+            change = rules.set_global_limits(command_type, body["limits"], self.actor)
+        else:
+            username = self.username_arg(body["username"])
+            change = rules.set_user_limits(username, command_type, body["limits"], self.actor)
+        self.send_json(await self.rule_change(change), status=201)
+
+
+class RuleHandler(AdminHandler):
+    """PUT/DELETE /api/admin/quotas/rules/{command_type}: the global default of one type.
+
+    DELETE makes periods unlimited (``?period=`` some, else all). The rows stay, as
+    ``null`` limits, so the configured defaults are not seeded back at the next start.
+    """
+
+    async def put(self, command_type: str) -> None:
+        command_type = self.command_type_arg(command_type)
+        body = self.limits_body()
+        result = await self.rule_change(
+            self.app.rules.set_global_limits(command_type, body["limits"], self.actor)
+        )
+        self.send_json(result)
+
+    async def delete(self, command_type: str) -> None:
+        command_type = self.command_type_arg(command_type)
+        periods = self.period_args() or list(self.app.quota.periods)
+        result = await self.rule_change(
+            self.app.rules.set_global_limits(command_type, dict.fromkeys(periods), self.actor)
+        )
+        self.send_json(result)
+
+
+# -- violations, alerts, audit --------------------------------------------------------
+class ViolationsHandler(AdminHandler):
+    """GET /api/admin/quotas/violations?user=&command_type=&since=&page=&per_page="""
+
+    async def get(self) -> None:
+        user = str_arg(self, "user", self.app.config["quotas.max_username_length"])
+        command_type = choice_arg(self, "command_type", self.app.quota.command_types)
+        since = time_arg(self, "since")
+        page = page_arg(self)
+        self.send_json(await self.queries.violations(page, user, command_type, since))
+
+
+class AlertsHandler(AdminHandler):
+    """GET /api/admin/quotas/alerts?status=&severity=&page=&per_page="""
+
+    async def get(self) -> None:
+        status = choice_arg(self, "status", ALERT_STATUS_FILTERS, "all")
+        statuses = {
+            "all": None,
+            "active": ["open", "acknowledged"],
+        }.get(status, [status])
+        severity = choice_arg(self, "severity", SEVERITIES)
+        page = page_arg(self)
+        self.send_json(await self.queries.alerts(page, statuses, severity))
+
+
+class AlertActionHandler(AdminHandler):
+    """POST /api/admin/quotas/alerts/{id}/acknowledge and /resolve"""
+
+    async def post(self, alert_id: str, action: str) -> None:
+        try:
+            ident = int(alert_id)
+        except ValueError:
+            raise ApiError(404, "unknown_alert", "no such alert") from None
+        service = self.app.alerts
+        change = service.acknowledge if action == "acknowledge" else service.resolve
+        try:
+            alert = await change(ident, self.actor)
+        except AlertNotFound:
+            raise ApiError(404, "unknown_alert", "no such alert") from None
+        self.send_json(alert)
+
+
+class AuditHandler(AdminHandler):
+    """GET /api/admin/quotas/audit?action=&actor=&page=&per_page="""
+
+    async def get(self) -> None:
+        action = str_arg(self, "action", 64)
+        actor = str_arg(self, "actor", 128)
+        page = page_arg(self)
+        self.send_json(await self.queries.audit(page, action, actor))

@@ -1,0 +1,205 @@
+// Time-series charts drawn on <canvas>: no third-party code, no network, sharp on HiDPI
+// screens, redrawn when their box changes size. Points are {t: epoch seconds, <key>: n}.
+
+const AXIS = "#64748b";
+const GRID = "rgba(148, 163, 184, 0.15)";
+const TEXT = "#94a3b8";
+const FONT = "11px system-ui, sans-serif";
+const PAD = { top: 8, right: 10, bottom: 20, left: 38 };
+
+/** About `count` round tick values from 0 to at least `max` (steps of 1, 2 or 5 x 10^n). */
+export function niceTicks(max, count = 4) {
+  const top = max > 0 ? max : 1;
+  const raw = top / count;
+  const magnitude = 10 ** Math.floor(Math.log10(raw));
+  const step = [1, 2, 5, 10].map((m) => m * magnitude).find((s) => s >= raw) || raw;
+  const ticks = [];
+  for (let v = 0; v <= top + step * 0.999; v += step) ticks.push(Math.round(v * 1e6) / 1e6);
+  if (ticks[ticks.length - 1] < top) ticks.push(ticks[ticks.length - 1] + step);
+  return ticks;
+}
+
+function clock(t) {
+  const d = new Date(t * 1000);
+  return `${String(d.getHours()).padStart(2, "0")}:${String(d.getMinutes()).padStart(2, "0")}`;
+}
+
+function day(t) {
+  // Day buckets start at midnight in the quota time zone; noon is inside the same date
+  // for any offset within +/- 12 h.
+  const d = new Date((t + 43200) * 1000);
+  return d.toLocaleDateString([], { month: "short", day: "numeric", timeZone: "UTC" });
+}
+
+export class TimeChart {
+  /**
+   * @param {HTMLCanvasElement} canvas
+   * @param {object} o
+   * @param {{key: string, color: string, fill?: string}[]} o.series
+   * @param {() => [number, number]} o.domain  visible time range, epoch seconds
+   * @param {number} [o.bucket]  bar width in seconds: draw bars instead of lines
+   * @param {number} [o.yMax]    fixed top of the y axis (e.g. 100 for percentages)
+   * @param {string} [o.unit]    suffix of y labels ("%")
+   * @param {"clock"|"day"} [o.labels]
+   * @param {number} [o.gap]     seconds between points that break a line
+   */
+  constructor(canvas, o) {
+    this.canvas = canvas;
+    this.o = { labels: "clock", unit: "", gap: Infinity, ...o };
+    this.points = [];
+    this.drawn = false;
+    if (typeof ResizeObserver !== "undefined") {
+      new ResizeObserver(() => this.draw()).observe(canvas);
+    }
+  }
+
+  setPoints(points) {
+    this.points = points.slice().sort((a, b) => a.t - b.t);
+    this.draw();
+  }
+
+  draw() {
+    const canvas = this.canvas;
+    const width = canvas.clientWidth;
+    const height = canvas.clientHeight;
+    if (!width || !height) return; // hidden: drawn when it gets a size
+    const ratio = window.devicePixelRatio || 1;
+    if (canvas.width !== Math.round(width * ratio) || canvas.height !== Math.round(height * ratio)) {
+      canvas.width = Math.round(width * ratio);
+      canvas.height = Math.round(height * ratio);
+    }
+    const ctx = canvas.getContext("2d");
+    ctx.setTransform(ratio, 0, 0, ratio, 0, 0);
+    ctx.clearRect(0, 0, width, height);
+    ctx.font = FONT;
+
+    const [t0, t1] = this.o.domain();
+    const visible = this.points.filter((p) => p.t >= t0 - (this.o.bucket || 0) && p.t <= t1);
+    const keys = this.o.series.map((s) => s.key);
+    let max = 0;
+    for (const p of visible) for (const k of keys) if (typeof p[k] === "number") max = Math.max(max, p[k]);
+    const ticks = this.o.yMax ? niceTicks(this.o.yMax, 4) : niceTicks(max, 4);
+    const top = this.o.yMax || ticks[ticks.length - 1];
+    const plot = {
+      x: PAD.left,
+      y: PAD.top,
+      w: Math.max(10, width - PAD.left - PAD.right),
+      h: Math.max(10, height - PAD.top - PAD.bottom),
+    };
+    const xOf = (t) => plot.x + ((t - t0) / (t1 - t0)) * plot.w;
+    const yOf = (v) => plot.y + plot.h - (v / top) * plot.h;
+
+    // Grid and y labels.
+    ctx.textAlign = "right";
+    ctx.textBaseline = "middle";
+    for (const tick of ticks) {
+      if (tick > top) continue;
+      const y = Math.round(yOf(tick)) + 0.5;
+      ctx.strokeStyle = GRID;
+      ctx.beginPath();
+      ctx.moveTo(plot.x, y);
+      ctx.lineTo(plot.x + plot.w, y);
+      ctx.stroke();
+      ctx.fillStyle = TEXT;
+      ctx.fillText(`${tick}${this.o.unit}`, plot.x - 5, y);
+    }
+    // X labels: about one per 90 px; under bars, at the start of a bucket.
+    ctx.textAlign = "center";
+    ctx.textBaseline = "top";
+    const labels = Math.max(2, Math.floor(plot.w / 90));
+    const times = [];
+    if (this.o.bucket) {
+      const buckets = Math.round((t1 - t0) / this.o.bucket);
+      const every = Math.max(1, Math.ceil(buckets / labels));
+      for (let i = buckets - 1; i >= 0; i -= every) times.unshift(t0 + i * this.o.bucket);
+    } else {
+      for (let i = 0; i <= labels; i += 1) times.push(t0 + ((t1 - t0) * i) / labels);
+    }
+    for (const t of times) {
+      const text = this.o.labels === "day" ? day(t) : clock(t);
+      const center = this.o.bucket ? xOf(t + this.o.bucket / 2) : xOf(t);
+      const x = Math.min(Math.max(center, plot.x + 16), plot.x + plot.w - 16);
+      ctx.fillStyle = TEXT;
+      ctx.fillText(text, x, plot.y + plot.h + 5);
+    }
+    ctx.strokeStyle = AXIS;
+    ctx.beginPath();
+    ctx.moveTo(plot.x, plot.y + plot.h + 0.5);
+    ctx.lineTo(plot.x + plot.w, plot.y + plot.h + 0.5);
+    ctx.stroke();
+
+    if (!visible.length) {
+      ctx.fillStyle = TEXT;
+      ctx.textAlign = "center";
+      ctx.textBaseline = "middle";
+      ctx.fillText("no data yet", plot.x + plot.w / 2, plot.y + plot.h / 2);
+      this.drawn = true;
+      return;
+    }
+    ctx.save();
+    ctx.beginPath();
+    ctx.rect(plot.x, plot.y - 1, plot.w, plot.h + 2);
+    ctx.clip();
+    if (this.o.bucket) this._bars(ctx, visible, xOf, yOf);
+    else this._lines(ctx, visible, xOf, yOf, plot);
+    ctx.restore();
+    this.drawn = true;
+  }
+
+  _bars(ctx, points, xOf, yOf) {
+    const n = this.o.series.length;
+    for (const p of points) {
+      const left = xOf(p.t);
+      const full = Math.max(1, xOf(p.t + this.o.bucket) - left);
+      const gap = full > 4 ? Math.min(2, full * 0.2) : 0;
+      const w = (full - gap) / n;
+      this.o.series.forEach((s, i) => {
+        const v = p[s.key];
+        if (typeof v !== "number" || v <= 0) return;
+        const y = yOf(v);
+        ctx.fillStyle = s.color;
+        ctx.fillRect(left + gap / 2 + i * w, y, Math.max(1, w), yOf(0) - y);
+      });
+    }
+  }
+
+  _lines(ctx, points, xOf, yOf, plot) {
+    for (const s of this.o.series) {
+      const segments = [];
+      let segment = [];
+      let previous = null;
+      for (const p of points) {
+        if (typeof p[s.key] !== "number") continue;
+        if (previous && p.t - previous.t > this.o.gap) {
+          segments.push(segment);
+          segment = [];
+        }
+        segment.push([xOf(p.t), yOf(p[s.key])]);
+        previous = p;
+      }
+      segments.push(segment);
+      for (const seg of segments) {
+        if (!seg.length) continue;
+        if (s.fill && seg.length > 1) {
+          ctx.fillStyle = s.fill;
+          ctx.beginPath();
+          ctx.moveTo(seg[0][0], plot.y + plot.h);
+          for (const [x, y] of seg) ctx.lineTo(x, y);
+          ctx.lineTo(seg[seg.length - 1][0], plot.y + plot.h);
+          ctx.closePath();
+          ctx.fill();
+        }
+        ctx.strokeStyle = s.color;
+        ctx.lineWidth = 1.5;
+        ctx.lineJoin = "round";
+        ctx.beginPath();
+        seg.forEach(([x, y], i) => (i ? ctx.lineTo(x, y) : ctx.moveTo(x, y)));
+        ctx.stroke();
+        if (seg.length === 1) {
+          ctx.fillStyle = s.color;
+          ctx.fillRect(seg[0][0] - 1.5, seg[0][1] - 1.5, 3, 3);
+        }
+      }
+    }
+  }
+}

@@ -1,0 +1,159 @@
+// The four charts and their data: history over REST (the truth), live points from the
+// stream in between. Live increments only count events newer than the REST snapshot, and
+// the snapshot is fetched again every minute, so a chart never drifts from the server.
+
+import { get } from "./api.js";
+import { byId } from "./dom.js";
+import { TimeChart } from "./charts.js";
+import { reportError } from "./ui.js";
+
+const BLUE = "#60a5fa";
+const RED = "#f87171";
+const AMBER = "#fbbf24";
+const VIOLET = "#a78bfa";
+const MINUTES = 60;
+const LOAD_SECONDS = 15 * 60;
+
+function epoch(iso) {
+  return Date.parse(iso) / 1000;
+}
+
+export class LiveCharts {
+  constructor() {
+    this.offset = 0; // seconds: server clock minus this browser's clock
+    this.activity = new Map(); // minute -> {t, commands, violations}
+    this.activityAt = Infinity; // server time of the activity snapshot
+    this.load = [];
+    this.daily = [];
+    this.dailyAt = Infinity;
+    this.commandsToday = null;
+    const now = () => Date.now() / 1000 + this.offset;
+    const lastHour = () => {
+      const minute = Math.floor(now() / 60) * 60;
+      return [minute - (MINUTES - 1) * 60, minute + 60];
+    };
+    this.commands = new TimeChart(byId("chart-commands"), {
+      series: [{ key: "commands", color: BLUE }],
+      domain: lastHour,
+      bucket: 60,
+    });
+    this.violations = new TimeChart(byId("chart-violations"), {
+      series: [{ key: "violations", color: RED }],
+      domain: lastHour,
+      bucket: 60,
+    });
+    this.loadChart = new TimeChart(byId("chart-load"), {
+      series: [
+        { key: "cpu_percent", color: AMBER },
+        { key: "memory_percent", color: VIOLET },
+      ],
+      domain: () => [now() - LOAD_SECONDS, now()],
+      yMax: 100,
+      unit: "%",
+      gap: 30,
+    });
+    this.dailyChart = new TimeChart(byId("chart-daily"), {
+      series: [{ key: "violations", color: RED }],
+      domain: () => {
+        if (!this.daily.length) return [now() - 30 * 86400, now()];
+        return [this.daily[0].t, this.daily[this.daily.length - 1].t + 86400];
+      },
+      bucket: 86400,
+      labels: "day",
+    });
+    // The time axis slides even when nothing happens.
+    setInterval(() => this.drawAll(), 5000);
+  }
+
+  async loadHistory() {
+    try {
+      const h = await get("/history", { minutes: MINUTES, load_minutes: 15 });
+      const serverNow = epoch(h.server_time);
+      this.offset = serverNow - Date.now() / 1000;
+      this.activity = new Map(h.activity.map((p) => [p.t, { ...p }]));
+      this.activityAt = serverNow;
+      this.load = h.load;
+      this.drawActivity();
+      this.loadChart.setPoints(this.load);
+    } catch (err) {
+      reportError(err, "Loading chart history");
+    }
+  }
+
+  async loadDaily() {
+    try {
+      const d = await get("/violations/daily", { days: 30 });
+      this.daily = d.days.map((p) => ({ t: p.start, violations: p.violations, date: p.date }));
+      this.dailyAt = Date.now() / 1000 + this.offset;
+      this.dailyChart.setPoints(this.daily);
+    } catch (err) {
+      reportError(err, "Loading violations per day");
+    }
+  }
+
+  _bucket(t) {
+    const minute = Math.floor(t / 60) * 60;
+    let point = this.activity.get(minute);
+    if (!point) {
+      point = { t: minute, commands: 0, violations: 0 };
+      this.activity.set(minute, point);
+      const oldest = minute - (MINUTES + 5) * 60;
+      for (const key of this.activity.keys()) if (key < oldest) this.activity.delete(key);
+    }
+    return point;
+  }
+
+  /** A violation event (live or replayed). */
+  violation(msg) {
+    const t = epoch(msg.timestamp);
+    if (t > this.activityAt) {
+      this._bucket(t).violations += 1;
+      this.drawActivity();
+    }
+    if (t > this.dailyAt && this.daily.length) {
+      const today = this.daily[this.daily.length - 1];
+      if (t >= today.t && t < today.t + 90000) {
+        today.violations += 1;
+        this.dailyChart.setPoints(this.daily);
+      }
+    }
+  }
+
+  /** A stats message: commands from the change of commands_today, load from system_load. */
+  stats(msg) {
+    const data = msg.data;
+    const t = epoch(msg.timestamp);
+    if (typeof data.commands_today === "number") {
+      const before = this.commandsToday;
+      this.commandsToday = data.commands_today;
+      // Only deltas count: a full snapshot after a reconnect covers an unknown span.
+      if (data.delta && before !== null && data.commands_today > before && t > this.activityAt) {
+        this._bucket(t).commands += data.commands_today - before;
+        this.drawActivity();
+      }
+    }
+    const load = data.system_load;
+    if (load && (load.cpu_percent > 0 || load.memory_percent > 0)) {
+      const last = this.load[this.load.length - 1];
+      if (!last || t > last.t) {
+        this.load.push({ t, cpu_percent: load.cpu_percent, memory_percent: load.memory_percent });
+        const oldest = t - LOAD_SECONDS - 60;
+        while (this.load.length && this.load[0].t < oldest) this.load.shift();
+        this.loadChart.setPoints(this.load);
+      }
+    }
+  }
+
+  drawActivity() {
+    const points = [...this.activity.values()];
+    this.commands.setPoints(points);
+    this.violations.setPoints(points);
+  }
+
+  drawAll() {
+    this.commands.draw();
+    this.violations.draw();
+    this.loadChart.draw();
+    this.dailyChart.draw();
+  }
+}

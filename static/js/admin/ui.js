@@ -1,0 +1,36 @@
+// Page-wide bits: who is looking (admin or viewer), toasts, error reporting.
+
+import { byId, el } from "./dom.js";
+
+export const canWrite = document.body.dataset.role === "admin";
+export const actor = document.body.dataset.actor || "";
+
+const MAX_TOASTS = 4;
+
+/** A short message in the corner; `kind` is info, success, warn or error. */
+export function toast(text, kind = "info", ms = 6000) {
+  const box = byId("toasts");
+  const node = el("div", { class: `toast toast-${kind}`, text, attrs: { role: "status" } });
+  box.append(node);
+  while (box.children.length > MAX_TOASTS) box.firstElementChild.remove();
+  setTimeout(() => node.remove(), ms);
+  return node;
+}
+
+/** Tell the user a request failed, with the server's message. */
+export function reportError(err, what) {
+  if (err && err.status === 401) return; // the sign-in banner says it already
+  const message = err && err.message ? err.message : String(err);
+  toast(`${what}: ${message}`, "error", 8000);
+}
+
+/** Once the session is gone: a banner with a sign-in link (and no more retries). */
+export function showSignedOut() {
+  if (byId("signed-out")) return;
+  const link = el("a", { text: "Sign in again", attrs: { href: "/login?next=%2Fadmin%2Fquotas" } });
+  const banner = el("div", { class: "banner", attrs: { id: "signed-out", role: "alert" } }, [
+    el("span", { text: "Your session has ended. " }),
+    link,
+  ]);
+  document.body.prepend(banner);
+}

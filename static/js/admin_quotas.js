@@ -1,0 +1,233 @@
+// The admin dashboard: loads its data over the admin REST API, then follows the live
+// stream (WebSocket, or SSE when a WebSocket cannot connect) from the seq it loaded.
+//
+// Recovery: a reconnect resumes from the last seq seen; the server replays what was
+// missed, or says `recovered: false`, and then the page reloads its data over REST.
+// Violations are keyed by seq, so none is shown twice; none is lost because the stream
+// always resumes from a seq the page has already applied.
+
+import { get, request, setUnauthorizedHandler } from "./admin/api.js";
+import { byId, formatInt, formatPercent, setText } from "./admin/dom.js";
+import { AlertFeed, ViolationFeed } from "./admin/feeds.js";
+import { LiveCharts } from "./admin/live_charts.js";
+import { AuditPanel, RulesPanel } from "./admin/settings.js";
+import { LiveStream, describeStatus } from "./admin/stream.js";
+import { canWrite, reportError, showSignedOut, toast } from "./admin/ui.js";
+import { LimitsDialog, ResetDialog, UsersTable } from "./admin/users.js";
+
+const USERS_REFRESH_MS = 15000;
+const HISTORY_REFRESH_MS = 60000;
+const DAILY_REFRESH_MS = 5 * 60000;
+
+const stats = {};
+const violations = new ViolationFeed();
+const alerts = new AlertFeed();
+const charts = new LiveCharts();
+const rules = new RulesPanel();
+const audit = new AuditPanel();
+const limitsDialog = new LimitsDialog();
+const resetDialog = new ResetDialog();
+const users = new UsersTable({
+  onEdit: (name) => limitsDialog.open(name),
+  onReset: (name) => resetDialog.open(name, users.commandTypes),
+});
+let currentTab = "live";
+let replay = null; // {count} while a resumed connection replays what was missed
+
+// -- overview cards ------------------------------------------------------------------
+function applyStats(data) {
+  if (data.delta === false) for (const key of Object.keys(stats)) delete stats[key];
+  Object.assign(stats, data);
+  delete stats.delta;
+  for (const key of [
+    "total_users",
+    "active_users_today",
+    "commands_today",
+    "violations_today",
+    "high_utilization_count",
+  ]) {
+    setText(`stat-${key}`, formatInt(stats[key]));
+  }
+  const load = stats.system_load;
+  // Nothing measured yet reads 0 % for both: show "not measured" rather than a fake zero.
+  const measured = load && (load.cpu_percent > 0 || load.memory_percent > 0);
+  setText("stat-cpu", measured ? formatPercent(load.cpu_percent) : "—");
+  setText("stat-memory", measured ? formatPercent(load.memory_percent) : "—");
+  setText("stat-cpu-sub", measured ? "host" : "not measured");
+  if (load) {
+    setText("stat-throttle", load.throttle_factor.toFixed(2));
+    const average = stats.average_throttle_factor;
+    const tail = typeof average === "number" ? ` · avg ${average.toFixed(2)}` : "";
+    setText("stat-throttle-sub", `${load.throttle_active ? "ACTIVE" : "inactive"}${tail}`);
+    byId("stat-throttle").closest(".card").classList.toggle("card-alert", load.throttle_active);
+  }
+}
+
+// One toast for a burst of violations: the latest, and how many came with it.
+let burst = null;
+function violationToast(data) {
+  const text = `${data.username}: ${data.message}`;
+  if (burst && burst.node.isConnected) {
+    burst.more += 1;
+    burst.node.textContent = `${text} (+${burst.more} more)`;
+    clearTimeout(burst.timer);
+  } else {
+    burst = { node: toast(text, "warn", 60000), more: 0 };
+  }
+  burst.timer = setTimeout(() => burst && burst.node.remove(), 5000);
+}
+
+// -- the stream ------------------------------------------------------------------------
+function onMessage(msg, info) {
+  switch (msg.type) {
+    case "welcome":
+      replay = info.resumed ? { count: 0 } : null;
+      break;
+    case "stats":
+      applyStats(msg.data);
+      charts.stats(msg);
+      break;
+    case "violation":
+      if (violations.add(msg)) {
+        charts.violation(msg);
+        if (replay) replay.count += 1;
+        else violationToast(msg.data);
+        users.refreshSoon();
+      }
+      break;
+    case "alert":
+      if (alerts.apply(msg) && !replay && !msg.data.update) {
+        toast(`Alert (${msg.data.severity}): ${msg.data.message}`, "error");
+      }
+      if (currentTab === "audit") audit.refreshSoon();
+      break;
+    case "quota_change":
+      users.refreshSoon();
+      rules.refreshSoon();
+      if (currentTab === "audit") audit.refreshSoon();
+      break;
+    case "throttle":
+      if (!replay) toast(`Throttle factor now ${msg.data.throttle_factor}`, "warn");
+      break;
+    case "recovered":
+      if (!msg.data.recovered) {
+        reloadAll("the server could not replay everything missed");
+      } else if (replay && replay.count) {
+        toast(`${replay.count} violation(s) arrived while disconnected`, "info");
+      }
+      replay = null;
+      break;
+    default:
+      break;
+  }
+}
+
+function onStatus(status) {
+  const conn = byId("conn");
+  conn.dataset.state = status.state;
+  setText("conn-text", describeStatus(status));
+  const transport = status.transport === "sse" ? "via SSE" : status.transport === "websocket" ? "via WebSocket" : "";
+  setText("conn-transport", transport);
+  byId("reconnect").classList.toggle("btn-attention", status.state === "disconnected");
+}
+
+const stream = new LiveStream({
+  wsPath: "/ws/admin/quotas",
+  ssePath: "/sse/admin/quotas",
+  onMessage,
+  onStatus,
+});
+
+// -- loading over REST -----------------------------------------------------------------
+async function loadFeeds() {
+  const [feed, alertList] = await Promise.all([
+    get("/events", { types: "violation", limit: 100 }),
+    alerts.reload(),
+  ]);
+  violations.load(feed);
+  // Resume from the older of the two snapshots: nothing in between can be missed, and
+  // what both already hold is recognised by its seq.
+  return Math.min(feed.seq, alertList.seq);
+}
+
+async function loadStats() {
+  try {
+    const response = await get("/stats");
+    applyStats({ delta: false, ...response.stats });
+  } catch (err) {
+    reportError(err, "Loading stats");
+  }
+}
+
+async function reloadAll(reason) {
+  toast(`Reloading: ${reason}`, "info", 4000);
+  try {
+    await loadFeeds();
+  } catch (err) {
+    reportError(err, "Reloading feeds");
+  }
+  users.refresh();
+  rules.refresh();
+  charts.loadHistory();
+  charts.loadDaily();
+  if (currentTab === "audit") audit.refresh();
+}
+
+// -- tabs and header -------------------------------------------------------------------
+function showTab(name) {
+  currentTab = name;
+  for (const tab of document.querySelectorAll('[role="tab"]')) {
+    const selected = tab.id === `tab-${name}`;
+    tab.setAttribute("aria-selected", String(selected));
+    byId(tab.getAttribute("aria-controls")).hidden = !selected;
+  }
+  if (name === "live") charts.drawAll();
+  if (name === "users") users.refresh();
+  if (name === "rules") rules.refresh();
+  if (name === "audit") audit.refresh();
+}
+
+function setupHeader() {
+  for (const tab of document.querySelectorAll('[role="tab"]')) {
+    tab.addEventListener("click", () => showTab(tab.id.replace("tab-", "")));
+  }
+  byId("reconnect").addEventListener("click", () => stream.reconnectNow());
+  byId("logout").addEventListener("click", async () => {
+    try {
+      await request("POST", "/logout");
+    } catch (err) {
+      if (err.status !== 401) {
+        reportError(err, "Logging out");
+        return;
+      }
+    }
+    window.location.assign("/login");
+  });
+  setUnauthorizedHandler(showSignedOut);
+  document.body.classList.toggle("can-write", canWrite);
+}
+
+async function main() {
+  setupHeader();
+  loadStats();
+  charts.loadHistory();
+  charts.loadDaily();
+  users.refresh();
+  rules.refresh();
+  try {
+    stream.lastSeq = await loadFeeds();
+  } catch (err) {
+    reportError(err, "Loading the feeds");
+  }
+  stream.start();
+  setInterval(() => {
+    if (currentTab === "users" && !document.hidden) users.refresh();
+  }, USERS_REFRESH_MS);
+  setInterval(() => charts.loadHistory(), HISTORY_REFRESH_MS);
+  setInterval(() => charts.loadDaily(), DAILY_REFRESH_MS);
+}
+
+// Exposed for tests and debugging: the stream's state, read-only use.
+window.quotaDashboard = { stream, violations, alerts, stats };
+
+main();

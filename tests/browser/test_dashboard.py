@@ -1,0 +1,237 @@
+"""The admin dashboard in headless Chromium against the real server (issue 4)."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from typing import Any
+
+import pytest
+
+from quotaserver.config import load_config
+from quotaserver.db import Store
+from quotaserver.quota import QuotaService
+from quotaserver.throttle import SystemLoad
+
+from .support import API, VIEWER, WAIT, Server
+
+pytestmark = pytest.mark.browser
+
+FEED_NAMES = (
+    "() => [...document.querySelectorAll('#violations-feed .v-user')].map(n => n.textContent)"
+)
+
+
+def feed_names(page: Any) -> list[str]:
+    return page.evaluate(FEED_NAMES)
+
+
+def wait_in_feed(page: Any, name: str, count: int = 1, timeout: float = WAIT) -> None:
+    page.wait_for_function(
+        f"([name, count]) => ({FEED_NAMES})().filter(n => n === name).length >= count",
+        arg=[name, count],
+        timeout=timeout,
+    )
+
+
+def test_page_loads_with_stats_and_a_violation_shows_within_500ms(server, open_dashboard):
+    server.set_user_limit("fast-fay", 1)
+    assert server.consume("fast-fay") == 200
+    page = open_dashboard(server)
+    total = server.call("GET", f"{API}/stats")[1]["stats"]["total_users"]
+    page.wait_for_function(
+        "total => document.getElementById('stat-total_users').textContent === String(total)",
+        arg=total,
+        timeout=WAIT,
+    )
+    assert page.inner_text("#stat-commands_today").strip() not in ("", "—")
+    assert page.get_attribute("#conn", "data-state") == "connected"
+    assert page.inner_text("#conn-text") == "connected"
+
+    assert server.consume("fast-fay") == 429
+    refused_at = time.monotonic()
+    page.wait_for_function(
+        f"() => ({FEED_NAMES})().includes('fast-fay')", polling="raf", timeout=5000
+    )
+    elapsed = time.monotonic() - refused_at
+    assert elapsed < 0.5, f"the violation took {elapsed:.3f} s to appear"
+    first = page.locator("#violations-feed li").first
+    assert first.locator(".v-user").inner_text() == "fast-fay"  # newest first
+    assert "Daily shell quota exceeded" in first.locator(".v-message").inner_text()
+    page.wait_for_selector(".toast-warn", timeout=WAIT)  # the toast on arrival
+    assert page.errors == []
+
+
+def test_acknowledging_an_alert_in_one_page_shows_in_another(server, open_dashboard):
+    server.set_user_limit("noisy-ned", 0)
+    for _ in range(5):  # the alert engine's quota_violation rule fires at 5 a day
+        assert server.consume("noisy-ned") == 429
+    alerts = server.call("GET", f"{API}/alerts?status=open")[1]["items"]
+    alert = next(a for a in alerts if a["username"] == "noisy-ned")
+    one, two = open_dashboard(server), open_dashboard(server)
+    selector = f"#alerts-feed li[data-alert-id='{alert['alert_id']}']"
+    for page in (one, two):
+        page.wait_for_selector(f"{selector}[data-status=open]", timeout=WAIT)
+    assert "critical" in two.locator(selector).get_attribute("class")
+
+    one.locator(f"{selector} .a-ack").click()
+    two.wait_for_selector(f"{selector}[data-status=acknowledged]", timeout=WAIT)
+    assert two.locator(f"{selector} .a-status").inner_text() == "acknowledged"
+    assert "acknowledged by browser-admin" in two.locator(f"{selector} .a-meta").inner_text()
+    assert two.locator(f"{selector} .a-ack").is_hidden()
+
+    two.locator(f"{selector} .a-resolve").click()
+    # Resolved alerts leave the "active" list of every page.
+    one.wait_for_selector(selector, state="detached", timeout=WAIT)
+    assert server.call("GET", f"{API}/alerts?status=resolved")[1]["total"] >= 1
+
+
+def test_a_viewer_sees_no_buttons_that_would_be_refused(server, open_dashboard):
+    server.set_user_limit("viewed-vic", 0)
+    assert server.consume("viewed-vic") == 429
+    page = open_dashboard(server, token=VIEWER)
+    wait_in_feed(page, "viewed-vic")
+    page.click("#tab-users")
+    page.wait_for_selector("#users-body tr[data-username]", timeout=WAIT)
+    assert page.locator("#users-body button").count() == 0
+    assert page.locator("#alerts-feed .a-ack:visible").count() == 0
+
+
+def test_editing_limits_in_one_page_updates_the_other(server, open_dashboard):
+    assert server.consume("edit-eve", "shell", 2) == 200
+    one, two = open_dashboard(server), open_dashboard(server)
+    row = "#users-body tr[data-username='edit-eve']"
+    for page in (one, two):
+        page.click("#tab-users")
+        page.fill("#users-search", "edit-eve")
+        page.wait_for_selector(row, timeout=WAIT)
+    cell = f"{row} td[data-type=shell] .usage-text"
+    assert two.inner_text(cell) == "2 / 500"
+
+    one.click(f"{row} button:has-text('Edit limits')")
+    one.fill("input[data-command=shell][data-period=daily]", "8")
+    one.click("#limits-save")
+    one.wait_for_selector("#limits-dialog", state="hidden", timeout=WAIT)
+    two.wait_for_function(
+        "sel => document.querySelector(sel)?.textContent === '2 / 8'", arg=cell, timeout=WAIT
+    )
+    assert two.locator(f"{row} td[data-type=shell] .override-mark").count() == 1
+    assert server.call("GET", f"{API}/users/edit-eve")[1]["limits"]["shell"]["daily"]["limit"] == 8
+
+    # Reset usage from the second page; the first sees the counter drop.
+    two.click(f"{row} button:has-text('Reset usage')")
+    two.select_option("#reset-type", "shell")
+    two.click("#reset-confirm")
+    one.wait_for_function(
+        "sel => document.querySelector(sel)?.textContent === '0 / 8'", arg=cell, timeout=WAIT
+    )
+
+    # A global default edited on the Rules tab reaches the other page too.
+    for page in (one, two):
+        page.click("#tab-rules")
+        page.wait_for_selector("#rules-body tr[data-command=refactor]", timeout=WAIT)
+    one.fill("#rules-body tr[data-command=refactor] input[data-period=weekly]", "777")
+    one.click("#rules-body tr[data-command=refactor] button")
+    two.wait_for_function(
+        "() => document.querySelector("
+        "'#rules-body tr[data-command=refactor] input[data-period=weekly]').value === '777'",
+        timeout=WAIT,
+    )
+    audit = server.call("GET", f"{API}/audit?actor=browser-admin")[1]["items"]
+    assert {"limits.update", "usage.reset"} <= {e["action"] for e in audit}
+
+
+def test_a_username_with_markup_is_shown_as_text(server, open_dashboard):
+    name = "<img src=x onerror=alert(1)>"
+    server.set_user_limit(name, 0)
+    page = open_dashboard(server)
+    dialogs: list[str] = []
+    page.on("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))
+    assert server.consume(name) == 429
+    wait_in_feed(page, name)
+    page.click("#tab-users")
+    page.fill("#users-search", "onerror")
+    page.wait_for_function(
+        "name => [...document.querySelectorAll('#users-body .username')]"
+        ".map(n => n.textContent).join('|') === name",
+        arg=name,
+        timeout=WAIT,
+    )
+    assert page.locator("img").count() == 0  # nothing was parsed as HTML
+    assert dialogs == [] and page.errors == []
+
+
+def test_the_page_falls_back_to_sse_when_websocket_is_refused(server, open_dashboard):
+    server.set_user_limit("sse-sam", 0)
+    page = open_dashboard(server, block_websocket=True)
+    assert page.inner_text("#conn-transport") == "via SSE"
+    assert server.consume("sse-sam") == 429
+    wait_in_feed(page, "sse-sam")
+    health = server.call("GET", "/api/ws/health")[1]
+    assert health["clients"]["sse"] >= 1
+
+
+def write_violations_offline(server: Server, user: str, n: int) -> None:
+    """While the server is down: real violations in its database, through QuotaService."""
+    config = load_config(server.config_path)
+
+    async def work() -> None:
+        store = Store(f"sqlite:///{server.db_path}", "normal")
+        quota = QuotaService(config, store, SystemLoad([[100, 1.0]], [[100, 1.0]]))
+        try:
+            for _ in range(n):
+                decision = await quota.consume(user, "shell")
+                assert decision.reason == "quota_exceeded"
+        finally:
+            await asyncio.get_running_loop().run_in_executor(None, store.close)
+
+    # Its own thread and loop: Playwright's sync API owns this thread's loop.
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            asyncio.run(work())
+        except BaseException as exc:  # handed to the test below
+            errors.append(exc)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    thread.join(60)
+    assert not thread.is_alive() and not errors, errors
+
+
+def test_restart_reconnects_and_shows_missed_violations_exactly_once(own_server, open_dashboard):
+    server = own_server
+    for user in ("gone-gus", "back-bea", "mark-max"):
+        server.set_user_limit(user, 0)
+    page = open_dashboard(server)
+    assert server.consume("mark-max") == 429
+    wait_in_feed(page, "mark-max")
+
+    server.stop()
+    page.wait_for_function(
+        "() => document.getElementById('conn-text').textContent.startsWith('reconnecting')",
+        timeout=WAIT,
+    )
+    assert "attempt" in page.inner_text("#conn-text")
+    write_violations_offline(server, "gone-gus", 2)  # missed while the page was away
+
+    server.start()
+    for _ in range(2):  # made right after the restart, likely before the page is back
+        assert server.consume("back-bea") == 429
+    page.wait_for_selector("#conn[data-state=connected]", timeout=60_000)
+    wait_in_feed(page, "gone-gus", 2)
+    wait_in_feed(page, "back-bea", 2)
+    assert server.consume("mark-max") == 429  # a marker: everything before it has arrived
+    wait_in_feed(page, "mark-max", 2)
+
+    names = feed_names(page)
+    assert names.count("gone-gus") == 2 and names.count("back-bea") == 2
+    assert names.count("mark-max") == 2
+    seqs = page.evaluate(
+        "() => [...document.querySelectorAll('#violations-feed li')].map(li => li.dataset.seq)"
+    )
+    assert len(seqs) == len(set(seqs))
+    assert seqs == sorted(seqs, key=int, reverse=True)
+    assert page.errors == []
