@@ -112,7 +112,9 @@ def declared_roles(app: Any, cls: type, method: str, path: str) -> frozenset[str
     """The roles a handler declares for ``method``, read from a handler built for it."""
     start_line = RequestStartLine(method, path, "HTTP/1.1")
     request = HTTPServerRequest(
-        start_line=start_line, headers=HTTPHeaders(), connection=_NoConnection()
+        start_line=start_line,
+        headers=HTTPHeaders({"Host": "127.0.0.1"}),
+        connection=_NoConnection(),
     )
     handler = cls(app.web, request, app=app)
     assert hasattr(handler, "roles_for"), f"{cls.__name__} declares no roles"
