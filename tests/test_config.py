@@ -133,3 +133,10 @@ def test_unwritable_database_directory_is_a_config_error(tmp_path):
 def test_with_overrides_rejects_unknown_keys():
     with pytest.raises(ConfigError, match="nope.key: unknown setting"):
         load_config(None, env={}).with_overrides(nope__key=1)
+
+
+def test_every_setting_is_in_docs_configuration_md():
+    with open(os.path.join(ROOT, "docs", "configuration.md")) as fh:
+        text = fh.read()
+    missing = [s.key for s in SETTINGS if f"`{s.key}`" not in text]
+    assert not missing, f"undocumented settings: {missing}"
