@@ -217,29 +217,38 @@ class AdminQueries:
         """Users active today by highest daily utilisation, then everyone else by name.
 
         Only today's active users are ranked in Python (their count is bounded by the
-        day's traffic); the idle tail is paged in SQL.
+        day's traffic) without any list of ids in the SQL; the idle tail is paged in SQL.
         """
         active_ids = (
             Usage.select(Usage.user)
             .where((Usage.period == "daily") & (Usage.window_start == day_key) & (Usage.used > 0))
             .distinct()
         )
-        active = {u.id: u for u in User.select().where(match & User.id.in_(active_ids))}
-        used = self._daily_usage(list(active), day_key) if active else {}
-        rules = Rules(list(active)) if active else Rules([])
-
-        def key(user: User) -> tuple[float, str]:
-            percents = [
-                utilization(n, rules.limit(user.id, c, "daily")) for c, n in used[user.id].items()
-            ]
-            top = max((p for p in percents if p is not None), default=-1.0)
-            return (-top, user.username)
-
-        ranked = sorted(active.values(), key=key)
-        chosen = ranked[page.offset : page.offset + page.per_page]
+        # One pass over today's counters of matching users; all rules (overrides are few).
+        rows = (
+            Usage.select(Usage.user, Usage.command_type, Usage.used, User.id, User.username)
+            .join(User)
+            .where(
+                (Usage.period == "daily")
+                & (Usage.window_start == day_key)
+                & (Usage.used > 0)
+                & match
+            )
+        )
+        rules = Rules()
+        top: dict[int, float] = {}
+        names: dict[int, str] = {}
+        for row in rows:
+            percent = utilization(row.used, rules.limit(row.user_id, row.command_type, "daily"))
+            names[row.user_id] = row.user.username
+            top[row.user_id] = max(top.get(row.user_id, -1.0), -1.0 if percent is None else percent)
+        ranked_ids = sorted(top, key=lambda uid: (-top[uid], names[uid]))
+        page_ids = ranked_ids[page.offset : page.offset + page.per_page]
+        by_id = {u.id: u for u in User.select().where(User.id.in_(page_ids))} if page_ids else {}
+        chosen = [by_id[uid] for uid in page_ids]
         missing = page.per_page - len(chosen)
         if missing > 0:
-            skip = max(0, page.offset - len(ranked))
+            skip = max(0, page.offset - len(ranked_ids))
             chosen += list(
                 User.select()
                 .where(match & User.id.not_in(active_ids))

@@ -32,7 +32,8 @@ const users = new UsersTable({
   onReset: (name) => resetDialog.open(name, users.commandTypes),
 });
 let currentTab = "live";
-let replay = null; // {count} while a resumed connection replays what was missed
+let replay = null; // {count, report} while a resumed connection replays what was missed
+let connectedBefore = false;
 
 // -- overview cards ------------------------------------------------------------------
 function applyStats(data) {
@@ -63,25 +64,14 @@ function applyStats(data) {
   }
 }
 
-// One toast for a burst of violations: the latest, and how many came with it.
-let burst = null;
-function violationToast(data) {
-  const text = `${data.username}: ${data.message}`;
-  if (burst && burst.node.isConnected) {
-    burst.more += 1;
-    burst.node.textContent = `${text} (+${burst.more} more)`;
-    clearTimeout(burst.timer);
-  } else {
-    burst = { node: toast(text, "warn", 60000), more: 0 };
-  }
-  burst.timer = setTimeout(() => burst && burst.node.remove(), 5000);
-}
-
 // -- the stream ------------------------------------------------------------------------
 function onMessage(msg, info) {
   switch (msg.type) {
     case "welcome":
-      replay = info.resumed ? { count: 0 } : null;
+      // Events replayed right after the first connection are just the ones that happened
+      // while the page loaded: only a reconnect reports what was missed.
+      replay = info.resumed ? { count: 0, report: connectedBefore } : null;
+      connectedBefore = true;
       break;
     case "stats":
       applyStats(msg.data);
@@ -91,8 +81,8 @@ function onMessage(msg, info) {
       if (violations.add(msg)) {
         charts.violation(msg);
         if (replay) replay.count += 1;
-        else violationToast(msg.data);
-        users.refreshSoon();
+        else toast(`${msg.data.username}: ${msg.data.message}`, "warn", 5000, "violation");
+        if (currentTab === "users") users.refreshSoon();
       }
       break;
     case "alert":
@@ -102,17 +92,22 @@ function onMessage(msg, info) {
       if (currentTab === "audit") audit.refreshSoon();
       break;
     case "quota_change":
-      users.refreshSoon();
-      rules.refreshSoon();
+      // Hidden tabs load fresh data when they are opened.
+      if (currentTab === "users") users.refreshSoon();
+      if (currentTab === "rules") rules.refreshSoon();
       if (currentTab === "audit") audit.refreshSoon();
       break;
     case "throttle":
-      if (!replay) toast(`Throttle factor now ${msg.data.throttle_factor}`, "warn");
+      if (!replay) {
+        const f = msg.data.throttle_factor;
+        const text = msg.data.throttle_active ? `Throttling: factor ${f}` : "Throttling ended";
+        toast(text, msg.data.throttle_active ? "warn" : "info", 5000, "throttle");
+      }
       break;
     case "recovered":
       if (!msg.data.recovered) {
         reloadAll("the server could not replay everything missed");
-      } else if (replay && replay.count) {
+      } else if (replay && replay.report && replay.count) {
         toast(`${replay.count} violation(s) arrived while disconnected`, "info");
       }
       replay = null;
@@ -166,10 +161,10 @@ async function reloadAll(reason) {
   } catch (err) {
     reportError(err, "Reloading feeds");
   }
-  users.refresh();
-  rules.refresh();
   charts.loadHistory();
   charts.loadDaily();
+  if (currentTab === "users") users.refresh();
+  if (currentTab === "rules") rules.refresh();
   if (currentTab === "audit") audit.refresh();
 }
 
@@ -212,8 +207,6 @@ async function main() {
   loadStats();
   charts.loadHistory();
   charts.loadDaily();
-  users.refresh();
-  rules.refresh();
   try {
     stream.lastSeq = await loadFeeds();
   } catch (err) {

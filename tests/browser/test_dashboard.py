@@ -14,7 +14,7 @@ from quotaserver.db import Store
 from quotaserver.quota import QuotaService
 from quotaserver.throttle import SystemLoad
 
-from .support import API, VIEWER, WAIT, Server
+from .support import ADMIN, API, VIEWER, WAIT, Server
 
 pytestmark = pytest.mark.browser
 
@@ -235,3 +235,67 @@ def test_restart_reconnects_and_shows_missed_violations_exactly_once(own_server,
     assert len(seqs) == len(set(seqs))
     assert seqs == sorted(seqs, key=int, reverse=True)
     assert page.errors == []
+
+
+def test_backoff_gives_up_after_ten_attempts_until_reconnect_and_flags_stale(own_server, browser):
+    server = own_server
+    context = browser.new_context()
+    try:
+        page = context.new_page()
+        # A controllable clock: the back-off timers run in seconds of fake time.
+        page.clock.install()
+        page.goto(f"{server.url}/login?token={ADMIN}")
+        page.wait_for_selector("#conn[data-state=connected]", timeout=WAIT)
+        delays = page.evaluate(
+            "() => import('/static/js/admin/stream.js').then(m =>"
+            " [1,2,3,4,5,6,7,10].map(k => [m.backoffDelay(k, () => 0.5),"
+            " m.backoffDelay(k, () => 0), m.backoffDelay(k, () => 0.999)]))"
+        )
+        # 1, 2, 4 ... capped at 30 s, with +/- 20 % jitter (still capped).
+        assert [d[0] for d in delays] == [1, 2, 4, 8, 16, 30, 30, 30]
+        assert [round(d[1], 1) for d in delays] == [0.8, 1.6, 3.2, 6.4, 12.8, 24, 24, 24]
+        assert [round(d[2], 1) for d in delays] == [1.2, 2.4, 4.8, 9.6, 19.2, 30, 30, 30]
+
+        server.stop()
+        seen = []
+        for attempt in range(1, 11):
+            text = f"(attempt {attempt} of 10)"
+            page.wait_for_function(
+                "t => document.getElementById('conn-text').textContent.includes(t)",
+                arg=text,
+                timeout=WAIT,
+            )
+            seen.append(page.inner_text("#conn-text"))
+            page.clock.fast_forward(31_000)
+        page.wait_for_selector("#conn[data-state=disconnected]", timeout=WAIT)
+        assert page.inner_text("#conn-text") == "disconnected: gave up after 10 attempts"
+        assert seen[0].startswith("reconnecting in ") and "attempt 1 of 10" in seen[0]
+        page.clock.fast_forward(120_000)  # no more attempts once it has given up
+        assert page.get_attribute("#conn", "data-state") == "disconnected"
+
+        server.start()
+        page.click("#reconnect")
+        page.wait_for_selector("#conn[data-state=connected]", timeout=WAIT)
+        # No message for more than 30 s: the indicator says so, then recovers on the next.
+        page.clock.fast_forward(31_000)
+        page.wait_for_selector("#conn[data-state=stale]", timeout=WAIT)
+        assert page.inner_text("#conn-text").startswith("stale: no message for")
+        page.wait_for_selector("#conn[data-state=connected]", timeout=WAIT)
+        # The successful connection reset the count: the next loss starts at attempt 1.
+        server.stop()
+        page.wait_for_function(
+            "() => document.getElementById('conn-text').textContent.includes('attempt 1 of 10')",
+            timeout=WAIT,
+        )
+    finally:
+        context.close()
+
+
+def test_logout_ends_the_session(server, open_dashboard):
+    page = open_dashboard(server)
+    page.click("#logout")
+    page.wait_for_url("**/login", timeout=WAIT)
+    page.goto(f"{server.url}/admin/quotas")
+    page.wait_for_url("**/login?next=%2Fadmin%2Fquotas", timeout=WAIT)
+    status = page.evaluate("() => fetch('/api/admin/quotas/stats').then(r => r.status)")
+    assert status == 401

@@ -66,3 +66,23 @@ export function debounce(fn, ms) {
     timer = setTimeout(() => fn(...args), ms);
   };
 }
+
+/** Run `fn` at most once per `ms`: now if idle, else once more at the end of the period.
+ * Unlike a debounce, a steady stream of calls cannot postpone it forever. */
+export function throttle(fn, ms) {
+  let last = 0;
+  let timer = null;
+  return (...args) => {
+    const wait = last + ms - Date.now();
+    if (wait <= 0 && !timer) {
+      last = Date.now();
+      fn(...args);
+    } else if (!timer) {
+      timer = setTimeout(() => {
+        timer = null;
+        last = Date.now();
+        fn(...args);
+      }, Math.max(wait, 0));
+    }
+  };
+}

@@ -3,7 +3,7 @@
 // keyed by id and carry the seq of the state shown, so an older state never wins.
 
 import { get, request } from "./api.js";
-import { byId, debounce, formatTime, fromTemplate, setText } from "./dom.js";
+import { byId, formatTime, fromTemplate, setText, throttle } from "./dom.js";
 import { canWrite, reportError, toast } from "./ui.js";
 
 const MAX_VIOLATIONS = 100;
@@ -100,7 +100,7 @@ export class AlertFeed {
     this.filter = "active";
     this.alerts = new Map(); // alert_id -> {alert, seq}
     this.counts = null;
-    this.refreshCounts = debounce(() => this._loadCounts(), 300);
+    this.refreshCounts = throttle(() => this._loadCounts(), 1000);
     byId("alerts-filter").addEventListener("change", (event) => {
       this.filter = event.target.value;
       this.reload().catch((err) => reportError(err, "Loading alerts"));

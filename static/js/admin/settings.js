@@ -1,14 +1,14 @@
 // The Rules tab (global defaults, per-user overrides) and the Audit log tab.
 
 import { get, request } from "./api.js";
-import { byId, debounce, el, formatLimit, formatTime, setText } from "./dom.js";
+import { byId, el, formatLimit, formatTime, setText, throttle } from "./dom.js";
 import { canWrite, reportError, toast } from "./ui.js";
 import { parseLimit } from "./users.js";
 
 export class RulesPanel {
   constructor() {
     this.rules = null;
-    this.refreshSoon = debounce(() => this.refresh(), 400);
+    this.refreshSoon = throttle(() => this.refresh(), 1000);
   }
 
   async refresh() {
@@ -125,7 +125,7 @@ export class AuditPanel {
   constructor() {
     this.page = 1;
     this.pages = 1;
-    this.refreshSoon = debounce(() => this.refresh(), 500);
+    this.refreshSoon = throttle(() => this.refresh(), 1000);
     byId("audit-prev").addEventListener("click", () => this.go(this.page - 1));
     byId("audit-next").addEventListener("click", () => this.go(this.page + 1));
   }

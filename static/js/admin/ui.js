@@ -5,15 +5,29 @@ import { byId, el } from "./dom.js";
 export const canWrite = document.body.dataset.role === "admin";
 export const actor = document.body.dataset.actor || "";
 
-const MAX_TOASTS = 4;
+const MAX_TOASTS = 3;
+const keyed = new Map(); // key -> {node, timer, repeats}
 
-/** A short message in the corner; `kind` is info, success, warn or error. */
-export function toast(text, kind = "info", ms = 6000) {
+/**
+ * A short message in the corner; `kind` is info, success, warn or error. Toasts with the
+ * same `key` replace each other (a burst of violations is one toast, counting the rest).
+ */
+export function toast(text, kind = "info", ms = 6000, key = null) {
   const box = byId("toasts");
+  const current = key && keyed.get(key);
+  if (current && current.node.isConnected) {
+    current.repeats += 1;
+    current.node.textContent = `${text} (+${current.repeats} more)`;
+    current.node.className = `toast toast-${kind}`;
+    clearTimeout(current.timer);
+    current.timer = setTimeout(() => current.node.remove(), ms);
+    return current.node;
+  }
   const node = el("div", { class: `toast toast-${kind}`, text, attrs: { role: "status" } });
   box.append(node);
   while (box.children.length > MAX_TOASTS) box.firstElementChild.remove();
-  setTimeout(() => node.remove(), ms);
+  const timer = setTimeout(() => node.remove(), ms);
+  if (key) keyed.set(key, { node, timer, repeats: 0 });
   return node;
 }
 

@@ -2,7 +2,7 @@
 // dialogs that change a user: edit limits (per-user overrides) and reset usage.
 
 import { get, request } from "./api.js";
-import { byId, debounce, el, formatInt, formatLimit, formatPercent, setText } from "./dom.js";
+import { byId, debounce, el, formatInt, formatLimit, formatPercent, setText, throttle } from "./dom.js";
 import { canWrite, reportError, toast } from "./ui.js";
 
 const RISK_TITLE = {
@@ -51,7 +51,7 @@ export class UsersTable {
     });
     byId("users-prev").addEventListener("click", () => this.go(this.page - 1));
     byId("users-next").addEventListener("click", () => this.go(this.page + 1));
-    this.refreshSoon = debounce(() => this.refresh(), 400);
+    this.refreshSoon = throttle(() => this.refresh(), 1000);
   }
 
   go(page) {
@@ -183,7 +183,7 @@ export class LimitsDialog {
             inputmode: "numeric",
             autocomplete: "off",
             "aria-label": `${command} ${period} limit`,
-            placeholder: `${formatLimit(info.default)} (default)`,
+            placeholder: formatLimit(info.default), // greyed: the inherited default
             "data-command": command,
             "data-period": period,
             "data-original": original,

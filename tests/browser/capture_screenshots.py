@@ -1,0 +1,86 @@
+"""Capture the dashboard screenshots kept in docs/screenshots/ (run by hand, not a test).
+
+    .venv/bin/python tests/browser/capture_screenshots.py [--warmup SECONDS]
+
+Starts the real server with demo traffic on a fresh database, lets it run so the charts
+have data, then photographs the main views at 1280x800 and at phone width (390x844).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from support import ADMIN, API, CHROMIUM, CHROMIUM_ARGS, ROOT, WAIT, Server  # noqa: E402
+
+OUT = os.path.join(ROOT, "docs", "screenshots")
+DESKTOP = {"width": 1280, "height": 800}
+PHONE = {"width": 390, "height": 844}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--warmup", type=float, default=150.0, help="seconds of demo traffic")
+    args = parser.parse_args()
+    from playwright.sync_api import sync_playwright
+
+    os.makedirs(OUT, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        server = Server(tmp, demo=True)
+        server.start()
+        try:
+            print(f"demo traffic for {args.warmup:.0f} s ...", flush=True)
+            time.sleep(args.warmup)
+            open_alerts = server.call("GET", f"{API}/alerts?status=open")[1]["items"]
+            if len(open_alerts) > 1:  # show both states in the feed
+                server.call("POST", f"{API}/alerts/{open_alerts[-1]['alert_id']}/acknowledge")
+            with sync_playwright() as p:
+                browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+                shoot(browser, server, DESKTOP, "desktop")
+                shoot(browser, server, PHONE, "phone")
+                browser.close()
+        finally:
+            server.stop()
+    print(f"screenshots in {OUT}")
+    return 0
+
+
+def shoot(browser, server: Server, viewport: dict, label: str) -> None:
+    context = browser.new_context(viewport=viewport, device_scale_factor=1)
+    page = context.new_page()
+    page.goto(f"{server.url}/login?token={ADMIN}")
+    page.wait_for_selector("#conn[data-state=connected]", timeout=WAIT)
+    page.wait_for_selector("#violations-feed li", timeout=WAIT)
+    time.sleep(3)  # a few live updates and the chart history
+    save(page, "dashboard" if label == "desktop" else f"live-{label}")  # README shows it
+    page.click("#tab-users")
+    page.wait_for_selector("#users-body tr[data-username]", timeout=WAIT)
+    time.sleep(1)
+    save(page, f"users-{label}")
+    if label == "desktop":
+        page.click("#users-body tr[data-username] button:has-text('Edit limits')")
+        page.wait_for_selector("#limits-dialog[open]", timeout=WAIT)
+        save(page, "edit-limits-desktop")
+        page.click("#limits-cancel")
+        page.click("#tab-rules")
+        page.wait_for_selector("#overrides-body tr", timeout=WAIT)
+        save(page, "rules-desktop")
+        page.click("#tab-audit")
+        page.wait_for_selector("#audit-body tr", timeout=WAIT)
+        save(page, "audit-desktop")
+    context.close()
+
+
+def save(page, name: str) -> None:
+    path = os.path.join(OUT, f"{name}.png")
+    page.screenshot(path=path)
+    print("  ", os.path.relpath(path, ROOT))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
