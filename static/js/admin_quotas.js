@@ -34,6 +34,7 @@ const users = new UsersTable({
 let currentTab = "live";
 let replay = null; // {count, report} while a resumed connection replays what was missed
 let connectedBefore = false;
+let statsFromStream = false;
 
 // -- overview cards ------------------------------------------------------------------
 function applyStats(data) {
@@ -74,6 +75,7 @@ function onMessage(msg, info) {
       connectedBefore = true;
       break;
     case "stats":
+      statsFromStream = true;
       applyStats(msg.data);
       charts.stats(msg);
       break;
@@ -106,6 +108,12 @@ function onMessage(msg, info) {
       break;
     case "recovered":
       if (!msg.data.recovered) {
+        // An unknown cursor means another event log (a new database): forget every seq.
+        const fresh = msg.data.reason === "unknown_cursor" || msg.data.reason === "invalid_cursor";
+        if (fresh) {
+          violations.reset();
+          alerts.reset();
+        }
         reloadAll("the server could not replay everything missed");
       } else if (replay && replay.report && replay.count) {
         toast(`${replay.count} violation(s) arrived while disconnected`, "info");
@@ -148,13 +156,15 @@ async function loadFeeds() {
 async function loadStats() {
   try {
     const response = await get("/stats");
-    applyStats({ delta: false, ...response.stats });
+    // For the first paint only: once the stream has sent stats, they are newer.
+    if (!statsFromStream) applyStats({ delta: false, ...response.stats });
   } catch (err) {
     reportError(err, "Loading stats");
   }
 }
 
 async function reloadAll(reason) {
+  window.quotaDashboard.reloads += 1;
   toast(`Reloading: ${reason}`, "info", 4000);
   try {
     await loadFeeds();
@@ -221,6 +231,6 @@ async function main() {
 }
 
 // Exposed for tests and debugging: the stream's state, read-only use.
-window.quotaDashboard = { stream, violations, alerts, stats };
+window.quotaDashboard = { stream, violations, alerts, stats, reloads: 0 };
 
 main();

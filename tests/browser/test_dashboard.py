@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 import time
 from typing import Any
@@ -291,11 +292,54 @@ def test_backoff_gives_up_after_ten_attempts_until_reconnect_and_flags_stale(own
         context.close()
 
 
-def test_logout_ends_the_session(server, open_dashboard):
-    page = open_dashboard(server)
+@pytest.mark.parametrize("transport", ["websocket", "sse"])
+def test_logout_ends_the_session_and_its_streams_in_every_tab(server, open_dashboard, transport):
+    other = open_dashboard(server, block_websocket=transport == "sse")
+    assert (
+        other.inner_text("#conn-transport") == f"via {'SSE' if transport == 'sse' else 'WebSocket'}"
+    )
+    page = other.context.new_page()  # a second tab of the same session
+    page.goto(f"{server.url}/admin/quotas")
+    page.wait_for_selector("#conn[data-state=connected]", timeout=WAIT)
     page.click("#logout")
     page.wait_for_url("**/login", timeout=WAIT)
+    # The server closed the other tab's stream with 1008: it stops and says why.
+    other.wait_for_selector("#conn[data-state=disconnected]", timeout=WAIT)
+    assert other.inner_text("#conn-text") == "disconnected: session ended: sign in again"
     page.goto(f"{server.url}/admin/quotas")
     page.wait_for_url("**/login?next=%2Fadmin%2Fquotas", timeout=WAIT)
     status = page.evaluate("() => fetch('/api/admin/quotas/stats').then(r => r.status)")
     assert status == 401
+
+
+def test_a_replaced_database_means_recovered_false_and_a_reload_over_rest(
+    own_server, open_dashboard
+):
+    server = own_server
+    server.set_user_limit("old-olga", 0)
+    for _ in range(3):
+        assert server.consume("old-olga") == 429
+    page = open_dashboard(server)
+    wait_in_feed(page, "old-olga", 3)
+
+    server.stop()
+    for suffix in ("", "-wal", "-shm"):
+        if os.path.exists(server.db_path + suffix):
+            os.remove(server.db_path + suffix)
+    server.start()  # a new, empty event log: the page's cursor is unknown to it
+    server.set_user_limit("new-nina", 0)
+    assert server.consume("new-nina") == 429
+    page.wait_for_selector("#conn[data-state=connected]", timeout=60_000)
+    wait_in_feed(page, "new-nina")
+    page.wait_for_function(f"() => !({FEED_NAMES})().includes('old-olga')", timeout=WAIT)
+    page.wait_for_selector(".toast-info", timeout=WAIT)  # "Reloading: ..."
+    assert page.evaluate("() => window.quotaDashboard.reloads") == 1
+
+    # The page now follows the new log: the next restart resumes without a reload.
+    server.stop()
+    server.start()
+    assert server.consume("new-nina") == 429
+    page.wait_for_selector("#conn[data-state=connected]", timeout=60_000)
+    wait_in_feed(page, "new-nina", 2)
+    assert feed_names(page) == ["new-nina", "new-nina"]
+    assert page.evaluate("() => window.quotaDashboard.reloads") == 1

@@ -24,6 +24,12 @@ export class ViolationFeed {
     this.render();
   }
 
+  /** Forget every item (their seqs belong to another event log). */
+  reset() {
+    this.items.clear();
+    this.render();
+  }
+
   /** Add one event; false if it was already shown. */
   add(msg) {
     if (this.items.has(msg.seq)) return false;
@@ -120,6 +126,11 @@ export class AlertFeed {
     for (const alert of response.items) this.alerts.set(alert.alert_id, { alert, seq: response.seq });
     for (const entry of newer) this._put(entry.alert, entry.seq);
     this.counts = response.counts;
+    this.render();
+  }
+
+  reset() {
+    this.alerts.clear();
     this.render();
   }
 

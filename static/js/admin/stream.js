@@ -12,7 +12,7 @@ const DEAD_AFTER = 60000; // ms without any message: the connection is presumed 
 const CLOSE_POLICY = 1008; // credentials revoked (logout elsewhere) or policy violation
 
 const SSE_TYPES = ["welcome", "stats", "violation", "alert", "quota_change", "throttle",
-  "ping", "recovered", "subscribed"];
+  "ping", "recovered", "subscribed", "close"];
 
 /** Seconds to wait before attempt `attempt` (1-based): 1, 2, 4 ... capped, +/- 20 %. */
 export function backoffDelay(attempt, random = Math.random) {
@@ -134,6 +134,13 @@ export class LiveStream {
       } catch (err) {
         return;
       }
+      if (msg.type === "close") {
+        // The server ended the stream on purpose and says why, with a WebSocket close code.
+        es.close();
+        this.current = null;
+        this._lost(msg.data && msg.data.code);
+        return;
+      }
       this._receive(entry, msg);
     };
     for (const type of SSE_TYPES) es.addEventListener(type, handle);
@@ -166,7 +173,9 @@ export class LiveStream {
       this._setStatus({ state: "connected", transport: entry.kind });
     }
     if (msg.type === "recovered" && typeof msg.data.seq === "number") {
-      this.lastSeq = Math.max(this.lastSeq ?? 0, msg.data.seq);
+      const foreign = ["unknown_cursor", "invalid_cursor"].includes(msg.data.reason);
+      // A cursor the server never issued (its database was replaced): start over at its head.
+      this.lastSeq = foreign ? msg.data.seq : Math.max(this.lastSeq ?? 0, msg.data.seq);
     }
     try {
       this.onMessage(msg, { transport: entry.kind, resumed: entry.resumed });
