@@ -79,6 +79,8 @@ async def test_bad_input_is_a_4xx_envelope_never_a_500(app_factory):
         ("POST", "users/bob/reset", {"everything": True}, 400),
         ("POST", "alerts/999/acknowledge", None, 404),
         ("POST", "alerts/abc/resolve", None, 404),
+        ("POST", f"alerts/{10**30}/resolve", None, 404),
+        ("GET", f"events?before={10**30}", None, 400),
         ("PATCH", "rules/shell", {"limits": {"daily": 1}}, 405),
     ]
     for method, path, body, status in cases:

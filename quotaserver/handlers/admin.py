@@ -7,7 +7,8 @@ through ``app.rules`` and ``app.alerts``, which audit, persist and publish them.
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Awaitable
+from typing import TYPE_CHECKING, Any
 
 from ..admin_queries import USER_SORTS, AdminQueries
 from ..alerts import SEVERITIES, STATUSES, AlertNotFound
@@ -20,6 +21,9 @@ from .base import ADMIN, VIEWER, ApiError, BaseHandler
 from .params import choice_arg, int_arg, page_arg, str_arg, time_arg
 from .streams import parse_types
 
+if TYPE_CHECKING:
+    from ..app import QuotaApp
+
 ALERT_STATUS_FILTERS = (*STATUSES, "active", "all")
 
 
@@ -29,7 +33,7 @@ class AdminHandler(BaseHandler):
     roles = ADMIN
     method_roles = {"GET": VIEWER, "HEAD": VIEWER}
 
-    def initialize(self, app: Any) -> None:
+    def initialize(self, app: QuotaApp) -> None:
         super().initialize(app)
         self.queries = AdminQueries(app)
 
@@ -66,7 +70,7 @@ class AdminHandler(BaseHandler):
             raise ApiError(400, "invalid_parameter", f"unknown or untracked period {bad[0]!r}")
         return periods
 
-    async def rule_change(self, call: Any) -> dict[str, Any]:
+    async def rule_change(self, call: Awaitable[dict[str, Any]]) -> dict[str, Any]:
         """Run a RuleService change, mapping its errors to 4xx."""
         try:
             return await call
@@ -288,10 +292,9 @@ class AlertActionHandler(AdminHandler):
     """POST /api/admin/quotas/alerts/{id}/acknowledge and /resolve"""
 
     async def post(self, alert_id: str, action: str) -> None:
-        try:
-            ident = int(alert_id)
-        except ValueError:
-            raise ApiError(404, "unknown_alert", "no such alert") from None
+        ident = int(alert_id) if alert_id.isdigit() and len(alert_id) <= 18 else 0
+        if ident <= 0:  # also keeps huge numbers away from the database's integer range
+            raise ApiError(404, "unknown_alert", "no such alert")
         service = self.app.alerts
         change = service.acknowledge if action == "acknowledge" else service.resolve
         try:
