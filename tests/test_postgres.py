@@ -1,0 +1,141 @@
+"""The same models and hot-path SQL on a real PostgreSQL server (started for this module).
+
+Skipped with a reason where PostgreSQL's server binaries are not installed; `.ci/run`
+installs them so CI always runs this module.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import glob
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+
+import pytest
+from clients import SERVICE, call, consume, ws_connect
+
+from quotaserver.models import Alert, Usage, User, Violation
+
+BINDIRS = sorted(glob.glob("/usr/lib/postgresql/*/bin"), reverse=True)
+INITDB = next((os.path.join(d, "initdb") for d in BINDIRS if os.path.exists(f"{d}/initdb")), None)
+
+pytestmark = pytest.mark.skipif(
+    INITDB is None, reason="PostgreSQL server binaries not installed (apt-get install postgresql)"
+)
+
+
+def _as_postgres(args: list[str]) -> list[str]:
+    # initdb and postgres refuse to run as root.
+    return ["runuser", "-u", "postgres", "--", *args] if os.geteuid() == 0 else args
+
+
+@pytest.fixture(scope="module")
+def pg_url():
+    pytest.importorskip("psycopg2", reason="pip install psycopg2-binary (the test extras do)")
+    bindir = os.path.dirname(INITDB)
+    workdir = tempfile.mkdtemp(prefix="qs-pg-")
+    data = os.path.join(workdir, "data")
+    if os.geteuid() == 0:
+        shutil.chown(workdir, "postgres", "postgres")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    run = lambda args: subprocess.run(_as_postgres(args), check=True, capture_output=True)  # noqa: E731
+    run([INITDB, "-D", data, "-A", "trust", "-U", "postgres"])
+    run(
+        [
+            f"{bindir}/pg_ctl", "-D", data, "-w", "-l", os.path.join(workdir, "log"),
+            "-o", f"-p {port} -k {workdir} -c listen_addresses=127.0.0.1 -c fsync=off",
+            "start",
+        ]
+    )  # fmt: skip
+    try:
+        run([f"{bindir}/createdb", "-h", "127.0.0.1", "-p", str(port), "-U", "postgres", "qs"])
+        yield f"postgresql://postgres@127.0.0.1:{port}/qs"
+    finally:
+        run([f"{bindir}/pg_ctl", "-D", data, "-m", "immediate", "stop"])
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _reset() -> None:
+    from quotaserver import models
+
+    db = models.database_proxy.obj
+    tables = [m._meta.table_name for m in models.ALL_MODELS]
+    db.execute_sql("DROP TABLE IF EXISTS " + ", ".join(f'"{t}"' for t in tables) + " CASCADE")
+
+
+@pytest.fixture
+def pg_app(app_factory, pg_url, io_loop):
+    """Start the real app on the PostgreSQL database, emptied first."""
+
+    async def start(**overrides):
+        app = await app_factory(database__url=pg_url, **overrides)
+        await app.store.run(_reset)
+        await app.stop()
+        return await app_factory(database__url=pg_url, **overrides)
+
+    return start
+
+
+async def count(app, model, *where):
+    return await app.store.run(
+        lambda: model.select().where(*where).count() if where else model.select().count()
+    )
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_consume_check_and_violation_on_postgresql(pg_app):
+    app = await pg_app()
+    assert not app.store.is_sqlite
+    await app.rules.set_global_limits("code", {"daily": 3}, actor="t")
+    ok = await consume(app, "alice", "code", 2)
+    assert ok.code == 200 and ok.json["periods"]["daily"]["used"] == 2
+    denied = await consume(app, "alice", "code", 2)
+    assert denied.code == 429 and denied.json["violation"]["attempted"] == 4
+    check = await call(app, "POST", "/api/quotas/check",
+                       {"user": "alice", "command_type": "code"}, token=SERVICE)  # fmt: skip
+    assert check.code == 200 and check.json["periods"]["daily"]["remaining"] == 1
+    assert await count(app, Violation) == 1
+    status = await call(app, "GET", "/api/quotas/users/alice", token=SERVICE)
+    assert status.json["command_types"]["code"]["daily"]["used"] == 2
+
+
+@pytest.mark.gen_test(timeout=120)
+async def test_concurrent_consumes_never_over_admit_on_postgresql(pg_app):
+    app = await pg_app(database__pool_size=8)
+    await app.rules.set_global_limits("shell", {"daily": 50}, actor="t")
+    await consume(app, "bob", "shell")  # creates the user and its counters
+    results = await asyncio.gather(*(consume(app, "bob", "shell") for _ in range(200)))
+    codes = [r.code for r in results]
+    assert codes.count(200) == 49 and codes.count(429) == 151
+    used = await app.store.run(
+        lambda: Usage.select(Usage.used).join(User)
+        .where((User.username == "bob") & (Usage.period == "daily")).scalar()
+    )  # fmt: skip
+    assert used == 50
+    assert await count(app, Violation) == 151
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_rules_alerts_and_replay_on_postgresql(pg_app):
+    app = await pg_app()
+    await app.rules.set_user_limits("carol", "test", {"daily": 1, "weekly": None}, actor="t")
+    listed = await app.rules.list_rules()
+    assert listed["overrides"]["carol"]["test"] == {"daily": 1, "weekly": None}
+    first = await app.alerts.raise_alert("manual", "high", "x", dedupe_day="2026-03-10")
+    again = await app.alerts.raise_alert("manual", "high", "x", dedupe_day="2026-03-10")
+    assert again["alert_id"] == first["alert_id"] and again["count"] == 2
+    assert await count(app, Alert) == 1
+    ws = await ws_connect(app)
+    welcome = await ws.recv_type("welcome")
+    ws.close()
+    await consume(app, "carol", "test", 5)
+    resumed = await ws_connect(app, f"last_seq={welcome['data']['seq']}")
+    violation = await resumed.recv_type("violation")
+    assert violation["data"]["username"] == "carol"
+    assert (await resumed.recv_type("recovered"))["data"]["missed"] >= 1
+    resumed.close()
