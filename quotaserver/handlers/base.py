@@ -104,6 +104,22 @@ def log_handler_exception(
         log.error("uncaught exception %s", request_summary(handler), exc_info=(typ, value, tb))
 
 
+def parse_json(raw: bytes | str) -> Any:
+    """Decode JSON from a client; ValueError unless it is data the server can handle.
+
+    Beyond syntax errors this refuses what ``json.loads`` accepts but the server cannot
+    handle: nesting deep enough to exhaust the stack, and unpaired surrogates
+    (``"\\ud800"``), which cannot be stored or sent back as UTF-8.
+    """
+    try:
+        value = json.loads(raw)
+        # Re-encoding finds unpaired surrogates anywhere in the value.
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except (UnicodeError, RecursionError) as exc:
+        raise ValueError(str(exc)) from None
+    return value
+
+
 def identify(handler: tornado.web.RequestHandler, app: QuotaApp) -> Identity | None:
     """Bearer token first, then the browser session cookie."""
     auth = app.auth
@@ -204,8 +220,8 @@ class BaseHandler(tornado.web.RequestHandler):
         if ctype.split(";")[0].strip().lower() != "application/json":
             raise ApiError(415, "unsupported_media_type", "Content-Type must be application/json")
         try:
-            body = json.loads(self.request.body or b"")
-        except (ValueError, UnicodeDecodeError):
+            body = parse_json(self.request.body or b"")
+        except ValueError:  # UnicodeDecodeError is one too
             raise ApiError(400, "invalid_json", "the body is not valid JSON") from None
         if not isinstance(body, dict):
             raise ApiError(400, "invalid_json", "the body must be a JSON object")

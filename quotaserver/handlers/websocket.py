@@ -31,6 +31,7 @@ from .base import (
     ApiError,
     identify,
     log_handler_exception,
+    parse_json,
     request_summary,
     security_headers,
 )
@@ -135,7 +136,9 @@ class AdminSocketHandler(tornado.websocket.WebSocketHandler):
             self.client.seen()
 
     def on_message(self, message: str | bytes) -> None:
-        if self.client is None or self.client.closed:
+        if self.client is None or self.client.closed or self._closing:
+            # Frames the peer pipelined after we closed: answering them would raise, and
+            # Tornado would then abort the TCP stream before our close frame is read.
             return
         self.client.seen()
         now = time.monotonic()
@@ -149,7 +152,7 @@ class AdminSocketHandler(tornado.websocket.WebSocketHandler):
             self.close(CLOSE_UNSUPPORTED, "binary messages are not supported")
             return
         try:
-            data = json.loads(message)
+            data = parse_json(message)
         except ValueError:
             return self._bad_message("invalid_json", "messages must be JSON objects")
         if not isinstance(data, dict) or data.get("type") not in CLIENT_TYPES:
@@ -164,18 +167,27 @@ class AdminSocketHandler(tornado.websocket.WebSocketHandler):
             except ApiError as exc:
                 return self._bad_message(exc.code, exc.message)
             self.client.types = types
-            self.write_message(
-                Message("subscribed", {"types": sorted(types) if types else None}).text
-            )
+            self._reply(Message("subscribed", {"types": sorted(types) if types else None}))
         elif kind == "ping":
-            self.write_message(Message("pong", {}).text)
+            self._reply(Message("pong", {}))
 
     def _bad_message(self, code: str, text: str) -> None:
         self._bad += 1
         if self._bad > MAX_BAD_MESSAGES:
             self.close(CLOSE_POLICY, "too many invalid messages")
             return
-        self.write_message(error_message(code, text).text)
+        self._reply(error_message(code, text))
+
+    @property
+    def _closing(self) -> bool:
+        return self.ws_connection is None or self.ws_connection.is_closing()
+
+    def _reply(self, message: Message) -> None:
+        if self._closing:
+            return
+        future = self.write_message(message.text)
+        # A peer that disconnects before the reply is flushed is not an error.
+        future.add_done_callback(lambda f: f.cancelled() or f.exception())
 
     def on_close(self) -> None:
         if self.client is not None:
