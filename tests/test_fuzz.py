@@ -302,7 +302,7 @@ PLAUSIBLE = {
 
 def _route_strategy() -> st.SearchStrategy[tuple[str, str, str]]:
     """(method, pattern, path) over every HTTP route; path groups drawn from their regex."""
-    from test_security import _group_spans, implemented
+    from test_security import group_spans, implemented
 
     choices = []
     for pattern, cls in urls.ROUTES + urls.DEV_ROUTES:
@@ -318,7 +318,7 @@ def _route_strategy() -> st.SearchStrategy[tuple[str, str, str]]:
     def draw(draw_: Any) -> tuple[str, str, str]:
         method, pattern = draw_(st.sampled_from(choices))
         path, last = "", 0
-        for start, end in _group_spans(pattern):
+        for start, end in group_spans(pattern):
             group = pattern[start + 1 : end - 1]
             # Plausible values by the segment before the group, so writes can succeed.
             before = pattern[last:start].rstrip("/").rsplit("/", 1)[-1]

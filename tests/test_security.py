@@ -61,7 +61,7 @@ FORM = "application/x-www-form-urlencoded"
 
 
 # -- helpers -----------------------------------------------------------------------------
-def _group_spans(pattern: str) -> list[tuple[int, int]]:
+def group_spans(pattern: str) -> list[tuple[int, int]]:
     """Top-level capture groups of a route pattern, as (start, end) spans."""
     spans, depth, start, i, in_class = [], 0, 0, 0, False
     while i < len(pattern):
@@ -87,7 +87,7 @@ def _group_spans(pattern: str) -> list[tuple[int, int]]:
 
 def sample_path(pattern: str) -> str:
     """A concrete path that the route table sends to this route's handler."""
-    spans = _group_spans(pattern)
+    spans = group_spans(pattern)
     starts = [0] + [end for _, end in spans]
     ends = [start for start, _ in spans] + [len(pattern)]
     literal = [pattern[a:b] for a, b in zip(starts, ends, strict=True)]
