@@ -23,6 +23,9 @@ async def start_server(tmp_path, *args):
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("QUOTASERVER_")}
     env["QUOTASERVER_ADMIN_TOKEN"] = ADMIN
+    # The real process samples this machine's CPU; a busy test machine must not throttle it.
+    env["QUOTASERVER_THROTTLE_CPU_BANDS"] = "[[100, 1.0]]"
+    env["QUOTASERVER_THROTTLE_MEMORY_BANDS"] = "[[100, 1.0]]"
     proc = await asyncio.create_subprocess_exec(
         sys.executable, os.path.join(ROOT, "run.py"), "--port", str(port), *args,
         cwd=str(tmp_path), env=env,

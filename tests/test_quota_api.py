@@ -293,7 +293,8 @@ async def test_oversized_body_is_refused(app_factory):
     app = await app_factory(server__max_body_size=4096)
     raw = '{"user": "a", "command_type": "shell", "pad": "' + "x" * 10000 + '"}'
     resp = await call(app, "POST", "/api/quotas/consume", raw=raw, token=SERVICE)
-    assert 400 <= resp.code < 500
+    assert resp.code == 413
+    assert resp.json["error"]["code"] == "payload_too_large"
     assert await db_count(app, User) == 0
 
 

@@ -535,9 +535,12 @@ async def test_request_bodies_are_capped(app_factory):
     body = json.dumps({"user": "bob", "command_type": "shell"})
     resp = await call(app, "POST", "/api/quotas/consume", raw=body + " " * 3000, token=SERVICE)
     assert resp.code == 200 and resp.json["periods"]["daily"]["used"] == 1
-    # Over the cap Tornado answers 400 from the Content-Length alone and closes the
-    # connection: the body is never read and no handler runs.
+    # Over the cap: a JSON 413, nothing written.
     resp = await call(app, "POST", "/api/quotas/consume", raw=body + " " * 5000, token=SERVICE)
+    assert resp.code == 413 and resp.json["error"]["code"] == "payload_too_large", resp
+    # Far over it Tornado answers 400 from the Content-Length alone and closes the
+    # connection: the body is never read and no handler runs.
+    resp = await call(app, "POST", "/api/quotas/consume", raw=body + " " * 20000, token=SERVICE)
     assert resp.code == 400 and resp.body == b"", resp
     status = await call(app, "GET", "/api/quotas/users/bob", token=SERVICE)
     assert status.json["command_types"]["shell"]["daily"]["used"] == 1

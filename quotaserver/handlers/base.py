@@ -186,6 +186,9 @@ class BaseHandler(tornado.web.RequestHandler):
         log_handler_exception(self, typ, value, tb)
 
     def prepare(self) -> None:
+        limit = self.app.config["server.max_body_size"]
+        if len(self.request.body or b"") > limit:
+            raise ApiError(413, "payload_too_large", f"the body is larger than {limit} bytes")
         self.identity = identify(self, self.app)
         roles = self.roles_for(self.request.method or "GET")
         if roles is None:
