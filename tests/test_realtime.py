@@ -373,3 +373,17 @@ async def test_shutdown_closes_websockets_with_the_given_code_and_ends_sse(app_f
     assert await ws.closed() == 1012
     await asyncio.wait_for(sse.fetch, 5)
     assert app.hub.count() == 0
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_prebuilt_frames_of_every_length_class_reach_clients_intact(app_factory):
+    app = await app_factory(**FAST)
+    ws = await ws_connect(app, "types=quota_change")
+    await ws.recv_type("welcome")
+    # Payload lengths around the 7-bit, 16-bit and 64-bit frame-length encodings.
+    for size in (1, 40, 126 - 90, 200, 65535 - 120, 65536, 200_000):
+        message = await app.publish_event("quota_change", {"note": "é" * (size // 2)})
+        got = await ws.recv_type("quota_change")
+        assert got["seq"] == message.seq
+        assert got["data"]["note"] == "é" * (size // 2)
+    ws.close()

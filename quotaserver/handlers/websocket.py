@@ -16,6 +16,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 import tornado.websocket
+from tornado.iostream import IOStream
 
 from ..realtime.hub import Client
 from ..realtime.messages import (
@@ -56,7 +57,28 @@ class WebSocketClient(Client):
         self.token_id = identity.token_id if identity else None
 
     def write(self, message: Message) -> asyncio.Future:
-        return self.handler.write_message(message.text)
+        conn = self.handler.ws_connection
+        if conn is None or conn.is_closing():
+            raise tornado.websocket.WebSocketClosedError()
+        if getattr(conn, "_compressor", None) is not None:  # never negotiated here; stay correct
+            return self.handler.write_message(message.text)
+        # The frame was built once for every client (Message.ws_frame); write_message would
+        # re-encode, re-frame and wrap each write in a Task.
+        frame = message.ws_frame
+        stream = conn.stream
+        if type(stream) is IOStream and not stream.writing():
+            # Nothing queued: hand the frame to the kernel now. A complete send needs no
+            # future at all (the common case for a client that keeps up).
+            try:
+                sent = stream.socket.send(frame)
+            except (BlockingIOError, InterruptedError):
+                sent = 0
+            except OSError:
+                raise tornado.websocket.WebSocketClosedError() from None
+            if sent == len(frame):
+                return None
+            frame = frame[sent:]
+        return stream.write(frame)
 
     def close(self, code: int, reason: str) -> None:
         self.handler.close(code, reason)

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import json
+import struct
 from datetime import datetime
 from typing import Any
 
@@ -35,7 +36,7 @@ def _dumps(obj: Any) -> str:
 class Message:
     """An immutable envelope; :attr:`text` and :attr:`sse` are built once and shared."""
 
-    __slots__ = ("type", "seq", "timestamp", "data", "text", "_sse")
+    __slots__ = ("type", "seq", "timestamp", "data", "text", "_sse", "_frame")
 
     def __init__(
         self,
@@ -57,6 +58,7 @@ class Message:
         envelope["data"] = data
         self.text = _dumps(envelope)
         self._sse: bytes | None = None
+        self._frame: bytes | None = None
 
     @property
     def durable(self) -> bool:
@@ -69,6 +71,21 @@ class Message:
             head = f"id: {self.seq}\n" if self.seq is not None else ""
             self._sse = f"{head}event: {self.type}\ndata: {self.text}\n\n".encode()
         return self._sse
+
+    @property
+    def ws_frame(self) -> bytes:
+        """The complete server-to-client WebSocket text frame (RFC 6455: FIN, unmasked)."""
+        if self._frame is None:
+            payload = self.text.encode()
+            n = len(payload)
+            if n < 126:
+                head = struct.pack("!BB", 0x81, n)
+            elif n <= 0xFFFF:
+                head = struct.pack("!BBH", 0x81, 126, n)
+            else:
+                head = struct.pack("!BBQ", 0x81, 127, n)
+            self._frame = head + payload
+        return self._frame
 
     def __repr__(self) -> str:
         return f"Message({self.type!r}, seq={self.seq})"
