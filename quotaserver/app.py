@@ -255,9 +255,18 @@ class QuotaApp:
 
 
 def _log_request(handler: tornado.web.RequestHandler) -> None:
-    """Access log without query strings (a login URL carries a token)."""
+    """Access log without query strings (a login URL carries a token).
+
+    Successful requests and quota denials (429) are the normal traffic of a quota server,
+    logged at DEBUG so they cannot drown the rest; other 4xx at WARNING, 5xx at ERROR.
+    """
     status = handler.get_status()
-    level = logging.INFO if status < 400 else logging.WARNING if status < 500 else logging.ERROR
+    if status >= 500:
+        level = logging.ERROR
+    elif status >= 400 and status != 429:
+        level = logging.WARNING
+    else:
+        level = logging.DEBUG
     request = handler.request
     logging.getLogger("tornado.access").log(
         level,

@@ -146,7 +146,13 @@ SETTINGS: tuple[Setting, ...] = (
         "server.max_body_size", int, 65536, "Largest accepted request body (bytes).", 1024, 2**26
     ),
     Setting("server.shutdown_timeout", float, 10.0, "Seconds allowed for a clean stop.", 0.1, 300),
-    Setting("server.log_level", str, "info", "Log level.", choices=("debug", "info", "warning")),
+    Setting(
+        "server.log_level",
+        str,
+        "info",
+        "Log level (debug also logs every successful request and quota denial).",
+        choices=("debug", "info", "warning"),
+    ),
     Setting(
         "database.url",
         str,

@@ -905,7 +905,7 @@ async def test_first_run_token_file_is_0600_and_the_printed_url_logs_in(tmp_path
         assert (await call(proc, "GET", "/api/ws/health", token=None, headers=headers)).code == 200
     finally:
         logs = await _stop(proc)
-    assert "GET /login" in logs  # the access log went to stderr
+    assert "401 GET /api/ws/health" in logs  # the access log went to stderr
     assert token not in logs
     # A second start reuses the same token (and says so again).
     proc = await _run_server(tmp_path)
