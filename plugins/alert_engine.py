@@ -20,6 +20,8 @@ from collections import Counter
 from typing import Any
 
 from quotaserver import hookimpl
+from quotaserver.alerts import SEVERITIES
+from quotaserver.config import check_plugin_block, positive_number
 from quotaserver.models import Violation, naive_utc
 from quotaserver.realtime.emitters import PeriodicEmitter
 
@@ -33,12 +35,41 @@ DEFAULT_RULES: dict[str, dict[str, Any]] = {
 }
 
 
+def _check_rules(rules: Any) -> str | None:
+    if rules is None:
+        return None
+    if not isinstance(rules, dict):
+        return "must be a mapping of rule name to settings"
+    for name, rule in rules.items():
+        if name not in DEFAULT_RULES:
+            return f"unknown rule {name!r} (expected one of {', '.join(DEFAULT_RULES)})"
+        if rule is None:
+            continue
+        if not isinstance(rule, dict):
+            return f"{name}: must be a mapping"
+        for field, value in rule.items():
+            if field == "enabled":
+                ok = isinstance(value, bool)
+            elif field == "severity":
+                ok = value in SEVERITIES
+            elif field in DEFAULT_RULES[name]:
+                ok = positive_number(value) is None
+            else:
+                return f"{name}.{field}: unknown setting"
+            if not ok:
+                return f"{name}.{field}: invalid value {value!r}"
+    return None
+
+
+@hookimpl
+def validate_config(config: Any) -> list[str]:
+    fields = {"rules": _check_rules, "check_interval": positive_number}
+    return check_plugin_block(NAME, config.plugin(NAME), fields)
+
+
 class Engine:
     def __init__(self, settings: dict[str, Any]):
         configured = settings.get("rules") or {}
-        unknown = set(configured) - set(DEFAULT_RULES)
-        if unknown:
-            raise ValueError(f"plugins.alert_engine.rules: unknown rule {sorted(unknown)[0]!r}")
         self.rules = {
             name: {**default, **(configured.get(name) or {})}
             for name, default in DEFAULT_RULES.items()

@@ -12,10 +12,16 @@ from __future__ import annotations
 from typing import Any
 
 from quotaserver import hookimpl
+from quotaserver.config import check_plugin_block, positive_number
 from quotaserver.history import LOAD_PLUGIN, load_ring
 from quotaserver.realtime.emitters import PeriodicEmitter
 
 NAME = LOAD_PLUGIN
+
+
+@hookimpl
+def validate_config(config: Any) -> list[str]:
+    return check_plugin_block(NAME, config.plugin(NAME), {"interval": positive_number})
 
 
 @hookimpl

@@ -15,6 +15,7 @@ from typing import Any
 import psutil
 
 from quotaserver import hookimpl
+from quotaserver.config import check_plugin_block, positive_number
 from quotaserver.realtime.emitters import PeriodicEmitter
 
 NAME = "system_metrics"
@@ -23,6 +24,11 @@ NAME = "system_metrics"
 def sample() -> tuple[float, float]:
     """CPU % since the previous call and memory % in use (blocking: call off the loop)."""
     return psutil.cpu_percent(interval=None), psutil.virtual_memory().percent
+
+
+@hookimpl
+def validate_config(config: Any) -> list[str]:
+    return check_plugin_block(NAME, config.plugin(NAME), {"interval": positive_number})
 
 
 @hookimpl

@@ -479,3 +479,29 @@ def load_config(
             f"quotas.defaults.{name}: not listed in quotas.command_types{_where(path)}"
         )
     return Config(values, plugins, path)
+
+
+def positive_number(value: Any) -> str | None:
+    """A check for plugin settings: a number greater than zero."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+        return f"must be a positive number, got {value!r}"
+    return None
+
+
+def check_plugin_block(
+    name: str, block: dict[str, Any], fields: dict[str, Callable[[Any], str | None]]
+) -> list[str]:
+    """Errors in plugin ``name``'s settings: unknown keys, and each field's own check.
+
+    For ``validate_config`` implementations; ``enabled`` is always allowed.
+    """
+    errors = []
+    for key, value in block.items():
+        if key == "enabled":
+            continue
+        check = fields.get(key)
+        if check is None:
+            errors.append(f"plugins.{name}.{key}: unknown setting")
+        elif (problem := check(value)) is not None:
+            errors.append(f"plugins.{name}.{key}: {problem}")
+    return errors

@@ -14,6 +14,7 @@ import pluggy
 
 if TYPE_CHECKING:
     from .app import QuotaApp
+    from .config import Config
     from .quota import Decision
     from .realtime.emitters import EventEmitter, PeriodicEmitter
     from .realtime.messages import Message
@@ -63,6 +64,18 @@ def on_violation(app: QuotaApp, violation: dict[str, Any]) -> None:
 def on_event(app: QuotaApp, message: Message) -> None:
     """Called after any durable event (violation, alert, quota_change, throttle, or a
     plugin's own) was committed and published. May be awaitable."""
+
+
+@hookspec
+def validate_config(config: Config) -> list[str] | None:
+    """Check this plugin's settings, when the configuration is loaded (start-up and
+    ``--check-config``), before anything runs.
+
+    :param config: the validated core configuration; ``config.plugin(name)`` is a block.
+    :return: error texts, each starting with the key it is about
+        (``"plugins.my_plugin.interval: must be a positive number"``). Any error stops
+        start-up with exit status 2.
+    """
 
 
 @hookspec

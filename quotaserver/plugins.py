@@ -82,12 +82,19 @@ def get_plugin_manager(config: Config | None = None) -> pluggy.PluginManager:
             except Exception as exc:
                 log.error("plugin %s (%s) failed to load: %s", name, filename, exc)
 
+    pm.check_pending()
     if config is not None:
+        source = f" (in {config.source})" if config.source else ""
         for name in config.plugins:
             if name not in known:
-                source = f" (in {config.source})" if config.source else ""
                 raise ConfigError(f"plugins.{name}: no such plugin{source}")
-    pm.check_pending()
+        for impl in reversed(pm.hook.validate_config.get_hookimpls()):
+            try:
+                errors = impl.function(config=config) or []
+            except Exception as exc:  # a validator that breaks is a configuration problem too
+                errors = [f"plugins.{impl.plugin_name}: {type(exc).__name__}: {exc}"]
+            if errors:
+                raise ConfigError(f"{errors[0]}{source}")
     return pm
 
 

@@ -83,6 +83,14 @@ def test_environment_and_flags_override_yaml(tmp_path):
         ("server:\n  port: [unclosed\n", {}, "invalid YAML at line"),
         ("plugins:\n  no_such_plugin: {}\n", {}, "plugins.no_such_plugin: no such plugin"),
         ("plugins:\n  alert_engine: {enabled: maybe}\n", {}, "plugins.alert_engine.enabled"),
+        ("plugins:\n  alert_engine:\n    rules: {bogus: {}}\n", {}, "unknown rule 'bogus'"),
+        (
+            "plugins:\n  alert_engine:\n    rules:\n      high_utilization: {severity: x}\n",
+            {},
+            "high_utilization.severity",
+        ),  # fmt: skip
+        ("plugins:\n  system_metrics: {interval: -1}\n", {}, "plugins.system_metrics.interval"),
+        ("plugins:\n  system_metrics: {intervall: 2}\n", {}, "plugins.system_metrics.intervall"),
         ("", {"QUOTASERVER_SERVER_PORT": "abc"}, "server.port: expected int"),
         ("", {"QUOTASERVER_NOPE": "1"}, "QUOTASERVER_NOPE: unknown setting"),
         ("database:\n  url: mysql://x/y\n", {}, "database.url"),

@@ -10,6 +10,7 @@ import pytest
 from clients import VIEWER, call, consume, ws_connect
 
 from quotaserver import hookspecs
+from quotaserver.config import ConfigError, load_config
 from quotaserver.plugins import get_plugin_manager
 
 HOOKS = sorted(n for n in dir(hookspecs) if hasattr(getattr(hookspecs, n), "quotaserver_spec"))
@@ -211,6 +212,37 @@ async def test_hook_register_emitters(app_factory, tmp_path):
     ws.close()
 
 
+def test_hook_validate_config(tmp_path):
+    checker = """
+from quotaserver import hookimpl
+
+@hookimpl
+def validate_config(config):
+    if config.plugin("checker").get("level", 1) > 3:
+        return ["plugins.checker.level: must be at most 3"]
+    return []
+"""
+    breaks = """
+from quotaserver import hookimpl
+
+@hookimpl
+def validate_config(config):
+    raise RuntimeError("validator crashed")
+"""
+    directory = plugin_dir(tmp_path, checker=checker)
+    config = load_config(env={}).with_overrides(plugins_dir=directory)
+    config.plugins = {"checker": {"level": 2}}
+    assert get_plugin_manager(config).has_plugin("checker")
+    config.plugins = {"checker": {"level": 9}}
+    with pytest.raises(ConfigError, match=r"^plugins\.checker\.level: must be at most 3"):
+        get_plugin_manager(config)
+    config.plugins = {"checker": {"level": 9, "enabled": False}}  # disabled: not consulted
+    assert not get_plugin_manager(config).has_plugin("checker")
+    broken = load_config(env={}).with_overrides(plugins_dir=plugin_dir(tmp_path, breaks=breaks))
+    with pytest.raises(ConfigError, match="plugins.breaks: RuntimeError: validator crashed"):
+        get_plugin_manager(broken)
+
+
 # -- failures stay local ------------------------------------------------------------------
 
 
@@ -258,7 +290,11 @@ async def test_third_party_entry_point_plugin_disk_usage(app_factory, tmp_path):
     app = await app_factory(plugins={"disk_usage": {"path": str(tmp_path), "interval": 0.1}})
     listed = await call(app, "GET", "/api/plugins", token=VIEWER)
     disk = [p for p in listed.json["plugins"] if p["name"] == "disk_usage"]
-    assert disk and disk[0]["version"] == "0.1.0" and disk[0]["hooks"] == ["register_emitters"]
+    assert (
+        disk
+        and disk[0]["version"] == "0.1.0"
+        and disk[0]["hooks"] == ["register_emitters", "validate_config"]
+    )
     value = await app.scheduler.run_once("disk_usage")
     assert value["path"] == str(tmp_path) and 0 <= value["percent"] <= 100
     assert app.stats_snapshot()["disk"] == value
