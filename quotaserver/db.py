@@ -44,6 +44,9 @@ def _migration_2(db: Database) -> None:
 
 
 # Append-only: (version, function). Never edit a released migration; add a new one.
+# Migrations 1 and 2 create tables from the models as they are today. The first change to
+# an existing model must therefore come with an explicit ALTER migration (playhouse.migrate)
+# and freeze 1-2 to the old definitions, or fresh and upgraded databases would differ.
 MIGRATIONS: tuple[tuple[int, Callable[[Database], None]], ...] = (
     (1, _migration_1),
     (2, _migration_2),
