@@ -52,6 +52,8 @@ def _check_rules(rules: Any) -> str | None:
                 ok = isinstance(value, bool)
             elif field == "severity":
                 ok = value in SEVERITIES
+            elif field == "duration":  # 0: raise as soon as the factor is low
+                ok = positive_number(value) is None or value == 0
             elif field in DEFAULT_RULES[name]:
                 ok = positive_number(value) is None
             else:
