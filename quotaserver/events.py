@@ -10,12 +10,23 @@ import json
 from datetime import datetime
 from typing import Any
 
-from .models import Event, aware, naive_utc
+from peewee import PostgresqlDatabase
+
+from .models import Event, aware, database_proxy, naive_utc
 from .realtime.messages import Message
+
+# Any constant: the key of the PostgreSQL advisory lock that orders event commits.
+_EVENT_LOCK = 0x71756F7461
 
 
 def append_event(type: str, data: dict[str, Any], now: datetime) -> Message:
     """Insert one event row (call inside a transaction); its id becomes the message seq."""
+    db = database_proxy.obj
+    if isinstance(db, PostgresqlDatabase):
+        # Sequence ids are handed out before commit, so two writers could commit 6 before
+        # 5; a client that saw 6 would then never be replayed 5. Holding this lock until
+        # COMMIT makes event ids commit in order (SQLite has a single writer already).
+        db.execute_sql("SELECT pg_advisory_xact_lock(%s)", (_EVENT_LOCK,))
     row = Event.create(type=type, data=json.dumps(data), created_at=naive_utc(now))
     return Message(type, data, seq=row.id, timestamp=now)
 

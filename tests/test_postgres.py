@@ -109,6 +109,8 @@ async def test_concurrent_consumes_never_over_admit_on_postgresql(pg_app):
     app = await pg_app(database__pool_size=8)
     await app.rules.set_global_limits("shell", {"daily": 50}, actor="t")
     await consume(app, "bob", "shell")  # creates the user and its counters
+    watcher = await ws_connect(app, "types=violation")
+    await watcher.recv_type("welcome")
     results = await asyncio.gather(*(consume(app, "bob", "shell") for _ in range(200)))
     codes = [r.code for r in results]
     assert codes.count(200) == 49 and codes.count(429) == 151
@@ -118,6 +120,10 @@ async def test_concurrent_consumes_never_over_admit_on_postgresql(pg_app):
     )  # fmt: skip
     assert used == 50
     assert await count(app, Violation) == 151
+    # Every violation reaches a live client once, whatever order the workers committed in.
+    seqs = [(await watcher.recv_type("violation"))["seq"] for _ in range(151)]
+    assert len(set(seqs)) == 151
+    watcher.close()
 
 
 @pytest.mark.gen_test(timeout=60)

@@ -387,3 +387,35 @@ async def test_prebuilt_frames_of_every_length_class_reach_clients_intact(app_fa
         assert got["seq"] == message.seq
         assert got["data"]["note"] == "é" * (size // 2)
     ws.close()
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_simultaneous_handshakes_cannot_exceed_max_connections(app_factory):
+    app = await app_factory(**FAST, realtime__max_connections=2)
+    clients = await asyncio.gather(*(ws_connect(app) for _ in range(8)))
+    firsts = await asyncio.gather(*(c.recv(timeout=5) for c in clients))
+    welcomed = [c for c, m in zip(clients, firsts, strict=True) if m is not None]
+    refused = [c for c, m in zip(clients, firsts, strict=True) if m is None]
+    assert len(welcomed) == 2 and app.hub.count() == 2
+    assert {c.conn.close_code for c in refused} == {1013}
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_events_published_out_of_order_reach_live_and_resuming_clients(app_factory):
+    from quotaserver.realtime.messages import Message
+
+    app = await app_factory(**FAST)
+    ws = await ws_connect(app, "types=quota_change")
+    start = (await ws.recv_type("welcome"))["data"]["seq"]
+    # Two worker threads committed start+1 and start+2; the second one was published first.
+    second = Message("quota_change", {"n": 2}, seq=start + 2)
+    first = Message("quota_change", {"n": 1}, seq=start + 1)
+    app.hub.publish(second)
+    app.hub.publish(first)
+    got = [(await ws.recv_type("quota_change"))["seq"] for _ in range(2)]
+    assert got == [start + 2, start + 1]
+    resumed = await ws_connect(app, f"last_seq={start}&types=quota_change")
+    replayed, recovered = await collect_durable(resumed)
+    assert [m["seq"] for m in replayed] == [start + 1, start + 2]  # in order, from the ring
+    assert recovered["data"]["missed"] == 2
+    ws.close()

@@ -85,6 +85,7 @@ class AdminEventsHandler(BaseHandler):
         self.write(f"retry: {self.app.config['realtime.sse_retry_ms']}\n\n".encode())
         self._ended = asyncio.Event()
         self.client = SseClient(self, self.identity, types)
+        self.app.hub.register(self.client)
         try:
             await self.flush()
             await self.app.hub.attach(self.client, cursor)

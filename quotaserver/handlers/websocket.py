@@ -149,6 +149,7 @@ class AdminSocketHandler(tornado.websocket.WebSocketHandler):
             self.close(CLOSE_TRY_AGAIN, "server full, try again later")
             return
         self.client = WebSocketClient(self, self.identity, self._types)
+        self.app.hub.register(self.client)
         cursor = self.get_query_argument("last_seq", None)
         task = asyncio.ensure_future(self.app.hub.attach(self.client, cursor))
         self.app.track(task)

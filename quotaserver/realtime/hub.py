@@ -123,24 +123,35 @@ class Hub:
             return len(self.clients)
         return sum(1 for c in self.clients if c.transport == transport)
 
-    async def attach(self, client: Client, cursor: str | None = None) -> None:
-        """Register ``client``: welcome, stats snapshot, then replay after ``cursor``."""
+    def register(self, client: Client) -> None:
+        """Count ``client`` against the limits now and hold its events until ``attach``.
+
+        Transports call this before any await, so simultaneous handshakes cannot all pass
+        the ``full`` check.
+        """
         self.clients.add(client)
-        if cursor is not None:
-            client.backlog = []  # hold live events until the replay is out
+        if client.backlog is None:
+            client.backlog = []
+
+    async def attach(self, client: Client, cursor: str | None = None) -> None:
+        """Welcome, stats snapshot, the replay after ``cursor``, then live events."""
+        self.register(client)  # live events are held in the backlog until the end
         self._send(client, self._welcome(client))
         if client.wants("stats"):
             self._send(client, self.stats.full_message())
-        if cursor is None:
-            client.last_seq = self.last_seq
-            return
-        await self._recover(client, cursor)
-        if client.closed:
-            return
+        replayed_to = 0
+        if cursor is not None:
+            await self._recover(client, cursor)
+            if client.closed:
+                return
+            replayed_to = client.last_seq
         backlog, client.backlog = client.backlog or [], None
         for message in backlog:
-            if message.seq > client.last_seq:
+            if message.seq > replayed_to:  # the replay may already have included it
                 self._deliver(client, message)
+        if client.stats_stale and not client.pending and not client.closed:
+            client.stats_stale = False
+            self._send(client, self.stats.full_message())
 
     def detach(self, client: Client) -> None:
         client.closed = True
@@ -169,9 +180,12 @@ class Hub:
     def publish(self, message: Message) -> None:
         """Send ``message`` to every client (durable events also go to the replay ring)."""
         if message.seq is not None:
-            if message.seq <= self.last_seq and self.ring and message.seq <= self.ring[-1].seq:
-                log.warning("event %d published out of order; replay covers it", message.seq)
-            self.ring.append(message)
+            if self.ring and message.seq < self.ring[-1].seq:
+                # Committed by another worker thread just before a higher id was published:
+                # keep the ring ordered (replay relies on it) and still deliver it live.
+                self._insert_in_order(message)
+            else:
+                self.ring.append(message)
             self.last_seq = max(self.last_seq, message.seq)
         self.published += 1
         for client in list(self.clients):
@@ -239,12 +253,29 @@ class Hub:
             data["reason"] = reason
         self._send(client, Message("recovered", data))
 
+    def _insert_in_order(self, message: Message) -> None:
+        index = len(self.ring)
+        while index > 0 and self.ring[index - 1].seq > message.seq:
+            index -= 1
+        if len(self.ring) == self.ring.maxlen:
+            if index == 0:
+                return  # older than everything kept: the event log still has it
+            self.ring.popleft()
+            index -= 1
+        self.ring.insert(index, message)
+
     def _from_ring(self, after: int) -> list[Message] | None:
-        """Events after ``after`` if the ring still holds all of them, else None."""
+        """Events after ``after`` if the ring holds every one of them, else None.
+
+        Only a gap-free run of ids proves nothing is missing (on PostgreSQL a rolled-back
+        transaction leaves a hole): otherwise the event log answers.
+        """
         if after >= self.last_seq:
             return []
-        if self.ring and self.ring[0].seq <= after + 1:
-            return [m for m in self.ring if m.seq > after]
+        missed = [m for m in self.ring if m.seq > after]
+        expected = range(after + 1, self.last_seq + 1)
+        if len(missed) == len(expected) and (not missed or missed[0].seq == after + 1):
+            return missed
         return None
 
     def _deliver(self, client: Client, message: Message) -> None:
@@ -257,8 +288,6 @@ class Hub:
                 client.stats_stale = True
             return
         if message.seq is not None:
-            if message.seq <= client.last_seq:
-                return  # already sent (replay overlap)
             over_count = client.pending_durable >= self.client_queue
             over_bytes = client.pending_bytes + len(message.text) > self.client_queue_bytes
             if over_count or over_bytes:
@@ -267,7 +296,10 @@ class Hub:
                 self.detach(client)
                 client.close(CLOSE_SLOW_CONSUMER, "slow consumer: reconnect and resume")
                 return
-            client.last_seq = message.seq
+            client.last_seq = max(client.last_seq, message.seq)
+        elif message.type == "stats" and client.stats_stale and not client.pending:
+            client.stats_stale = False  # a skipped delta: the full snapshot replaces it
+            message = self.stats.full_message()
         elif client.pending:
             # Behind: coalesce stats (a full snapshot follows once drained); skip pings.
             if message.type == "stats":
