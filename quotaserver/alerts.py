@@ -6,6 +6,7 @@ owns the storage and the events, so every alert change is persisted, then publis
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -68,10 +69,10 @@ class AlertService:
         """Open an alert, or count a repeat of the live one for (rule, user, day)."""
         if severity not in SEVERITIES:
             raise ValueError(f"unknown severity {severity!r}")
-        payload, events = await self.store.run(
+        work = functools.partial(
             self._raise_sync, rule, severity, message, user_id, action_needed, dedupe_day
         )
-        self.publish(events)
+        payload, _ = await self.store.run_committed(work, lambda r: self.publish(r[1]))
         return payload
 
     async def acknowledge(self, alert_id: int, actor: str) -> dict[str, Any]:
@@ -81,8 +82,8 @@ class AlertService:
         return await self._transition(alert_id, "resolved", actor)
 
     async def _transition(self, alert_id: int, status: str, actor: str) -> dict[str, Any]:
-        payload, events = await self.store.run(self._transition_sync, alert_id, status, actor)
-        self.publish(events)
+        work = functools.partial(self._transition_sync, alert_id, status, actor)
+        payload, _ = await self.store.run_committed(work, lambda r: self.publish(r[1]))
         return payload
 
     # -- database work -----------------------------------------------------------------

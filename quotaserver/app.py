@@ -200,9 +200,7 @@ class QuotaApp:
             with self.store.db.atomic():
                 return append_event(type, data, self.clock())
 
-        message = await self.store.run(work)
-        self.publish([message])
-        return message
+        return await self.store.run_committed(work, lambda message: self.publish([message]))
 
     def broadcast_stats(self) -> None:
         self.hub.publish_stats(self.stats_snapshot())

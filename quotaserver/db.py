@@ -211,6 +211,21 @@ class Store:
             return await asyncio.wrap_future(self._committer.submit(call))
         return await asyncio.get_running_loop().run_in_executor(self._executor, call)
 
+    async def run_committed(self, fn: Callable[[], T], after: Callable[[T], Any]) -> T:
+        """Run ``fn``; once it has committed, call ``after(result)`` on the loop.
+
+        ``after`` runs even if the awaiting caller is cancelled meanwhile (an emitter timing
+        out, a shutdown): a committed event must still be published.
+        """
+        future = asyncio.ensure_future(self.run(fn))
+
+        def committed(done: asyncio.Future) -> None:
+            if not done.cancelled() and done.exception() is None:
+                after(done.result())
+
+        future.add_done_callback(committed)
+        return await asyncio.shield(future)
+
     def ping(self) -> bool:
         try:
             self.db.execute_sql("SELECT 1").fetchone()

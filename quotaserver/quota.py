@@ -8,6 +8,7 @@ violation and its event row are written in the same outer transaction.
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -157,17 +158,20 @@ class QuotaService:
         """Admit and count ``count`` commands in every window, or deny and record why."""
         self.validate_command_type(command_type)
         factor = self.load.factor
-        if factor <= 0.0:
-            decision = await self.store.run(self._check_sync, user, command_type, count, factor)
-            decision.allowed = False
-            decision.reason = "system_overloaded"
-        else:
-            decision = await self.store.run(self._consume_sync, user, command_type, count, factor)
-        # Persist, then publish: the transaction has committed by now.
-        if decision.events:
-            self.publish(decision.events)
-        self.on_decision(decision)
-        return decision
+        overloaded = factor <= 0.0
+        work = self._check_sync if overloaded else self._consume_sync
+
+        def committed(decision: Decision) -> None:
+            # Persist, then publish: runs once the transaction has committed.
+            if overloaded:
+                decision.allowed = False
+                decision.reason = "system_overloaded"
+            if decision.events:
+                self.publish(decision.events)
+            self.on_decision(decision)
+
+        call = functools.partial(work, user, command_type, count, factor)
+        return await self.store.run_committed(call, committed)
 
     async def user_status(self, user: str) -> dict[str, Any] | None:
         """Per command type and period: limit, used, remaining, resets_at; None if unknown."""
@@ -318,8 +322,7 @@ class QuotaService:
                 fields = self._violation_fields(period, limit, used + 1, command_type)
                 return self._record_violation(user_id, user, command_type, fields, now)
 
-        payload, event = await self.store.run(work)
-        self.publish([event])
+        payload, _ = await self.store.run_committed(work, lambda r: self.publish([r[1]]))
         return payload
 
     def _user_status_sync(self, user: str) -> dict[str, Any] | None:

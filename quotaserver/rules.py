@@ -6,6 +6,7 @@ event is published after the commit.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -97,8 +98,8 @@ class RuleService:
         return await self._apply(self._reset_sync, username, command_type, actor)
 
     async def _apply(self, fn: Callable[..., tuple[dict, Message]], *args: Any) -> dict:
-        payload, message = await self.store.run(fn, *args)
-        self.publish([message])
+        work = functools.partial(fn, *args)
+        payload, _ = await self.store.run_committed(work, lambda r: self.publish([r[1]]))
         return payload
 
     def _user(self, username: str, create: bool) -> User:

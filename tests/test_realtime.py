@@ -419,3 +419,21 @@ async def test_events_published_out_of_order_reach_live_and_resuming_clients(app
     assert [m["seq"] for m in replayed] == [start + 1, start + 2]  # in order, from the ring
     assert recovered["data"]["missed"] == 2
     ws.close()
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_a_committed_event_is_published_even_if_its_caller_is_cancelled(app_factory):
+    from quotaserver.events import last_seq
+
+    app = await app_factory(**FAST)
+    ws = await ws_connect(app, "types=quota_change")
+    await ws.recv_type("welcome")
+    # An emitter timing out (or a shutdown) cancels the coroutine mid-write.
+    task = asyncio.ensure_future(app.publish_event("quota_change", {"cancelled": True}))
+    await asyncio.sleep(0)
+    task.cancel()
+    got = await ws.recv_type("quota_change")
+    assert got["data"] == {"cancelled": True}
+    assert app.hub.last_seq == await app.store.run(last_seq) == got["seq"]
+    assert task.cancelled()
+    ws.close()

@@ -18,7 +18,7 @@ class TestBroadcastHandler(BaseHandler):
         body = self.json_body()
         kind = body.get("type", "quota_change")
         data = body.get("data", {})
-        if kind not in DURABLE_TYPES or not isinstance(data, dict):
+        if not isinstance(kind, str) or kind not in DURABLE_TYPES or not isinstance(data, dict):
             raise ApiError(400, "invalid_field", "type must be a durable type, data an object")
         message = await self.app.publish_event(kind, {**data, "test": True})
         self.send_json({"seq": message.seq, "type": kind})
