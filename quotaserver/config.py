@@ -9,6 +9,7 @@ one-line message and exit status 2.
 from __future__ import annotations
 
 import copy
+import math
 import os
 import zoneinfo
 from collections.abc import Callable, Mapping
@@ -124,6 +125,8 @@ def _check_periods(value: Any) -> str | None:
     err = _check_str_list(value)
     if err:
         return err
+    if not value:
+        return "must name at least one period"
     bad = [v for v in value if v not in PERIODS]
     return f"unknown period {bad[0]!r}" if bad else None
 
@@ -360,6 +363,8 @@ def _validate(setting: Setting, value: Any, source: str | None) -> Any:
     if not ok:
         name = expected.__name__ if isinstance(expected, type) else "value"
         raise ConfigError(f"{setting.key}: expected {name}, got {value!r}{where}")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{setting.key}: must be a finite number, got {value!r}{where}")
     if setting.min is not None and value < setting.min:
         raise ConfigError(f"{setting.key}: must be >= {setting.min}, got {value!r}{where}")
     if setting.max is not None and value > setting.max:

@@ -80,6 +80,9 @@ async def test_bad_input_is_a_4xx_envelope_never_a_500(app_factory):
         ("POST", "alerts/999/acknowledge", None, 404),
         ("POST", "alerts/abc/resolve", None, 404),
         ("POST", f"alerts/{10**30}/resolve", None, 404),
+        ("POST", "alerts/%C2%B2/acknowledge", None, 404),  # "²" is a digit to str.isdigit
+        ("GET", "violations?since=0001-01-01T00:00:00%2B01:00", None, 400),
+        ("GET", "violations?since=9999-12-31T23:59:59-01:00", None, 400),
         ("GET", f"events?before={10**30}", None, 400),
         ("PATCH", "rules/shell", {"limits": {"daily": 1}}, 405),
     ]

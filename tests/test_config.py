@@ -90,6 +90,9 @@ def test_environment_and_flags_override_yaml(tmp_path):
             "high_utilization.severity",
         ),  # fmt: skip
         ("plugins:\n  system_metrics: {interval: -1}\n", {}, "plugins.system_metrics.interval"),
+        ("quotas:\n  periods: []\n", {}, "quotas.periods: must name at least one period"),
+        ("realtime:\n  stats_interval: .nan\n", {}, "realtime.stats_interval: must be a finite"),
+        ("realtime:\n  heartbeat_interval: .inf\n", {}, "realtime.heartbeat_interval"),
         ("plugins:\n  system_metrics: {intervall: 2}\n", {}, "plugins.system_metrics.intervall"),
         ("", {"QUOTASERVER_SERVER_PORT": "abc"}, "server.port: expected int"),
         ("", {"QUOTASERVER_NOPE": "1"}, "QUOTASERVER_NOPE: unknown setting"),

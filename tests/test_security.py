@@ -924,3 +924,19 @@ async def test_auth_disabled_logs_a_loud_warning(tmp_path):
     finally:
         logs = await _stop(proc)
     assert "AUTHENTICATION IS DISABLED" in logs
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_foreign_pages_cannot_post_without_a_token_even_with_auth_disabled(app_factory):
+    app = await app_factory(auth__enabled=False)
+    await consume(app, "vic", token=None)
+    path = "/api/admin/quotas/users/vic/reset"
+    foreign = {"Origin": "https://evil.example", "Content-Type": "text/plain"}
+    resp = await call(app, "POST", path, raw=b"", token=None, headers=foreign)
+    assert resp.code == 403 and resp.json["error"]["code"] == "forbidden_origin"
+    status = await call(app, "GET", "/api/quotas/users/vic", token=None)
+    assert status.json["command_types"]["shell"]["daily"]["used"] == 1
+    # Scripts without an Origin (curl) and the server's own pages still work.
+    own = {"Origin": app.url}
+    assert (await call(app, "POST", path, {}, token=None, headers=own)).code == 200
+    assert (await consume(app, "vic", token=None)).code == 200

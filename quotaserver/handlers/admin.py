@@ -292,7 +292,9 @@ class AlertActionHandler(AdminHandler):
     """POST /api/admin/quotas/alerts/{id}/acknowledge and /resolve"""
 
     async def post(self, alert_id: str, action: str) -> None:
-        ident = int(alert_id) if alert_id.isdigit() and len(alert_id) <= 18 else 0
+        # isascii: "²".isdigit() is true but int("²") raises.
+        ok = alert_id.isascii() and alert_id.isdigit() and len(alert_id) <= 18
+        ident = int(alert_id) if ok else 0
         if ident <= 0:  # also keeps huge numbers away from the database's integer range
             raise ApiError(404, "unknown_alert", "no such alert")
         service = self.app.alerts

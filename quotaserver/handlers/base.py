@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 
 CSP = (
     "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
-    "connect-src 'self' ws: wss:; frame-ancestors 'none'; base-uri 'none'; form-action 'self'"
+    "connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'self'"
 )
 
 ADMIN = frozenset({"admin"})
@@ -189,6 +189,17 @@ class BaseHandler(tornado.web.RequestHandler):
         limit = self.app.config["server.max_body_size"]
         if len(self.request.body or b"") > limit:
             raise ApiError(413, "payload_too_large", f"the body is larger than {limit} bytes")
+        request = self.request
+        if request.method in ("POST", "PUT", "PATCH", "DELETE") and not request.headers.get(
+            "Authorization"
+        ):
+            # Without a bearer token, a browser may be carrying ambient credentials (a
+            # cookie, or none at all when auth is disabled): refuse foreign pages outright.
+            origin = request.headers.get("Origin")
+            if origin is not None and not self.app.auth.origin_allowed(
+                origin, request.host, request.protocol
+            ):
+                raise ApiError(403, "forbidden_origin", "origin not allowed")
         self.identity = identify(self, self.app)
         roles = self.roles_for(self.request.method or "GET")
         if roles is None:

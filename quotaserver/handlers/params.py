@@ -71,4 +71,9 @@ def time_arg(handler: tornado.web.RequestHandler, name: str) -> datetime | None:
         raise ApiError(
             400, "invalid_parameter", f"{name} must be an RFC 3339 time, e.g. 2026-03-10T12:00:00Z"
         ) from None
-    return value.replace(tzinfo=UTC) if value.tzinfo is None else value
+    value = value.replace(tzinfo=UTC) if value.tzinfo is None else value
+    try:
+        value.astimezone(UTC)  # 0001-01-01T00:00+01:00 has no UTC representation
+    except OverflowError:
+        raise ApiError(400, "invalid_parameter", f"{name} is out of range") from None
+    return value
