@@ -1,7 +1,8 @@
 """Quota analytics: the figures of the stats snapshot, kept incrementally.
 
-A stats tick reads in-memory figures only. They are rebuilt from the database at start-up
-(and after an admin change to limits or usage), then updated from each decision.
+A stats tick reads in-memory figures only. They are rebuilt from the database at start-up,
+then updated from each decision; an admin change to limits or usage recomputes the
+high-utilisation set, the one figure that depends on them.
 """
 
 from __future__ import annotations
@@ -10,8 +11,10 @@ import time
 from collections import deque
 from typing import Any
 
+from peewee import fn
+
 from quotaserver import hookimpl
-from quotaserver.models import Usage, User, Violation, naive_utc
+from quotaserver.models import GLOBAL_SCOPE, Activity, QuotaRule, Usage, User
 
 NAME = "quota_analytics"
 HIGH_UTILIZATION = 0.8
@@ -61,30 +64,50 @@ def _today(app: Any) -> Any:
     return app.quota.calendar.window("daily", app.clock())
 
 
-def _rebuild(app: Any) -> dict[str, Any]:
-    """One pass over today's daily counters (runs on a database thread)."""
-    today = _today(app)
+def _high_users(app: Any, today: Any) -> tuple[set[int], set[int]]:
+    """Users active today, and those at >= 80% of a daily limit (one pass, rules in bulk)."""
+    defaults: dict[str, int | None] = {}
+    overrides: dict[tuple[str, str], int | None] = {}
+    rules = QuotaRule.select(QuotaRule.scope, QuotaRule.command_type, QuotaRule.limit).where(
+        QuotaRule.period == "daily"
+    )
+    for rule in rules.tuples():
+        scope, command_type, limit = rule
+        if scope == GLOBAL_SCOPE:
+            defaults[command_type] = limit
+        else:
+            overrides[(scope, command_type)] = limit
     active: set[int] = set()
     high: set[int] = set()
-    commands = 0
     rows = Usage.select(Usage.user, Usage.command_type, Usage.used).where(
         (Usage.period == "daily") & (Usage.window_start == today.key) & (Usage.used > 0)
     )
-    for row in rows:
-        active.add(row.user_id)
-        commands += row.used
-        limit = app.quota.limits_for(row.user_id, row.command_type).get("daily")
-        if limit and row.used >= HIGH_UTILIZATION * limit:
-            high.add(row.user_id)
+    for user_id, command_type, used in rows.tuples():
+        active.add(user_id)
+        key = (str(user_id), command_type)
+        limit = overrides[key] if key in overrides else defaults.get(command_type)
+        if limit and used >= HIGH_UTILIZATION * limit:
+            high.add(user_id)
+    return active, high
+
+
+def _rebuild(app: Any) -> dict[str, Any]:
+    """Today's figures from the database (runs on a database thread, at start-up)."""
+    today = _today(app)
+    active, high = _high_users(app, today)
+    # Activity counts what was admitted and refused, so a later usage reset does not
+    # make today's commands disappear from the stats.
+    totals = Activity.select(fn.SUM(Activity.commands), fn.SUM(Activity.violations)).where(
+        Activity.minute >= today.key
+    )
+    commands, violations = totals.tuples().first() or (0, 0)
     return {
         "day_key": today.key,
         "total_users": User.select().count(),
         "active": active,
         "high": high,
-        "commands": commands,
-        "violations": Violation.select()
-        .where(Violation.created_at >= naive_utc(today.start))
-        .count(),
+        "commands": int(commands or 0),  # PostgreSQL sums are Decimals
+        "violations": int(violations or 0),
     }
 
 
@@ -122,11 +145,16 @@ def on_decision(app: Any, decision: Any) -> None:
 
 
 @hookimpl
-def on_event(app: Any, message: Any) -> Any:
-    # Limits or usage changed by an admin: utilisation figures must be recomputed.
+async def on_event(app: Any, message: Any) -> None:
+    # Limits or usage changed by an admin: only utilisation depends on them. (Counts of
+    # commands and violations stay incremental: recomputing them here would race with
+    # decisions already counted.)
     if message.type == "quota_change":
-        return rebuild(app)
-    return None
+        today = _today(app)
+        _, high = await app.store.run(_high_users, app, today)
+        fig = _figures(app)
+        if fig.day_key == today.key:
+            fig.high = high
 
 
 @hookimpl
