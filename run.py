@@ -39,11 +39,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-async def serve(config, stop_signals: asyncio.Queue) -> int:
+async def serve(config, stop_signals: asyncio.Queue, plugin_manager=None) -> int:
     from quotaserver.app import QuotaApp
     from quotaserver.demo import DemoTraffic
 
-    app = QuotaApp(config)
+    app = QuotaApp(config, plugin_manager=plugin_manager)
     try:
         await app.start()
     except OSError as exc:
@@ -94,7 +94,8 @@ def main(argv: list[str] | None = None) -> int:
     }
     try:
         config = load_config(args.config, overrides=overrides)
-        get_plugin_manager(config)  # plugin names and plugins_dir are configuration too
+        # Plugin names, plugins_dir and plugin settings are configuration too.
+        plugin_manager = get_plugin_manager(config)
     except ConfigError as exc:
         print(f"quotaserver: configuration error: {exc}", file=sys.stderr)
         return 2
@@ -112,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, queue.put_nowait, sig)
         try:
-            return await serve(config, queue)
+            return await serve(config, queue, plugin_manager)
         except ConfigError as exc:
             print(f"quotaserver: configuration error: {exc}", file=sys.stderr)
             return 2

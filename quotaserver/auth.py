@@ -137,7 +137,6 @@ class Auth:
         self._ids: dict[str, str] = {}  # token id -> digest
         self.revoked_sessions: dict[str, float] = {}  # session id -> expiry (epoch s)
         self.first_run_token: str | None = None  # set when generated or read from token_file
-        self.first_run_created = False
         self._store: Store | None = None
         self._clock: Callable[[], datetime] = utc_now
         install_log_redaction()
@@ -174,13 +173,13 @@ class Auth:
             return
         # No admin declared: use (or create) the first-run token so the server is usable
         # at once, yet nothing is open without credentials.
-        token, created = _read_or_create_secret(self.token_file, 24)
+        token, _ = _read_or_create_secret(self.token_file, 24)
         if digest(token) in revoked:
             if any(t.role == "admin" for t in self._tokens.values()):
                 return  # retired through the API while another admin token exists
-            token, created = _write_secret(self.token_file, 24), True
+            token = _write_secret(self.token_file, 24)
         self._register(digest(token), "first-run-admin", "admin", "first-run")
-        self.first_run_token, self.first_run_created = token, created
+        self.first_run_token = token
 
     # -- tokens ------------------------------------------------------------------------
     def _register(

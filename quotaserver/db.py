@@ -119,8 +119,6 @@ class GroupCommitter:
     def __init__(self, db: Database, max_batch: int = 128):
         self.db = db
         self.max_batch = max_batch
-        self.batches = 0
-        self.units = 0
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._loop, name="db-writer", daemon=True)
         self._thread.start()
@@ -176,8 +174,6 @@ class GroupCommitter:
                 if ok:
                     future.set_exception(exc)
             outcomes = [(f, False, v) for f, ok, v in outcomes if not ok]
-        self.batches += 1
-        self.units += len(batch)
         # Answer only now: every result handed out has been committed.
         for future, ok, value in outcomes:
             if ok:

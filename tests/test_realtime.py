@@ -264,9 +264,8 @@ async def test_a_client_that_stops_reading_delays_no_one_and_memory_stays_bounde
 
 @pytest.mark.gen_test(timeout=30)
 async def test_slow_consumer_close_code_is_documented(app_factory):
-    assert CLOSE_SLOW_CONSUMER == 4008
     with open(os.path.join(os.path.dirname(__file__), "..", "docs", "protocol.md")) as fh:
-        assert "4008" in fh.read()
+        assert f"| {CLOSE_SLOW_CONSUMER} |" in fh.read()
 
 
 @pytest.mark.gen_test(timeout=30)
@@ -323,13 +322,14 @@ async def test_type_filters_by_query_and_subscribe_message(app_factory):
     assert not [m for m in only_alerts.messages if m["type"] in ("violation", "stats")]
 
     await everything.send({"type": "subscribe", "types": ["violation"]})
-    assert (await everything.recv_type("subscribed"))["data"]["types"] == ["violation"]
+    subscribed = await everything.recv_type("subscribed")
+    assert subscribed["data"]["types"] == ["violation"]
     await app.alerts.raise_alert("test2", "low", "not for you")
     await violations(app, "hu", 1)
     got = await everything.recv_type("violation")
     assert got["data"]["username"] == "hu"
-    after = everything.messages[everything.messages.index(got) - 1 :]
-    assert not [m for m in after if m["type"] == "alert"]
+    since = everything.messages[everything.messages.index(subscribed) :]
+    assert [m["type"] for m in since if m["type"] in ("alert", "stats")] == []
     bad = await sse_connect(app, "types=Not-A-Type")
     await bad.fetch
     assert bad.code == 400

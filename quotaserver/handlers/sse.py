@@ -74,6 +74,10 @@ class AdminEventsHandler(BaseHandler):
         refusal = self.app.connection_refusal(self.identity)
         if refusal:
             raise ApiError(429, "too_many_connections", refusal)
+        if self.app.stopped:  # a keep-alive connection can still ask after close_all
+            raise ApiError(
+                503, "shutting_down", "the server is shutting down", {"Retry-After": "5"}
+            )
         if self.app.hub.full:
             raise ApiError(503, "server_full", "too many live connections", {"Retry-After": "5"})
         cursor = self.request.headers.get("Last-Event-ID") or self.get_query_argument(

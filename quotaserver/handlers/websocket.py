@@ -138,6 +138,9 @@ class AdminSocketHandler(tornado.websocket.WebSocketHandler):
         refusal = self.app.connection_refusal(self.identity)
         if refusal:
             return self._refuse(429, "too_many_connections", refusal)
+        if self.app.stopped:  # a keep-alive connection can still ask after close_all
+            self.set_header("Retry-After", "5")
+            return self._refuse(503, "shutting_down", "the server is shutting down")
         await super().get(*args, **kwargs)
 
     def check_origin(self, origin: str) -> bool:

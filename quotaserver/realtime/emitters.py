@@ -13,7 +13,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 log = logging.getLogger(__name__)
@@ -59,7 +59,6 @@ class SourceHealth:
     last_error: str | None = None
     last_value: Any = None
     running: bool = False
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def healthy(self) -> bool:
@@ -130,19 +129,28 @@ class Scheduler:
         for emitter, health in self._periodic:
             self._tasks.append(asyncio.create_task(self._loop(emitter, health)))
 
-    async def stop(self) -> None:
+    async def stop(self, timeout: float = 3.0) -> None:
+        """Cancel periodic emitters; give event emitters' ``stop`` ``timeout`` s in total."""
         self._running = False
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks.clear()
-        for emitter, health in self._event:
-            if emitter.stop is None:
-                continue
+
+        async def stop_one(emitter: EventEmitter, health: SourceHealth) -> None:
             try:
-                await asyncio.wait_for(maybe_await(emitter.stop()), timeout=5)
+                await maybe_await(emitter.stop())
             except Exception as exc:
                 self._failed(health, exc)
+
+        stopping = [
+            asyncio.ensure_future(stop_one(e, h)) for e, h in self._event if e.stop is not None
+        ]
+        if stopping:
+            done, late = await asyncio.wait(stopping, timeout=timeout)
+            for task in late:
+                task.cancel()
+                log.warning("an event emitter did not stop within %s s", timeout)
         for executor in self._executors.values():
             executor.shutdown(wait=False, cancel_futures=True)
 

@@ -14,8 +14,6 @@ from ..windows import isoformat, utc_now
 
 # Durable events are persisted in the event log and carry its id as ``seq``.
 DURABLE_TYPES = frozenset({"violation", "alert", "quota_change", "throttle"})
-# Everything the server may send; plugins may add durable types of their own.
-SERVER_TYPES = DURABLE_TYPES | {"welcome", "stats", "ping", "recovered", "error"}
 CLIENT_TYPES = frozenset({"subscribe", "pong", "ping"})
 
 # Close codes (also documented in docs/protocol.md).
@@ -59,10 +57,6 @@ class Message:
         self.text = _dumps(envelope)
         self._sse: bytes | None = None
         self._frame: bytes | None = None
-
-    @property
-    def durable(self) -> bool:
-        return self.seq is not None
 
     @property
     def sse(self) -> bytes:
