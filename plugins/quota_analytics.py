@@ -14,7 +14,8 @@ from typing import Any
 from peewee import fn
 
 from quotaserver import hookimpl
-from quotaserver.models import GLOBAL_SCOPE, Activity, QuotaRule, Usage, User
+from quotaserver.admin_queries import Rules
+from quotaserver.models import Activity, Usage, User
 
 NAME = "quota_analytics"
 HIGH_UTILIZATION = 0.8
@@ -66,17 +67,7 @@ def _today(app: Any) -> Any:
 
 def _high_users(app: Any, today: Any) -> tuple[set[int], set[int]]:
     """Users active today, and those at >= 80% of a daily limit (one pass, rules in bulk)."""
-    defaults: dict[str, int | None] = {}
-    overrides: dict[tuple[str, str], int | None] = {}
-    rules = QuotaRule.select(QuotaRule.scope, QuotaRule.command_type, QuotaRule.limit).where(
-        QuotaRule.period == "daily"
-    )
-    for rule in rules.tuples():
-        scope, command_type, limit = rule
-        if scope == GLOBAL_SCOPE:
-            defaults[command_type] = limit
-        else:
-            overrides[(scope, command_type)] = limit
+    rules = Rules()  # every rule in one query
     active: set[int] = set()
     high: set[int] = set()
     rows = Usage.select(Usage.user, Usage.command_type, Usage.used).where(
@@ -84,8 +75,7 @@ def _high_users(app: Any, today: Any) -> tuple[set[int], set[int]]:
     )
     for user_id, command_type, used in rows.tuples():
         active.add(user_id)
-        key = (str(user_id), command_type)
-        limit = overrides[key] if key in overrides else defaults.get(command_type)
+        limit = rules.limit(user_id, command_type, "daily")
         if limit and used >= HIGH_UTILIZATION * limit:
             high.add(user_id)
     return active, high
