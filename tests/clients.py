@@ -67,6 +67,14 @@ async def consume(
     )  # fmt: skip
 
 
+async def settle(app: Any) -> None:
+    """Wait for background plugin reactions (they run after publish) to finish."""
+    for _ in range(100):
+        if not app._tasks:
+            return
+        await asyncio.sleep(0.01)
+
+
 class WsClient:
     """A WebSocket client that collects parsed messages."""
 

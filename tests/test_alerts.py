@@ -1,9 +1,7 @@
 """Alert rules (from the config) with deduplication; acknowledge and resolve."""
 
-import asyncio
-
 import pytest
-from clients import consume, ws_connect
+from clients import consume, settle, ws_connect
 
 from quotaserver.models import Alert, AuditLog
 
@@ -16,14 +14,6 @@ ONLY_VIOLATIONS = {
 
 async def alerts(app):
     return await app.store.run(lambda: list(Alert.select().order_by(Alert.id).dicts()))
-
-
-async def settle(app):
-    """Wait for background hook tasks (the alert engine runs after publish)."""
-    for _ in range(100):
-        if not app._tasks:
-            return
-        await asyncio.sleep(0.01)
 
 
 @pytest.mark.gen_test(timeout=30)

@@ -1,16 +1,7 @@
 """Quota analytics: incremental stats figures, rebuilt from the database at start-up."""
 
-import asyncio
-
 import pytest
-from clients import consume
-
-
-async def settle(app):
-    for _ in range(100):
-        if not app._tasks:
-            return
-        await asyncio.sleep(0.01)
+from clients import consume, settle
 
 
 @pytest.mark.gen_test(timeout=30)
