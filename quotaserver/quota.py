@@ -204,9 +204,6 @@ class QuotaService:
         """Effective limits: the user's rule for a period beats the global one."""
         return self.sql.limits(user_id, command_type, self.periods)
 
-    def _used(self, user_id: int | None, command_type: str, windows: dict[str, Window]) -> dict:
-        return self.sql.used(user_id, command_type, windows)
-
     def _statuses(self, limits: dict, used: dict, windows: dict[str, Window]) -> dict:
         return {p: PeriodStatus(limits[p], used[p], windows[p].end) for p in self.periods}
 
@@ -215,7 +212,7 @@ class QuotaService:
         windows = self.calendar.windows(self.periods, now)
         user_id = self.sql.user_id(user)
         limits = self.limits_for(user_id, command_type)
-        used = self._used(user_id, command_type, windows)
+        used = self.sql.used(user_id, command_type, windows)
         exhausted = next(
             (p for p in self.periods if limits[p] is not None and used[p] + count > limits[p]),
             None,
@@ -266,7 +263,7 @@ class QuotaService:
                             raise _Exhausted(p)
             except _Exhausted as exc:
                 exhausted = exc.period
-            used = self._used(user_id, command_type, windows)
+            used = self.sql.used(user_id, command_type, windows)
             decision = Decision(
                 allowed=exhausted is None,
                 user=user,
@@ -318,7 +315,7 @@ class QuotaService:
             with self.db.atomic():
                 user_id, _ = self.ensure_user(user, now)
                 limit = self.limits_for(user_id, command_type).get(period) or 0
-                used = self._used(user_id, command_type, {period: window})[period]
+                used = self.sql.used(user_id, command_type, {period: window})[period]
                 fields = self._violation_fields(period, limit, used + 1, command_type)
                 return self._record_violation(user_id, user, command_type, fields, now)
 
@@ -334,7 +331,7 @@ class QuotaService:
         commands = {}
         for command_type in self.command_types:
             limits = self.limits_for(row.id, command_type)
-            used = self._used(row.id, command_type, windows)
+            used = self.sql.used(row.id, command_type, windows)
             statuses = self._statuses(limits, used, windows)
             commands[command_type] = {p: s.to_json() for p, s in statuses.items()}
         return {
