@@ -162,6 +162,7 @@ def stats_fields(app: Any) -> dict[str, Any]:
         "high_utilization_count": len(fig.high),
         "average_throttle_factor": fig.average_factor(time.time()),
         "system_load": {
+            "instance": app.instance_name,
             "cpu_percent": load.cpu_percent,
             "memory_percent": load.memory_percent,
             "throttle_factor": load.factor,

@@ -22,6 +22,7 @@ from .events import events_after, last_seq
 from .handlers.base import StaticHandler
 from .plugins import Hooks, get_plugin_manager
 from .quota import Decision, QuotaService
+from .realtime.backplane import make_backplane
 from .realtime.emitters import Scheduler
 from .realtime.hub import Hub
 from .realtime.limits import ConnectionLimiter
@@ -53,11 +54,7 @@ class QuotaApp:
     ):
         self.config = config
         self.clock = clock
-        self.store = Store(
-            config["database.url"],
-            config["database.sqlite_synchronous"],
-            config["database.pool_size"],
-        )
+        self.store = Store.from_config(config)
         self.load = SystemLoad(config["throttle.cpu_bands"], config["throttle.memory_bands"])
         self.hub = Hub(
             self._replay,
@@ -72,6 +69,7 @@ class QuotaApp:
                 "client_timeout": config["realtime.client_timeout"],
             },
         )
+        self.backplane = make_backplane(config["backplane.url"], config["backplane.channel"])
         self.pm = plugin_manager or get_plugin_manager(config)
         self.hooks = Hooks(self.pm)
         self.quota = QuotaService(
@@ -90,6 +88,7 @@ class QuotaApp:
         self._timers: list[PeriodicCallback] = []
         self._tasks: set[asyncio.Future] = set()
         self._plugin_state: dict[str, dict[str, Any]] = {}
+        self._sync_ticks = 0
 
     def _settings(self) -> dict[str, Any]:
         cfg = self.config
@@ -113,12 +112,14 @@ class QuotaApp:
         }
 
     # -- lifecycle ---------------------------------------------------------------------
-    async def start(self, listen: bool = True) -> None:
-        """Migrate, load state, start plugins, emitters and timers, then listen."""
+    async def start(self, listen: bool = True, sockets: list[socket.socket] | None = None) -> None:
+        """Migrate, load state, start plugins, emitters and timers, then listen (on
+        ``sockets`` when given: the workers of one port share the parent's)."""
         await self.store.run(self.store.migrate)
         await self.auth.load(self.store, self.clock)
         await self.store.run(self.quota.seed_defaults)
         self.hub.last_seq = await self.store.run(last_seq)
+        await self.backplane.start(self._remote_event, self._resync)
         await self.hooks.call_async("startup", app=self)
         for plugin, emitters in self.hooks.call("register_emitters", app=self):
             for emitter in emitters:
@@ -128,6 +129,7 @@ class QuotaApp:
         self._timers = [
             PeriodicCallback(self.broadcast_stats, cfg["realtime.stats_interval"] * 1000),
             PeriodicCallback(self.hub.ping, cfg["realtime.heartbeat_interval"] * 1000),
+            PeriodicCallback(self._sync_tick, 1000),
             PeriodicCallback(
                 lambda: self.hub.reap(cfg["realtime.client_timeout"]),
                 cfg["realtime.client_timeout"] * 1000 / 3,
@@ -138,9 +140,10 @@ class QuotaApp:
         self.broadcast_stats()
         self.running = True
         if listen:
-            sockets = tornado.netutil.bind_sockets(
-                cfg["server.port"], cfg["server.host"], family=socket.AF_INET
-            )
+            if sockets is None:
+                sockets = tornado.netutil.bind_sockets(
+                    cfg["server.port"], cfg["server.host"], family=socket.AF_INET
+                )
             self.server = tornado.httpserver.HTTPServer(
                 self.web,
                 xheaders=cfg["server.xheaders"],
@@ -169,6 +172,8 @@ class QuotaApp:
         # plugin reactions in flight, 2 s for shutdown hooks, 1 s for connections; then the
         # queued database writes finish, whatever they take.
         await self.scheduler.stop(timeout=3)
+        await self.backplane.stop()
+        await self.hub.sequencer.stop()
         if self._tasks:
             await asyncio.wait(list(self._tasks), timeout=2)
         try:
@@ -185,6 +190,11 @@ class QuotaApp:
         await asyncio.get_running_loop().run_in_executor(None, self.store.close)
 
     @property
+    def instance_name(self) -> str:
+        """``server.instance_name``, or ``hostname:port``."""
+        return self.config["server.instance_name"] or f"{socket.gethostname()}:{self.port}"
+
+    @property
     def url(self) -> str:
         host = self.config["server.host"]
         host = "127.0.0.1" if host in ("0.0.0.0", "") else host
@@ -195,6 +205,8 @@ class QuotaApp:
         """Fan committed events out to clients, then tell plugins (never blocks)."""
         for message in messages:
             self.hub.publish(message)
+            if message.seq is not None:
+                self.backplane.publish(message)
         for message in messages:
             self.track(self.hooks.call_async("on_event", app=self, message=message))
             if message.type == "violation":
@@ -209,6 +221,29 @@ class QuotaApp:
                 return append_event(type, data, self.clock())
 
         return await self.store.run_committed(work, lambda message: self.publish([message]))
+
+    def _remote_event(self, message: Message) -> None:
+        """A durable event committed by another instance (plugins ran there)."""
+        self.hub.publish(message)
+
+    def _resync(self) -> None:
+        self.track(self._sync())
+
+    async def _sync(self) -> None:
+        try:
+            await self.hub.sequencer.sync()
+        except Exception as exc:  # noqa: BLE001 - the next tick tries again
+            log.warning("cannot read the event log: %s", exc)
+
+    def _sync_tick(self) -> None:
+        """With several instances, read the event log every second while the backplane is
+        down and every 5 s while it is up: nothing another instance committed stays
+        undelivered, even if its notification was lost."""
+        if self.backplane.kind == "local":
+            return
+        self._sync_ticks += 1
+        if not self.backplane.connected or self._sync_ticks % 5 == 0:
+            self._resync()
 
     def broadcast_stats(self) -> None:
         self.hub.publish_stats(self.stats_snapshot())

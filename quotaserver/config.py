@@ -57,6 +57,12 @@ def _check_database_url(value: str) -> str | None:
     return None
 
 
+def _check_backplane_url(value: str) -> str | None:
+    if value and not value.startswith(("redis://", "rediss://", "unix://")):
+        return "must be empty (in-process) or a redis://, rediss:// or unix:// URL"
+    return None
+
+
 def _check_limits(value: Any) -> str | None:
     if not isinstance(value, dict):
         return "must be a mapping of command type to limits"
@@ -157,6 +163,33 @@ SETTINGS: tuple[Setting, ...] = (
         choices=("debug", "info", "warning"),
     ),
     Setting(
+        "server.workers",
+        int,
+        1,
+        "Processes serving one port (more than 1 needs backplane.url and a shared database).",
+        1,
+        256,
+    ),
+    Setting(
+        "server.instance_name",
+        str,
+        "",
+        "Name of this instance in health, host figures and logs (empty: hostname:port).",
+    ),
+    Setting(
+        "backplane.url",
+        str,
+        "",
+        "Fan-out between instances: empty for in-process, or redis://host:port/db.",
+        check=_check_backplane_url,
+    ),
+    Setting(
+        "backplane.channel",
+        str,
+        "quotaserver:events",
+        "Redis channel carrying committed events (one per deployment sharing a Redis).",
+    ),
+    Setting(
         "database.url",
         str,
         "sqlite:///data/quotaserver.db",
@@ -171,6 +204,31 @@ SETTINGS: tuple[Setting, ...] = (
         choices=("full", "normal"),
     ),
     Setting("database.pool_size", int, 4, "Database worker threads (PostgreSQL).", 1, 64),
+    Setting(
+        "database.connect_timeout",
+        float,
+        3.0,
+        "Seconds to wait for a PostgreSQL connection before answering 503.",
+        0.1,
+        300,
+    ),
+    Setting(
+        "database.statement_timeout",
+        float,
+        5.0,
+        "Longest database call (s): PostgreSQL cancels the statement, and a caller waits no "
+        "longer than this plus connect_timeout before answering 503.",
+        0.1,
+        3600,
+    ),
+    Setting(
+        "database.busy_timeout",
+        float,
+        2.0,
+        "Seconds SQLite waits for a lock held by another process before answering 503.",
+        0,
+        300,
+    ),
     Setting(
         "quotas.command_types",
         list,
@@ -333,6 +391,7 @@ class Config(Mapping[str, Any]):
             if key not in BY_KEY:
                 raise ConfigError(f"{key}: unknown setting")
             values[key] = _validate(BY_KEY[key], value, self.source)
+        _check_combination(values, self.source)
         return Config(values, copy.deepcopy(self.plugins), self.source)
 
     def as_nested(self) -> dict[str, Any]:
@@ -483,7 +542,17 @@ def load_config(
         raise ConfigError(
             f"quotas.defaults.{name}: not listed in quotas.command_types{_where(path)}"
         )
+    _check_combination(values, path)
     return Config(values, plugins, path)
+
+
+def _check_combination(values: dict[str, Any], source: str | None) -> None:
+    """Settings that are valid alone but not together."""
+    if values["server.workers"] > 1 and not values["backplane.url"]:
+        raise ConfigError(
+            "server.workers: more than one worker needs backplane.url (a Redis URL) so that "
+            f"every worker's clients see every event{_where(source)}"
+        )
 
 
 def positive_number(value: Any) -> str | None:

@@ -3,6 +3,12 @@
 Every query runs on a worker thread (``await store.run(fn)``) so a slow statement never
 delays heartbeats or fan-out.
 
+Faults become :class:`DatabaseUnavailable` or :class:`DatabaseBusy` (HTTP 503 with
+Retry-After), never a hang: PostgreSQL gets connect and statement timeouts and callers stop
+waiting after both; a connection found dead is replaced, and a unit of work that failed on
+it before its first statement ran is retried once on the new one. SQLite waits
+``busy_timeout`` for another process's lock, then fails the whole queued batch at once.
+
 SQLite gets one writer thread that **group-commits**: the units of work queued while a
 transaction was being written run together in the next one, each inside its own savepoint
 (a failing unit rolls back alone), and their callers are answered only after the single
@@ -13,24 +19,86 @@ and one thread keeps commit order equal to event-id order.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import os
 import queue
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
-from peewee import Database, SqliteDatabase
-from playhouse.db_url import connect
+import peewee
+from peewee import Database, PostgresqlDatabase, SqliteDatabase
+from playhouse.db_url import connect, parse
 
 from . import models
 from .config import ConfigError
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+
+
+class DatabaseError(Exception):
+    """The database cannot serve this call now; answered 503 with Retry-After."""
+
+    code = "database_unavailable"
+    retry_after = 2
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message
+
+
+class DatabaseUnavailable(DatabaseError):
+    """Unreachable, restarting, hung or too slow (a timeout)."""
+
+
+class DatabaseBusy(DatabaseError):
+    """SQLite: another process held the lock for longer than ``database.busy_timeout``."""
+
+    code = "database_busy"
+    retry_after = 1
+
+
+def _is_busy(exc: BaseException) -> bool:
+    text = str(exc).lower()
+    return "database is locked" in text or "database is busy" in text
+
+
+class _Postgres(PostgresqlDatabase):
+    """Counts statements and COMMITs per thread, so a failed unit knows whether a retry on
+    a fresh connection is safe (nothing can have been committed)."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self._counts = threading.local()
+
+    def execute_sql(self, sql: str, params: Any = None) -> Any:
+        self._counts.statements = getattr(self._counts, "statements", 0) + 1
+        return super().execute_sql(sql, params)
+
+    def commit(self) -> None:
+        self._counts.commits = getattr(self._counts, "commits", 0) + 1
+        super().commit()
+
+    def progress(self) -> tuple[int, int]:
+        return getattr(self._counts, "statements", 0), getattr(self._counts, "commits", 0)
+
+    def connection_dead(self) -> bool:
+        conn = self._state.conn
+        return conn is None or bool(getattr(conn, "closed", 0))
+
+    def discard_connection(self) -> None:
+        """Forget this thread's connection (it is broken: closing it may fail too)."""
+        conn, self._state.conn = self._state.conn, None
+        self._state.reset()
+        if conn is not None:
+            with contextlib.suppress(Exception):  # already broken
+                conn.close()
 
 
 def _migration_1(db: Database) -> None:
@@ -53,7 +121,14 @@ MIGRATIONS: tuple[tuple[int, Callable[[Database], None]], ...] = (
 )
 
 
-def open_database(url: str, synchronous: str = "full") -> Database:
+def open_database(
+    url: str,
+    synchronous: str = "full",
+    *,
+    busy_timeout: float = 2.0,
+    connect_timeout: float = 3.0,
+    statement_timeout: float = 5.0,
+) -> Database:
     """Connect by URL; for SQLite create the file's directory and set the pragmas."""
     if url.startswith("sqlite:"):
         # sqlite:///relative/path.db or sqlite:////absolute/path.db, as playhouse reads them
@@ -75,9 +150,12 @@ def open_database(url: str, synchronous: str = "full") -> Database:
                 "journal_mode": "wal",
                 "foreign_keys": 1,
                 "synchronous": synchronous,
-                "busy_timeout": 5000,
+                "busy_timeout": int(busy_timeout * 1000),
             },
             check_same_thread=False,
+            # Take the write lock at BEGIN: a deferred transaction that must upgrade its
+            # lock fails at once with "database is locked" instead of waiting.
+            lock_type="IMMEDIATE",
         )
     if url.startswith(("postgres://", "postgresql://")):
         try:
@@ -87,6 +165,19 @@ def open_database(url: str, synchronous: str = "full") -> Database:
                 "database.url: PostgreSQL needs the psycopg2 driver "
                 "(pip install 'quotaserver[postgres]')"
             ) from None
+        params = parse(url, unquote_password=True, unquote_user=True)
+        database = params.pop("database")
+        return _Postgres(
+            database,
+            connect_timeout=max(1, round(connect_timeout)),
+            options=f"-c statement_timeout={int(statement_timeout * 1000)}",
+            # A peer that vanished without a FIN is noticed in about 10 s.
+            keepalives=1,
+            keepalives_idle=5,
+            keepalives_interval=2,
+            keepalives_count=2,
+            **params,
+        )
     try:
         return connect(url)
     except (RuntimeError, ImportError) as exc:
@@ -159,7 +250,7 @@ class GroupCommitter:
     def _run(self, batch: list[tuple[Future, Callable[[], Any]]]) -> None:
         outcomes: list[tuple[Future, bool, Any]] = []
         try:
-            with self.db.atomic():
+            with self.db.atomic():  # BEGIN IMMEDIATE: waits busy_timeout for the lock
                 for future, fn in batch:
                     if not future.set_running_or_notify_cancel():
                         continue
@@ -167,13 +258,25 @@ class GroupCommitter:
                         with self.db.atomic():  # a savepoint per unit
                             outcomes.append((future, True, fn()))
                     except BaseException as exc:  # noqa: BLE001 - handed to the caller
+                        if _is_busy(exc):
+                            # Every later unit would wait busy_timeout again: give up on
+                            # the whole batch (rolled back below) and answer at once.
+                            outcomes.append((future, False, exc))
+                            raise
                         outcomes.append((future, False, exc))
-        except BaseException as exc:  # the COMMIT itself failed: nothing was written
-            log.exception("group commit failed")
-            for future, ok, _ in outcomes:
-                if ok:
-                    future.set_exception(exc)
-            outcomes = [(f, False, v) for f, ok, v in outcomes if not ok]
+        except BaseException as exc:  # nothing of this batch was committed
+            error: BaseException = exc
+            if _is_busy(exc):
+                error = DatabaseBusy("the database is locked by another process; retry")
+            else:
+                log.exception("group commit failed")
+            answered = {id(f) for f, ok, _ in outcomes if not ok and not _is_busy(_)}
+            outcomes = [(f, False, v) for f, ok, v in outcomes if id(f) in answered]
+            for future, _fn in batch:
+                if id(future) in answered or future.done():
+                    continue
+                if future.running() or future.set_running_or_notify_cancel():
+                    outcomes.append((future, False, error))
         # Answer only now: every result handed out has been committed.
         for future, ok, value in outcomes:
             if ok:
@@ -182,14 +285,45 @@ class GroupCommitter:
                 future.set_exception(value)
 
 
-class Store:
-    """Owns the database connection and the worker threads that use it."""
+def _select_one() -> None:
+    database = models.database_proxy.obj
+    database.execute_sql("SELECT 1").fetchone()
 
-    def __init__(self, url: str, synchronous: str = "full", pool_size: int = 4):
+
+class Store:
+    """Owns the database connection and the worker threads that use it.
+
+    ``available``, ``last_error`` and ``last_error_at`` say how the last calls went: health
+    reports them, and the transitions are logged once each (lost, recovered).
+    """
+
+    def __init__(
+        self,
+        url: str,
+        synchronous: str = "full",
+        pool_size: int = 4,
+        *,
+        busy_timeout: float = 2.0,
+        connect_timeout: float = 3.0,
+        statement_timeout: float = 5.0,
+    ):
         self.url = url
-        self.db = open_database(url, synchronous)
+        self.db = open_database(
+            url,
+            synchronous,
+            busy_timeout=busy_timeout,
+            connect_timeout=connect_timeout,
+            statement_timeout=statement_timeout,
+        )
         self.is_sqlite = isinstance(self.db, SqliteDatabase)
         models.database_proxy.initialize(self.db)
+        # A caller stops waiting for PostgreSQL after a connect and a statement timeout
+        # (and the retry's connect), whatever the server does: a hung server gets 503s.
+        self.call_timeout = 2 * connect_timeout + statement_timeout + 1
+        self.available = True
+        self.last_error: str | None = None
+        self.last_error_at: float | None = None
+        self.errors = 0
         self._committer: GroupCommitter | None = None
         self._executor: ThreadPoolExecutor | None = None
         if self.is_sqlite:
@@ -197,15 +331,96 @@ class Store:
         else:
             self._executor = ThreadPoolExecutor(max_workers=pool_size, thread_name_prefix="db")
 
+    @classmethod
+    def from_config(cls, config: Any) -> Store:
+        return cls(
+            config["database.url"],
+            config["database.sqlite_synchronous"],
+            config["database.pool_size"],
+            busy_timeout=config["database.busy_timeout"],
+            connect_timeout=config["database.connect_timeout"],
+            statement_timeout=config["database.statement_timeout"],
+        )
+
     def migrate(self) -> int:
         return migrate(self.db)
 
     async def run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        """Run ``fn`` on a database worker thread and return its result (once committed)."""
+        """Run ``fn`` on a database worker thread and return its result (once committed).
+
+        Raises :class:`DatabaseUnavailable` or :class:`DatabaseBusy` when the database
+        cannot serve the call; any other exception is ``fn``'s own.
+        """
         call = functools.partial(fn, *args, **kwargs)
-        if self._committer is not None:
-            return await asyncio.wrap_future(self._committer.submit(call))
-        return await asyncio.get_running_loop().run_in_executor(self._executor, call)
+        try:
+            if self._committer is not None:
+                result = await asyncio.wrap_future(self._committer.submit(call))
+            else:
+                loop = asyncio.get_running_loop()
+                future = loop.run_in_executor(self._executor, self._guarded, call)
+                try:
+                    async with asyncio.timeout(self.call_timeout):
+                        result = await future
+                except TimeoutError:
+                    if not future.cancelled():
+                        raise  # fn's own TimeoutError
+                    raise DatabaseUnavailable(
+                        f"the database did not answer within {self.call_timeout:g} s"
+                    ) from None
+        except DatabaseError as exc:
+            self._failed(exc)
+            raise
+        except (peewee.OperationalError, peewee.InterfaceError) as exc:
+            text = str(exc).lower()
+            if not self.is_sqlite or not any(
+                s in text for s in ("unable to open", "disk i/o", "readonly", "disk is full")
+            ):
+                raise
+            error = DatabaseUnavailable(f"the database cannot be written: {exc}")
+            self._failed(error)
+            raise error from None
+        if not self.available:
+            self.available = True
+            log.warning("database available again")
+        return result
+
+    def _failed(self, exc: DatabaseError) -> None:
+        self.errors += 1
+        self.last_error, self.last_error_at = exc.message, time.time()
+        if self.available:
+            self.available = False
+            log.error("database unavailable: %s", exc.message)
+
+    def _guarded(self, call: Callable[[], T]) -> T:
+        """PostgreSQL: run ``call`` on this thread's connection, replacing a dead one."""
+        db = self.db
+        assert isinstance(db, _Postgres)
+        reused = db._state.conn is not None
+        if reused and db.connection_dead():
+            db.discard_connection()
+            reused = False
+        statements, commits = db.progress()
+        try:
+            return call()
+        except (peewee.OperationalError, peewee.InterfaceError) as exc:
+            if not db.connection_dead():
+                if "statement timeout" in str(exc):
+                    raise DatabaseUnavailable("a database statement timed out") from None
+                raise
+            db.discard_connection()
+            ran, committed = db.progress()
+            # A connection that died while idle (a server restart) fails the unit's first
+            # statement, before anything could commit: run it again on a new connection.
+            if not (reused and committed == commits and ran - statements <= 1):
+                raise DatabaseUnavailable(f"lost the database connection: {exc}") from None
+        log.info("database connection lost while idle; retrying on a new connection")
+        try:
+            return call()
+        except (peewee.OperationalError, peewee.InterfaceError) as exc:
+            if not db.connection_dead():
+                raise
+            db.discard_connection()
+            raise DatabaseUnavailable(f"the database is unreachable: {exc}") from None
 
     async def run_committed(self, fn: Callable[[], T], after: Callable[[T], Any]) -> T:
         """Run ``fn``; once it has committed, call ``after(result)`` on the loop.
@@ -222,24 +437,44 @@ class Store:
         future.add_done_callback(committed)
         return await asyncio.shield(future)
 
-    def ping(self) -> bool:
+    async def check(self) -> bool:
+        """A real round trip through the writer path (SQLite takes the write lock)."""
         try:
-            self.db.execute_sql("SELECT 1").fetchone()
+            await self.run(_select_one)
             return True
-        except Exception:  # noqa: BLE001 - health reports any failure as "unreachable"
-            log.warning("database ping failed", exc_info=True)
+        except DatabaseError:
             return False
 
-    def close(self) -> None:
-        """Wait for queued work (so no write is cut short), then close connections."""
+    def health(self) -> dict[str, Any]:
+        return {
+            "reachable": self.available,
+            "errors": self.errors,
+            "last_error": self.last_error,
+            "last_error_at": (
+                datetime.fromtimestamp(self.last_error_at, UTC).isoformat().replace("+00:00", "Z")
+                if self.last_error_at
+                else None
+            ),
+        }
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Wait for queued work (so no write is cut short), then close connections.
+
+        PostgreSQL work still stuck after ``timeout`` (a hung server) is abandoned.
+        """
         if self._committer is not None:
             self._committer.shutdown()
         else:
-            # Connections are per thread: close the worker's own before stopping it.
-            self._executor.submit(self._close_connection).result()
-            self._executor.shutdown(wait=True)
+            try:
+                # Connections are per thread: close the worker's own before stopping it.
+                self._executor.submit(self._close_connection).result(timeout=timeout)
+            except Exception:  # noqa: BLE001 - a hung or dead server: nothing to wait for
+                log.warning("database connections not closed cleanly")
+            self._executor.shutdown(wait=False, cancel_futures=True)
         self._close_connection()
 
     def _close_connection(self) -> None:
-        if not self.db.is_closed():
+        if isinstance(self.db, _Postgres):
+            self.db.discard_connection()
+        elif not self.db.is_closed():
             self.db.close()

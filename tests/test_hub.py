@@ -74,8 +74,12 @@ async def test_ring_replays_only_gap_free_runs():
         return [event(7), event(9)]
 
     hub = Hub(replay_source, ring_size=10)
+    hub.last_seq = 6
     for seq in (7, 9):  # 8 was rolled back (PostgreSQL) or never reached this instance
         hub.publish(event(seq))
+    await hub.sequencer.settled()  # the log read after 7 shows 8 is a hole
+    assert hub.last_seq == 9
+    calls.clear()
     client = RecordingClient()
     await hub.attach(client, "6")
     assert calls == [6]  # the ring could not prove it holds everything: the log answered

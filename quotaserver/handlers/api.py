@@ -124,10 +124,11 @@ class HealthHandler(BaseHandler):
     roles = None
 
     async def get(self) -> None:
-        reachable = await self.app.store.run(self.app.store.ping)
+        store = self.app.store
+        reachable = await store.check()
         body = {
             "status": "ok" if reachable else "degraded",
             "version": __version__,
-            "database": {"reachable": reachable},
+            "database": store.health(),
         }
         self.send_json(body, status=200 if reachable else 503)

@@ -29,6 +29,7 @@ import tornado.escape
 import tornado.web
 
 from ..auth import ANONYMOUS_ADMIN, SESSION_COOKIE, Identity
+from ..db import DatabaseError
 
 if TYPE_CHECKING:
     from ..app import QuotaApp
@@ -97,7 +98,9 @@ def log_handler_exception(
     tb: TracebackType | None,
 ) -> None:
     """Tornado's logging of handler errors without the request repr (it holds the URI)."""
-    if isinstance(value, tornado.web.HTTPError):
+    if isinstance(value, DatabaseError):
+        log.warning("503 %s: %s", request_summary(handler), value.message)
+    elif isinstance(value, tornado.web.HTTPError):
         if value.log_message:
             log.warning("%d %s: %s", value.status_code, request_summary(handler), value.log_message)
     else:
@@ -252,6 +255,10 @@ class BaseHandler(tornado.web.RequestHandler):
             code, message = exc.code, exc.message
             for name, value in exc.headers.items():
                 self.set_header(name, value)
+        elif isinstance(exc, DatabaseError):
+            self.set_status(503)
+            self.set_header("Retry-After", str(exc.retry_after))
+            code, message = exc.code, exc.message
         elif isinstance(exc, tornado.web.HTTPError) and status_code < 500:
             code = STATUS_CODES.get(status_code, "error")
             message = exc.log_message or self._reason

@@ -15,11 +15,19 @@ class StreamHealthHandler(BaseHandler):
         app = self.app
         hub = app.hub
         sources = [h.to_json() for h in app.scheduler.sources.values()]
-        healthy = app.running and all(s["healthy"] for s in sources)
+        healthy = (
+            app.running
+            and all(s["healthy"] for s in sources)
+            and app.backplane.connected
+            and app.store.available
+        )
         self.send_json(
             {
                 "status": "ok" if healthy else "degraded",
                 "broadcaster_running": app.running,
+                "instance": app.instance_name,
+                "backplane": app.backplane.health(),
+                "database": app.store.health(),
                 "clients": {
                     "websocket": hub.count("websocket"),
                     "sse": hub.count("sse"),
@@ -27,6 +35,7 @@ class StreamHealthHandler(BaseHandler):
                 },
                 "max_connections": hub.max_connections,
                 "seq": hub.last_seq,
+                "backfilled": hub.sequencer.backfilled,
                 "published": hub.published,
                 "slow_consumers_closed": hub.slow_closed,
                 "sources": sources,

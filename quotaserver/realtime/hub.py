@@ -20,6 +20,7 @@ from typing import Any
 
 from ..windows import isoformat, utc_now
 from .messages import CLOSE_GOING_AWAY, CLOSE_SLOW_CONSUMER, Message
+from .sequencer import Sequencer
 
 log = logging.getLogger(__name__)
 
@@ -108,10 +109,21 @@ class Hub:
         self.intervals = intervals or {}
         self.clients: set[Client] = set()
         self.ring: deque[Message] = deque(maxlen=ring_size)
-        self.last_seq = 0
+        # Durable events pass through the sequencer: once each, in seq order, whether
+        # they come from this instance, another one (the backplane) or the event log.
+        self.sequencer = Sequencer(self._broadcast, replay_source)
         self.stats = StatsState()
         self.published = 0
         self.slow_closed = 0
+
+    @property
+    def last_seq(self) -> int:
+        """Every durable event up to this seq has been delivered (or never existed)."""
+        return self.sequencer.head
+
+    @last_seq.setter
+    def last_seq(self, seq: int) -> None:
+        self.sequencer.head = seq
 
     # -- connections ---------------------------------------------------------------
     @property
@@ -178,15 +190,15 @@ class Hub:
 
     # -- publishing ------------------------------------------------------------------
     def publish(self, message: Message) -> None:
-        """Send ``message`` to every client (durable events also go to the replay ring)."""
+        """Send ``message`` to every client; durable events in seq order, once each."""
         if message.seq is not None:
-            if self.ring and message.seq < self.ring[-1].seq:
-                # Committed by another worker thread just before a higher id was published:
-                # keep the ring ordered (replay relies on it) and still deliver it live.
-                self._insert_in_order(message)
-            else:
-                self.ring.append(message)
-            self.last_seq = max(self.last_seq, message.seq)
+            self.sequencer.offer(message)
+        else:
+            self._broadcast(message)
+
+    def _broadcast(self, message: Message) -> None:
+        if message.seq is not None:
+            self.ring.append(message)  # the sequencer hands them over in order
         self.published += 1
         for client in list(self.clients):
             self._deliver(client, message)
@@ -224,7 +236,18 @@ class Hub:
         except (TypeError, ValueError):
             return self._recovered(client, False, head, reason="invalid_cursor")
         if after > head:
-            return self._recovered(client, False, head, reason="unknown_cursor")
+            # A cursor from another instance that is ahead of this one: catch up from
+            # the event log first.
+            try:
+                await self.sequencer.sync()
+            except Exception:
+                log.exception("catching up with the event log failed")
+                return self._recovered(client, False, head, reason="replay_failed")
+            if client.closed:
+                return None
+            head = self.last_seq
+            if after > head:
+                return self._recovered(client, False, head, reason="unknown_cursor")
         missed = self._from_ring(after)
         if missed is None:
             try:
@@ -253,17 +276,6 @@ class Hub:
             data["reason"] = reason
         self._send(client, Message("recovered", data))
 
-    def _insert_in_order(self, message: Message) -> None:
-        index = len(self.ring)
-        while index > 0 and self.ring[index - 1].seq > message.seq:
-            index -= 1
-        if len(self.ring) == self.ring.maxlen:
-            if index == 0:
-                return  # older than everything kept: the event log still has it
-            self.ring.popleft()
-            index -= 1
-        self.ring.insert(index, message)
-
     def _from_ring(self, after: int) -> list[Message] | None:
         """Events after ``after`` if the ring holds every one of them, else None.
 
@@ -281,6 +293,8 @@ class Hub:
     def _deliver(self, client: Client, message: Message) -> None:
         if client.closed or not client.wants(message.type):
             return
+        if message.seq is not None and message.seq <= client.last_seq and client.backlog is None:
+            return  # already sent by this client's replay
         if client.backlog is not None:
             if message.seq is not None:
                 client.backlog.append(message)

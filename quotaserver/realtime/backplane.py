@@ -1,0 +1,232 @@
+"""Fan-out between instances: the hub's publish seam, in-process or over Redis.
+
+Redis carries notifications; the database carries truth. After COMMIT an instance
+delivers its own event locally and publishes the encoded message on one Redis channel;
+every instance hands what arrives to its :class:`~.sequencer.Sequencer`, which delivers
+each seq once and in order, and backfills from the event log whatever Redis did not bring
+(a message lost while disconnected, or never published). So Redis is never on the
+consume path: publishing only queues, and an outage costs live latency, never events.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import json
+import logging
+import random
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any
+
+from ..windows import isoformat, utc_now
+from .messages import Message
+
+log = logging.getLogger(__name__)
+
+Deliver = Callable[[Message], None]
+Resync = Callable[[], None]
+
+
+class Backplane(abc.ABC):
+    """Carries committed durable events to the other instances."""
+
+    kind = "?"
+
+    def __init__(self) -> None:
+        self.connected = False
+        self.last_error: str | None = None
+        self.last_error_at: float | None = None
+        self.lag: float | None = None  # seconds from commit to arrival, last remote event
+        self.received = 0
+        self.dropped = 0
+
+    @abc.abstractmethod
+    async def start(self, deliver: Deliver, resync: Resync) -> None:
+        """Begin delivering remote events to ``deliver``; call ``resync`` after each
+        (re)connection so the caller can backfill what it missed."""
+
+    @abc.abstractmethod
+    def publish(self, message: Message) -> None:
+        """Queue a committed event for the other instances; never blocks, never raises."""
+
+    async def stop(self) -> None:  # noqa: B027 - optional: nothing to release by default
+        """Stop delivering and release connections."""
+
+    def health(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "connected": self.connected,
+            "last_error": self.last_error,
+            "last_error_at": (
+                isoformat_epoch(self.last_error_at) if self.last_error_at is not None else None
+            ),
+            "lag": round(self.lag, 4) if self.lag is not None else None,
+            "received": self.received,
+            "dropped": self.dropped,
+        }
+
+
+def isoformat_epoch(seconds: float) -> str:
+    return isoformat(datetime.fromtimestamp(seconds, UTC))
+
+
+class LocalBackplane(Backplane):
+    """One instance: its own events are all there is, and they are delivered locally."""
+
+    kind = "local"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.connected = True
+
+    async def start(self, deliver: Deliver, resync: Resync) -> None:
+        return None
+
+    def publish(self, message: Message) -> None:
+        return None
+
+
+def decode(raw: bytes | str) -> Message:
+    """A message as published by :meth:`RedisBackplane.publish` (the envelope's JSON)."""
+    envelope = json.loads(raw)
+    seq = envelope["seq"]
+    if not isinstance(seq, int) or isinstance(seq, bool):
+        raise ValueError("seq must be an integer")
+    return Message(envelope["type"], envelope["data"], seq=seq, timestamp=envelope["timestamp"])
+
+
+def _lag(message: Message) -> float | None:
+    try:
+        sent = datetime.fromisoformat(message.timestamp.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return max(0.0, (utc_now() - sent).total_seconds())
+
+
+class RedisBackplane(Backplane):
+    """Redis pub/sub on one channel, reconnecting with capped exponential back-off."""
+
+    kind = "redis"
+    #: Messages waiting for the publisher connection; beyond this they are dropped (the
+    #: other instances backfill them from the event log).
+    max_queue = 10_000
+
+    def __init__(self, url: str, channel: str, *, max_backoff: float = 5.0):
+        super().__init__()
+        self.url = url
+        self.channel = channel
+        self.max_backoff = max_backoff
+        self._queue: asyncio.Queue[str] = asyncio.Queue(self.max_queue)
+        self._tasks: list[asyncio.Task] = []
+        self._deliver: Deliver | None = None
+        self._resync: Resync | None = None
+
+    def _client(self) -> Any:
+        import redis.asyncio as redis
+
+        # Bounded waits: a dead or hung Redis is noticed within seconds.
+        return redis.Redis.from_url(
+            self.url, socket_connect_timeout=2, socket_timeout=5, health_check_interval=5
+        )
+
+    async def start(self, deliver: Deliver, resync: Resync) -> None:
+        self._deliver, self._resync = deliver, resync
+        self._tasks = [
+            asyncio.create_task(self._subscribe_forever(), name="backplane-subscribe"),
+            asyncio.create_task(self._publish_forever(), name="backplane-publish"),
+        ]
+
+    def publish(self, message: Message) -> None:
+        try:
+            self._queue.put_nowait(message.text)
+        except asyncio.QueueFull:
+            self.dropped += 1
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        if self._tasks:
+            await asyncio.wait(self._tasks, timeout=2)
+        self._tasks = []
+
+    def _failed(self, what: str, exc: BaseException) -> None:
+        text = f"{what}: {exc.__class__.__name__}: {exc}".strip()
+        if self.connected or self.last_error != text:
+            log.warning("backplane %s", text)
+        self.connected = False
+        self.last_error, self.last_error_at = text, time.time()
+
+    async def _backoff(self, attempt: int) -> None:
+        delay = min(self.max_backoff, 0.1 * 2**attempt)
+        await asyncio.sleep(delay * random.uniform(0.5, 1.0))
+
+    async def _subscribe_forever(self) -> None:
+        attempt = 0
+        while True:
+            client = self._client()
+            pubsub = client.pubsub(ignore_subscribe_messages=True)
+            try:
+                await pubsub.subscribe(self.channel)
+                if not self.connected:
+                    log.info("backplane connected to %s", self.channel)
+                self.connected, attempt = True, 0
+                assert self._resync is not None
+                self._resync()  # what was published while we were away
+                while True:
+                    item = await pubsub.get_message(timeout=1.0)
+                    if item is not None and item.get("type") == "message":
+                        self._received(item["data"])
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - any fault: reconnect
+                self._failed("subscription lost", exc)
+            finally:
+                await _close(pubsub, client)
+            await self._backoff(attempt)
+            attempt += 1
+
+    def _received(self, raw: bytes) -> None:
+        try:
+            message = decode(raw)
+        except (ValueError, KeyError, TypeError):
+            log.warning("backplane: ignored a malformed message")
+            return
+        self.received += 1
+        self.lag = _lag(message)
+        assert self._deliver is not None
+        self._deliver(message)
+
+    async def _publish_forever(self) -> None:
+        client = self._client()
+        attempt = 0
+        try:
+            while True:
+                text = await self._queue.get()
+                try:
+                    await client.publish(self.channel, text)
+                    attempt = 0
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:  # noqa: BLE001 - dropped; receivers backfill
+                    self.dropped += 1
+                    self._failed("publish failed", exc)
+                    await self._backoff(attempt)
+                    attempt += 1
+        finally:
+            await _close(None, client)
+
+
+async def _close(pubsub: Any, client: Any) -> None:
+    try:
+        if pubsub is not None:
+            await pubsub.aclose()
+        await client.aclose()
+    except Exception:  # noqa: BLE001 - closing a broken connection
+        log.debug("backplane: close failed", exc_info=True)
+
+
+def make_backplane(url: str, channel: str) -> Backplane:
+    """The backplane named by ``backplane.url`` (empty: in-process)."""
+    return RedisBackplane(url, channel) if url else LocalBackplane()
