@@ -40,6 +40,9 @@ def _server_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--port", type=int, help="listen port (server.port)")
     parser.add_argument("--dev", action="store_true", default=None, help="development endpoints")
     parser.add_argument("--demo", action="store_true", default=None, help="simulated traffic")
+    parser.add_argument(
+        "--workers", type=int, help="processes serving the port (server.workers; >1 needs Redis)"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -75,6 +78,7 @@ def load(args: argparse.Namespace) -> tuple[Config, pluggy.PluginManager]:
         "server.port": args.port,
         "dev": args.dev,
         "demo": args.demo,
+        "server.workers": args.workers,
     }
     config = load_config(args.config, overrides=overrides)
     # Plugin names, plugins_dir and plugin settings are configuration too.

@@ -468,9 +468,11 @@ class Store:
             try:
                 # Connections are per thread: close the worker's own before stopping it.
                 self._executor.submit(self._close_connection).result(timeout=timeout)
+                clean = True
             except Exception:  # noqa: BLE001 - a hung or dead server: nothing to wait for
                 log.warning("database connections not closed cleanly")
-            self._executor.shutdown(wait=False, cancel_futures=True)
+                clean = False
+            self._executor.shutdown(wait=clean, cancel_futures=True)
         self._close_connection()
 
     def _close_connection(self) -> None:

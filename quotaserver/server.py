@@ -1,32 +1,49 @@
-"""Run a configured server in this process until SIGINT/SIGTERM."""
+"""Run a configured server until SIGINT/SIGTERM: in this process, or as N worker processes
+sharing one listening socket (``server.workers``)."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import os
 import signal
+import socket
 import sys
+import time
+import traceback
 
 import peewee
 import pluggy
+import tornado.netutil
 
 from . import __version__
 from .config import Config, ConfigError
+from .db import DatabaseError
 from .realtime.messages import CLOSE_GOING_AWAY, CLOSE_RESTART
 
 log = logging.getLogger("quotaserver")
 
 
 async def serve(
-    config: Config, stop_signals: asyncio.Queue, plugin_manager: pluggy.PluginManager | None = None
+    config: Config,
+    stop_signals: asyncio.Queue,
+    plugin_manager: pluggy.PluginManager | None = None,
+    *,
+    sockets: list[socket.socket] | None = None,
+    worker: int | None = None,
 ) -> int:
-    """Start the app, print where it listens, wait for a stop signal, stop within the budget."""
+    """Start the app, say where it listens, wait for a stop signal, stop within the budget.
+
+    A worker (``worker`` set) listens on the parent's ``sockets`` and leaves the
+    announcements to the parent; only worker 0 runs the demo traffic.
+    """
     from .app import QuotaApp
     from .demo import DemoTraffic
 
     app = QuotaApp(config, plugin_manager=plugin_manager)
     try:
-        await app.start()
+        await app.start(sockets=sockets)
     except OSError as exc:
         print(
             f"quotaserver: cannot listen on {config['server.host']}:{config['server.port']}: "
@@ -35,20 +52,16 @@ async def serve(
         )
         await app.stop()
         return 1
-    except peewee.OperationalError as exc:
+    except (peewee.OperationalError, DatabaseError) as exc:
         print(f"quotaserver: cannot use the database: {exc}".strip(), file=sys.stderr)
         await app.stop()
         return 1
-    print(f"quotaserver {__version__} listening on {app.url}", flush=True)
-    print(f"  dashboard: {app.url}/admin/quotas", flush=True)
-    if not config["auth.enabled"]:
-        log.warning("AUTHENTICATION IS DISABLED: anyone who can reach %s is an admin", app.url)
-    elif app.auth.first_run_token:
-        where = config["auth.token_file"]
-        print(f"  admin token stored in {where} (mode 0600); open to sign in:", flush=True)
-        print(f"  {app.url}/login?token={app.auth.first_run_token}", flush=True)
+    if worker is None:
+        announce(app.url, config, app.auth.first_run_token)
+    else:
+        log.info("worker %d (pid %d) serving as %s", worker, os.getpid(), app.instance_name)
     demo = None
-    if config["demo"]:
+    if config["demo"] and not worker:
         demo = DemoTraffic(app)
         await demo.start()
         print("  demo traffic: on (simulated users call the quota API)", flush=True)
@@ -65,18 +78,162 @@ async def serve(
     return 0
 
 
-def run_server(config: Config, plugin_manager: pluggy.PluginManager | None = None) -> int:
-    """Serve in this process on a new event loop; return the exit status."""
+def announce(url: str, config: Config, first_run_token: str | None, workers: int = 1) -> None:
+    """The start-up lines: where to connect, and how to sign in the first time."""
+    suffix = f" ({workers} worker processes)" if workers > 1 else ""
+    print(f"quotaserver {__version__} listening on {url}{suffix}", flush=True)
+    print(f"  dashboard: {url}/admin/quotas", flush=True)
+    if not config["auth.enabled"]:
+        log.warning("AUTHENTICATION IS DISABLED: anyone who can reach %s is an admin", url)
+    elif first_run_token:
+        where = config["auth.token_file"]
+        print(f"  admin token stored in {where} (mode 0600); open to sign in:", flush=True)
+        print(f"  {url}/login?token={first_run_token}", flush=True)
 
+
+def run_server(config: Config, plugin_manager: pluggy.PluginManager | None = None) -> int:
+    """Serve until stopped; return the exit status."""
+    if config["server.workers"] > 1:
+        return run_workers(config, plugin_manager)
+    return _run_loop(config, plugin_manager)
+
+
+def _run_loop(
+    config: Config,
+    plugin_manager: pluggy.PluginManager | None,
+    sockets: list[socket.socket] | None = None,
+    worker: int | None = None,
+) -> int:
     async def runner() -> int:
         queue: asyncio.Queue = asyncio.Queue()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, queue.put_nowait, sig)
         try:
-            return await serve(config, queue, plugin_manager)
+            return await serve(config, queue, plugin_manager, sockets=sockets, worker=worker)
         except ConfigError as exc:
             print(f"quotaserver: configuration error: {exc}", file=sys.stderr)
             return 2
 
     return asyncio.run(runner())
+
+
+async def prepare(config: Config, plugin_manager: pluggy.PluginManager | None) -> str | None:
+    """Start-up work done once, before the fork: migrations, default limits, the first-run
+    token and the cookie secret (workers racing to create them would disagree)."""
+    from .app import QuotaApp
+
+    app = QuotaApp(config, plugin_manager=plugin_manager)
+    try:
+        await app.store.run(app.store.migrate)
+        await app.auth.load(app.store, app.clock)
+        await app.store.run(app.quota.seed_defaults)
+        return app.auth.first_run_token
+    finally:
+        await asyncio.get_running_loop().run_in_executor(None, app.store.close)
+
+
+def run_workers(config: Config, plugin_manager: pluggy.PluginManager | None) -> int:
+    """Bind once, prepare once, fork ``server.workers`` processes that share the socket.
+
+    The parent forwards SIGTERM/SIGINT to every worker and waits for them within the
+    shutdown budget (then kills what is left); a worker that dies on its own is replaced.
+    Nothing that holds threads, an event loop or a database connection crosses the fork.
+    """
+    count = config["server.workers"]
+    try:
+        sockets = tornado.netutil.bind_sockets(
+            config["server.port"], config["server.host"], family=socket.AF_INET
+        )
+    except OSError as exc:
+        print(
+            f"quotaserver: cannot listen on {config['server.host']}:{config['server.port']}: "
+            f"{exc.strerror}",
+            file=sys.stderr,
+        )
+        return 1
+    port = sockets[0].getsockname()[1]
+    try:
+        token = asyncio.run(prepare(config, plugin_manager))
+    except (peewee.OperationalError, DatabaseError) as exc:
+        print(f"quotaserver: cannot use the database: {exc}".strip(), file=sys.stderr)
+        return 1
+    host = config["server.host"]
+    host = "127.0.0.1" if host in ("0.0.0.0", "") else host
+    announce(f"http://{host}:{port}", config, token, count)
+
+    base_name = config["server.instance_name"] or f"{socket.gethostname()}:{port}"
+    children: dict[int, tuple[int, float]] = {}  # pid -> (worker index, start time)
+
+    def spawn(index: int) -> None:
+        worker_config = config.with_overrides(server__instance_name=f"{base_name}/{index}")
+        sys.stdout.flush()
+        sys.stderr.flush()
+        pid = os.fork()
+        if pid == 0:  # the worker
+            code = 1
+            try:
+                signal.signal(signal.SIGINT, signal.SIG_DFL)
+                signal.signal(signal.SIGTERM, signal.SIG_DFL)
+                code = _run_loop(worker_config, plugin_manager, sockets, index)
+            except BaseException:  # noqa: BLE001 - report, then leave without cleanup
+                traceback.print_exc()
+            finally:
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(code)
+        children[pid] = (index, time.monotonic())
+
+    stopping: list[int] = []
+
+    def forward(signum: int, _frame: object) -> None:
+        stopping.append(signum)
+        for pid in list(children):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signum)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    for index in range(count):
+        spawn(index)
+    status = 0
+    deadline: float | None = None
+    restarts = 0
+    while children:
+        if stopping and deadline is None:
+            deadline = time.monotonic() + config["server.shutdown_timeout"] + 1
+        if deadline is not None and time.monotonic() > deadline:
+            log.error("workers still running after the shutdown budget: killing them")
+            for pid in list(children):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            status = 1
+            deadline = float("inf")
+        try:
+            pid, raw = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            break
+        if pid == 0:
+            time.sleep(0.05)
+            continue
+        index, started = children.pop(pid)
+        code = os.waitstatus_to_exitcode(raw)
+        if stopping:
+            if code != 0 and status == 0:
+                status = 1
+            continue
+        if code == 2:  # a configuration error: every worker would fail the same way
+            forward(signal.SIGTERM, None)
+            status = 2
+            continue
+        log.error("worker %d (pid %d) exited with %d; starting a new one", index, pid, code)
+        restarts += 1
+        if time.monotonic() - started < 1 and restarts > 10 * count:
+            log.error("workers keep failing at start-up; giving up")
+            forward(signal.SIGTERM, None)
+            status = 1
+            continue
+        spawn(index)
+    for sock in sockets:
+        sock.close()
+    return status
