@@ -106,6 +106,15 @@ def _violations_today(app: Any) -> Counter[int]:
     return Counter(row.user_id for row in rows)
 
 
+def _user_violations_today(app: Any, user_id: int) -> int:
+    start = app.quota.calendar.window("daily", app.clock()).start
+    return (
+        Violation.select()
+        .where((Violation.user == user_id) & (Violation.created_at >= naive_utc(start)))
+        .count()
+    )
+
+
 @hookimpl
 def startup(app: Any) -> Any:
     engine = _engine(app)
@@ -127,6 +136,8 @@ async def on_violation(app: Any, violation: dict[str, Any]) -> None:
     user_id = violation["user_id"]
     engine.violations[user_id] += 1
     count = engine.violations[user_id]
+    if app.clustered:  # other instances record violations too: count them all
+        count = await app.store.run(_user_violations_today, app, user_id)
     if rule is None or count < rule["threshold"]:
         return
     label = "Critical" if rule["severity"] == "critical" else rule["severity"].capitalize()

@@ -16,6 +16,7 @@ from peewee import fn
 from quotaserver import hookimpl
 from quotaserver.admin_queries import Rules
 from quotaserver.models import Activity, Usage, User
+from quotaserver.realtime.emitters import PeriodicEmitter
 
 NAME = "quota_analytics"
 HIGH_UTILIZATION = 0.8
@@ -145,6 +146,16 @@ async def on_event(app: Any, message: Any) -> None:
         fig = _figures(app)
         if fig.day_key == today.key:
             fig.high = high
+
+
+@hookimpl
+def register_emitters(app: Any) -> list[PeriodicEmitter]:
+    # Several instances share the database: each one's decisions are only part of the
+    # picture, so every instance recomputes the figures from it each stats interval.
+    if not app.clustered:
+        return []
+    interval = app.config["realtime.stats_interval"]
+    return [PeriodicEmitter("cluster_figures", interval, lambda: rebuild(app))]
 
 
 @hookimpl

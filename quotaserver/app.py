@@ -154,6 +154,7 @@ class QuotaApp:
             )
             self.server.add_sockets(sockets)
             self.port = sockets[0].getsockname()[1]
+        self.hub.instance = self.instance_name
 
     async def stop(
         self, code: int = CLOSE_GOING_AWAY, reason: str = "server shutting down"
@@ -188,6 +189,11 @@ class QuotaApp:
             except TimeoutError:
                 log.warning("some connections did not close in time")
         await asyncio.get_running_loop().run_in_executor(None, self.store.close)
+
+    @property
+    def clustered(self) -> bool:
+        """True when other instances may share the database (a backplane is configured)."""
+        return self.backplane.kind != "local"
 
     @property
     def instance_name(self) -> str:
@@ -239,7 +245,7 @@ class QuotaApp:
         """With several instances, read the event log every second while the backplane is
         down and every 5 s while it is up: nothing another instance committed stays
         undelivered, even if its notification was lost."""
-        if self.backplane.kind == "local":
+        if not self.clustered:
             return
         self._sync_ticks += 1
         if not self.backplane.connected or self._sync_ticks % 5 == 0:

@@ -113,6 +113,7 @@ class Hub:
         # they come from this instance, another one (the backplane) or the event log.
         self.sequencer = Sequencer(self._broadcast, replay_source)
         self.stats = StatsState()
+        self.instance = ""  # named in welcome: which instance a client landed on
         self.published = 0
         self.slow_closed = 0
 
@@ -220,6 +221,7 @@ class Hub:
             {
                 "client_id": client.id,
                 "transport": client.transport,
+                "instance": self.instance,
                 "server_time": isoformat(utc_now()),
                 "seq": self.last_seq,
                 "intervals": self.intervals,

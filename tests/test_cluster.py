@@ -1,0 +1,339 @@
+"""Several real quotaserver processes on one PostgreSQL database and one Redis backplane.
+
+Every test starts its own servers (``run.py`` subprocesses) on a fresh database of a
+PostgreSQL cluster and a ``redis-server`` started for this module.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import threading
+
+import pytest
+from clients import ADMIN, VIEWER, call, consume, sse_connect, ws_connect
+from conftest import TOKENS
+from services import INITDB, REDIS, Postgres, Redis, start_server
+
+pytestmark = pytest.mark.skipif(
+    INITDB is None or REDIS is None,
+    reason="needs PostgreSQL server binaries and redis-server (.ci/run installs them)",
+)
+
+LIMIT = 200
+
+
+@pytest.fixture(scope="module")
+def pg():
+    pytest.importorskip("psycopg2", reason="pip install psycopg2-binary (the test extras do)")
+    server = Postgres()
+    server.start()
+    yield server
+    server.destroy()
+
+
+@pytest.fixture(scope="module")
+def redis_server():
+    server = Redis()
+    server.start()
+    yield server
+    server.kill()
+
+
+@pytest.fixture
+def cluster(pg, redis_server, tmp_path, io_loop):
+    """``servers = await cluster(2)``: N instances on a fresh database and the backplane."""
+    db_url = pg.create_database()
+    started = []
+
+    async def start(count: int = 2, *args: str, **extra: dict) -> list:
+        config = {
+            "dev": True,
+            "database": {
+                "url": db_url,
+                "pool_size": 8,
+                "connect_timeout": 1.0,
+                "statement_timeout": 2.0,
+            },
+            "backplane": {"url": redis_server.url, "channel": f"qs-{os.path.basename(db_url)}"},
+            "auth": {"tokens": TOKENS, "token_file": str(tmp_path / "admin_token")},
+            "realtime": {"stats_interval": 0.2, "heartbeat_interval": 1.0},
+            # The real processes sample this machine: a busy test machine must not throttle.
+            "throttle": {"cpu_bands": [[100, 1.0]], "memory_bands": [[100, 1.0]]},
+            "quotas": {
+                "defaults": {"shell": {"daily": LIMIT, "weekly": 100_000, "monthly": 100_000}}
+            },
+            "plugins": {"system_metrics": {"enabled": False}},
+        }
+        for section, values in extra.items():
+            config.setdefault(section, {}).update(values)
+        servers = []
+        for _ in range(count):
+            server = await start_server(str(tmp_path), config, *args)
+            started.append(server)
+            servers.append(server)
+        return servers
+
+    start.db_url = db_url
+    yield start
+    for server in started:
+        if server.proc.returncode is None:
+            server.proc.kill()
+            io_loop.run_sync(server.proc.wait, timeout=10)
+
+
+async def violate(server, user: str = "mallory", extra: int = 0) -> tuple[str, int]:
+    """A consume refused for asking ``LIMIT + 1 + extra``; returns (user, attempted), which
+    identifies its violation event."""
+    response = await consume(server, user, "shell", LIMIT + 1 + extra)
+    assert response.code == 429, response
+    return user, response.json["violation"]["attempted"]
+
+
+def ident(message: dict) -> tuple[str, int]:
+    return message["data"]["username"], message["data"]["attempted"]
+
+
+async def violations(ws, n: int) -> list[dict]:
+    return [await ws.recv_type("violation", timeout=15) for _ in range(n)]
+
+
+async def wait_for(predicate, what: str, timeout: float = 20.0):
+    """Poll an async predicate until it returns a truthy value."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        value = await predicate()
+        if value:
+            return value
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.05)
+
+
+def scalar(db_url: str, sql: str) -> int:
+    import psycopg2
+
+    with psycopg2.connect(db_url) as conn, conn.cursor() as cur:
+        cur.execute(sql)
+        return cur.fetchone()[0]
+
+
+@pytest.mark.gen_test(timeout=120)
+async def test_a_violation_on_one_instance_reaches_ws_and_sse_clients_on_another(cluster):
+    a, b = await cluster(2)
+    ws_b = await ws_connect(b, "types=violation")
+    welcome = await ws_b.recv_type("welcome")
+    ws_a = await ws_connect(a, "types=violation")
+    assert (await ws_a.recv_type("welcome"))["data"]["instance"] != welcome["data"]["instance"]
+    sse_b = await sse_connect(b, "types=violation")
+    await sse_b.next_type("welcome")
+    await violate(a)
+    on_b = await ws_b.recv_type("violation")
+    on_a = await ws_a.recv_type("violation")
+    streamed = await sse_b.next_type("violation", timeout=15)
+    assert on_b["data"]["username"] == "mallory"
+    assert on_b["seq"] == on_a["seq"] == int(streamed["id"]) == streamed["message"]["seq"]
+    health = (await call(b, "GET", "/api/ws/health", token=VIEWER)).json
+    assert health["backplane"]["kind"] == "redis" and health["backplane"]["connected"]
+    assert health["backplane"]["received"] >= 1 and health["status"] == "ok"
+
+
+@pytest.mark.gen_test(timeout=180)
+async def test_300_consumes_across_two_instances_admit_exactly_the_limit(cluster):
+    a, b = await cluster(2)
+    watchers = [await ws_connect(s, "types=violation") for s in (a, b)]
+    for ws in watchers:
+        await ws.recv_type("welcome")
+    results = await asyncio.gather(
+        *(consume(a if i % 2 else b, "bob", "shell") for i in range(300))
+    )
+    codes = [r.code for r in results]
+    assert codes.count(200) == LIMIT and codes.count(429) == 100
+    assert scalar(cluster.db_url, "SELECT count(*) FROM violation") == 100
+    used = scalar(cluster.db_url, "SELECT used FROM usage WHERE period = 'daily'")
+    assert used == LIMIT
+    for ws in watchers:  # every instance's clients get all 100, once each, in seq order
+        seqs = [m["seq"] for m in await violations(ws, 100)]
+        assert seqs == sorted(seqs) and len(set(seqs)) == 100
+
+
+@pytest.mark.gen_test(timeout=120)
+async def test_a_client_moving_from_one_instance_to_another_recovers_what_it_missed(cluster):
+    a, b = await cluster(2)
+    ws = await ws_connect(a, "types=violation")
+    await ws.recv_type("welcome")
+    await violate(a, "carol")
+    last = (await ws.recv_type("violation"))["seq"]
+    ws.close()
+    missed = [await violate(a if i % 2 else b, "carol", i) for i in range(4)]
+    resumed = await ws_connect(b, f"types=violation&last_seq={last}")
+    await resumed.recv_type("welcome")
+    replayed = [await resumed.recv() for _ in range(5)]
+    assert [m["type"] for m in replayed] == ["violation"] * 4 + ["recovered"]
+    assert [ident(m) for m in replayed[:4]] == missed
+    seqs = [m["seq"] for m in replayed[:4]]
+    assert seqs == sorted(seqs) and seqs[0] > last
+    assert replayed[4]["data"]["recovered"] is True and replayed[4]["data"]["missed"] == 4
+
+
+@pytest.mark.gen_test(timeout=180)
+async def test_redis_outage_loses_nothing_and_never_blocks_consumes(cluster, redis_server):
+    a, b = await cluster(2)
+    ws_b = await ws_connect(b, "types=violation")
+    await ws_b.recv_type("welcome")
+    await violate(a, "dave")
+    first = await ws_b.recv_type("violation")
+    redis_server.kill()
+
+    async def disconnected():
+        health = (await call(a, "GET", "/api/ws/health", token=VIEWER)).json
+        return health["status"] == "degraded" and not health["backplane"]["connected"]
+
+    await wait_for(disconnected, "A to report the backplane down")
+    # Consumes (admitted and refused) go on committing while Redis is gone.
+    during = await asyncio.gather(*(violate(a, "dave", i) for i in range(1, 11)))
+    assert (await consume(a, "erin", "shell")).code == 200
+    redis_server.start()
+
+    async def reconnected():
+        health = (await call(b, "GET", "/api/ws/health", token=VIEWER)).json
+        return health["backplane"]["connected"]
+
+    await wait_for(reconnected, "B to reconnect to Redis")
+    got = await violations(ws_b, 10)
+    seqs = [first["seq"]] + [m["seq"] for m in got]
+    assert seqs == sorted(seqs) and len(set(seqs)) == 11
+    assert sorted(ident(m) for m in got) == sorted(during)
+    # Nothing more arrives twice later on.
+    await violate(b, "dave")
+    assert (await ws_b.recv_type("violation"))["seq"] > seqs[-1]
+
+
+@pytest.mark.gen_test(timeout=120)
+async def test_an_id_committed_after_a_higher_one_is_impossible_and_nothing_is_skipped(cluster):
+    """A writer holds its event transaction open (between the id and COMMIT) while another
+    instance records a violation: event ids commit in order, so the second one waits for
+    the first, and clients get both, in order, although nobody published the first."""
+    import peewee
+
+    from quotaserver import models
+    from quotaserver.db import open_database
+    from quotaserver.events import append_event
+    from quotaserver.windows import utc_now
+
+    a, b = await cluster(2)
+    ws = await ws_connect(b, "types=violation,quota_change")
+    await ws.recv_type("welcome")
+    db = open_database(cluster.db_url)
+    models.database_proxy.initialize(db)  # this test process acts as a writer too
+    holding, release = threading.Event(), threading.Event()
+    held: dict = {}
+
+    def writer() -> None:
+        with db.atomic():
+            held["message"] = append_event("quota_change", {"held": True}, utc_now())
+            holding.set()
+            release.wait(30)
+        db.close()
+
+    thread = threading.Thread(target=writer)
+    thread.start()
+    await asyncio.get_running_loop().run_in_executor(None, holding.wait, 10)
+    pending = asyncio.ensure_future(violate(b, "frank"))
+    waiting = "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"
+
+    async def blocked():  # B's violation has its id's turn to commit: it waits for ours
+        return await asyncio.get_running_loop().run_in_executor(
+            None, scalar, cluster.db_url, waiting
+        )
+
+    await wait_for(blocked, "B's event transaction to wait for the open one")
+    assert not pending.done()
+    release.set()
+    await pending
+    await asyncio.get_running_loop().run_in_executor(None, thread.join, 10)
+    first = await ws.recv_type("quota_change")
+    second = await ws.recv_type("violation")
+    assert first["seq"] == held["message"].seq and first["data"] == {"held": True}
+    assert second["seq"] > first["seq"] and ident(second) == await pending
+    assert isinstance(db, peewee.PostgresqlDatabase)
+
+
+@pytest.mark.gen_test(timeout=120)
+async def test_stats_and_alerts_agree_across_instances(cluster):
+    a, b = await cluster(2)
+    for i in range(6):  # quota_violation's threshold is 5 per user and day
+        await violate(a if i % 2 else b, "grace")
+    await consume(a, "heidi", "shell", 10)
+    await consume(b, "ivan", "shell", 170)  # 85% of the daily limit: high utilisation
+    expected = {
+        "total_users": 3,
+        "active_users_today": 2,
+        "commands_today": 180,
+        "violations_today": 6,
+        "high_utilization_count": 1,
+    }
+
+    async def agreed():
+        stats = []
+        for server in (a, b):
+            ws = await ws_connect(server, "types=stats")
+            snapshot = (await ws.recv_type("stats"))["data"]
+            ws.close()
+            stats.append({k: snapshot[k] for k in expected})
+        return stats if stats == [expected, expected] else None
+
+    await wait_for(agreed, "both instances to show the same stats")
+    for server in (a, b):  # violations 5 and 6 raised it (on either instance): one alert
+
+        async def alerts(server=server):
+            listed = (await call(server, "GET", "/api/admin/quotas/alerts", token=ADMIN)).json
+            found = [x for x in listed["items"] if x["alert_type"] == "quota_violation"]
+            return found if found and found[0]["count"] >= 2 else None
+
+        (alert,) = await wait_for(alerts, "the quota_violation alert")
+        assert alert["username"] == "grace"
+
+
+@pytest.mark.gen_test(timeout=180)
+async def test_two_workers_share_one_port_and_every_event(cluster):
+    (server,) = await cluster(1, "--workers", "2")
+    clients, instances = [], set()
+    for _ in range(40):  # the kernel spreads connections over both workers
+        ws = await ws_connect(server, "types=violation")
+        instances.add((await ws.recv_type("welcome"))["data"]["instance"])
+        clients.append(ws)
+        if len(instances) == 2 and len(clients) >= 4:
+            break
+    assert len(instances) == 2, instances
+    ids = [await violate(server, f"user{i}") for i in range(6)]
+    for ws in clients:
+        got = await violations(ws, 6)
+        assert sorted(ident(m) for m in got) == sorted(ids)
+    with open(f"/proc/{server.proc.pid}/task/{server.proc.pid}/children") as fh:
+        workers = [int(pid) for pid in fh.read().split()]
+    assert len(workers) == 2
+    assert await server.stop(signal.SIGTERM) == 0
+    for pid in workers:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+
+
+@pytest.mark.gen_test(timeout=180)
+async def test_postgresql_stopped_gives_503_then_the_server_recovers(cluster, pg):
+    (a,) = await cluster(1)
+    assert (await consume(a, "judy", "shell")).code == 200
+    pg.stop("fast")
+    try:
+        down = await asyncio.gather(*(consume(a, "judy", "shell") for _ in range(5)))
+        assert {r.code for r in down} == {503}, down
+        assert {r.json["error"]["code"] for r in down} == {"database_unavailable"}
+        assert all(r.headers.get("Retry-After") for r in down)
+        health = await call(a, "GET", "/api/health")
+        assert health.code == 503 and health.json["database"]["reachable"] is False
+    finally:
+        pg.start()
+    recovered = await consume(a, "judy", "shell")
+    assert recovered.code == 200 and recovered.json["periods"]["daily"]["used"] == 2
+    assert (await call(a, "GET", "/api/health")).code == 200
