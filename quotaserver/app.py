@@ -89,6 +89,7 @@ class QuotaApp:
         self._tasks: set[asyncio.Future] = set()
         self._plugin_state: dict[str, dict[str, Any]] = {}
         self._sync_ticks = 0
+        self._probe: asyncio.Future | None = None
 
     def _settings(self) -> dict[str, Any]:
         cfg = self.config
@@ -130,6 +131,7 @@ class QuotaApp:
             PeriodicCallback(self.broadcast_stats, cfg["realtime.stats_interval"] * 1000),
             PeriodicCallback(self.hub.ping, cfg["realtime.heartbeat_interval"] * 1000),
             PeriodicCallback(self._sync_tick, 1000),
+            PeriodicCallback(self._probe_database, cfg["realtime.stats_interval"] * 1000),
             PeriodicCallback(
                 lambda: self.hub.reap(cfg["realtime.client_timeout"]),
                 cfg["realtime.client_timeout"] * 1000 / 3,
@@ -251,6 +253,12 @@ class QuotaApp:
         if not self.backplane.connected or self._sync_ticks % 5 == 0:
             self._resync()
 
+    def _probe_database(self) -> None:
+        """A real round trip each stats interval, so an idle server notices a lost (or
+        recovered) database too; one probe at a time, never piling up on a hung server."""
+        if self._probe is None or self._probe.done():
+            self._probe = self.track(self.store.check())
+
     def broadcast_stats(self) -> None:
         self.hub.publish_stats(self.stats_snapshot())
 
@@ -260,6 +268,7 @@ class QuotaApp:
             if isinstance(fields, dict):
                 snapshot.update(fields)
         snapshot.update(self.scheduler.stats_fields())
+        snapshot["database_available"] = self.store.available
         return snapshot
 
     def _decided(self, decision: Decision) -> None:

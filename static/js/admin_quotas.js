@@ -50,6 +50,8 @@ function applyStats(data) {
   ]) {
     setText(`stat-${key}`, formatInt(stats[key]));
   }
+  // The server says so in every stats snapshot: false while its database calls fail.
+  byId("db-banner").hidden = stats.database_available !== false;
   const load = stats.system_load;
   // Nothing measured yet reads 0 % for both: show "not measured" rather than a fake zero.
   const measured = load && (load.cpu_percent > 0 || load.memory_percent > 0);
