@@ -18,6 +18,7 @@ RUNS = [
     ["consume.py", "--concurrency", "32", "--seconds", "10", "--synchronous", "normal"],
     ["fanout.py", "--clients", "100", "--events", "200", "--rate", "20"],
     ["fanout.py", "--clients", "1000", "--events", "200", "--rate", "20"],
+    ["cluster.py"],
 ]
 
 
