@@ -47,11 +47,11 @@ def cluster(pg, redis_server, tmp_path, io_loop):
     db_url = pg.create_database()
     started = []
 
-    async def start(count: int = 2, *args: str, **extra: dict) -> list:
+    async def start(count: int = 2, *args: str, database: str | None = None, **extra) -> list:
         config = {
             "dev": True,
             "database": {
-                "url": db_url,
+                "url": database or db_url,
                 "pool_size": 8,
                 "connect_timeout": 1.0,
                 "statement_timeout": 2.0,
@@ -337,3 +337,46 @@ async def test_postgresql_stopped_gives_503_then_the_server_recovers(cluster, pg
     recovered = await consume(a, "judy", "shell")
     assert recovered.code == 200 and recovered.json["periods"]["daily"]["used"] == 2
     assert (await call(a, "GET", "/api/health")).code == 200
+
+
+@pytest.mark.gen_test(timeout=180)
+async def test_two_workers_on_one_sqlite_file_stay_exact(cluster, tmp_path):
+    (server,) = await cluster(
+        1, "--workers", "2", database=f"sqlite:///{tmp_path}/shared.db", quotas={
+            "defaults": {"shell": {"daily": 60, "weekly": 100_000, "monthly": 100_000}}
+        },
+    )  # fmt: skip
+    watcher = await ws_connect(server, "types=violation")
+    await watcher.recv_type("welcome")
+    results = await asyncio.gather(*(consume(server, "kim", "shell") for _ in range(100)))
+    codes = [r.code for r in results]
+    assert codes.count(200) == 60 and codes.count(429) == 40, codes
+    seqs = [m["seq"] for m in await violations(watcher, 40)]
+    assert seqs == sorted(seqs) and len(set(seqs)) == 40
+    assert await server.stop(signal.SIGTERM) == 0
+
+
+@pytest.mark.gen_test(timeout=120)
+async def test_a_password_protected_redis_and_a_wrong_password(cluster, tmp_path):
+    locked = Redis(password="s3cret-backplane")
+    locked.start()
+    try:
+        good = locked.url
+        bad = good.replace("s3cret-backplane", "wrong")
+        (a,) = await cluster(1, backplane={"url": good})
+        (b,) = await cluster(1, backplane={"url": bad})
+        health = (await call(a, "GET", "/api/ws/health", token=VIEWER)).json
+        assert health["backplane"]["connected"] and health["status"] == "ok"
+
+        async def refused():
+            health = (await call(b, "GET", "/api/ws/health", token=VIEWER)).json
+            backplane = health["backplane"]
+            return health["status"] == "degraded" and backplane["last_error"] and health
+
+        health = await wait_for(refused, "B to report the refused password")
+        assert not health["backplane"]["connected"]
+        assert "wrong" not in health["backplane"]["last_error"]  # no secret in health
+        # Consumes never depend on the backplane.
+        assert (await consume(b, "leo", "shell")).code == 200
+    finally:
+        locked.kill()
