@@ -27,11 +27,14 @@ HEAVY = {"mallory", "trent"}
 class DemoTraffic:
     """A background task that consumes quotas over HTTP at ``rate`` requests per second."""
 
-    def __init__(self, app: Any, rate: float = 4.0, seed: int | None = None):
+    def __init__(
+        self, app: Any, rate: float = 4.0, seed: int | None = None, token: str | None = None
+    ):
         self.app = app
         self.rate = rate
         self.random = random.Random(seed)
-        self.token = secrets.token_urlsafe(24)
+        # Workers sharing a port each accept the demo's requests: they share its token.
+        self.token = token or secrets.token_urlsafe(24)
         self._task: asyncio.Task | None = None
         self.sent = 0
 

@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import secrets
 import signal
 import socket
 import sys
@@ -32,11 +33,13 @@ async def serve(
     *,
     sockets: list[socket.socket] | None = None,
     worker: int | None = None,
+    demo_token: str | None = None,
 ) -> int:
     """Start the app, say where it listens, wait for a stop signal, stop within the budget.
 
     A worker (``worker`` set) listens on the parent's ``sockets`` and leaves the
-    announcements to the parent; only worker 0 runs the demo traffic.
+    announcements to the parent; only worker 0 runs the demo traffic, every worker accepts
+    its token (``demo_token``, made by the parent).
     """
     from .app import QuotaApp
     from .demo import DemoTraffic
@@ -61,8 +64,10 @@ async def serve(
     else:
         log.info("worker %d (pid %d) serving as %s", worker, os.getpid(), app.instance_name)
     demo = None
-    if config["demo"] and not worker:
-        demo = DemoTraffic(app)
+    if config["demo"] and worker:
+        app.auth.add_token(demo_token, "demo", "service")
+    elif config["demo"]:
+        demo = DemoTraffic(app, token=demo_token)
         await demo.start()
         print("  demo traffic: on (simulated users call the quota API)", flush=True)
     signum = await stop_signals.get()
@@ -103,6 +108,7 @@ def _run_loop(
     plugin_manager: pluggy.PluginManager | None,
     sockets: list[socket.socket] | None = None,
     worker: int | None = None,
+    demo_token: str | None = None,
 ) -> int:
     async def runner() -> int:
         queue: asyncio.Queue = asyncio.Queue()
@@ -110,7 +116,14 @@ def _run_loop(
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, queue.put_nowait, sig)
         try:
-            return await serve(config, queue, plugin_manager, sockets=sockets, worker=worker)
+            return await serve(
+                config,
+                queue,
+                plugin_manager,
+                sockets=sockets,
+                worker=worker,
+                demo_token=demo_token,
+            )
         except ConfigError as exc:
             print(f"quotaserver: configuration error: {exc}", file=sys.stderr)
             return 2
@@ -163,6 +176,7 @@ def run_workers(config: Config, plugin_manager: pluggy.PluginManager | None) -> 
     announce(f"http://{host}:{port}", config, token, count)
 
     base_name = config["server.instance_name"] or f"{socket.gethostname()}:{port}"
+    demo_token = secrets.token_urlsafe(24) if config["demo"] else None
     children: dict[int, tuple[int, float]] = {}  # pid -> (worker index, start time)
 
     def spawn(index: int) -> None:
@@ -175,7 +189,7 @@ def run_workers(config: Config, plugin_manager: pluggy.PluginManager | None) -> 
             try:
                 signal.signal(signal.SIGINT, signal.SIG_DFL)
                 signal.signal(signal.SIGTERM, signal.SIG_DFL)
-                code = _run_loop(worker_config, plugin_manager, sockets, index)
+                code = _run_loop(worker_config, plugin_manager, sockets, index, demo_token)
             except BaseException:  # noqa: BLE001 - report, then leave without cleanup
                 traceback.print_exc()
             finally:

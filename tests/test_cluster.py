@@ -380,3 +380,21 @@ async def test_a_password_protected_redis_and_a_wrong_password(cluster, tmp_path
         assert (await consume(b, "leo", "shell")).code == 200
     finally:
         locked.kill()
+
+
+@pytest.mark.gen_test(timeout=120)
+async def test_demo_traffic_and_dev_endpoints_under_workers(cluster):
+    (server,) = await cluster(1, "--workers", "2", "--demo")
+    for i in range(4):  # connections land on either worker: each serves the dev endpoints
+        sent = await call(
+            server, "POST", "/api/ws/test-violation", {"user": f"dev{i}", "command_type": "shell"}
+        )
+        assert sent.code == 200, sent
+
+    async def demo_counted():  # the demo's requests are accepted by whichever worker
+        stats = (await call(server, "GET", "/api/admin/quotas/stats", token=ADMIN)).json
+        return stats["stats"]["commands_today"] >= 10
+
+    await wait_for(demo_counted, "demo traffic to be counted")
+    assert await server.stop(signal.SIGTERM) == 0
+    assert not [line for line in server.output if " 401 " in line or "Traceback" in line]
