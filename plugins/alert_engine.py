@@ -120,7 +120,7 @@ def startup(app: Any) -> Any:
     engine = _engine(app)
 
     async def load() -> None:
-        engine.violations = await app.store.run(_violations_today, app)
+        engine.violations = await app.store.read(_violations_today, app)
         engine.day_key = _day(app)[0]
 
     return load()
@@ -137,7 +137,7 @@ async def on_violation(app: Any, violation: dict[str, Any]) -> None:
     engine.violations[user_id] += 1
     count = engine.violations[user_id]
     if app.clustered:  # other instances record violations too: count them all
-        count = await app.store.run(_user_violations_today, app, user_id)
+        count = await app.store.read(_user_violations_today, app, user_id)
     if rule is None or count < rule["threshold"]:
         return
     label = "Critical" if rule["severity"] == "critical" else rule["severity"].capitalize()

@@ -103,7 +103,7 @@ def _rebuild(app: Any) -> dict[str, Any]:
 
 
 async def rebuild(app: Any) -> None:
-    data = await app.store.run(_rebuild, app)
+    data = await app.store.read(_rebuild, app)
     fig = _figures(app)
     fig.new_day(data["day_key"])
     fig.total_users = data["total_users"]
@@ -142,7 +142,7 @@ async def on_event(app: Any, message: Any) -> None:
     # decisions already counted.)
     if message.type == "quota_change":
         today = _today(app)
-        _, high = await app.store.run(_high_users, app, today)
+        _, high = await app.store.read(_high_users, app, today)
         fig = _figures(app)
         if fig.day_key == today.key:
             fig.high = high

@@ -123,11 +123,8 @@ class AdminQueries:
         self.store = app.store
 
     async def _read(self, fn: Any, *args: Any) -> Any:
-        def work() -> Any:
-            with self.store.db.atomic():  # one snapshot for the rows and the seq
-                return fn(*args)
-
-        return await self.store.run(work)
+        # One snapshot for the rows and the seq, on a reader (never the writer's queue).
+        return await self.store.read(fn, *args)
 
     # -- users -------------------------------------------------------------------------
     async def users(self, search: str, sort: str, page: PageRequest) -> dict[str, Any]:

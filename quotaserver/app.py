@@ -275,7 +275,7 @@ class QuotaApp:
         self.track(self.hooks.call_async("on_decision", app=self, decision=decision))
 
     async def _replay(self, after: int, limit: int) -> list[Message]:
-        return await self.store.run(events_after, after, limit)
+        return await self.store.read(events_after, after, limit)
 
     def track(self, awaitable: Any) -> asyncio.Future:
         """Run ``awaitable`` in the background, keeping a reference until it is done."""

@@ -330,6 +330,13 @@ class Store:
             self._committer = GroupCommitter(self.db)
         else:
             self._executor = ThreadPoolExecutor(max_workers=pool_size, thread_name_prefix="db")
+        # Reads of the admin pages, history and replay run on their own threads and
+        # connections: a long one never queues a consume behind it (SQLite WAL readers do
+        # not block the writer) and, on PostgreSQL, can never take every connection.
+        self._readers = ThreadPoolExecutor(
+            max_workers=max(2, pool_size // 2), thread_name_prefix="db-read"
+        )
+        self._read_only = threading.local()
 
     @classmethod
     def from_config(cls, config: Any) -> Store:
@@ -383,6 +390,49 @@ class Store:
             self.available = True
             log.warning("database available again")
         return result
+
+    async def read(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """Run read-only ``fn`` in one snapshot on a reader thread (never the writer's queue).
+
+        Same errors as :meth:`run`; ``fn`` must not write (SQLite readers are query-only).
+        """
+        call = functools.partial(self._snapshot, functools.partial(fn, *args, **kwargs))
+        if not self.is_sqlite:
+            call = functools.partial(self._guarded, call)
+        future = asyncio.get_running_loop().run_in_executor(self._readers, call)
+        try:
+            async with asyncio.timeout(self.call_timeout):
+                result = await future
+        except TimeoutError:
+            if not future.cancelled():
+                raise
+            error = DatabaseUnavailable(f"a read did not finish within {self.call_timeout:g} s")
+            self._failed(error)
+            raise error from None
+        except DatabaseError as exc:
+            self._failed(exc)
+            raise
+        except peewee.OperationalError as exc:
+            if not _is_busy(exc):
+                raise
+            error = DatabaseBusy("the database is locked by another process; retry")
+            self._failed(error)
+            raise error from None
+        return result
+
+    def _snapshot(self, call: Callable[[], T]) -> T:
+        db = self.db
+        if self.is_sqlite:
+            if db.is_closed() or not getattr(self._read_only, "set", False):
+                db.connect(reuse_if_open=True)
+                db.execute_sql("PRAGMA query_only = 1")
+                self._read_only.set = True
+            # DEFERRED: a WAL read snapshot that never takes (or waits for) the write lock.
+            with db.atomic("DEFERRED"):
+                return call()
+        with db.atomic():
+            db.execute_sql("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+            return call()
 
     def _failed(self, exc: DatabaseError) -> None:
         self.errors += 1
@@ -473,6 +523,7 @@ class Store:
                 log.warning("database connections not closed cleanly")
                 clean = False
             self._executor.shutdown(wait=clean, cancel_futures=True)
+        self._readers.shutdown(wait=False, cancel_futures=True)
         self._close_connection()
 
     def _close_connection(self) -> None:

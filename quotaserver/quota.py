@@ -175,7 +175,7 @@ class QuotaService:
 
     async def user_status(self, user: str) -> dict[str, Any] | None:
         """Per command type and period: limit, used, remaining, resets_at; None if unknown."""
-        return await self.store.run(self._user_status_sync, user)
+        return await self.store.read(self._user_status_sync, user)
 
     def seed_defaults(self) -> None:
         """Insert the configured global defaults for command types that have no rule yet."""

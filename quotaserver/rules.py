@@ -51,7 +51,7 @@ class RuleService:
 
     # -- reads -----------------------------------------------------------------------------
     async def list_rules(self) -> dict[str, Any]:
-        return await self.store.run(self._list_sync)
+        return await self.store.read(self._list_sync)
 
     def _list_sync(self) -> dict[str, Any]:
         defaults: dict[str, Limits] = {c: {} for c in self.quota.command_types}

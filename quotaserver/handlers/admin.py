@@ -103,7 +103,7 @@ class HistoryHandler(AdminHandler):
         minutes = int_arg(self, "minutes", 60, 1, 24 * 60)
         load_minutes = int_arg(self, "load_minutes", 15, 1, 15)
         now = self.app.clock()
-        activity = await self.app.store.run(activity_per_minute, now, minutes)
+        activity = await self.app.store.read(activity_per_minute, now, minutes)
         self.send_json(
             {
                 "server_time": isoformat(now),
@@ -121,7 +121,7 @@ class ViolationsDailyHandler(AdminHandler):
     async def get(self) -> None:
         days = int_arg(self, "days", 30, 1, 366)
         quota = self.app.quota
-        points = await self.app.store.run(violations_per_day, quota.calendar, quota.clock(), days)
+        points = await self.app.store.read(violations_per_day, quota.calendar, quota.clock(), days)
         self.send_json(
             {
                 "days": points,
