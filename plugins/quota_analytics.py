@@ -14,7 +14,7 @@ from typing import Any
 from peewee import fn
 
 from quotaserver import hookimpl
-from quotaserver.admin_queries import Rules
+from quotaserver.limits import Rules
 from quotaserver.models import Activity, Usage, User
 from quotaserver.realtime.emitters import PeriodicEmitter
 

@@ -9,16 +9,16 @@ nor repeats an event. All database work runs on the store's worker thread.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
-from peewee import JOIN, SQL, NodeList, fn
+from peewee import JOIN, fn
 
 from .alerts import alert_json
 from .audit import audit_json
 from .events import last_seq
+from .limits import Rules
 from .models import (
     GLOBAL_SCOPE,
     Alert,
@@ -31,6 +31,8 @@ from .models import (
     aware,
     naive_utc,
 )
+from .ranking import UserRanking, decode_cursor, encode_cursor
+from .standings import utilization
 from .windows import isoformat
 
 if TYPE_CHECKING:
@@ -40,8 +42,6 @@ if TYPE_CHECKING:
 # Utilisation risk levels, highest first: (name, percent at or above which it applies).
 RISK_LEVELS = (("critical", 95.0), ("high", 90.0), ("elevated", 80.0))
 USER_SORTS = ("username", "utilization")
-
-Limits = dict[str, dict[str, int | None]]  # command type -> period -> limit
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,49 +71,6 @@ def risk(percent: float | None) -> str | None:
     return next((name for name, floor in RISK_LEVELS if percent >= floor), None)
 
 
-def utilization(used: int, limit: int | None) -> float | None:
-    """Percent of ``limit`` used; None when unlimited; a zero limit counts as exhausted."""
-    if limit is None:
-        return None
-    if limit == 0:
-        return 100.0
-    return round(100.0 * used / limit, 1)
-
-
-def _contains(field: Any, text: str) -> Any:
-    """Case-insensitive substring match with LIKE wildcards in ``text`` taken literally."""
-    escaped = text.lower().replace("!", "!!").replace("%", "!%").replace("_", "!_")
-    return NodeList((fn.LOWER(field), SQL("LIKE"), f"%{escaped}%", SQL("ESCAPE '!'")))
-
-
-class Rules:
-    """Global defaults and per-user overrides, loaded once per query."""
-
-    def __init__(self, user_ids: Iterable[int] | None = None):
-        self.defaults: Limits = {}
-        self.overrides: dict[int, Limits] = {}
-        query = QuotaRule.select(QuotaRule.scope, QuotaRule.user, QuotaRule.command_type,
-                                 QuotaRule.period, QuotaRule.limit)  # fmt: skip
-        if user_ids is not None:
-            scopes = [GLOBAL_SCOPE, *(str(i) for i in user_ids)]
-            query = query.where(QuotaRule.scope.in_(scopes))
-        for row in query:
-            if row.scope == GLOBAL_SCOPE:
-                target = self.defaults
-            else:
-                target = self.overrides.setdefault(row.user_id, {})
-            target.setdefault(row.command_type, {})[row.period] = row.limit
-
-    def limit(self, user_id: int, command_type: str, period: str) -> int | None:
-        own = self.overrides.get(user_id, {}).get(command_type, {})
-        if period in own:
-            return own[period]
-        return self.defaults.get(command_type, {}).get(period)
-
-    def overridden(self, user_id: int, command_type: str, period: str) -> bool:
-        return period in self.overrides.get(user_id, {}).get(command_type, {})
-
-
 class AdminQueries:
     """Read-side of the admin API for one application."""
 
@@ -127,8 +84,10 @@ class AdminQueries:
         return await self.store.read(fn, *args)
 
     # -- users -------------------------------------------------------------------------
-    async def users(self, search: str, sort: str, page: PageRequest) -> dict[str, Any]:
-        return await self._read(self._users_sync, search, sort, page)
+    async def users(
+        self, search: str, sort: str, page: PageRequest, cursor: str | None = None
+    ) -> dict[str, Any]:
+        return await self._read(self._users_sync, search, sort, page, cursor)
 
     async def user_detail(self, username: str) -> dict[str, Any] | None:
         return await self._read(self._user_detail_sync, username)
@@ -188,72 +147,25 @@ class AdminQueries:
         )
         return {row.user_id: row.n for row in rows}
 
-    def _users_sync(self, search: str, sort: str, page: PageRequest) -> dict[str, Any]:
+    def _users_sync(
+        self, search: str, sort: str, page: PageRequest, cursor: str | None
+    ) -> dict[str, Any]:
         today = self._today()
-        match = _contains(User.username, search) if search else SQL("1 = 1")
-        total = User.select().where(match).count()
+        ranking = UserRanking(self.store.db, search, today.key)
+        after = decode_cursor(cursor) if cursor else None
         if sort == "utilization":
-            users = self._by_utilization(match, today.key, page)
+            users, last = ranking.by_utilization(page, after)
         else:
-            users = list(
-                User.select()
-                .where(match)
-                .order_by(User.username)
-                .offset(page.offset)
-                .limit(page.per_page)
-            )
+            users, last = ranking.by_name(page, after)
         ids = [u.id for u in users]
         rules = Rules(ids)
         used = self._daily_usage(ids, today.key)
         violations = self._violations_today(ids, today.start)
         items = [self._user_json(u, used.get(u.id, {}), rules, violations.get(u.id, 0))
                  for u in users]  # fmt: skip
-        return page.result(items, total, last_seq())
-
-    def _by_utilization(self, match: Any, day_key: int, page: PageRequest) -> list[User]:
-        """Users active today by highest daily utilisation, then everyone else by name.
-
-        Only today's active users are ranked in Python (their count is bounded by the
-        day's traffic) without any list of ids in the SQL; the idle tail is paged in SQL.
-        """
-        active_ids = (
-            Usage.select(Usage.user)
-            .where((Usage.period == "daily") & (Usage.window_start == day_key) & (Usage.used > 0))
-            .distinct()
-        )
-        # One pass over today's counters of matching users; all rules (overrides are few).
-        rows = (
-            Usage.select(Usage.user, Usage.command_type, Usage.used, User.id, User.username)
-            .join(User)
-            .where(
-                (Usage.period == "daily")
-                & (Usage.window_start == day_key)
-                & (Usage.used > 0)
-                & match
-            )
-        )
-        rules = Rules()
-        top: dict[int, float] = {}
-        names: dict[int, str] = {}
-        for row in rows:
-            percent = utilization(row.used, rules.limit(row.user_id, row.command_type, "daily"))
-            names[row.user_id] = row.user.username
-            top[row.user_id] = max(top.get(row.user_id, -1.0), -1.0 if percent is None else percent)
-        ranked_ids = sorted(top, key=lambda uid: (-top[uid], names[uid]))
-        page_ids = ranked_ids[page.offset : page.offset + page.per_page]
-        by_id = {u.id: u for u in User.select().where(User.id.in_(page_ids))} if page_ids else {}
-        chosen = [by_id[uid] for uid in page_ids]
-        missing = page.per_page - len(chosen)
-        if missing > 0:
-            skip = max(0, page.offset - len(ranked_ids))
-            chosen += list(
-                User.select()
-                .where(match & User.id.not_in(active_ids))
-                .order_by(User.username)
-                .offset(skip)
-                .limit(missing)
-            )
-        return chosen
+        result = page.result(items, ranking.total(), last_seq())
+        result["next_cursor"] = encode_cursor(last) if last is not None else None
+        return result
 
     def _user_detail_sync(self, username: str) -> dict[str, Any] | None:
         user = User.get_or_none(User.username == username)

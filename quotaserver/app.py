@@ -157,6 +157,7 @@ class QuotaApp:
             self.server.add_sockets(sockets)
             self.port = sockets[0].getsockname()[1]
         self.hub.instance = self.instance_name
+        self.hub.sync_on_recover = self.clustered
 
     async def stop(
         self, code: int = CLOSE_GOING_AWAY, reason: str = "server shutting down"

@@ -13,7 +13,7 @@ from datetime import datetime
 
 from peewee import Database
 
-from .models import GLOBAL_SCOPE, Activity, QuotaRule, Usage, User, naive_utc
+from .models import GLOBAL_SCOPE, Activity, DailyPeak, QuotaRule, Usage, User, naive_utc
 from .windows import Window
 
 
@@ -57,6 +57,16 @@ class CounterSQL:
             'ON CONFLICT ("minute") DO UPDATE SET '
             f'"commands" = {activity}."commands" + excluded."commands", '
             f'"violations" = {activity}."violations" + excluded."violations"'
+        )
+        peak = _q(DailyPeak._meta.table_name)
+        # Today's peak only rises with usage (resets and limit changes recompute it); a row
+        # of an earlier day is replaced.
+        self.sql_peak = (
+            f'INSERT INTO {peak} ("user_id", "day", "rank", "username") '
+            f"VALUES ({p}, {p}, {p}, {p}) "
+            'ON CONFLICT ("user_id") DO UPDATE SET '
+            f'"rank" = CASE WHEN {peak}."day" = excluded."day" AND {peak}."rank" < excluded."rank" '
+            f'THEN {peak}."rank" ELSE excluded."rank" END, "day" = excluded."day"'
         )
 
     def _run(self, sql: str, params: tuple):
@@ -123,3 +133,9 @@ class CounterSQL:
 
     def bump_activity(self, minute: int, commands: int = 0, violations: int = 0) -> None:
         self._run(self.sql_activity, (minute, commands, violations))
+
+    def raise_peak(self, user_id: int, username: str, day: int, percent: float | None) -> None:
+        """Record ``percent`` of a daily limit (None: unlimited) as a candidate for the
+        user's peak today."""
+        rank = 1.0 if percent is None else -percent
+        self._run(self.sql_peak, (user_id, day, rank, username))

@@ -111,6 +111,23 @@ def _migration_2(db: Database) -> None:
     db.create_tables(list(models.AUTH_MODELS))
 
 
+def _migration_3(db: Database) -> None:
+    """Maintained daily utilisation per user, and indexes for O(page) admin lists."""
+    db.create_tables(list(models.SCALE_MODELS))
+    # Prefix search compares code points: PostgreSQL's "C" collation, SQLite's default.
+    collate = ' COLLATE "C"' if isinstance(db, PostgresqlDatabase) else ""
+    peak, user = models.DailyPeak._meta.table_name, models.User._meta.table_name
+    violation = models.Violation._meta.table_name
+    for sql in (
+        f'CREATE INDEX IF NOT EXISTS "{peak}_rank" ON "{peak}" ("day", "rank", "username")',
+        f'CREATE INDEX IF NOT EXISTS "{user}_username_lower" '
+        f'ON "{user}" ((lower("username")){collate}, "username")',
+        f'CREATE INDEX IF NOT EXISTS "{violation}_user_created" '
+        f'ON "{violation}" ("user_id", "created_at")',
+    ):
+        db.execute_sql(sql)
+
+
 # Append-only: (version, function). Never edit a released migration; add a new one.
 # Migrations 1 and 2 create tables from the models as they are today. The first change to
 # an existing model must therefore come with an explicit ALTER migration (playhouse.migrate)
@@ -118,6 +135,7 @@ def _migration_2(db: Database) -> None:
 MIGRATIONS: tuple[tuple[int, Callable[[Database], None]], ...] = (
     (1, _migration_1),
     (2, _migration_2),
+    (3, _migration_3),
 )
 
 

@@ -16,6 +16,7 @@ from peewee import (
     CharField,
     DatabaseProxy,
     DateTimeField,
+    FloatField,
     ForeignKeyField,
     IntegerField,
     Model,
@@ -173,6 +174,23 @@ class RevokedSession(BaseModel):
     expires_at = DateTimeField(index=True)
 
 
+class DailyPeak(BaseModel):
+    """A user's highest utilisation of a daily limit today, maintained with each decision.
+
+    ``rank`` is minus the percent (1 when every command type the user used is unlimited),
+    so that one ascending index serves "highest first, then by name" with keyset paging;
+    the user name is copied here for the same reason. Rows of earlier days are stale, not
+    deleted: a row counts only when ``day`` is today's daily window key.
+    """
+
+    user = ForeignKeyField(User, primary_key=True, on_delete="CASCADE")
+    day = BigIntegerField()
+    rank = FloatField()
+    username = CharField(max_length=255)
+
+
 ALL_MODELS = (SchemaVersion, User, QuotaRule, Usage, Violation, Event, Alert, AuditLog, Activity)
 # Added by migration 2 (kept out of ALL_MODELS so that migration 1 stays what it was).
 AUTH_MODELS = (ApiToken, RevokedSession)
+# Added by migration 3.
+SCALE_MODELS = (DailyPeak,)

@@ -30,6 +30,7 @@ from .models import (
     naive_utc,
 )
 from .realtime.messages import Message
+from .standings import utilization
 from .throttle import SystemLoad
 from .windows import Clock, Window, WindowCalendar, isoformat, utc_now
 
@@ -278,6 +279,10 @@ class QuotaService:
             )
             if exhausted is None:
                 self.sql.bump_activity(int(now.timestamp()) // 60 * 60, commands=count)
+                daily = decision.periods.get("daily")
+                if daily is not None:
+                    percent = utilization(daily.used, daily.limit)
+                    self.sql.raise_peak(user_id, user, windows["daily"].key, percent)
                 return decision
             fields = self._violation_fields(
                 exhausted, limits[exhausted], used[exhausted] + count, command_type

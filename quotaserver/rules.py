@@ -17,6 +17,7 @@ from .events import append_event
 from .models import GLOBAL_SCOPE, QuotaRule, Usage, User, naive_utc
 from .quota import QuotaError, QuotaService
 from .realtime.messages import Message
+from .standings import recompute, users_with_usage
 
 Limits = dict[str, int | None]
 
@@ -130,6 +131,10 @@ class RuleService:
                     conflict_target=[QuotaRule.scope, QuotaRule.command_type, QuotaRule.period],
                     update={QuotaRule.limit: limit, QuotaRule.updated_at: naive_utc(now)},
                 ).execute()
+            if "daily" in limits:  # utilisation depends on the daily limit only
+                today = self.quota.calendar.window("daily", now)
+                affected = [user.id] if user else users_with_usage(command_type, today)
+                recompute(affected, today)
             payload = {
                 "action": "limits_updated",
                 "scope": "global" if user is None else "user",
@@ -156,6 +161,8 @@ class RuleService:
             if periods is not None:
                 query = query.where(QuotaRule.period.in_(periods))
             removed = query.execute()
+            if periods is None or "daily" in periods:
+                recompute([user.id], self.quota.calendar.window("daily", now))
             payload = {
                 "action": "override_removed",
                 "scope": "user",
@@ -193,6 +200,7 @@ class RuleService:
                 if command_type is not None:
                     query = query.where(Usage.command_type == command_type)
                 reset += query.execute()
+            recompute([user.id], self.quota.calendar.window("daily", now))
             payload = {
                 "action": "usage_reset",
                 "scope": "user",

@@ -172,8 +172,8 @@ async def test_users_search_sort_by_utilisation_risk_and_pages(app_factory):
         assert (await consume(app, name, "shell", n)).code == 200
     await app.rules.set_user_limits("zed", "code", {"daily": 9}, actor="test")  # idle user
 
-    resp = await call(app, "GET", f"{API}/users?q=ALI", token=VIEWER)
-    assert [u["username"] for u in resp.json["items"]] == ["Alicia", "alice"]
+    resp = await call(app, "GET", f"{API}/users?q=ALI", token=VIEWER)  # a name prefix
+    assert [u["username"] for u in resp.json["items"]] == ["alice", "Alicia"]
     # LIKE wildcards in the search are literal characters.
     resp = await call(app, "GET", f"{API}/users?q=a_b")
     assert [u["username"] for u in resp.json["items"]] == ["a_b"]
@@ -193,7 +193,8 @@ async def test_users_search_sort_by_utilisation_risk_and_pages(app_factory):
     assert page3["items"][1]["usage"]["code"] == {"used": 0, "limit": 9, "percent": 0.0,
                                                  "overridden": True}  # fmt: skip
     everyone = (await call(app, "GET", f"{API}/users?per_page=200")).json["items"]
-    assert [u["username"] for u in everyone] == sorted(usage | {"zed": 0})
+    by_name = sorted(usage | {"zed": 0}, key=lambda name: (name.lower(), name))
+    assert [u["username"] for u in everyone] == by_name
 
 
 @pytest.mark.gen_test

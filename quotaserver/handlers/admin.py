@@ -14,6 +14,7 @@ from ..admin_queries import USER_SORTS, AdminQueries
 from ..alerts import SEVERITIES, STATUSES, AlertNotFound
 from ..history import activity_per_minute, load_ring, violations_per_day
 from ..quota import QuotaError, UnknownCommandType
+from ..ranking import BadCursor
 from ..rules import UnknownUser
 from ..windows import isoformat
 from .api import validate_username
@@ -149,7 +150,11 @@ class UsersHandler(AdminHandler):
         search = str_arg(self, "q", self.app.config["quotas.max_username_length"]) or ""
         sort = choice_arg(self, "sort", USER_SORTS, "username")
         page = page_arg(self, per_page=25)
-        result = await self.queries.users(search, sort, page)
+        cursor = str_arg(self, "cursor", 1024)
+        try:
+            result = await self.queries.users(search, sort, page, cursor)
+        except BadCursor:
+            raise ApiError(400, "invalid_parameter", "cursor is not valid") from None
         result["command_types"] = list(self.app.quota.command_types)
         self.send_json(result)
 

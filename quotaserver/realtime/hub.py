@@ -114,6 +114,10 @@ class Hub:
         self.sequencer = Sequencer(self._broadcast, replay_source)
         self.stats = StatsState()
         self.instance = ""  # named in welcome: which instance a client landed on
+        # With several instances, a resuming client may have seen events this instance has
+        # not received yet: read the event log before replaying, so the replay includes
+        # everything committed before the client came back.
+        self.sync_on_recover = False
         self.published = 0
         self.slow_closed = 0
 
@@ -237,9 +241,9 @@ class Hub:
                 raise ValueError(cursor)
         except (TypeError, ValueError):
             return self._recovered(client, False, head, reason="invalid_cursor")
-        if after > head:
-            # A cursor from another instance that is ahead of this one: catch up from
-            # the event log first.
+        if after > head or self.sync_on_recover:
+            # A cursor ahead of this instance (it came from another one), or a cluster:
+            # catch up from the event log first.
             try:
                 await self.sequencer.sync()
             except Exception:

@@ -142,3 +142,13 @@ class Server:
         path = f"{API}/users/{quote(user, safe='')}/limits/{command_type}"
         status, body = self.call("PUT", path, {"limits": {"daily": daily}})
         assert status == 200, body
+
+
+def eventually(fetch: Any, what: str, timeout: float = WAIT / 1000) -> Any:
+    """Poll ``fetch()`` until it returns something truthy (background work lands later)."""
+    deadline = time.monotonic() + timeout
+    while not (value := fetch()):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+    return value

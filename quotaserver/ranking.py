@@ -1,0 +1,143 @@
+"""The users list in O(page): by name or by today's utilisation, with prefix search.
+
+Every order is served by an index, and pages continue from a **cursor** (the sort key of
+the last row shown) instead of an offset, so page 20,000 costs what page 1 costs:
+
+- by name: case-insensitively, ``lower(username)`` then ``username`` (an expression
+  index);
+- by utilisation: first today's active users from ``daily_peak (day, rank, username)``
+  (rank = minus the peak percent), then everyone idle today by name.
+
+Search matches a **prefix** of the user name, case-insensitively (``"ali"`` finds ``Alice``
+and ``alison``, not ``kali``): a prefix is an index range, a substring is a full scan.
+``page`` numbers still work (an offset into the same orders) for small tables and for
+jumping; clients that page through many users follow ``next_cursor``.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from typing import Any
+
+from peewee import SQL, Database, PostgresqlDatabase, Tuple, fn
+
+from .models import DailyPeak, User
+
+
+class BadCursor(ValueError):
+    """A cursor this server did not produce."""
+
+
+def encode_cursor(key: dict[str, Any]) -> str:
+    raw = json.dumps(key, separators=(",", ":")).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def decode_cursor(text: str) -> dict[str, Any]:
+    try:
+        raw = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+        key = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        raise BadCursor("cursor is not valid") from None
+    if not isinstance(key, dict) or not all(isinstance(v, str | int | float) for v in key.values()):
+        raise BadCursor("cursor is not valid")
+    if "n" not in key or not isinstance(key["n"], str):
+        raise BadCursor("cursor is not valid")
+    return key
+
+
+def _upper_bound(prefix: str) -> str:
+    """The smallest string greater than every string starting with ``prefix``."""
+    return prefix[:-1] + chr(ord(prefix[-1]) + 1)
+
+
+class UserRanking:
+    """One listing request: ``search`` prefix (may be empty) and today's ``day`` key."""
+
+    def __init__(self, db: Database, search: str, day: int):
+        self.search = search.lower()
+        self.day = day
+        self.collate = isinstance(db, PostgresqlDatabase)
+
+    # -- filters -------------------------------------------------------------------------
+    def _lower(self, field: Any) -> Any:
+        expr = fn.LOWER(field)
+        return expr.collate('"C"') if self.collate else expr
+
+    def _match(self, field: Any) -> Any:
+        """The prefix range on ``lower(field)`` (always true when there is no search)."""
+        if not self.search:
+            return SQL("1 = 1")
+        low = self._lower(field)
+        return (low >= self.search) & (low < _upper_bound(self.search))
+
+    def _idle(self) -> Any:
+        today = DailyPeak.select(DailyPeak.user).where(
+            (DailyPeak.user == User.id) & (DailyPeak.day == self.day)
+        )
+        return ~fn.EXISTS(today)
+
+    def total(self) -> int:
+        return User.select().where(self._match(User.username)).count()
+
+    # -- by name -------------------------------------------------------------------------
+    def _name_order(self, query: Any, after: dict | None) -> Any:
+        """Case-insensitive alphabetical order (then exact name), from the expression index."""
+        if after is not None:
+            key = Tuple(self._lower(User.username), User.username)
+            query = query.where(key > (after["n"].lower(), after["n"]))
+        return query.order_by(self._lower(User.username), User.username)
+
+    def by_name(self, page: Any, after: dict | None) -> tuple[list[User], dict | None]:
+        query = self._name_order(User.select().where(self._match(User.username)), after)
+        if after is None:
+            query = query.offset(page.offset)
+        users = list(query.limit(page.per_page + 1))
+        return self._page(users, page.per_page, lambda u: {"n": u.username})
+
+    # -- by utilisation ------------------------------------------------------------------
+    def by_utilization(self, page: Any, after: dict | None) -> tuple[list[User], dict | None]:
+        """Active users by peak (highest first, then name), then idle users by name."""
+        want = page.per_page + 1
+        users: list[User] = []
+        skip = 0 if after is not None else page.offset
+        if after is None or "r" in after:
+            active = (
+                DailyPeak.select(DailyPeak.user, DailyPeak.rank, DailyPeak.username)
+                .where((DailyPeak.day == self.day) & self._match(DailyPeak.username))
+                .order_by(DailyPeak.rank, DailyPeak.username)
+            )
+            if after is not None:
+                active = active.where(
+                    Tuple(DailyPeak.rank, DailyPeak.username) > (after["r"], after["n"])
+                )
+            rows = list(active.offset(skip).limit(want).tuples())
+            if skip and not rows:  # the offset lies beyond the active users
+                skip -= active.count()
+            else:
+                skip = 0
+            by_id = {u.id: u for u in User.select().where(User.id.in_([r[0] for r in rows]))}
+            for user_id, rank, _name in rows:
+                user = by_id[user_id]
+                user.rank = rank
+                users.append(user)
+            after = None  # the idle part starts from its beginning
+        if len(users) < want:
+            idle = self._name_order(
+                User.select().where(self._match(User.username) & self._idle()),
+                after if after is not None and "r" not in after else None,
+            )
+            users += list(idle.offset(max(skip, 0)).limit(want - len(users)))
+
+        def key(user: User) -> dict:
+            rank = getattr(user, "rank", None)
+            return {"n": user.username} if rank is None else {"r": rank, "n": user.username}
+
+        return self._page(users, page.per_page, key)
+
+    @staticmethod
+    def _page(rows: list[User], size: int, key: Any) -> tuple[list[User], dict | None]:
+        if len(rows) > size:
+            return rows[:size], key(rows[size - 1])
+        return rows, None
