@@ -19,6 +19,7 @@ import yaml
 
 from quotaserver import __version__
 from quotaserver.config import ConfigError, load_config
+from quotaserver.netguard import raise_open_files_limit
 from quotaserver.plugins import get_plugin_manager
 from quotaserver.realtime.messages import CLOSE_GOING_AWAY, CLOSE_RESTART
 
@@ -63,9 +64,10 @@ async def serve(config, stop_signals: asyncio.Queue, plugin_manager=None) -> int
     if not config["auth.enabled"]:
         log.warning("AUTHENTICATION IS DISABLED: anyone who can reach %s is an admin", app.url)
     elif app.auth.first_run_token:
-        where = config["auth.token_file"]
-        print(f"  admin token stored in {where} (mode 0600); open to sign in:", flush=True)
-        print(f"  {app.url}/login?token={app.auth.first_run_token}", flush=True)
+        where, minutes = config["auth.token_file"], config["auth.login_code_lifetime"] / 60
+        print(f"  admin token stored in {where} (mode 0600); to sign in, open once within "
+              f"{minutes:g} min:", flush=True)  # fmt: skip
+        print(f"  {app.url}/login#code={app.auth.issue_login_code()}", flush=True)
     demo = None
     if config["demo"]:
         demo = DemoTraffic(app)
@@ -106,6 +108,7 @@ def main(argv: list[str] | None = None) -> int:
         level=config["server.log_level"].upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    raise_open_files_limit()
 
     async def runner() -> int:
         queue: asyncio.Queue = asyncio.Queue()
