@@ -12,6 +12,8 @@ import logging
 import os
 import sqlite3
 import stat
+import subprocess
+import sys
 from typing import Any
 from urllib.parse import quote
 
@@ -22,6 +24,7 @@ from tornado.httpclient import HTTPClientError
 from quotaserver.auth import SESSION_COOKIE
 from quotaserver.config import ConfigError, load_config
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FORM = "application/x-www-form-urlencoded"
 API = "/api/admin/quotas"
 
@@ -394,3 +397,42 @@ async def test_cursors_accept_ascii_digits_only(app_factory):
     ws = await ws_connect(app, query="last_seq=0", token=VIEWER)
     assert (await ws.recv_type("recovered"))["data"]["recovered"] is True
     ws.close()
+
+
+def run_server_until_exit(tmp_path: Any) -> subprocess.CompletedProcess:
+    """run.py with the first-run token file in tmp_path/data (no admin configured)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("QUOTASERVER_")}
+    env["QUOTASERVER_SERVER_PORT"] = "0"
+    return subprocess.run(
+        [sys.executable, os.path.join(ROOT, "run.py")],
+        cwd=str(tmp_path), env=env, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "mode", "why"),
+    [
+        ("admin_token", "x\n", 0o600, "fewer than 16"),
+        ("admin_token", "a-long-enough-token-0123456789\n", 0o644, "mode 0644"),
+        ("admin_token", "a-long-enough-token-0123456789\n", 0o640, "mode 0640"),
+        ("cookie_secret", "a-long-enough-secret-0123456789\n", 0o644, "mode 0644"),
+        ("cookie_secret", "short\n", 0o600, "fewer than 16"),
+    ],
+)
+def test_weak_or_readable_secret_files_stop_start_up_with_exit_2(
+    tmp_path, name, content, mode, why
+):
+    data = tmp_path / "data"
+    data.mkdir()
+    path = data / name
+    path.write_text(content)
+    os.chmod(path, mode)
+    done = run_server_until_exit(tmp_path)
+    assert done.returncode == 2, done.stderr
+    key = "auth.token_file" if name == "admin_token" else "auth.cookie_secret"
+    line = done.stderr.strip().splitlines()[-1]
+    assert line.startswith(f"quotaserver: configuration error: {key}: ")
+    assert str(path.relative_to(tmp_path)) in line and why in line, line
+    assert "Traceback" not in done.stderr
+    if len(content.strip()) >= 16:
+        assert content.strip() not in done.stderr + done.stdout
