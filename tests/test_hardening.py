@@ -6,6 +6,7 @@ connection holding ``BEGIN EXCLUSIVE`` on the same file, exactly as another proc
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import logging
@@ -436,3 +437,66 @@ def test_weak_or_readable_secret_files_stop_start_up_with_exit_2(
     assert "Traceback" not in done.stderr
     if len(content.strip()) >= 16:
         assert content.strip() not in done.stderr + done.stdout
+
+
+# -- 3. connection hygiene (in process; the fd-limit attack is in test_hardening_net.py) --
+async def read_until_closed(reader: asyncio.StreamReader, timeout: float) -> bytes:
+    """Everything the server sends until it closes the connection."""
+    data = b""
+    async with asyncio.timeout(timeout):
+        while chunk := await reader.read(65536):
+            data += chunk
+    return data
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_idle_keep_alive_connections_close_after_idle_timeout_not_header_timeout(
+    app_factory,
+):
+    # A header timeout far beyond the wait below: only the idle timeout can close it.
+    app = await app_factory(server__header_timeout=600.0, server__idle_timeout=0.5)
+    reader, writer = await asyncio.open_connection("127.0.0.1", app.port)
+    writer.write(b"GET /api/health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+    answer = await read_until_closed(reader, 30)
+    assert answer.startswith(b"HTTP/1.1 200"), answer[:80]
+    writer.close()
+    # And a head that never finishes is dropped after the header timeout.
+    app = await app_factory(server__header_timeout=0.5, server__idle_timeout=600.0)
+    reader, writer = await asyncio.open_connection("127.0.0.1", app.port)
+    writer.write(b"GET /api/health HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+    assert await read_until_closed(reader, 30) == b""
+    writer.close()
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_connections_beyond_the_per_address_cap_are_closed_at_accept(app_factory):
+    app = await app_factory(server__max_connections_per_ip=3)
+    held = [await asyncio.open_connection("127.0.0.1", app.port) for _ in range(3)]
+    for _, writer in held:
+        writer.write(b"GET /api/health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+    for reader, _ in held:
+        assert (await reader.readuntil(b"\r\n")).startswith(b"HTTP/1.1 200")
+    reader, writer = await asyncio.open_connection("127.0.0.1", app.port)
+    writer.write(b"GET /api/health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+    assert await read_until_closed(reader, 30) == b""  # closed without an answer
+    writer.close()
+    assert app.server.refused == 1
+    held[0][1].close()
+    await held[0][1].wait_closed()
+
+    async def served() -> bool:
+        r, w = await asyncio.open_connection("127.0.0.1", app.port)
+        w.write(b"GET /api/health HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+        data = await read_until_closed(r, 30)
+        w.close()
+        return data.startswith(b"HTTP/1.1 200")
+
+    # A freed slot is usable again (the server notices the close on its next read).
+    for _ in range(100):
+        if await served():
+            break
+        await asyncio.sleep(0.05)
+    else:
+        raise AssertionError("a freed slot was never reused")
+    for _, writer in held[1:]:
+        writer.close()
