@@ -273,6 +273,11 @@ class Auth:
         async with self._changing:
             d = self._ids.get(token_id)
             if d is None:
+                revoked = await store.run(_revoked_row, token_id)
+                if revoked is not None:  # a retry after success: say so
+                    when = isoformat(aware(revoked.revoked_at))
+                    message = f"this token was already revoked by {revoked.revoked_by} at {when}"
+                    raise AuthError(404, "unknown_token", message)
                 raise AuthError(404, "unknown_token", "no active token has this id")
             info = self._tokens[d]
             admins = sum(1 for t in self._tokens.values() if t.role == "admin")
@@ -406,6 +411,13 @@ def _record_session_end(store: Store, identity: Identity, expires: float, now: d
         ).execute()
         details = {"token_id": identity.token_id, "role": identity.role}
         record_audit(identity.name, "session.end", identity.name, details, now)
+
+
+def _revoked_row(token_id: str) -> ApiToken | None:
+    query = ApiToken.select().where(
+        ApiToken.digest.startswith(token_id), ApiToken.revoked_at.is_null(False)
+    )
+    return query.first()
 
 
 def _revoked_rows() -> list[ApiToken]:
