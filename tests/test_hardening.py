@@ -501,3 +501,34 @@ async def test_connections_beyond_the_per_address_cap_are_closed_at_accept(app_f
         raise AssertionError("a freed slot was never reused")
     for _, writer in held[1:]:
         writer.close()
+
+
+def test_run_py_refuses_auth_disabled_on_a_network_address_with_exit_2(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("QUOTASERVER_")}
+    env["QUOTASERVER_AUTH_ENABLED"] = "false"
+    done = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "run.py"), "--host", "0.0.0.0", "--port", "0"],
+        cwd=str(tmp_path), env=env, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    assert "auth.allow_disabled_on_network" in done.stderr and "Traceback" not in done.stderr
+    assert not (tmp_path / "data").exists()  # refused before anything was created
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_concurrent_revocations_cannot_remove_the_last_admin(app_factory):
+    app = await app_factory()
+    made = await call(app, "POST", "/api/admin/tokens", {"name": "ops", "role": "admin"})
+    tokens = (await call(app, "GET", "/api/admin/tokens")).json["tokens"]
+    admins = [t["token_id"] for t in tokens if t["role"] == "admin" and not t["revoked"]]
+    assert len(admins) == 2
+    answers = await asyncio.gather(
+        *(call(app, "DELETE", f"/api/admin/tokens/{token_id}", token=made.json["token"])
+          for token_id in admins)
+    )  # fmt: skip
+    assert sorted(a.code for a in answers) == [200, 409], answers
+    still = [
+        (await call(app, "GET", "/api/admin/tokens", token=t)).code
+        for t in (ADMIN, made.json["token"])
+    ]
+    assert sorted(still) == [200, 401], still  # exactly one admin token is left
