@@ -26,6 +26,7 @@ async def run(clients: int, events: int, rate: float, payload: int) -> dict:
         realtime_heartbeat_interval=3600,
         auth_connect_attempts_per_ip=clients * 2 + 10,
         auth_max_connections_per_identity=clients + 10,
+        server_max_connections_per_ip=clients + 10,  # every client is on 127.0.0.1
     )
     try:
         conns = [LeanWebSocket() for _ in range(clients)]

@@ -15,11 +15,13 @@ import tornado.web
 from tornado.ioloop import PeriodicCallback
 
 from .alerts import AlertService
-from .auth import Auth, Identity, _read_or_create_secret
+from .auth import Auth, Identity
 from .config import Config
 from .db import Store
 from .events import events_after, last_seq
-from .handlers.base import StaticHandler
+from .handlers.base import MisdirectedHandler, StaticHandler
+from .netguard import make_http_server
+from .origins import HostGuard
 from .plugins import Hooks, get_plugin_manager
 from .quota import Decision, QuotaService
 from .realtime.backplane import make_backplane
@@ -28,6 +30,7 @@ from .realtime.hub import Hub
 from .realtime.limits import ConnectionLimiter
 from .realtime.messages import CLOSE_GOING_AWAY, CLOSE_POLICY, Message
 from .rules import RuleService
+from .secret_files import private_database_files, read_or_create_secret
 from .throttle import SystemLoad
 from .urls import routes
 from .windows import Clock, utc_now
@@ -54,6 +57,7 @@ class QuotaApp:
     ):
         self.config = config
         self.clock = clock
+        private_database_files(config["database.url"])
         self.store = Store.from_config(config)
         self.load = SystemLoad(config["throttle.cpu_bands"], config["throttle.memory_bands"])
         self.hub = Hub(
@@ -96,7 +100,8 @@ class QuotaApp:
         secret = cfg["auth.cookie_secret"]
         if not secret:
             data_dir = os.path.dirname(cfg["auth.token_file"]) or "."
-            secret, _ = _read_or_create_secret(os.path.join(data_dir, "cookie_secret"), 32)
+            path = os.path.join(data_dir, "cookie_secret")
+            secret, _ = read_or_create_secret(path, 32, "auth.cookie_secret")
         return {
             "cookie_secret": secret,
             "template_path": os.path.join(ROOT, "templates"),
@@ -146,14 +151,11 @@ class QuotaApp:
                 sockets = tornado.netutil.bind_sockets(
                     cfg["server.port"], cfg["server.host"], family=socket.AF_INET
                 )
-            self.server = tornado.httpserver.HTTPServer(
-                self.web,
-                xheaders=cfg["server.xheaders"],
-                # Bodies up to 4x the cap are read and refused by the handler with a JSON
-                # 413; beyond that Tornado refuses from Content-Length alone (400, closed).
-                max_body_size=cfg["server.max_body_size"] * 4,
-                idle_connection_timeout=120,
-            )
+            # Every request passes the Host check before any handler (quotaserver.origins).
+            guarded = HostGuard(self.web, self.auth.hosts, MisdirectedHandler, {"app": self})
+            # Bodies up to 4x the cap are read and refused by the handler with a JSON
+            # 413; beyond that Tornado refuses from Content-Length alone (400, closed).
+            self.server = make_http_server(guarded, cfg, cfg["server.max_body_size"] * 4)
             self.server.add_sockets(sockets)
             self.port = sockets[0].getsockname()[1]
         self.hub.instance = self.instance_name

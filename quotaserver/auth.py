@@ -12,10 +12,16 @@ Browser sessions are signed cookies that name the token they came from (its toke
 revoking a token ends its sessions; logging out records the session as revoked (in the
 database too, so a restart does not bring it back). The app closes the live connections
 of a revoked identity with 1008.
+
+Security state changes all or nothing: creating or revoking a token and ending a session
+are written (with their audit row) to the database first, and memory changes only after
+the COMMIT. If the database refuses, the caller gets :class:`AuthError` 503 and nothing has
+changed anywhere, so a retry meets the real state.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 import os
@@ -27,9 +33,16 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
+import peewee
+
 from .audit import record_audit
+from .auth_failures import FailedAuthLimiter
 from .config import Config, ConfigError
+from .login_codes import LoginCodes
 from .models import ApiToken, RevokedSession, aware, naive_utc
+from .origins import HostPolicy
+from .redaction import install_log_redaction, redact  # noqa: F401 - redact is re-exported
+from .secret_files import read_or_create_secret, write_secret
 from .windows import isoformat, utc_now
 
 if TYPE_CHECKING:
@@ -97,31 +110,7 @@ class AuthError(Exception):
         self.status, self.code, self.message = status, code, message
 
 
-def _write_secret(path: str, nbytes: int) -> str:
-    value = secrets.token_urlsafe(nbytes)
-    directory = os.path.dirname(path)
-    try:
-        if directory:
-            os.makedirs(directory, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w", encoding="ascii") as fh:
-            fh.write(value + "\n")
-        os.chmod(path, 0o600)  # O_CREAT's mode does not apply to an existing file
-    except OSError as exc:
-        raise ConfigError(f"auth.token_file: cannot write {path}: {exc.strerror}") from None
-    return value
-
-
-def _read_or_create_secret(path: str, nbytes: int) -> tuple[str, bool]:
-    """Read a secret file, or create it with mode 0600. Returns (secret, created)."""
-    try:
-        with open(path, encoding="ascii") as fh:
-            value = fh.read().strip()
-        if value:
-            return value, False
-    except FileNotFoundError:
-        pass
-    return _write_secret(path, nbytes), True
+STORE_UNAVAILABLE = "the database did not accept the change; nothing was changed, retry later"
 
 
 class Auth:
@@ -131,8 +120,18 @@ class Auth:
         env = dict(os.environ) if env is None else env
         self.enabled: bool = config["auth.enabled"]
         self.session_lifetime: float = config["auth.session_lifetime"]
-        self.allowed_origins = frozenset(o.rstrip("/") for o in config["auth.allowed_origins"])
+        self.hosts = HostPolicy(config["server.public_origins"], self.enabled)
+        self.allowed_origins = frozenset(
+            o.rstrip("/") for o in config["auth.allowed_origins"] + config["server.public_origins"]
+        )
         self.token_file: str = config["auth.token_file"]
+        self.login_codes = LoginCodes(config["auth.login_code_lifetime"])
+        self.failures = FailedAuthLimiter(
+            config["auth.failed_attempts_per_ip"], config["auth.failed_window"]
+        )
+        # Serialises changes of security state: two revocations cannot both pass the
+        # last-admin check, two creations cannot both take a name.
+        self._changing = asyncio.Lock()
         self._tokens: dict[str, TokenInfo] = {}  # digest -> info
         self._ids: dict[str, str] = {}  # token id -> digest
         self.revoked_sessions: dict[str, float] = {}  # session id -> expiry (epoch s)
@@ -173,11 +172,11 @@ class Auth:
             return
         # No admin declared: use (or create) the first-run token so the server is usable
         # at once, yet nothing is open without credentials.
-        token, _ = _read_or_create_secret(self.token_file, 24)
+        token, _ = read_or_create_secret(self.token_file, 24, "auth.token_file")
         if digest(token) in revoked:
             if any(t.role == "admin" for t in self._tokens.values()):
                 return  # retired through the API while another admin token exists
-            token = _write_secret(self.token_file, 24)
+            token = write_secret(self.token_file, 24, "auth.token_file")
         self._register(digest(token), "first-run-admin", "admin", "first-run")
         self.first_run_token = token
 
@@ -206,9 +205,29 @@ class Auth:
             return None
         # A dict lookup by digest leaks nothing useful through timing: an attacker would
         # have to choose inputs by their SHA-256, which is the hard problem itself.
-        d = digest(token)
+        return self.authenticate_digest(digest(token))
+
+    def authenticate_digest(self, d: str) -> Identity | None:
         info = self._tokens.get(d)
         return Identity(info.name, info.role, info.token_id) if info else None
+
+    def issue_login_code(self, code: str | None = None) -> str | None:
+        """A one-time code for the first-run admin token (the start-up link), if in use;
+        ``code`` adopts one issued by the parent of worker processes instead."""
+        if self.first_run_token is None:
+            return None
+        if code is not None:
+            self.login_codes.adopt(code, digest(self.first_run_token))
+            return code
+        return self.login_codes.issue(digest(self.first_run_token))
+
+    def still_valid(self, identity: Identity) -> bool:
+        """Whether a request admitted as ``identity`` would still be admitted now."""
+        if not self.enabled:
+            return True
+        if identity.session_id and identity.session_id in self.revoked_sessions:
+            return False
+        return identity.token_id in self._ids
 
     def add_token(self, token: str, name: str, role: str) -> None:
         """Register a token for this process only (not stored), e.g. the demo traffic's."""
@@ -236,35 +255,40 @@ class Auth:
                 "invalid_field",
                 "name must be 1-64 letters, digits or . _ @ - (starting with a letter or digit)",
             )
-        if any(t.name == name for t in self._tokens.values()):
-            raise AuthError(409, "conflict", "an active token already has this name")
         store = self._require_store()
-        token = TOKEN_PREFIX + secrets.token_urlsafe(32)
-        d = digest(token)
-        # Registered before the write so that a concurrent request cannot take the name.
-        info = self._register(d, name, role, "api", actor, self._clock())
-        try:
-            await store.run(_insert_token, store, d, info)
-        except Exception:
-            self._forget(d)
-            raise
+        async with self._changing:
+            if any(t.name == name for t in self._tokens.values()):
+                raise AuthError(409, "conflict", "an active token already has this name")
+            token = TOKEN_PREFIX + secrets.token_urlsafe(32)
+            d = digest(token)
+            info = TokenInfo(name, role, "api", d[:16], actor, self._clock())
+            await _write(store, _insert_token, store, d, info)
+            self._register(d, name, role, "api", actor, info.created_at)  # after COMMIT
         log.info("token %s (%s) created by %s", name, role, actor)
         return token, info
 
     async def revoke_token(self, token_id: str, actor: str) -> TokenInfo:
-        """Revoke a token of any source, persistently. The caller ends its connections."""
-        d = self._ids.get(token_id)
-        if d is None:
-            raise AuthError(404, "unknown_token", "no active token has this id")
-        info = self._tokens[d]
-        admins = sum(1 for t in self._tokens.values() if t.role == "admin")
-        if info.role == "admin" and admins <= 1 and self.enabled:
-            raise AuthError(409, "last_admin", "the last admin token cannot be revoked")
-        # Forget first: from now on no request authenticates with it, even while the
-        # revocation is being written.
-        self._forget(d)
+        """Revoke a token of any source, persistently. The caller ends its connections.
+
+        Until the revocation has committed the token keeps working; once it has, it is
+        refused. A failed write leaves it active (503), so a retry can succeed.
+        """
         store = self._require_store()
-        await store.run(_record_revocation, store, d, info, actor, self._clock())
+        async with self._changing:
+            d = self._ids.get(token_id)
+            if d is None:
+                revoked = await store.run(_revoked_row, token_id)
+                if revoked is not None:  # a retry after success: say so
+                    when = isoformat(aware(revoked.revoked_at))
+                    message = f"this token was already revoked by {revoked.revoked_by} at {when}"
+                    raise AuthError(404, "unknown_token", message)
+                raise AuthError(404, "unknown_token", "no active token has this id")
+            info = self._tokens[d]
+            admins = sum(1 for t in self._tokens.values() if t.role == "admin")
+            if info.role == "admin" and admins <= 1 and self.enabled:
+                raise AuthError(409, "last_admin", "the last admin token cannot be revoked")
+            await _write(store, _record_revocation, store, d, info, actor, self._clock())
+            self._forget(d)  # after COMMIT
         log.info("token %s (%s) revoked by %s", info.name, info.role, actor)
         return info
 
@@ -301,21 +325,38 @@ class Auth:
         return Identity(info.name, info.role, token_id, session_id)
 
     async def end_session(self, identity: Identity) -> None:
-        """Log out: the session's cookie is refused from now on, across restarts too."""
+        """Log out: the session's cookie is refused from now on, across restarts too.
+
+        Written (and audited) first; the session is refused in memory after the COMMIT.
+        """
         if not identity.session_id:
             return
+        store = self._require_store()
         now = time.time()
-        self.revoked_sessions = {s: e for s, e in self.revoked_sessions.items() if e > now}
         expires = now + self.session_lifetime
-        self.revoked_sessions[identity.session_id] = expires
-        if self._store is not None:
-            await self._store.run(_record_session_end, identity.session_id, expires)
+        async with self._changing:
+            await _write(store, _record_session_end, store, identity, expires, self._clock())
+            self.revoked_sessions = {s: e for s, e in self.revoked_sessions.items() if e > now}
+            self.revoked_sessions[identity.session_id] = expires
 
     # -- origins -----------------------------------------------------------------------
     def origin_allowed(self, origin: str, host: str, scheme: str) -> bool:
-        """Exact match with the server's own origin or an allow-listed one."""
+        """Exact match with the server's own origin or an allow-listed or public one.
+
+        ``host`` has passed :class:`HostPolicy` before any handler ran, so a rebound name
+        (``Host: rebind.test`` with ``Origin: http://rebind.test``) never gets this far.
+        """
         origin = origin.rstrip("/")
         return origin == f"{scheme}://{host}" or origin in self.allowed_origins
+
+
+async def _write(store: Store, fn: Callable[..., Any], *args: Any) -> None:
+    """Run a security write; 503 (nothing changed) if the database refuses it."""
+    try:
+        await store.run(fn, *args)
+    except (peewee.PeeweeException, OSError) as exc:
+        log.warning("security change not written: %s", redact(str(exc)) or type(exc).__name__)
+        raise AuthError(503, "unavailable", STORE_UNAVAILABLE) from None
 
 
 # -- storage (runs on a database worker thread) ------------------------------------------
@@ -364,11 +405,23 @@ def _record_revocation(store: Store, d: str, info: TokenInfo, actor: str, now: d
         record_audit(actor, "token.revoke", info.name, details, now)
 
 
-def _record_session_end(session_id: str, expires: float) -> None:
-    RevokedSession.insert(session_id=session_id, expires_at=_from_epoch(expires)).on_conflict(
-        conflict_target=[RevokedSession.session_id],
-        update={RevokedSession.expires_at: _from_epoch(expires)},
-    ).execute()
+def _record_session_end(store: Store, identity: Identity, expires: float, now: datetime) -> None:
+    with store.db.atomic():
+        RevokedSession.insert(
+            session_id=identity.session_id, expires_at=_from_epoch(expires)
+        ).on_conflict(
+            conflict_target=[RevokedSession.session_id],
+            update={RevokedSession.expires_at: _from_epoch(expires)},
+        ).execute()
+        details = {"token_id": identity.token_id, "role": identity.role}
+        record_audit(identity.name, "session.end", identity.name, details, now)
+
+
+def _revoked_row(token_id: str) -> ApiToken | None:
+    query = ApiToken.select().where(
+        ApiToken.digest.startswith(token_id), ApiToken.revoked_at.is_null(False)
+    )
+    return query.first()
 
 
 def _revoked_rows() -> list[ApiToken]:
@@ -392,46 +445,3 @@ def _revoked_json(row: ApiToken) -> dict[str, Any]:
 
 def _from_epoch(seconds: float) -> datetime:
     return datetime.fromtimestamp(seconds, UTC).replace(tzinfo=None)
-
-
-# -- log redaction ---------------------------------------------------------------------
-# Defence in depth for records we do not write ourselves (Tornado's): our own code logs
-# names and token ids, never tokens, and the access log has no query strings.
-_REDACTIONS = (
-    (re.compile(r"(?i)(bearer\s+)[^\s'\",;]+"), r"\1<redacted>"),
-    (re.compile(r"(?i)([?&;]token=)[^&\s'\"]+"), r"\1<redacted>"),
-    (re.compile(r"(?i)(qs_session=)[^;\s'\"]+"), r"\1<redacted>"),
-    (re.compile(r"qs_[A-Za-z0-9_-]{16,}"), "<redacted>"),
-    (re.compile(r"(Invalid header value ).*"), r"\1<redacted>"),
-)
-REDACTED_LOGGERS = ("tornado.access", "tornado.application", "tornado.general", "asyncio", "")
-
-
-def redact(text: str) -> str:
-    for pattern, replacement in _REDACTIONS:
-        text = pattern.sub(replacement, text)
-    return text
-
-
-class RedactSecrets(logging.Filter):
-    """Rewrites a record whose text looks like it carries a credential."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        try:
-            message = record.getMessage()
-        except Exception:  # noqa: BLE001 - a broken record is logging's problem, not ours
-            return True
-        clean = redact(message)
-        if clean != message:
-            record.msg, record.args = clean, ()
-        if record.exc_info and not record.exc_text:
-            record.exc_text = redact(logging.Formatter().formatException(record.exc_info))
-        return True
-
-
-def install_log_redaction() -> None:
-    """Attach :class:`RedactSecrets` to Tornado's loggers (idempotent)."""
-    for name in REDACTED_LOGGERS:
-        logger = logging.getLogger(name)
-        if not any(isinstance(f, RedactSecrets) for f in logger.filters):
-            logger.addFilter(RedactSecrets())

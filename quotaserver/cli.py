@@ -92,8 +92,10 @@ def serve_command(args: argparse.Namespace) -> int:
         level=config["server.log_level"].upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    from .netguard import raise_open_files_limit
     from .server import run_server
 
+    raise_open_files_limit()
     return run_server(config, plugin_manager)
 
 

@@ -9,14 +9,18 @@ one-line message and exit status 2.
 from __future__ import annotations
 
 import copy
+import ipaddress
 import math
 import os
 import zoneinfo
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
 import yaml
+
+from .text import hidden_character
 
 PERIODS = ("hourly", "daily", "weekly", "monthly")
 WEEKDAYS = ("monday", "tuesday", "wednesday", "thursday", "friday", "saturday", "sunday")
@@ -127,6 +131,39 @@ def _check_str_list(value: Any) -> str | None:
     return None
 
 
+def _check_names(value: Any) -> str | None:
+    err = _check_str_list(value)
+    if err:
+        return err
+    for name in value:
+        hidden = hidden_character(name)
+        if hidden:
+            return f"{name!r} contains an invisible or bidirectional character {hidden}"
+    return None
+
+
+def _check_origins(value: Any) -> str | None:
+    err = _check_str_list(value)
+    if err:
+        return err
+    for origin in value:
+        parts = urlsplit(origin)
+        if (
+            parts.scheme not in ("http", "https")
+            or not parts.hostname
+            or parts.path not in ("", "/")
+            or parts.query
+            or parts.fragment
+            or parts.username is not None
+        ):
+            return f"{origin!r} is not an origin like https://quotas.example.com[:port]"
+        try:
+            parts.port  # noqa: B018 - raises ValueError for a bad port
+        except ValueError:
+            return f"{origin!r} has an invalid port"
+    return None
+
+
 def _check_periods(value: Any) -> str | None:
     err = _check_str_list(value)
     if err:
@@ -190,6 +227,41 @@ SETTINGS: tuple[Setting, ...] = (
         "Redis channel carrying committed events (one per deployment sharing a Redis).",
     ),
     Setting(
+        "server.max_connections_per_ip",
+        int,
+        100,
+        "Open TCP connections per client address; more are closed at accept. Behind a "
+        "proxy every connection comes from the proxy: set it high there (and for load tests).",
+        1,
+        1_000_000,
+    ),
+    Setting(
+        "server.header_timeout",
+        float,
+        15.0,
+        "Seconds a new connection has to send a complete request head, and a request its "
+        "body; slower clients are disconnected.",
+        0.1,
+        3600,
+    ),
+    Setting(
+        "server.idle_timeout",
+        float,
+        60.0,
+        "Seconds a keep-alive connection may wait for its next request.",
+        0.1,
+        86400,
+    ),
+    Setting(
+        "server.public_origins",
+        list,
+        [],
+        "Origins (scheme://host[:port]) the server answers to: their hosts are accepted in "
+        "Host, they are accepted in Origin. Loopback hosts always are; when empty and auth is "
+        "enabled, any Host is accepted.",
+        check=_check_origins,
+    ),
+    Setting(
         "database.url",
         str,
         "sqlite:///data/quotaserver.db",
@@ -234,7 +306,7 @@ SETTINGS: tuple[Setting, ...] = (
         list,
         list(DEFAULT_LIMITS),
         "Known command types.",
-        check=_check_str_list,
+        check=_check_names,
     ),
     Setting(
         "quotas.periods",
@@ -324,6 +396,31 @@ SETTINGS: tuple[Setting, ...] = (
     ),
     Setting("auth.cookie_secret", str, "", "Cookie signing secret; generated and stored if empty."),
     Setting(
+        "auth.allow_disabled_on_network",
+        bool,
+        False,
+        "Allow auth.enabled: false on a server.host that is not a loopback address "
+        "(anyone who can reach it is an admin).",
+    ),
+    Setting(
+        "auth.login_code_lifetime",
+        float,
+        300.0,
+        "Seconds the one-time login link printed at start-up stays valid.",
+        10,
+        3600,
+    ),
+    Setting(
+        "auth.failed_attempts_per_ip",
+        int,
+        30,
+        "Failed authentications per client address per failed_window; beyond it every "
+        "request from that address is answered 429 before its credentials are checked.",
+        1,
+        1_000_000,
+    ),
+    Setting("auth.failed_window", float, 60.0, "Window of failed_attempts_per_ip (s).", 1, 86400),
+    Setting(
         "auth.connect_attempts_per_ip",
         int,
         60,
@@ -407,6 +504,17 @@ class Config(Mapping[str, Any]):
             node[leaf] = value
         out["plugins"] = self.plugins
         return out
+
+
+def is_loopback_host(host: str) -> bool:
+    """True for localhost and loopback IP literals (127.0.0.0/8, ::1)."""
+    host = host.strip().lower().strip("[]").rstrip(".")
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _where(source: str | None) -> str:
@@ -536,6 +644,16 @@ def load_config(
         if value is not None:
             values[key] = _validate(BY_KEY[key], value, "command line")
 
+    if (
+        not values["auth.enabled"]
+        and not values["auth.allow_disabled_on_network"]
+        and not is_loopback_host(values["server.host"])
+    ):
+        raise ConfigError(
+            f"auth.enabled: false is refused on server.host {values['server.host']} (not a "
+            "loopback address: anyone who can reach it would be an admin); set "
+            f"auth.allow_disabled_on_network: true to accept that{_where(path)}"
+        )
     unknown = set(values["quotas.defaults"]) - set(values["quotas.command_types"])
     if unknown:
         name = sorted(unknown)[0]

@@ -34,12 +34,13 @@ async def serve(
     sockets: list[socket.socket] | None = None,
     worker: int | None = None,
     demo_token: str | None = None,
+    login_code: str | None = None,
 ) -> int:
     """Start the app, say where it listens, wait for a stop signal, stop within the budget.
 
     A worker (``worker`` set) listens on the parent's ``sockets`` and leaves the
     announcements to the parent; only worker 0 runs the demo traffic, every worker accepts
-    its token (``demo_token``, made by the parent).
+    its token (``demo_token``, made by the parent), and the start-up link's ``login_code``.
     """
     from .app import QuotaApp
     from .demo import DemoTraffic
@@ -60,8 +61,9 @@ async def serve(
         await app.stop()
         return 1
     if worker is None:
-        announce(app.url, config, app.auth.first_run_token)
+        announce(app.url, config, app.auth.issue_login_code())
     else:
+        app.auth.issue_login_code(login_code)
         log.info("worker %d (pid %d) serving as %s", worker, os.getpid(), app.instance_name)
     demo = None
     if config["demo"] and worker:
@@ -83,17 +85,19 @@ async def serve(
     return 0
 
 
-def announce(url: str, config: Config, first_run_token: str | None, workers: int = 1) -> None:
-    """The start-up lines: where to connect, and how to sign in the first time."""
+def announce(url: str, config: Config, login_code: str | None, workers: int = 1) -> None:
+    """The start-up lines: where to connect, and how to sign in the first time (a one-time
+    code in the link's fragment, which browsers never send to a server or a log)."""
     suffix = f" ({workers} worker processes)" if workers > 1 else ""
     print(f"quotaserver {__version__} listening on {url}{suffix}", flush=True)
     print(f"  dashboard: {url}/admin/quotas", flush=True)
     if not config["auth.enabled"]:
         log.warning("AUTHENTICATION IS DISABLED: anyone who can reach %s is an admin", url)
-    elif first_run_token:
-        where = config["auth.token_file"]
-        print(f"  admin token stored in {where} (mode 0600); open to sign in:", flush=True)
-        print(f"  {url}/login?token={first_run_token}", flush=True)
+    elif login_code:
+        where, minutes = config["auth.token_file"], config["auth.login_code_lifetime"] / 60
+        print(f"  admin token stored in {where} (mode 0600); to sign in, open once within "
+              f"{minutes:g} min:", flush=True)  # fmt: skip
+        print(f"  {url}/login#code={login_code}", flush=True)
 
 
 def run_server(config: Config, plugin_manager: pluggy.PluginManager | None = None) -> int:
@@ -109,6 +113,7 @@ def _run_loop(
     sockets: list[socket.socket] | None = None,
     worker: int | None = None,
     demo_token: str | None = None,
+    login_code: str | None = None,
 ) -> int:
     async def runner() -> int:
         queue: asyncio.Queue = asyncio.Queue()
@@ -123,6 +128,7 @@ def _run_loop(
                 sockets=sockets,
                 worker=worker,
                 demo_token=demo_token,
+                login_code=login_code,
             )
         except ConfigError as exc:
             print(f"quotaserver: configuration error: {exc}", file=sys.stderr)
@@ -173,7 +179,8 @@ def run_workers(config: Config, plugin_manager: pluggy.PluginManager | None) -> 
         return 1
     host = config["server.host"]
     host = "127.0.0.1" if host in ("0.0.0.0", "") else host
-    announce(f"http://{host}:{port}", config, token, count)
+    login_code = secrets.token_urlsafe(24) if token else None
+    announce(f"http://{host}:{port}", config, login_code, count)
 
     base_name = config["server.instance_name"] or f"{socket.gethostname()}:{port}"
     demo_token = secrets.token_urlsafe(24) if config["demo"] else None
@@ -189,7 +196,9 @@ def run_workers(config: Config, plugin_manager: pluggy.PluginManager | None) -> 
             try:
                 signal.signal(signal.SIGINT, signal.SIG_DFL)
                 signal.signal(signal.SIGTERM, signal.SIG_DFL)
-                code = _run_loop(worker_config, plugin_manager, sockets, index, demo_token)
+                code = _run_loop(
+                    worker_config, plugin_manager, sockets, index, demo_token, login_code
+                )
             except BaseException:  # noqa: BLE001 - report, then leave without cleanup
                 traceback.print_exc()
             finally:

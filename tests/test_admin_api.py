@@ -442,7 +442,10 @@ async def test_dashboard_redirects_strangers_and_serves_a_csp_clean_page(app_fac
 @pytest.mark.gen_test
 async def test_a_browser_session_writes_only_with_the_xsrf_header(app_factory):
     app = await quiet_app(app_factory)
-    login = await call(app, "GET", f"/login?token={ADMIN}", token=None)
+    form_xsrf = cookies_of(await call(app, "GET", "/login", token=None))["_xsrf"]
+    form = {"Cookie": f"_xsrf={form_xsrf}", "Content-Type": "application/x-www-form-urlencoded"}
+    body = f"token={quote(ADMIN)}&_xsrf={form_xsrf}"
+    login = await call(app, "POST", "/login", raw=body, token=None, headers=form)
     assert login.code == 302
     session = cookies_of(login)["qs_session"]
     page = await call(app, "GET", "/admin/quotas", token=None,

@@ -244,7 +244,8 @@ async def test_user_status_and_health(app_factory):
     health = await call(app, "GET", "/api/health", token=None)
     assert health.code == 200
     assert health.json["database"]["reachable"] is True
-    assert health.json["version"]
+    assert "version" not in health.json  # issue 12: only the authenticated health has it
+    assert (await call(app, "GET", "/api/ws/health", token=VIEWER)).json["version"]
 
 
 BAD_INPUTS = [

@@ -177,11 +177,20 @@ def cookies_of(resp: Any) -> dict[str, str]:
     return jar
 
 
-async def browser_session(app: Any, token: str = ADMIN) -> dict[str, str]:
-    """What a browser holds after opening the login URL: session and XSRF cookies."""
-    form = await call(app, "GET", "/login", token=None)
+async def login_post(
+    app: Any, token: str, nxt: str | None = None, headers: dict[str, str] | None = None
+) -> tuple[Any, str]:
+    """Sign in through the login form (GET for the XSRF cookie, then POST)."""
+    form = await call(app, "GET", "/login", token=None, headers=headers)
     xsrf = cookies_of(form)["_xsrf"]
-    resp = await call(app, "GET", "/login?token=" + quote(token), token=None)
+    body = f"token={quote(token)}&_xsrf={xsrf}" + (f"&next={quote(nxt)}" if nxt else "")
+    hdrs = {**(headers or {}), "Cookie": f"_xsrf={xsrf}", "Content-Type": FORM}
+    return await call(app, "POST", "/login", raw=body, token=None, headers=hdrs), xsrf
+
+
+async def browser_session(app: Any, token: str = ADMIN) -> dict[str, str]:
+    """What a browser holds after signing in: session and XSRF cookies."""
+    resp, xsrf = await login_post(app, token)
     assert resp.code == 302, resp
     return {SESSION_COOKIE: cookies_of(resp)[SESSION_COOKIE], "_xsrf": xsrf}
 
@@ -563,7 +572,7 @@ async def test_dev_endpoints_do_not_exist_without_dev(app_factory):
 @pytest.mark.gen_test(timeout=30)
 async def test_session_cookie_flags_lifetime_and_token_leaving_the_address_bar(app_factory):
     app = await start(app_factory, auth__session_lifetime=3600.0, server__xheaders=True)
-    resp = await call(app, "GET", f"/login?token={quote(ADMIN)}", token=None)
+    resp, _ = await login_post(app, ADMIN)
     assert resp.code == 302
     assert resp.headers["Location"] == DEFAULT_NEXT  # the token leaves the address bar
     cookie = next(c for c in resp.headers.get_list("Set-Cookie") if c.startswith(SESSION_COOKIE))
@@ -578,11 +587,11 @@ async def test_session_cookie_flags_lifetime_and_token_leaving_the_address_bar(a
     assert resp.headers["Referrer-Policy"] == "same-origin"
     # Behind a TLS proxy (server.xheaders) the cookie is Secure.
     headers = {"X-Forwarded-Proto": "https"}
-    resp = await call(app, "GET", f"/login?token={quote(ADMIN)}", token=None, headers=headers)
+    resp, _ = await login_post(app, ADMIN, headers=headers)
     cookie = next(c for c in resp.headers.get_list("Set-Cookie") if c.startswith(SESSION_COOKIE))
     assert "secure" in [f.strip().lower() for f in cookie.split(";")]
     # A service token cannot open a dashboard session.
-    resp = await call(app, "GET", f"/login?token={quote(SERVICE)}", token=None)
+    resp, _ = await login_post(app, SERVICE)
     assert resp.code == 401 and SESSION_COOKIE not in cookies_of(resp)
 
 
@@ -627,15 +636,14 @@ NASTY_NEXT = [
 async def test_login_next_is_never_an_open_redirect(app_factory):
     app = await start(app_factory)
     for nxt in NASTY_NEXT:
-        resp = await call(app, "GET", f"/login?token={quote(ADMIN)}&next={quote(nxt)}", token=None)
+        resp, _ = await login_post(app, ADMIN, nxt)
         assert resp.code == 302, (nxt, resp)
         location = resp.headers["Location"]
         parts = urlsplit(location)
         assert location.startswith("/") and not location.startswith("//"), (nxt, location)
         assert not parts.scheme and not parts.netloc and "\\" not in location
         assert location.isascii()
-    query = f"/login?token={quote(ADMIN)}&next=/api/plugins%3Fa%3D1"
-    resp = await call(app, "GET", query, token=None)
+    resp, _ = await login_post(app, ADMIN, "/api/plugins?a=1")
     assert resp.headers["Location"] == "/api/plugins?a=1"
     # The form carries next through a POST too.
     jar = await browser_session(app)
@@ -867,7 +875,7 @@ async def _run_server(
         line = (await asyncio.wait_for(proc.stdout.readline(), 30)).decode()
         assert line, "".join(proc.lines) + (await proc.stderr.read()).decode()
         proc.lines.append(line)
-        if "/login?token=" in line if login_url else "dashboard:" in line:
+        if "/login#code=" in line if login_url else "dashboard:" in line:
             break
     proc.url = re.search(r"http://127\.0\.0\.1:\d+", "".join(proc.lines)).group(0)
     proc.port = int(proc.url.rsplit(":", 1)[1])
@@ -884,20 +892,25 @@ async def _stop(proc: Any) -> str:
 async def test_first_run_token_file_is_0600_and_the_printed_url_logs_in(tmp_path):
     proc = await _run_server(tmp_path)
     try:
-        login_url = re.search(r"http://\S+/login\?token=\S+", "".join(proc.lines)).group(0)
-        token = login_url.split("token=", 1)[1]
+        login_url = re.search(r"http://\S+/login#code=\S+", "".join(proc.lines)).group(0)
+        code = login_url.split("code=", 1)[1]
         path = tmp_path / "data" / "admin_token"
         assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
-        assert path.read_text().strip() == token
+        token = path.read_text().strip()
+        assert token not in "".join(proc.lines)
         assert stat.S_IMODE(os.stat(tmp_path / "data" / "cookie_secret").st_mode) == 0o600
         # A fresh browser: the dashboard sends it to the login page.
         resp = await call(proc, "GET", "/admin/quotas", token=None)
         assert resp.code == 302 and resp.headers["Location"].startswith("/login?next=")
         assert (await call(proc, "GET", resp.headers["Location"], token=None)).code == 200
         assert (await call(proc, "GET", "/api/ws/health", token=None)).code == 401
-        # Opening the printed URL: a session cookie and a redirect without the token.
-        resp = await call(proc, "GET", login_url[len(proc.url) :], token=None)
-        assert resp.code == 302 and "token" not in resp.headers["Location"]
+        # Opening the printed link: the page POSTs the one-time code from the fragment.
+        form = await call(proc, "GET", "/login", token=None)
+        xsrf = cookies_of(form)["_xsrf"]
+        hdrs = {"Cookie": f"_xsrf={xsrf}", "Content-Type": FORM}
+        body = f"code={code}&_xsrf={xsrf}"
+        resp = await call(proc, "POST", "/login", raw=body, token=None, headers=hdrs)
+        assert resp.code == 302 and "code" not in resp.headers["Location"]
         jar = cookies_of(resp)
         headers = {"Cookie": f"{SESSION_COOKIE}={jar[SESSION_COOKIE]}"}
         page = await call(proc, "GET", resp.headers["Location"], token=None, headers=headers)
@@ -907,10 +920,11 @@ async def test_first_run_token_file_is_0600_and_the_printed_url_logs_in(tmp_path
         logs = await _stop(proc)
     assert "401 GET /api/ws/health" in logs  # the access log went to stderr
     assert token not in logs
-    # A second start reuses the same token (and says so again).
+    # A second start reuses the same token and prints a new one-time link.
     proc = await _run_server(tmp_path)
     try:
-        assert f"/login?token={token}" in "".join(proc.lines)
+        assert f"/login#code={code}" not in "".join(proc.lines)
+        assert (tmp_path / "data" / "admin_token").read_text().strip() == token
     finally:
         await _stop(proc)
 

@@ -17,7 +17,7 @@ from ..quota import QuotaError, UnknownCommandType
 from ..ranking import BadCursor
 from ..rules import UnknownUser
 from ..windows import isoformat
-from .api import validate_username
+from .api import refuse_hidden, validate_username
 from .base import ADMIN, VIEWER, ApiError, BaseHandler
 from .params import choice_arg, int_arg, page_arg, str_arg, time_arg
 from .streams import parse_types
@@ -42,6 +42,7 @@ class AdminHandler(BaseHandler):
         return validate_username(raw, self.app.config["quotas.max_username_length"], "username")
 
     def command_type_arg(self, raw: str) -> str:
+        refuse_hidden(raw, "command_type")
         if raw not in self.app.quota.command_types:
             raise ApiError(404, "unknown_command_type", f"unknown command type {raw!r}")
         return raw

@@ -5,8 +5,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from .. import __version__
 from ..quota import Decision, QuotaError, UnknownCommandType
+from ..text import hidden_character
 from .base import SERVICE, ApiError, BaseHandler
 
 REQUEST_FIELDS = {"user", "command_type", "count"}
@@ -21,7 +21,19 @@ def validate_username(value: Any, max_length: int, field: str = "user") -> str:
         raise ApiError(400, "invalid_field", f"{field} is longer than {max_length} characters")
     if any(ord(c) < 32 or ord(c) == 127 for c in value):
         raise ApiError(400, "invalid_field", f"{field} must not contain control characters")
+    refuse_hidden(value, field)
     return value
+
+
+def refuse_hidden(value: str, field: str) -> None:
+    """400 invalid_field for a name with an invisible or bidirectional character."""
+    hidden = hidden_character(value)
+    if hidden:
+        raise ApiError(
+            400,
+            "invalid_field",
+            f"{field} must not contain invisible or bidirectional characters ({hidden})",
+        )
 
 
 def validate_count(value: Any, max_count: int) -> int:
@@ -51,6 +63,7 @@ class QuotaRequestHandler(BaseHandler):
         command_type = body["command_type"]
         if not isinstance(command_type, str) or not command_type:
             raise ApiError(400, "invalid_field", "command_type must be a non-empty string")
+        refuse_hidden(command_type, "command_type")
         count = validate_count(body.get("count", 1), config["quotas.max_count"])
         return user, command_type, count
 
@@ -119,7 +132,10 @@ class UserStatusHandler(BaseHandler):
 
 
 class HealthHandler(BaseHandler):
-    """GET /api/health: liveness for load balancers (public, reveals nothing sensitive)."""
+    """GET /api/health: liveness for load balancers (public: no version, nothing sensitive).
+
+    The version is in the authenticated ``/api/ws/health``.
+    """
 
     roles = None
 
@@ -128,7 +144,7 @@ class HealthHandler(BaseHandler):
         reachable = await store.check()
         body = {
             "status": "ok" if reachable else "degraded",
-            "version": __version__,
-            "database": store.health(),
+            # Public: no version, no error text (the authenticated /api/ws/health has both).
+            "database": {"reachable": reachable},
         }
         self.send_json(body, status=200 if reachable else 503)

@@ -67,6 +67,7 @@ STATUS_CODES = {
     411: "length_required",
     413: "payload_too_large",
     415: "unsupported_media_type",
+    421: "misdirected_request",
     429: "too_many_requests",
     503: "unavailable",
 }
@@ -123,17 +124,30 @@ def parse_json(raw: bytes | str) -> Any:
     return value
 
 
+def client_address(handler: tornado.web.RequestHandler) -> str:
+    return handler.request.remote_ip or "?"
+
+
+def auth_failure_wait(handler: tornado.web.RequestHandler, app: QuotaApp) -> int | None:
+    """Seconds this client must wait after too many failed authentications, or None."""
+    return app.auth.failures.retry_after(client_address(handler))
+
+
 def identify(handler: tornado.web.RequestHandler, app: QuotaApp) -> Identity | None:
-    """Bearer token first, then the browser session cookie."""
+    """Bearer token first, then the browser session cookie.
+
+    A credential that is presented and refused counts against the client's address.
+    """
     auth = app.auth
     if not auth.enabled:
         return ANONYMOUS_ADMIN
     header = handler.request.headers.get("Authorization", "")
     if header:
         scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer":
-            return None
-        return auth.authenticate(token.strip())
+        identity = auth.authenticate(token.strip()) if scheme.lower() == "bearer" else None
+        if identity is None:
+            auth.failures.failed(client_address(handler))
+        return identity
     raw = handler.get_signed_cookie(SESSION_COOKIE, max_age_days=auth.session_lifetime / 86400 + 1)
     if raw is None:
         return None
@@ -170,6 +184,25 @@ class BaseHandler(tornado.web.RequestHandler):
     def set_default_headers(self) -> None:
         security_headers(self)
 
+    def set_cookie(self, name: str, value: str | bytes, *args: Any, **kwargs: Any) -> None:
+        # Tornado sets the _xsrf cookie with the static xsrf_cookie_kwargs: make it (and any
+        # other cookie) Secure whenever the request came over HTTPS, directly or through a
+        # proxy with server.xheaders, exactly like the session cookie.
+        if self.request.protocol == "https":
+            kwargs["secure"] = True
+        super().set_cookie(name, value, *args, **kwargs)
+
+    def refuse_after_failures(self) -> None:
+        """429 for a client past the failed-authentication limit (before any credential)."""
+        wait = auth_failure_wait(self, self.app)
+        if wait is not None:
+            raise ApiError(
+                429,
+                "too_many_failures",
+                "too many failed authentications from this address",
+                {"Retry-After": str(wait)},
+            )
+
     def check_xsrf(self) -> None:
         """403 unless the request carries the XSRF token of its cookie session."""
         try:
@@ -189,6 +222,7 @@ class BaseHandler(tornado.web.RequestHandler):
         log_handler_exception(self, typ, value, tb)
 
     def prepare(self) -> None:
+        self.refuse_after_failures()
         limit = self.app.config["server.max_body_size"]
         if len(self.request.body or b"") > limit:
             raise ApiError(413, "payload_too_large", f"the body is larger than {limit} bytes")
@@ -198,10 +232,12 @@ class BaseHandler(tornado.web.RequestHandler):
         ):
             # Without a bearer token, a browser may be carrying ambient credentials (a
             # cookie, or none at all when auth is disabled): refuse foreign pages outright.
+            # Sec-Fetch-Site covers a browser that leaves Origin out.
             origin = request.headers.get("Origin")
-            if origin is not None and not self.app.auth.origin_allowed(
+            foreign = origin is not None and not self.app.auth.origin_allowed(
                 origin, request.host, request.protocol
-            ):
+            )
+            if foreign or request.headers.get("Sec-Fetch-Site", "").lower() == "cross-site":
                 raise ApiError(403, "forbidden_origin", "origin not allowed")
         self.identity = identify(self, self.app)
         roles = self.roles_for(self.request.method or "GET")
@@ -268,6 +304,15 @@ class BaseHandler(tornado.web.RequestHandler):
             code, message = "internal_error", "internal server error"
         self.set_header("Content-Type", "application/json; charset=utf-8")
         self.finish(tornado.escape.json_encode({"error": {"code": code, "message": message}}))
+
+
+class MisdirectedHandler(BaseHandler):
+    """Every request whose Host the server does not answer to (see quotaserver.origins)."""
+
+    roles = None
+
+    def prepare(self) -> None:
+        raise ApiError(421, "misdirected_request", "this server does not answer to that host")
 
 
 class NotFoundHandler(BaseHandler):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from .. import __version__
 from ..plugins import plugin_list
 from .base import VIEWER, BaseHandler
 
@@ -24,6 +25,7 @@ class StreamHealthHandler(BaseHandler):
         self.send_json(
             {
                 "status": "ok" if healthy else "degraded",
+                "version": __version__,
                 "broadcaster_running": app.running,
                 "instance": app.instance_name,
                 "backplane": app.backplane.health(),

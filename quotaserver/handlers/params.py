@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from datetime import UTC, datetime
 from typing import Any
 
@@ -11,6 +12,7 @@ from ..admin_queries import PageRequest
 from .base import ApiError
 
 MAX_PER_PAGE = 200
+ASCII_INTEGER = re.compile(r"-?[0-9]{1,19}\Z", re.ASCII)
 
 
 def int_arg(
@@ -19,10 +21,10 @@ def int_arg(
     raw = handler.get_query_argument(name, None)
     if raw is None or raw == "":
         return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise ApiError(400, "invalid_parameter", f"{name} must be an integer") from None
+    # ASCII only: int() also reads other scripts' digits ("٣" is 3), "1_0" and " 1".
+    if not ASCII_INTEGER.match(raw):
+        raise ApiError(400, "invalid_parameter", f"{name} must be an integer")
+    value = int(raw)
     if not low <= value <= high:
         raise ApiError(400, "invalid_parameter", f"{name} must be within {low}..{high}")
     return value

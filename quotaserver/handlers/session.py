@@ -1,12 +1,21 @@
-"""Browser sessions: exchange a token for a signed cookie (login), and log out."""
+"""Browser sessions: exchange a token or a one-time login code for a signed cookie, log out.
+
+Credentials only ever travel in a POST body: ``GET /login`` shows the form and never signs
+anyone in, whatever its query string says (a token in a URL ends up in browser history,
+proxy logs and Referer headers, and a link could sign a victim in as the attacker). The
+start-up link carries a one-time code in its ``#fragment``, which the login page POSTs.
+A POST from a foreign origin is refused (BaseHandler.prepare), as is one without the XSRF
+token.
+"""
 
 from __future__ import annotations
 
 import json
 from urllib.parse import quote, urlsplit
 
-from ..auth import SESSION_COOKIE
-from .base import VIEWER, BaseHandler
+from ..auth import SESSION_COOKIE, AuthError, Identity
+from .base import VIEWER, BaseHandler, client_address
+from .tokens import api_error
 
 DEFAULT_NEXT = "/admin/quotas"
 # Kept as they are in a path or query; everything else (spaces, non-ASCII) is escaped.
@@ -32,27 +41,35 @@ def safe_next(value: str | None) -> str:
 
 
 class LoginHandler(BaseHandler):
-    """GET /login shows the form (or exchanges ``?token=``); POST /login exchanges the form."""
+    """GET /login shows the form; POST /login exchanges a token or a login code."""
 
     roles = None
 
     def get(self) -> None:
-        token = self.get_query_argument("token", None)
-        if token is not None:
-            # The login URL printed at start-up: exchange, then redirect so the token
-            # leaves the address bar (and the history).
-            return self._exchange(token)
         self._form()
 
     def post(self) -> None:
         self.check_xsrf()
-        self._exchange(self.get_body_argument("token", ""))
+        code = self.get_body_argument("code", "").strip()
+        if code:
+            d = self.app.auth.login_codes.redeem(code)
+            identity = self.app.auth.authenticate_digest(d) if d else None
+            if identity is None:
+                return self._refused("That sign-in link has expired or was already used.")
+        else:
+            identity = self.app.auth.authenticate(self.get_body_argument("token", "").strip())
+            if identity is None:
+                return self._refused("That token is not valid for the dashboard.")
+        if identity.role == "service":
+            return self._refused("That token is not valid for the dashboard.")
+        self._sign_in(identity)
 
-    def _exchange(self, token: str) -> None:
-        identity = self.app.auth.authenticate(token.strip())
-        if identity is None or identity.role == "service":
-            self.set_status(401)
-            return self._form("That token is not valid for the dashboard.")
+    def _refused(self, message: str) -> None:
+        self.app.auth.failures.failed(client_address(self))
+        self.set_status(401)
+        self._form(message)
+
+    def _sign_in(self, identity: Identity) -> None:
         session = self.app.auth.new_session(identity)
         self.set_signed_cookie(
             SESSION_COOKIE,
@@ -74,13 +91,16 @@ class LoginHandler(BaseHandler):
 
 
 class LogoutHandler(BaseHandler):
-    """POST /logout: end the session and close its live connections (1008)."""
+    """POST /logout: end the session and, once that has committed, its live streams (1008)."""
 
     roles = VIEWER
 
     async def post(self) -> None:
         if self.identity is not None and self.identity.session_id:
-            await self.app.auth.end_session(self.identity)
+            try:
+                await self.app.auth.end_session(self.identity)
+            except AuthError as exc:
+                raise api_error(exc) from None
             self.app.end_identity(session_id=self.identity.session_id)
         self.clear_cookie(SESSION_COOKIE)
         if self.request.headers.get("Accept", "").startswith("application/json"):

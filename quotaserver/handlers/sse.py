@@ -20,9 +20,9 @@ from typing import Any
 from tornado.iostream import StreamClosedError
 
 from ..realtime.hub import Client
-from ..realtime.messages import CLOSE_SLOW_CONSUMER, Message
+from ..realtime.messages import CLOSE_POLICY, CLOSE_SLOW_CONSUMER, Message
 from .base import VIEWER, ApiError, BaseHandler
-from .streams import parse_types
+from .streams import ascii_cursor, parse_types
 
 
 class SseClient(Client):
@@ -80,8 +80,9 @@ class AdminEventsHandler(BaseHandler):
             )
         if self.app.hub.full:
             raise ApiError(503, "server_full", "too many live connections", {"Retry-After": "5"})
-        cursor = self.request.headers.get("Last-Event-ID") or self.get_query_argument(
-            "last_event_id", None
+        cursor = ascii_cursor(
+            self.request.headers.get("Last-Event-ID")
+            or self.get_query_argument("last_event_id", None)
         )
         self.set_header("Content-Type", "text/event-stream; charset=utf-8")
         self.set_header("Cache-Control", "no-cache")
@@ -92,6 +93,11 @@ class AdminEventsHandler(BaseHandler):
         self.app.hub.register(self.client)
         try:
             await self.flush()
+            if not self.app.auth.still_valid(self.identity):
+                # Revoked or logged out while the first bytes were flushed.
+                revoked = {"code": CLOSE_POLICY, "reason": "credentials revoked"}
+                self.end_stream(final=Message("close", revoked))
+                return
             await self.app.hub.attach(self.client, cursor)
             await self._ended.wait()
         except StreamClosedError:

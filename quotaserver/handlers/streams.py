@@ -7,6 +7,18 @@ import re
 from .base import ApiError
 
 TYPE_NAME = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
+CURSOR = re.compile(r"[0-9]{1,19}\Z", re.ASCII)
+
+
+def ascii_cursor(raw: str | None) -> str | None:
+    """A resume cursor as the hub may read it: ASCII digits only, else "" (invalid).
+
+    ``int()`` would read "٣" (an Arabic-Indic digit) as 3, " 3" as 3 and "1_0" as 10; the
+    hub answers "" with ``recovered: false, reason: invalid_cursor`` like any bad cursor.
+    """
+    if raw is None:
+        return None
+    return raw if CURSOR.match(raw) else ""
 
 
 def parse_types(raw: str | None) -> frozenset[str] | None:

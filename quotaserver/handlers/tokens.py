@@ -2,7 +2,8 @@
 
 A new token is returned once, in the creation response, and never again: only its
 SHA-256 digest is stored. Revoking closes the live connections of the token and of the
-browser sessions made from it with 1008.
+browser sessions made from it with 1008, once the revocation has committed. If the
+database refuses a change the answer is 503 and nothing has changed.
 """
 
 from __future__ import annotations
@@ -11,6 +12,11 @@ from ..auth import AuthError
 from .base import ApiError, BaseHandler
 
 CREATE_FIELDS = {"name", "role"}
+
+
+def api_error(exc: AuthError) -> ApiError:
+    headers = {"Retry-After": "5"} if exc.status == 503 else None
+    return ApiError(exc.status, exc.code, exc.message, headers)
 
 
 class TokensHandler(BaseHandler):
@@ -29,7 +35,7 @@ class TokensHandler(BaseHandler):
                 body.get("name"), body.get("role"), self.actor
             )
         except AuthError as exc:
-            raise ApiError(exc.status, exc.code, exc.message) from None
+            raise api_error(exc) from None
         self.send_json({"token": token, **info.to_json()}, status=201)
 
 
@@ -40,7 +46,7 @@ class TokenHandler(BaseHandler):
         try:
             info = await self.app.auth.revoke_token(token_id, self.actor)
         except AuthError as exc:
-            raise ApiError(exc.status, exc.code, exc.message) from None
+            raise api_error(exc) from None
         closed = self.app.end_identity(token_ids=[info.token_id])
         self.send_json(
             {"revoked": info.to_json() | {"revoked": True}, "connections_closed": closed}

@@ -30,13 +30,14 @@ from ..realtime.messages import (
 from .base import (
     VIEWER,
     ApiError,
+    auth_failure_wait,
     identify,
     log_handler_exception,
     parse_json,
     request_summary,
     security_headers,
 )
-from .streams import parse_types
+from .streams import ascii_cursor, parse_types
 
 if TYPE_CHECKING:
     from ..app import QuotaApp
@@ -121,6 +122,12 @@ class AdminSocketHandler(tornado.websocket.WebSocketHandler):
         if wait is not None:
             self.set_header("Retry-After", str(wait))
             return self._refuse(429, "too_many_attempts", "too many connection attempts")
+        wait = auth_failure_wait(self, self.app)
+        if wait is not None:
+            self.set_header("Retry-After", str(wait))
+            return self._refuse(
+                429, "too_many_failures", "too many failed authentications from this address"
+            )
         # A foreign page is refused before its (ambient) cookie is even looked at.
         origin = self.request.headers.get("Origin")
         if origin is not None and not self.check_origin(origin):
@@ -151,9 +158,13 @@ class AdminSocketHandler(tornado.websocket.WebSocketHandler):
         if self.app.hub.full:
             self.close(CLOSE_TRY_AGAIN, "server full, try again later")
             return
+        if self.identity is not None and not self.app.auth.still_valid(self.identity):
+            # Revoked or logged out while the handshake was answered.
+            self.close(CLOSE_POLICY, "credentials revoked")
+            return
         self.client = WebSocketClient(self, self.identity, self._types)
         self.app.hub.register(self.client)
-        cursor = self.get_query_argument("last_seq", None)
+        cursor = ascii_cursor(self.get_query_argument("last_seq", None))
         task = asyncio.ensure_future(self.app.hub.attach(self.client, cursor))
         self.app.track(task)
 

@@ -1,0 +1,31 @@
+"""What a name may contain: no character that hides, reorders or fakes what an admin sees.
+
+User names and command types are shown on the dashboard and in the audit log. A right-to-
+left override or a zero-width space makes ``x\\u202eevil\\u200b`` display as "xlive", so
+every control, format (bidi, zero-width), private-use, unassigned and separator character
+is refused, as are the characters that render as blank glyphs. The plain space stays.
+"""
+
+from __future__ import annotations
+
+import unicodedata
+
+# Cc controls, Cf format (bidi overrides and isolates, zero-width), Cs surrogates, Co private
+# use, Cn unassigned, Zl/Zp line and paragraph separators.
+_REFUSED_CATEGORIES = frozenset({"Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"})
+# Letters (Lo) that render as nothing: Hangul fillers, the braille blank.
+_BLANK_GLYPHS = frozenset("\u115f\u1160\u3164\uffa0\u2800")
+
+
+def hidden_character(value: str) -> str | None:
+    """A description of the first invisible or bidirectional character, or None."""
+    for char in value:
+        category = unicodedata.category(char)
+        refused = (
+            category in _REFUSED_CATEGORIES
+            or (category == "Zs" and char != " ")
+            or char in _BLANK_GLYPHS
+        )
+        if refused:
+            return f"U+{ord(char):04X} ({category})"
+    return None
