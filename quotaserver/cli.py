@@ -10,7 +10,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
+import threading
 from collections.abc import Callable
 
 import pluggy
@@ -18,7 +20,8 @@ import yaml
 
 from . import __version__
 from .config import Config, ConfigError, load_config
-from .plugins import get_plugin_manager
+from .isolation import exit_guard
+from .plugins import PluginError, check_setup, get_plugin_manager, plugin_list
 
 log = logging.getLogger("quotaserver")
 
@@ -77,6 +80,11 @@ def load(args: argparse.Namespace) -> tuple[Config, pluggy.PluginManager]:
         "demo": args.demo,
     }
     config = load_config(args.config, overrides=overrides)
+    # Before plugins load: at debug level a plugin's load error shows its traceback.
+    logging.basicConfig(
+        level=config["server.log_level"].upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
     # Plugin names, plugins_dir and plugin settings are configuration too.
     return config, get_plugin_manager(config)
 
@@ -84,19 +92,43 @@ def load(args: argparse.Namespace) -> tuple[Config, pluggy.PluginManager]:
 @command("serve", "run the server until SIGINT/SIGTERM (the default command)")
 def serve_command(args: argparse.Namespace) -> int:
     config, plugin_manager = load(args)
-    logging.basicConfig(
-        level=config["server.log_level"].upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
     from .server import run_server
 
-    return run_server(config, plugin_manager)
+    # Whatever a plugin does, the process ends within the shutdown budget (plus a second
+    # for the last log lines) once a stop began.
+    exit_guard(config["server.shutdown_timeout"] + 1.0)
+    status = run_server(config, plugin_manager)
+    main_thread = threading.main_thread()
+    stuck = [t.name for t in threading.enumerate() if not t.daemon and t is not main_thread]
+    if stuck:
+        # Python would wait for these forever at exit (a plugin's own threads).
+        log.warning("exiting without waiting for threads: %s", ", ".join(stuck))
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
+    return status
 
 
-@command("check-config", "validate the configuration, print it, exit (2 if invalid)")
+def _plugin_lines(pm: object) -> list[str]:
+    lines = []
+    for p in plugin_list(pm):
+        version = f" {p['version']}" if p["version"] else ""
+        lines.append(f"{p['name']}{version} ({p['source']}: {p['origin']})")
+        lines.append(f"  hooks: {', '.join(p['hooks']) or '-'}")
+        if p["event_types"]:
+            lines.append(f"  event types: {', '.join(p['event_types'])}")
+    return lines
+
+
+@command("check-config", "validate the configuration and plugins, print both, exit (2 if invalid)")
 def check_config(args: argparse.Namespace) -> int:
-    config, _pm = load(args)
+    config, pm = load(args)
+    check_setup(config, pm)
     print(yaml.safe_dump(json.loads(json.dumps(config.as_nested())), sort_keys=False), end="")
+    print("# plugins")
+    for line in _plugin_lines(pm):
+        print(f"#   {line}")
     return 0
 
 
@@ -105,6 +137,9 @@ def main(argv: list[str] | None = None) -> int:
     _help, fn = COMMANDS[args.command]
     try:
         return fn(args)
+    except PluginError as exc:
+        print(f"quotaserver: plugin error: {exc}", file=sys.stderr)
+        return 2
     except ConfigError as exc:
         print(f"quotaserver: configuration error: {exc}", file=sys.stderr)
         return 2

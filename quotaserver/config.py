@@ -294,7 +294,17 @@ SETTINGS: tuple[Setting, ...] = (
     ),
     Setting("auth.ws_message_burst", int, 20, "Client messages allowed in a burst.", 1, 100_000),
     Setting("plugins_dir", str, "", "Directory of extra plugin .py files (empty: none)."),
+    Setting(
+        "plugin_timeout",
+        float,
+        5.0,
+        "Seconds one plugin hook implementation may take before it is abandoned as timed out.",
+        0.01,
+        3600,
+    ),
 )
+# QUOTASERVER_PLUGINS_<NAME>_<KEY>: resolved once the plugin names are known (plugins.py).
+PLUGIN_ENV_PREFIX = ENV_PREFIX + "PLUGINS_"
 
 BY_KEY: dict[str, Setting] = {s.key: s for s in SETTINGS}
 BY_ENV: dict[str, Setting] = {s.env: s for s in SETTINGS}
@@ -304,10 +314,18 @@ SECTIONS = {s.key.split(".")[0] for s in SETTINGS if "." in s.key}
 class Config(Mapping[str, Any]):
     """Validated, flat settings (``cfg["server.port"]``) plus per-plugin blocks."""
 
-    def __init__(self, values: dict[str, Any], plugins: dict[str, dict], source: str | None):
+    def __init__(
+        self,
+        values: dict[str, Any],
+        plugins: dict[str, dict],
+        source: str | None,
+        plugin_env: dict[str, str] | None = None,
+    ):
         self._values = values
         self.plugins = plugins
         self.source = source
+        #: QUOTASERVER_PLUGINS_* variables, applied by the plugin loader
+        self.plugin_env = plugin_env or {}
 
     def __getitem__(self, key: str) -> Any:
         return self._values[key]
@@ -333,7 +351,7 @@ class Config(Mapping[str, Any]):
             if key not in BY_KEY:
                 raise ConfigError(f"{key}: unknown setting")
             values[key] = _validate(BY_KEY[key], value, self.source)
-        return Config(values, copy.deepcopy(self.plugins), self.source)
+        return Config(values, copy.deepcopy(self.plugins), self.source, dict(self.plugin_env))
 
     def as_nested(self) -> dict[str, Any]:
         """The effective configuration as YAML-shaped nested dicts (secrets redacted)."""
@@ -466,10 +484,14 @@ def load_config(
     values = {s.key: copy.deepcopy(s.default) for s in SETTINGS}
     for key, value in raw.items():
         values[key] = _validate(BY_KEY[key], value, path)
+    plugin_env: dict[str, str] = {}
     for name, value in env.items():
         if not name.startswith(ENV_PREFIX) or name == "QUOTASERVER_ADMIN_TOKEN":
             continue
         setting = BY_ENV.get(name)
+        if setting is None and name.startswith(PLUGIN_ENV_PREFIX):
+            plugin_env[name] = value
+            continue
         if setting is None:
             raise ConfigError(f"{name}: unknown setting in the environment")
         values[setting.key] = _validate(setting, _parse_env(setting, value), name)
@@ -483,7 +505,7 @@ def load_config(
         raise ConfigError(
             f"quotas.defaults.{name}: not listed in quotas.command_types{_where(path)}"
         )
-    return Config(values, plugins, path)
+    return Config(values, plugins, path, plugin_env)
 
 
 def positive_number(value: Any) -> str | None:
