@@ -412,7 +412,8 @@ class Hooks:
                 if owner == plugin:
                     snapshot[key] = value
                     continue
-                problem = f"stats field {key!r} is claimed by plugins {owner} and {plugin}"
+                a, b = sorted((owner, plugin))
+                problem = f"stats field {key!r} is claimed by plugins {a} and {b}"
                 if strict:
                     raise PluginError(problem)
                 self._failed(plugin, "stats_fields", ValueError(problem))

@@ -146,10 +146,8 @@ class Scheduler:
             )
         field = getattr(emitter, "stats_field", None)
         if field and self.stats_claims.get(field, plugin) != plugin:
-            raise PluginError(
-                f"stats field {field!r} is claimed by plugins {self.stats_claims[field]} "
-                f"and {plugin}"
-            )
+            a, b = sorted((self.stats_claims[field], plugin))
+            raise PluginError(f"stats field {field!r} is claimed by plugins {a} and {b}")
         if self.declare is not None and emitter.event_types:
             self.declare(plugin, tuple(emitter.event_types))
         if field:
