@@ -1,4 +1,4 @@
-"""The ``quotaserver`` command: ``serve`` (the default) and ``check-config``.
+"""The ``quotaserver`` command: ``serve`` (default), ``check-config``, ``plugins``, ``new-plugin``.
 
 ``python -m quotaserver``, the ``quotaserver`` console script and ``run.py`` all land here.
 Exit status: 0 after a clean stop, 2 for a configuration error, 1 if the server cannot
@@ -27,11 +27,17 @@ log = logging.getLogger("quotaserver")
 
 #: name -> (help, function(args) -> exit status). Subcommands register here.
 COMMANDS: dict[str, tuple[str, Callable[[argparse.Namespace], int]]] = {}
+#: name -> adds the command's own arguments (default: the server options)
+OPTIONS: dict[str, Callable[[argparse.ArgumentParser], None]] = {}
 
 
-def command(name: str, help: str) -> Callable:
+def command(
+    name: str, help: str, options: Callable[[argparse.ArgumentParser], None] | None = None
+) -> Callable:
     def register(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
         COMMANDS[name] = (help, fn)
+        if options is not None:
+            OPTIONS[name] = options
         return fn
 
     return register
@@ -53,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (help_text, _fn) in COMMANDS.items():
         child = sub.add_parser(name, help=help_text, description=help_text)
-        _server_options(child)
+        OPTIONS.get(name, _server_options)(child)
         if name == "serve":
             # Kept for scripts written against run.py before check-config was a command.
             child.add_argument("--check-config", action="store_true", help=argparse.SUPPRESS)
@@ -74,10 +80,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def load(args: argparse.Namespace) -> tuple[Config, pluggy.PluginManager]:
     """The configuration and plugin manager from flags; raises :class:`ConfigError`."""
     overrides = {
-        "server.host": args.host,
-        "server.port": args.port,
-        "dev": args.dev,
-        "demo": args.demo,
+        "server.host": getattr(args, "host", None),
+        "server.port": getattr(args, "port", None),
+        "dev": getattr(args, "dev", None),
+        "demo": getattr(args, "demo", None),
     }
     config = load_config(args.config, overrides=overrides)
     # Before plugins load: at debug level a plugin's load error shows its traceback.
@@ -129,6 +135,37 @@ def check_config(args: argparse.Namespace) -> int:
     print("# plugins")
     for line in _plugin_lines(pm):
         print(f"#   {line}")
+    return 0
+
+
+def _plugins_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help="YAML configuration file")
+    parser.add_argument("--json", action="store_true", help="print JSON")
+
+
+@command("plugins", "list the plugins that load: name, version, source, hooks", _plugins_options)
+def plugins_command(args: argparse.Namespace) -> int:
+    _config, pm = load(args)
+    if args.json:
+        print(json.dumps({"plugins": plugin_list(pm)}, indent=2))
+    else:
+        for line in _plugin_lines(pm):
+            print(line)
+    return 0
+
+
+def _new_plugin_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("name", help="plugin name: lowercase letters, digits and _")
+    parser.add_argument("--dir", required=True, help="directory to create (must be empty)")
+
+
+@command("new-plugin", "write an installable plugin package with a test", _new_plugin_options)
+def new_plugin_command(args: argparse.Namespace) -> int:
+    from .scaffold import write_plugin
+
+    for path in write_plugin(args.name, args.dir):
+        print(f"wrote {path}")
+    print(f"next: pip install -e '{args.dir}[test]' && pytest {args.dir}")
     return 0
 
 
