@@ -12,6 +12,7 @@ import difflib
 import importlib
 import importlib.metadata
 import importlib.util
+import inspect
 import logging
 import os
 import sys
@@ -423,18 +424,27 @@ class Hooks:
     def _impls(self, hook: str) -> list[Any]:
         return list(reversed(getattr(self.pm.hook, hook).get_hookimpls()))
 
-    def _invoke(self, impl: Any, hook: str, kwargs: dict[str, Any]) -> tuple[bool, Any]:
-        """Call one implementation as its plugin; ``(ok, result)``."""
+    def _invoke(
+        self, impl: Any, hook: str, kwargs: dict[str, Any], awaitable: bool
+    ) -> tuple[bool, Any]:
+        """Call one implementation as its plugin; ``(ok, result)``.
+
+        With ``awaitable``, an awaitable result becomes a task; otherwise it is an error.
+        """
         started = time.monotonic()
         with plugin_context(impl.plugin_name):
             try:
                 result = impl.function(**{k: kwargs[k] for k in impl.argnames})
+                if inspect.isawaitable(result):
+                    if not awaitable:
+                        if inspect.iscoroutine(result):
+                            result.close()
+                        raise TypeError(f"{hook} must be a plain function, not async")
+                    # The task inherits the plugin's context: its threads come from its pool.
+                    result = asyncio.ensure_future(result)
             except Exception as exc:
                 self._failed(impl.plugin_name, hook, exc)
                 return False, None
-            if asyncio.iscoroutine(result) or isinstance(result, asyncio.Future):
-                # The task inherits the plugin's context: its threads come from its pool.
-                result = asyncio.ensure_future(result)
         blocked = time.monotonic() - started
         if blocked > self.timeout:
             # A sync implementation cannot be interrupted; say that it held everything up.
@@ -447,7 +457,7 @@ class Hooks:
         """Call every implementation of ``hook``; return ``(plugin name, result)`` pairs."""
         results = []
         for impl in self._impls(hook):
-            ok, result = self._invoke(impl, hook, kwargs)
+            ok, result = self._invoke(impl, hook, kwargs, awaitable=False)
             if ok:
                 self._succeeded(impl.plugin_name, hook)
                 if result is not None:
@@ -461,7 +471,7 @@ class Hooks:
         limit = self.timeout if timeout is None else min(timeout, self.timeout)
         calls: list[tuple[str, Any]] = []
         for impl in self._impls(hook):
-            ok, result = self._invoke(impl, hook, kwargs)
+            ok, result = self._invoke(impl, hook, kwargs, awaitable=True)
             if ok:
                 calls.append((impl.plugin_name, result))
         pending = [r for _n, r in calls if isinstance(r, asyncio.Future)]
