@@ -242,3 +242,21 @@ async def test_a_plugin_ignoring_cancellation_cannot_keep_the_process_alive(tmp_
     output = (await proc.stdout.read()).decode()
     assert status == 1
     assert "a plugin is stuck" in output and "Traceback" not in output
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_a_lone_hung_implementation_times_out_too(app_factory, tmp_path):
+    # The only awaitable on_violation: awaited in place rather than as a task.
+    app = await app_factory(
+        plugins_dir=plugin_dir(tmp_path, zz_hung=HUNG),
+        plugins={"alert_engine": {"enabled": False}},
+        plugin_timeout=0.2,
+    )
+    await violate(app, "olga")
+    await violate(app, "pete")
+    failure = ("zz_hung", "on_violation")
+    await wait_for(
+        lambda: failure in app.hooks.failures and app.hooks.failures[failure].timeouts == 2
+    )
+    assert app.plugin_state("zz_hung")["entered"] == 2
+    assert app.hooks.failures[failure].last_error == "timed out"
