@@ -43,11 +43,15 @@ def plugin_context(name: str | None) -> Iterator[None]:
 
 
 class ThreadPool:
-    """At most ``workers`` daemon threads; work beyond that waits in the queue."""
+    """At most ``workers`` daemon threads; work beyond that waits in the queue.
 
-    def __init__(self, name: str, workers: int):
+    Threads start on demand and end after ``idle`` seconds without work.
+    """
+
+    def __init__(self, name: str, workers: int, idle: float = 30.0):
         self.name = name
         self.workers = workers
+        self.idle = idle
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._threads: list[threading.Thread] = []
         self._busy = 0
@@ -76,7 +80,14 @@ class ThreadPool:
 
     def _work(self) -> None:
         while True:
-            item = self._queue.get()
+            try:
+                item = self._queue.get(timeout=self.idle)
+            except queue.Empty:
+                with self._lock:  # submit counts threads under the same lock
+                    if self._queue.empty():
+                        self._threads.remove(threading.current_thread())
+                        return
+                continue
             if item is None:
                 return
             future, fn, args, kwargs = item

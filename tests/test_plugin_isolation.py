@@ -7,12 +7,16 @@ import re
 import signal
 import sys
 import textwrap
+import threading
+import time
 from datetime import datetime
 
 import pytest
 from clients import ADMIN, VIEWER, call, consume, ws_connect
 from test_lifecycle import free_port
 from test_plugins import plugin_dir, wait_for
+
+from quotaserver.isolation import ThreadPool
 
 # Registered last, so pluggy's order calls it first: it used to block everything after it.
 HUNG = """
@@ -260,3 +264,29 @@ async def test_a_lone_hung_implementation_times_out_too(app_factory, tmp_path):
     )
     assert app.plugin_state("zz_hung")["entered"] == 2
     assert app.hooks.failures[failure].last_error == "timed out"
+
+
+def test_a_pool_is_bounded_and_its_idle_threads_end():
+    pool = ThreadPool("bounded-pool-test", 2, idle=0.05)
+    gate = threading.Event()
+    futures = [pool.submit(gate.wait, 30) for _ in range(5)]
+
+    def threads():
+        return [t for t in threading.enumerate() if t.name.startswith("bounded-pool-test")]
+
+    poll(lambda: pool.busy == 2, "two busy threads")
+    assert len(threads()) == 2 and all(t.daemon for t in threads())
+    gate.set()
+    assert [f.result(10) for f in futures] == [True] * 5
+    poll(lambda: not threads(), "idle threads ended")
+    assert pool.submit(lambda: 7).result(10) == 7  # and start again on demand
+    pool.shutdown()
+    with pytest.raises(RuntimeError, match="shut down"):
+        pool.submit(lambda: 8)
+
+
+def poll(condition, what, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"not reached: {what}"
+        time.sleep(0.01)
