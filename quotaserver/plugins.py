@@ -197,7 +197,8 @@ def _register(pm: PluginManager, candidate: _Candidate, plugin: Any) -> None:
         pm.register(plugin, name=candidate.name)
     except Exception as exc:  # pluggy: an implementation whose arguments the spec lacks
         log.debug("plugin %s failed to register", candidate.name, exc_info=exc)
-        raise PluginError(f"plugin {candidate.name} ({where}): {exc}") from None
+        detail = "; ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+        raise PluginError(f"plugin {candidate.name} ({where}): {detail}") from None
     known = hook_names()
     for caller in pm.get_hookcallers(plugin) or []:
         if not caller.has_spec():

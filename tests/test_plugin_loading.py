@@ -177,3 +177,14 @@ def test_bad_plugin_settings_from_the_environment_exit_2(tmp_path, name, value, 
     status, _out, err = run(tmp_path, "check-config", env={name: value})
     assert status == 2
     assert message in one_line(err)
+
+
+def test_an_implementation_with_arguments_the_spec_lacks_stops_with_one_line(tmp_path):
+    bad = "from quotaserver import hookimpl\n\n@hookimpl\ndef on_violation(app, violatoin): ...\n"
+    status, _out, err = run(
+        tmp_path, "check-config", f"plugins_dir: {plugin_dir(tmp_path, bad=bad)}\n"
+    )
+    assert status == 2
+    line = one_line(err)
+    assert line.startswith("quotaserver: plugin error: plugin bad (file ")
+    assert "Argument(s) {'violatoin'} are declared in the hookimpl" in line
