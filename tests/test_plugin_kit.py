@@ -16,6 +16,10 @@ import quotaserver
 from quotaserver import hookspecs
 from quotaserver.realtime.emitters import EventEmitter, PeriodicEmitter
 
+# Plugin authors get this fixture from the pytest11 entry point (the scaffold test below
+# proves that); imported here too so a stale egg-info in a checkout cannot hide it.
+from quotaserver.testing import quotaserver_server  # noqa: F401, F811
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -133,7 +137,7 @@ def test_new_plugin_installs_and_its_own_tests_pass(tmp_path):
     }
 
 
-def test_the_testing_plugin_starts_the_real_server_and_merges_stats(quotaserver_server):
+def test_the_testing_plugin_starts_the_real_server_and_merges_stats(quotaserver_server):  # noqa: F811
     server = quotaserver_server(plugins={"alert_engine": {"enabled": False}})
     assert "alert_engine" not in server.plugin_names()
     with server.stream() as stream:
