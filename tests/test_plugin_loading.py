@@ -188,3 +188,11 @@ def test_an_implementation_with_arguments_the_spec_lacks_stops_with_one_line(tmp
     line = one_line(err)
     assert line.startswith("quotaserver: plugin error: plugin bad (file ")
     assert "Argument(s) {'violatoin'} are declared in the hookimpl" in line
+
+
+def test_plugin_timeout_from_the_environment(tmp_path):
+    status, out, err = run(tmp_path, "check-config", env={"QUOTASERVER_PLUGIN_TIMEOUT": "2.5"})
+    assert status == 0, err
+    assert "\nplugin_timeout: 2.5\n" in out
+    status, _out, err = run(tmp_path, "check-config", env={"QUOTASERVER_PLUGIN_TIMEOUT": "0"})
+    assert status == 2 and "plugin_timeout: must be >= 0.01" in one_line(err)
