@@ -145,7 +145,8 @@ def _plugins_options(parser: argparse.ArgumentParser) -> None:
 
 @command("plugins", "list the plugins that load: name, version, source, hooks", _plugins_options)
 def plugins_command(args: argparse.Namespace) -> int:
-    _config, pm = load(args)
+    config, pm = load(args)
+    check_setup(config, pm)  # also collects the event types emitters declare
     if args.json:
         print(json.dumps({"plugins": plugin_list(pm)}, indent=2))
     else:

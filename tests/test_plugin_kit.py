@@ -49,7 +49,9 @@ def test_plugins_command_lists_name_version_source_hooks(tmp_path):
     directory.mkdir()
     (directory / "queue.py").write_text(
         "from quotaserver import EventEmitter, hookimpl\n__version__ = '2.1'\n\n"
-        "@hookimpl\ndef register_event_types():\n    return ['queue_alarm']\n"
+        "@hookimpl\ndef register_event_types():\n    return ['queue_alarm']\n\n"
+        "@hookimpl\ndef register_emitters(app):\n"
+        "    return [EventEmitter('queue', lambda emit: None, event_types=('queue_full',))]\n"
     )
     config = tmp_path / "q.yaml"
     config.write_text(f"plugins_dir: {directory}\nplugins: {{load_history: {{enabled: false}}}}\n")
@@ -61,15 +63,15 @@ def test_plugins_command_lists_name_version_source_hooks(tmp_path):
         "version": "2.1",
         "source": "file",
         "origin": str(directory / "queue.py"),
-        "hooks": ["register_event_types"],
-        "event_types": ["queue_alarm"],
+        "hooks": ["register_emitters", "register_event_types"],
+        "event_types": ["queue_alarm", "queue_full"],
     }
     assert plugins["alert_engine"]["source"] == "built-in"
     assert plugins["alert_engine"]["version"] == quotaserver.__version__
     assert "load_history" not in plugins
     text = quotaserver_cli("plugins", "--config", str(config), cwd=tmp_path)
     assert f"queue 2.1 (file: {directory / 'queue.py'})\n" in text.stdout
-    assert "  hooks: register_event_types\n  event types: queue_alarm\n" in text.stdout
+    assert "  event types: queue_alarm, queue_full\n" in text.stdout
     checked = quotaserver_cli("check-config", "--config", str(config), cwd=tmp_path)
     assert checked.returncode == 0
     assert "# plugins\n" in checked.stdout and "#   queue 2.1 (file:" in checked.stdout
