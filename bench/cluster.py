@@ -168,7 +168,7 @@ async def main() -> int:
             servers.remove(server)
     finally:
         for server in servers:
-            server.proc.kill()
+            server.kill()
         redis.kill()
         pg.destroy()
         shutil.rmtree(workdir, ignore_errors=True)

@@ -20,9 +20,10 @@ from .config import Config
 from .db import Store
 from .events import events_after, last_seq
 from .handlers.base import MisdirectedHandler, StaticHandler
+from .isolation import PluginThreads, current_plugin, stop_requested
 from .netguard import make_http_server
 from .origins import HostGuard
-from .plugins import Hooks, get_plugin_manager
+from .plugins import Hooks, PluginEventError, get_plugin_manager
 from .quota import Decision, QuotaService
 from .realtime.backplane import make_backplane
 from .realtime.emitters import Scheduler
@@ -75,13 +76,20 @@ class QuotaApp:
         )
         self.backplane = make_backplane(config["backplane.url"], config["backplane.channel"])
         self.pm = plugin_manager or get_plugin_manager(config)
-        self.hooks = Hooks(self.pm)
+        self.hooks = Hooks(self.pm, timeout=config["plugin_timeout"])
+        # Plugin threads: a bounded pool per plugin, installed as the loop's default
+        # executor at start so even asyncio.to_thread in a plugin cannot starve the others.
+        self.threads = PluginThreads()
         self.quota = QuotaService(
             config, self.store, self.load, clock, publish=self.publish, on_decision=self._decided
         )
         self.alerts = AlertService(self.store, self.publish, clock)
         self.rules = RuleService(self.quota, self.publish)
-        self.scheduler = Scheduler(self.publish_event)
+        self.scheduler = Scheduler(
+            self.publish_event,
+            declare=self.hooks.declare_event_types,
+            emit_timeout=config["plugin_timeout"],
+        )
         self.auth = Auth(config, env)
         self.limiter = ConnectionLimiter.from_config(config)
         self.web = tornado.web.Application(routes(self), **self._settings())
@@ -121,6 +129,7 @@ class QuotaApp:
     async def start(self, listen: bool = True, sockets: list[socket.socket] | None = None) -> None:
         """Migrate, load state, start plugins, emitters and timers, then listen (on
         ``sockets`` when given: the workers of one port share the parent's)."""
+        asyncio.get_running_loop().set_default_executor(self.threads)
         await self.store.run(self.store.migrate)
         await self.auth.load(self.store, self.clock)
         await self.store.run(self.quota.seed_defaults)
@@ -129,8 +138,9 @@ class QuotaApp:
         await self.hooks.call_async("startup", app=self)
         for plugin, emitters in self.hooks.call("register_emitters", app=self):
             for emitter in emitters:
-                self.scheduler.add(emitter, plugin)
-        await self.scheduler.start()
+                self.scheduler.add(emitter, plugin)  # a clash stops start-up (PluginError)
+        self.hooks.stats(self, self.scheduler.stats_claims, strict=True)
+        await self.scheduler.start(timeout=self.config["plugin_timeout"])
         cfg = self.config
         self._timers = [
             PeriodicCallback(self.broadcast_stats, cfg["realtime.stats_interval"] * 1000),
@@ -168,6 +178,7 @@ class QuotaApp:
         if self.stopped:
             return
         self.stopped = True
+        stop_requested.set()
         if self.server is not None:
             self.server.stop()
         self.running = False
@@ -182,11 +193,10 @@ class QuotaApp:
         await self.hub.sequencer.stop()
         if self._tasks:
             await asyncio.wait(list(self._tasks), timeout=2)
-        try:
-            async with asyncio.timeout(2):
-                await self.hooks.call_async("shutdown", app=self)
-        except TimeoutError:
-            log.warning("shutdown hooks did not finish within 2 s")
+            for task in list(self._tasks):  # plugin reactions still hanging: abandoned
+                task.cancel()
+        await self.hooks.call_async("shutdown", timeout=2, app=self)
+        self.threads.shutdown(wait=False)
         if self.server is not None:
             try:
                 async with asyncio.timeout(1):
@@ -223,9 +233,26 @@ class QuotaApp:
             if message.type == "violation":
                 self.track(self.hooks.call_async("on_violation", app=self, violation=message.data))
 
-    async def publish_event(self, type: str, data: dict[str, Any]) -> Message:
-        """Persist a durable event, then publish it. The ``emit`` of event emitters."""
+    async def publish_event(
+        self, type: str, data: dict[str, Any], durable: bool = True, *, plugin: str | None = None
+    ) -> Message:
+        """Persist a durable event, then publish it (``durable=False``: publish only).
+
+        The ``emit`` of event emitters. Called by a plugin (``plugin``, or the plugin whose
+        code is running), a reserved core type or an undeclared one raises
+        :class:`PluginEventError` and nothing is published.
+        """
         from .events import append_event
+
+        plugin = plugin or current_plugin.get()
+        if plugin is not None:
+            refusal = self.hooks.event_refusal(plugin, type)
+            if refusal:
+                raise PluginEventError(refusal)
+        if not durable:
+            message = Message(type, data, timestamp=self.clock())
+            self.hub.publish(message)
+            return message
 
         def work() -> Message:
             with self.store.db.atomic():
@@ -266,10 +293,7 @@ class QuotaApp:
         self.hub.publish_stats(self.stats_snapshot())
 
     def stats_snapshot(self) -> dict[str, Any]:
-        snapshot: dict[str, Any] = {}
-        for _plugin, fields in self.hooks.call("stats_fields", app=self):
-            if isinstance(fields, dict):
-                snapshot.update(fields)
+        snapshot = self.hooks.stats(self, self.scheduler.stats_claims)
         snapshot.update(self.scheduler.stats_fields())
         snapshot["database_available"] = self.store.available
         return snapshot

@@ -1,4 +1,4 @@
-"""The ``quotaserver`` command: ``serve`` (the default) and ``check-config``.
+"""The ``quotaserver`` command: ``serve`` (default), ``check-config``, ``plugins``, ``new-plugin``.
 
 ``python -m quotaserver``, the ``quotaserver`` console script and ``run.py`` all land here.
 Exit status: 0 after a clean stop, 2 for a configuration error, 1 if the server cannot
@@ -10,7 +10,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
+import threading
 from collections.abc import Callable
 
 import pluggy
@@ -18,17 +20,23 @@ import yaml
 
 from . import __version__
 from .config import Config, ConfigError, load_config
-from .plugins import get_plugin_manager
+from .plugins import PluginError, check_setup, get_plugin_manager, plugin_list
 
 log = logging.getLogger("quotaserver")
 
 #: name -> (help, function(args) -> exit status). Subcommands register here.
 COMMANDS: dict[str, tuple[str, Callable[[argparse.Namespace], int]]] = {}
+#: name -> adds the command's own arguments (default: the server options)
+OPTIONS: dict[str, Callable[[argparse.ArgumentParser], None]] = {}
 
 
-def command(name: str, help: str) -> Callable:
+def command(
+    name: str, help: str, options: Callable[[argparse.ArgumentParser], None] | None = None
+) -> Callable:
     def register(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
         COMMANDS[name] = (help, fn)
+        if options is not None:
+            OPTIONS[name] = options
         return fn
 
     return register
@@ -53,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (help_text, _fn) in COMMANDS.items():
         child = sub.add_parser(name, help=help_text, description=help_text)
-        _server_options(child)
+        OPTIONS.get(name, _server_options)(child)
         if name == "serve":
             # Kept for scripts written against run.py before check-config was a command.
             child.add_argument("--check-config", action="store_true", help=argparse.SUPPRESS)
@@ -74,13 +82,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def load(args: argparse.Namespace) -> tuple[Config, pluggy.PluginManager]:
     """The configuration and plugin manager from flags; raises :class:`ConfigError`."""
     overrides = {
-        "server.host": args.host,
-        "server.port": args.port,
-        "dev": args.dev,
-        "demo": args.demo,
-        "server.workers": args.workers,
+        "server.host": getattr(args, "host", None),
+        "server.port": getattr(args, "port", None),
+        "dev": getattr(args, "dev", None),
+        "demo": getattr(args, "demo", None),
+        "server.workers": getattr(args, "workers", None),
     }
     config = load_config(args.config, overrides=overrides)
+    # Before plugins load: at debug level a plugin's load error shows its traceback.
+    logging.basicConfig(
+        level=config["server.log_level"].upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
     # Plugin names, plugins_dir and plugin settings are configuration too.
     return config, get_plugin_manager(config)
 
@@ -88,21 +101,74 @@ def load(args: argparse.Namespace) -> tuple[Config, pluggy.PluginManager]:
 @command("serve", "run the server until SIGINT/SIGTERM (the default command)")
 def serve_command(args: argparse.Namespace) -> int:
     config, plugin_manager = load(args)
-    logging.basicConfig(
-        level=config["server.log_level"].upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
     from .netguard import raise_open_files_limit
     from .server import run_server
 
     raise_open_files_limit()
-    return run_server(config, plugin_manager)
+    status = run_server(config, plugin_manager)
+    main_thread = threading.main_thread()
+    stuck = [t.name for t in threading.enumerate() if not t.daemon and t is not main_thread]
+    if stuck:
+        # Python would wait for these forever at exit (a plugin's own threads).
+        log.warning("exiting without waiting for threads: %s", ", ".join(stuck))
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
+    return status
 
 
-@command("check-config", "validate the configuration, print it, exit (2 if invalid)")
+def _plugin_lines(pm: object) -> list[str]:
+    lines = []
+    for p in plugin_list(pm):
+        version = f" {p['version']}" if p["version"] else ""
+        lines.append(f"{p['name']}{version} ({p['source']}: {p['origin']})")
+        lines.append(f"  hooks: {', '.join(p['hooks']) or '-'}")
+        if p["event_types"]:
+            lines.append(f"  event types: {', '.join(p['event_types'])}")
+    return lines
+
+
+@command("check-config", "validate the configuration and plugins, print both, exit (2 if invalid)")
 def check_config(args: argparse.Namespace) -> int:
-    config, _pm = load(args)
+    config, pm = load(args)
+    check_setup(config, pm)
     print(yaml.safe_dump(json.loads(json.dumps(config.as_nested())), sort_keys=False), end="")
+    print("# plugins")
+    for line in _plugin_lines(pm):
+        print(f"#   {line}")
+    return 0
+
+
+def _plugins_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help="YAML configuration file")
+    parser.add_argument("--json", action="store_true", help="print JSON")
+
+
+@command("plugins", "list the plugins that load: name, version, source, hooks", _plugins_options)
+def plugins_command(args: argparse.Namespace) -> int:
+    config, pm = load(args)
+    check_setup(config, pm)  # also collects the event types emitters declare
+    if args.json:
+        print(json.dumps({"plugins": plugin_list(pm)}, indent=2))
+    else:
+        for line in _plugin_lines(pm):
+            print(line)
+    return 0
+
+
+def _new_plugin_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("name", help="plugin name: lowercase letters, digits and _")
+    parser.add_argument("--dir", required=True, help="directory to create (must be empty)")
+
+
+@command("new-plugin", "write an installable plugin package with a test", _new_plugin_options)
+def new_plugin_command(args: argparse.Namespace) -> int:
+    from .scaffold import write_plugin
+
+    for path in write_plugin(args.name, args.dir):
+        print(f"wrote {path}")
+    print(f"next: pip install -e '{args.dir}[test]' && pytest {args.dir}")
     return 0
 
 
@@ -111,6 +177,9 @@ def main(argv: list[str] | None = None) -> int:
     _help, fn = COMMANDS[args.command]
     try:
         return fn(args)
+    except PluginError as exc:
+        print(f"quotaserver: plugin error: {exc}", file=sys.stderr)
+        return 2
     except ConfigError as exc:
         print(f"quotaserver: configuration error: {exc}", file=sys.stderr)
         return 2

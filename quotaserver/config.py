@@ -449,7 +449,17 @@ SETTINGS: tuple[Setting, ...] = (
     ),
     Setting("auth.ws_message_burst", int, 20, "Client messages allowed in a burst.", 1, 100_000),
     Setting("plugins_dir", str, "", "Directory of extra plugin .py files (empty: none)."),
+    Setting(
+        "plugin_timeout",
+        float,
+        5.0,
+        "Seconds one plugin hook implementation may take before it is abandoned as timed out.",
+        0.01,
+        3600,
+    ),
 )
+# QUOTASERVER_PLUGINS_<NAME>_<KEY>: resolved once the plugin names are known (plugins.py).
+PLUGIN_ENV_PREFIX = ENV_PREFIX + "PLUGINS_"
 
 BY_KEY: dict[str, Setting] = {s.key: s for s in SETTINGS}
 BY_ENV: dict[str, Setting] = {s.env: s for s in SETTINGS}
@@ -459,10 +469,18 @@ SECTIONS = {s.key.split(".")[0] for s in SETTINGS if "." in s.key}
 class Config(Mapping[str, Any]):
     """Validated, flat settings (``cfg["server.port"]``) plus per-plugin blocks."""
 
-    def __init__(self, values: dict[str, Any], plugins: dict[str, dict], source: str | None):
+    def __init__(
+        self,
+        values: dict[str, Any],
+        plugins: dict[str, dict],
+        source: str | None,
+        plugin_env: dict[str, str] | None = None,
+    ):
         self._values = values
         self.plugins = plugins
         self.source = source
+        #: QUOTASERVER_PLUGINS_* variables, applied by the plugin loader
+        self.plugin_env = plugin_env or {}
 
     def __getitem__(self, key: str) -> Any:
         return self._values[key]
@@ -489,7 +507,7 @@ class Config(Mapping[str, Any]):
                 raise ConfigError(f"{key}: unknown setting")
             values[key] = _validate(BY_KEY[key], value, self.source)
         _check_combination(values, self.source)
-        return Config(values, copy.deepcopy(self.plugins), self.source)
+        return Config(values, copy.deepcopy(self.plugins), self.source, dict(self.plugin_env))
 
     def as_nested(self) -> dict[str, Any]:
         """The effective configuration as YAML-shaped nested dicts (secrets redacted)."""
@@ -633,10 +651,14 @@ def load_config(
     values = {s.key: copy.deepcopy(s.default) for s in SETTINGS}
     for key, value in raw.items():
         values[key] = _validate(BY_KEY[key], value, path)
+    plugin_env: dict[str, str] = {}
     for name, value in env.items():
         if not name.startswith(ENV_PREFIX) or name == "QUOTASERVER_ADMIN_TOKEN":
             continue
         setting = BY_ENV.get(name)
+        if setting is None and name.startswith(PLUGIN_ENV_PREFIX):
+            plugin_env[name] = value
+            continue
         if setting is None:
             raise ConfigError(f"{name}: unknown setting in the environment")
         values[setting.key] = _validate(setting, _parse_env(setting, value), name)
@@ -661,7 +683,7 @@ def load_config(
             f"quotas.defaults.{name}: not listed in quotas.command_types{_where(path)}"
         )
     _check_combination(values, path)
-    return Config(values, plugins, path)
+    return Config(values, plugins, path, plugin_env)
 
 
 def _check_combination(values: dict[str, Any], source: str | None) -> None:

@@ -541,7 +541,8 @@ class Store:
                 log.warning("database connections not closed cleanly")
                 clean = False
             self._executor.shutdown(wait=clean, cancel_futures=True)
-        self._readers.shutdown(wait=False, cancel_futures=True)
+        # Reads finish within call_timeout; a hung PostgreSQL's are abandoned.
+        self._readers.shutdown(wait=self.is_sqlite or self.available, cancel_futures=True)
         self._close_connection()
 
     def _close_connection(self) -> None:

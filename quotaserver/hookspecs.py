@@ -33,6 +33,19 @@ def register_emitters(app: QuotaApp) -> list[PeriodicEmitter | EventEmitter] | N
 
 
 @hookspec
+def register_event_types() -> list[str] | None:
+    """Event types this plugin emits, called once when plugins load.
+
+    A plugin may emit only the types it declared here or in an emitter's ``event_types``;
+    the core types (``violation``, ``alert``, ``quota_change``, ``throttle``, ``stats`` and
+    the control types) are reserved. Declared types are listed by ``GET /api/plugins`` so
+    stream filters (``?types=``) and the dashboard know them.
+
+    :return: type names matching ``[a-z][a-z0-9_]{0,31}``.
+    """
+
+
+@hookspec
 def stats_fields(app: QuotaApp) -> dict[str, Any] | None:
     """Fields this plugin adds to the stats snapshot, called every ``stats_interval``.
 

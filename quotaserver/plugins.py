@@ -1,21 +1,37 @@
-"""Plugin loading (built-ins, entry points, a plugins directory) and isolated hook calls."""
+"""Plugin loading (built-ins, entry points, a plugins directory) and isolated hook calls.
+
+Loading is loud and early: a plugin that fails to import, implements a hook that does not
+exist or cannot be registered stops start-up (and ``check-config``) with a
+:class:`PluginError` naming the plugin; the traceback goes to the debug log.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import difflib
 import importlib
 import importlib.metadata
 import importlib.util
+import inspect
 import logging
 import os
 import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Any
 
 import pluggy
+import yaml
 
-from . import hookspecs
-from .config import Config, ConfigError
-from .realtime.emitters import maybe_await
+from . import __version__, hookspecs
+from .config import PLUGIN_ENV_PREFIX, Config, ConfigError
+from .isolation import current_plugin, plugin_context
+from .realtime.emitters import PluginError
+from .realtime.hub import CONTROL_TYPES
+from .realtime.messages import CLIENT_TYPES, DURABLE_TYPES
+from .windows import isoformat, utc_now
 
 log = logging.getLogger(__name__)
 
@@ -27,66 +43,198 @@ BUILTIN_PLUGINS = (
     "plugins.alert_engine",
     "plugins.load_history",
 )
+#: Event types only the core publishes: a plugin emitting one could forge a violation.
+RESERVED_TYPES = DURABLE_TYPES | CONTROL_TYPES | CLIENT_TYPES | {"stats", "subscribed"}
+SOURCES = ("built-in", "entry point", "file")
+
+__all__ = ["PluginError", "PluginEventError", "get_plugin_manager", "plugin_list", "Hooks"]
+
+
+class PluginEventError(ValueError):
+    """A plugin emitted a reserved core event type or one it did not declare."""
+
+
+@dataclass
+class PluginInfo:
+    """Where a registered plugin came from (``source`` is one of :data:`SOURCES`)."""
+
+    name: str
+    source: str
+    origin: str  # module, entry point value or file path
+    version: str | None = None
+    event_types: tuple[str, ...] = ()
+
+
+class PluginManager(pluggy.PluginManager):
+    """A pluggy manager that also knows each plugin's source and version."""
+
+    def __init__(self) -> None:
+        super().__init__(PROJECT)
+        self.info: dict[str, PluginInfo] = {}
+
+
+@dataclass
+class _Candidate:
+    name: str
+    source: str
+    origin: str
+    load: Callable[[], Any]
+    version: str | None = None
 
 
 def _import_file(path: str) -> ModuleType:
     name = "quotaserver_plugin_" + os.path.splitext(os.path.basename(path))[0]
     spec = importlib.util.spec_from_file_location(name, path)
     if spec is None or spec.loader is None:
-        raise ImportError(path)
+        raise ImportError(f"cannot load {path}")
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module
-    spec.loader.exec_module(module)
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[name]
+        raise
     return module
 
 
-def get_plugin_manager(config: Config | None = None) -> pluggy.PluginManager:
-    """A fresh manager with the built-in, installed and directory plugins that are enabled.
+def _candidates(config: Config | None) -> list[_Candidate]:
+    """Every plugin that could load, in registration order, without importing any."""
+    found: list[_Candidate] = []
+    seen: set[str] = set()
 
-    Plugin names: a built-in's module name (``system_metrics``), an entry point's name, or a
-    directory file's stem. ``plugins: {<name>: {enabled: false}}`` skips any of them.
-    """
-    pm = pluggy.PluginManager(PROJECT)
-    pm.add_hookspecs(hookspecs)
-    known: set[str] = set()
-
-    def enabled(name: str) -> bool:
-        known.add(name)
-        return config is None or config.plugin_enabled(name)
+    def add(candidate: _Candidate) -> None:
+        if candidate.name in seen:
+            log.warning(
+                "plugin %s (%s %s) ignored: the name is taken",
+                candidate.name,
+                candidate.source,
+                candidate.origin,
+            )
+            return
+        seen.add(candidate.name)
+        found.append(candidate)
 
     for dotted in BUILTIN_PLUGINS:
-        name = dotted.rsplit(".", 1)[-1]
-        if enabled(name):
-            pm.register(importlib.import_module(dotted), name=name)
-
+        add(
+            _Candidate(
+                dotted.rsplit(".", 1)[-1],
+                "built-in",
+                dotted,
+                lambda d=dotted: importlib.import_module(d),
+                __version__,
+            )
+        )
     for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
-        if not enabled(ep.name) or pm.has_plugin(ep.name):
-            continue
-        try:
-            pm.register(ep.load(), name=ep.name)
-        except Exception as exc:  # a broken third-party plugin must not stop the server
-            log.error("plugin %s (entry point) failed to load: %s", ep.name, exc)
-
+        version = ep.dist.version if ep.dist is not None else None
+        add(_Candidate(ep.name, "entry point", ep.value, ep.load, version))
     directory = config["plugins_dir"] if config is not None else ""
     if directory:
         if not os.path.isdir(directory):
             raise ConfigError(f"plugins_dir: not a directory: {directory}")
         for filename in sorted(os.listdir(directory)):
-            if not filename.endswith(".py") or filename.startswith("_"):
-                continue
-            name = filename[:-3]
-            if not enabled(name) or pm.has_plugin(name):
-                continue
-            try:
-                pm.register(_import_file(os.path.join(directory, filename)), name=name)
-            except Exception as exc:
-                log.error("plugin %s (%s) failed to load: %s", name, filename, exc)
+            if filename.endswith(".py") and not filename.startswith("_"):
+                path = os.path.join(directory, filename)
+                add(_Candidate(filename[:-3], "file", path, lambda p=path: _import_file(p)))
+    return found
 
-    pm.check_pending()
+
+def _env_key(name: str) -> str:
+    return name.replace("-", "_").upper()
+
+
+def apply_env_overrides(config: Config, names: list[str]) -> None:
+    """``QUOTASERVER_PLUGINS_<NAME>_<KEY>=value`` sets ``plugins.<name>.<key>``.
+
+    Plugin names contain underscores too, so ``<NAME>`` is the longest plugin name that
+    matches (``QUOTASERVER_PLUGINS_ALERT_ENGINE_CHECK_INTERVAL`` is ``alert_engine``'s
+    ``check_interval``); ``__`` after the name makes the split explicit. Values are YAML.
+    """
+    by_key = sorted(((_env_key(n), n) for n in names), key=lambda kn: -len(kn[0]))
+    for var, raw in sorted(config.plugin_env.items()):
+        rest = var[len(PLUGIN_ENV_PREFIX) :]
+        plugin = key = None
+        if "__" in rest:
+            head, _, tail = rest.partition("__")
+            plugin = next((n for k, n in by_key if k == head), None)
+            key = tail
+        else:
+            for k, n in by_key:
+                if rest.startswith(k + "_") and len(rest) > len(k) + 1:
+                    plugin, key = n, rest[len(k) + 1 :]
+                    break
+        if plugin is None or not key:
+            raise ConfigError(f"{var}: names no plugin (plugins: {', '.join(sorted(names))})")
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            raise ConfigError(f"plugins.{plugin}.{key.lower()}: {var} is not valid YAML") from None
+        block = config.plugins.setdefault(plugin, {})
+        key = key.lower()
+        if key == "enabled" and not isinstance(value, bool):
+            raise ConfigError(f"plugins.{plugin}.enabled: expected bool in {var}, got {raw!r}")
+        block[key] = value
+
+
+def _load(candidate: _Candidate) -> Any:
+    try:
+        return candidate.load()
+    except (Exception, SystemExit) as exc:
+        log.debug("plugin %s failed to import", candidate.name, exc_info=exc)
+        raise PluginError(
+            f"plugin {candidate.name} ({candidate.source} {candidate.origin}) failed to "
+            f"import: {type(exc).__name__}: {exc}"
+        ) from None
+
+
+def hook_names() -> list[str]:
+    """The names of every hook in the contract."""
+    return sorted(n for n in dir(hookspecs) if hasattr(getattr(hookspecs, n), PROJECT + "_spec"))
+
+
+def _register(pm: PluginManager, candidate: _Candidate, plugin: Any) -> None:
+    where = f"{candidate.source} {candidate.origin}"
+    try:
+        pm.register(plugin, name=candidate.name)
+    except Exception as exc:  # pluggy: an implementation whose arguments the spec lacks
+        log.debug("plugin %s failed to register", candidate.name, exc_info=exc)
+        detail = "; ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+        raise PluginError(f"plugin {candidate.name} ({where}): {detail}") from None
+    known = hook_names()
+    for caller in pm.get_hookcallers(plugin) or []:
+        if not caller.has_spec():
+            close = difflib.get_close_matches(caller.name, known, n=1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            raise PluginError(
+                f"plugin {candidate.name} ({where}): unknown hook {caller.name}{hint}"
+            )
+    version = candidate.version or getattr(plugin, "__version__", None)
+    pm.info[candidate.name] = PluginInfo(
+        candidate.name, candidate.source, candidate.origin, version
+    )
+
+
+def get_plugin_manager(config: Config | None = None) -> PluginManager:
+    """A fresh manager with the built-in, installed and directory plugins that are enabled.
+
+    Plugin names: a built-in's module name (``system_metrics``), an entry point's name, or a
+    directory file's stem. ``plugins: {<name>: {enabled: false}}`` skips any of them (a
+    skipped plugin is not even imported). Raises :class:`PluginError` (a ConfigError) for a
+    plugin that cannot load.
+    """
+    pm = PluginManager()
+    pm.add_hookspecs(hookspecs)
+    candidates = _candidates(config)
+    names = [c.name for c in candidates]
+    if config is not None:
+        apply_env_overrides(config, names)
+    for candidate in candidates:
+        if config is None or config.plugin_enabled(candidate.name):
+            _register(pm, candidate, _load(candidate))
+
     if config is not None:
         source = f" (in {config.source})" if config.source else ""
         for name in config.plugins:
-            if name not in known:
+            if name not in names:
                 raise ConfigError(f"plugins.{name}: no such plugin{source}")
         for impl in reversed(pm.hook.validate_config.get_hookimpls()):
             try:
@@ -95,55 +243,397 @@ def get_plugin_manager(config: Config | None = None) -> pluggy.PluginManager:
                 errors = [f"plugins.{impl.plugin_name}: {type(exc).__name__}: {exc}"]
             if errors:
                 raise ConfigError(f"{errors[0]}{source}")
+    _declare_event_types(pm)
     return pm
 
 
+def _declare_event_types(pm: PluginManager) -> None:
+    """Collect ``register_event_types``; a reserved or malformed name is a load error."""
+    from .handlers.streams import TYPE_NAME
+
+    for impl in pm.hook.register_event_types.get_hookimpls():
+        try:
+            types = tuple(impl.function() or ())
+        except Exception as exc:
+            raise PluginError(
+                f"plugin {impl.plugin_name}: register_event_types: {type(exc).__name__}: {exc}"
+            ) from None
+        for name in types:
+            problem = event_type_problem(name, TYPE_NAME)
+            if problem:
+                raise PluginError(f"plugin {impl.plugin_name}: register_event_types: {problem}")
+        info = pm.info[impl.plugin_name]
+        info.event_types = tuple(sorted(set(info.event_types) | set(types)))
+
+
+def event_type_problem(name: Any, pattern: Any = None) -> str | None:
+    """Why a plugin may not use ``name`` as an event type, or None."""
+    if pattern is None:
+        from .handlers.streams import TYPE_NAME as pattern
+    if not isinstance(name, str) or not pattern.match(name):
+        return f"event type {name!r}: must match {pattern.pattern}"
+    if name in RESERVED_TYPES:
+        return f"event type {name!r} is reserved for the core"
+    return None
+
+
 def plugin_list(pm: pluggy.PluginManager) -> list[dict[str, Any]]:
-    """Name, version and implemented hooks of every registered plugin."""
-    out = [
-        {
-            "name": pm.get_name(plugin),
-            "version": getattr(plugin, "__version__", None),
-            "hooks": sorted(h.name for h in pm.get_hookcallers(plugin) or []),
-        }
-        for plugin in pm.get_plugins()
-    ]
+    """Name, version, source, hooks and declared event types of every registered plugin."""
+    info = getattr(pm, "info", {})
+    out = []
+    for plugin in pm.get_plugins():
+        name = pm.get_name(plugin)
+        meta = info.get(name)
+        out.append(
+            {
+                "name": name,
+                "version": meta.version if meta else getattr(plugin, "__version__", None),
+                "source": meta.source if meta else None,
+                "origin": meta.origin if meta else None,
+                "hooks": sorted(h.name for h in pm.get_hookcallers(plugin) or []),
+                "event_types": list(meta.event_types) if meta else [],
+            }
+        )
     return sorted(out, key=lambda p: p["name"])
 
 
-class Hooks:
-    """Calls hooks one implementation at a time, so one failing plugin cannot stop the rest.
+_FAILED = object()  # an implementation's result when it failed or timed out
 
-    (pluggy stops a hook call at the first exception.)
+
+class _Resume:
+    """Awaits the rest of a coroutine whose first step already ran (``yield from`` after
+    one ``send``): Python 3.12's eager task start, without a task."""
+
+    def __init__(self, coro: Any, suspended_on: Any):
+        self.coro = coro
+        self.suspended_on = suspended_on
+
+    def __await__(self) -> Any:
+        coro, value = self.coro, self.suspended_on
+        while True:
+            try:
+                sent = yield value
+            except GeneratorExit:
+                coro.close()
+                raise
+            except BaseException as exc:  # cancellation and the like go to the coroutine
+                try:
+                    value = coro.throw(exc)
+                except StopIteration as done:
+                    return done.value
+            else:
+                try:
+                    value = coro.send(sent)
+                except StopIteration as done:
+                    return done.value
+
+
+@dataclass
+class HookFailure:
+    """The failures of one plugin's implementation of one hook."""
+
+    plugin: str
+    hook: str
+    failures: int = 0
+    timeouts: int = 0
+    last_error: str = ""
+    last_at: str = ""
+    failing: bool = False  # the most recent call failed
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "plugin": self.plugin,
+            "hook": self.hook,
+            "error": self.last_error,
+            "at": self.last_at,
+            "failures": self.failures,
+            "timeouts": self.timeouts,
+            "failing": self.failing,
+        }
+
+
+@dataclass
+class _Call:
+    plugin: str
+    started: float
+    task: asyncio.Future | None = None
+    result: Any = None
+    done: bool = field(default=False)
+
+
+class Hooks:
+    """Calls every hook implementation in isolation from the others.
+
+    One at a time for sync hooks (pluggy would stop a hook call at the first exception);
+    awaitable results all at once, each bounded by ``timeout`` (``plugin_timeout``), so a
+    hung implementation delays no other. Failures and timeouts are logged and counted.
     """
 
-    def __init__(self, pm: pluggy.PluginManager):
+    def __init__(self, pm: pluggy.PluginManager, timeout: float = 5.0):
         self.pm = pm
-        self.errors: dict[str, str] = {}
+        self.timeout = timeout
+        self.failures: dict[tuple[str, str], HookFailure] = {}
+        self._abandoned: set[asyncio.Future] = set()
+
+    @property
+    def errors(self) -> dict[str, str]:
+        """The latest failure per plugin: ``{plugin: "hook: error"}``."""
+        out: dict[str, tuple[str, str]] = {}
+        for f in self.failures.values():
+            if f.plugin not in out or f.last_at >= out[f.plugin][0]:
+                out[f.plugin] = (f.last_at, f"{f.hook}: {f.last_error}")
+        return {plugin: text for plugin, (_at, text) in out.items()}
+
+    @property
+    def failing(self) -> bool:
+        """Whether the latest call of some plugin's hook failed or timed out."""
+        return any(f.failing for f in self.failures.values())
+
+    def failures_json(self, plugin: str | None = None) -> list[dict[str, Any]]:
+        return [f.to_json() for f in self.failures.values() if plugin is None or f.plugin == plugin]
+
+    # -- events and stats fields ---------------------------------------------------------
+    def declare_event_types(self, plugin: str, types: tuple[str, ...]) -> None:
+        """Record event types ``plugin`` emits; a reserved or malformed one is a PluginError."""
+        for name in types:
+            problem = event_type_problem(name)
+            if problem:
+                raise PluginError(f"plugin {plugin}: {problem}")
+        info = getattr(self.pm, "info", {}).get(plugin)
+        if info is not None:
+            info.event_types = tuple(sorted(set(info.event_types) | set(types)))
+
+    @property
+    def event_types(self) -> dict[str, str]:
+        """Every event type a plugin declared, with the plugin."""
+        return {
+            t: name for name, info in getattr(self.pm, "info", {}).items() for t in info.event_types
+        }
+
+    def event_refusal(self, plugin: str, type: str) -> str | None:
+        """Why ``plugin`` may not emit an event of ``type`` now, or None.
+
+        Core types are reserved (built-ins, part of the core, may publish them); any other
+        type must have been declared by the plugin, so filters and the dashboard know it.
+        """
+        info = getattr(self.pm, "info", {}).get(plugin)
+        if type in RESERVED_TYPES:
+            if info is not None and info.source == "built-in":
+                return None
+            return f"plugin {plugin} may not emit {type!r}: the type is reserved for the core"
+        if info is not None and type not in info.event_types:
+            return (
+                f"plugin {plugin} emits undeclared event type {type!r}: declare it in the "
+                "emitter's event_types or with the register_event_types hook"
+            )
+        return None
+
+    def stats(self, app: Any, claims: dict[str, str], strict: bool = False) -> dict[str, Any]:
+        """The ``stats_fields`` of every plugin; a field owned by another plugin is refused.
+
+        ``claims`` maps the fields of emitters to their plugins. With ``strict`` (start-up) a
+        clash is a :class:`PluginError` naming both plugins; later it is a failure of the
+        second plugin's ``stats_fields`` and the first keeps the field.
+        """
+        owners = dict(claims)
+        snapshot: dict[str, Any] = {}
+        for plugin, fields in self.call("stats_fields", app=app):
+            if not isinstance(fields, dict):
+                continue
+            for key, value in fields.items():
+                owner = owners.setdefault(key, plugin)
+                if owner == plugin:
+                    snapshot[key] = value
+                    continue
+                a, b = sorted((owner, plugin))
+                problem = f"stats field {key!r} is claimed by plugins {a} and {b}"
+                if strict:
+                    raise PluginError(problem)
+                self._failed(plugin, "stats_fields", ValueError(problem))
+        return snapshot
+
+    # -- calling --------------------------------------------------------------------------
+    def _impls(self, hook: str) -> list[Any]:
+        return list(reversed(getattr(self.pm.hook, hook).get_hookimpls()))
+
+    def _invoke(
+        self, impl: Any, hook: str, kwargs: dict[str, Any], awaitable: bool
+    ) -> tuple[bool, Any]:
+        """Call one implementation as its plugin; ``(ok, result)``.
+
+        Without ``awaitable``, an awaitable result is an error (a plain-function hook).
+        """
+        started = time.monotonic()
+        token = current_plugin.set(impl.plugin_name)  # (not plugin_context: the hot path)
+        try:
+            result = impl.function(**{k: kwargs[k] for k in impl.argnames})
+            if not awaitable and inspect.isawaitable(result):
+                if inspect.iscoroutine(result):
+                    result.close()
+                raise TypeError(f"{hook} must be a plain function, not async")
+        except Exception as exc:
+            self._failed(impl.plugin_name, hook, exc)
+            return False, None
+        finally:
+            current_plugin.reset(token)
+        blocked = time.monotonic() - started
+        if blocked > self.timeout:
+            # A sync implementation cannot be interrupted; say that it held everything up.
+            self._failed(
+                impl.plugin_name, hook, TimeoutError(f"blocked the event loop for {blocked:.1f} s")
+            )
+        return True, result
 
     def call(self, hook: str, **kwargs: Any) -> list[tuple[str, Any]]:
         """Call every implementation of ``hook``; return ``(plugin name, result)`` pairs."""
         results = []
-        for impl in reversed(getattr(self.pm.hook, hook).get_hookimpls()):
-            try:
-                result = impl.function(**{k: kwargs[k] for k in impl.argnames})
-            except Exception as exc:
-                self._failed(impl.plugin_name, hook, exc)
-                continue
-            if result is not None:
-                results.append((impl.plugin_name, result))
+        for impl in self._impls(hook):
+            ok, result = self._invoke(impl, hook, kwargs, awaitable=False)
+            if ok:
+                self._succeeded(impl.plugin_name, hook)
+                if result is not None:
+                    results.append((impl.plugin_name, result))
         return results
 
-    async def call_async(self, hook: str, **kwargs: Any) -> list[tuple[str, Any]]:
-        """Like :meth:`call`, awaiting results that are awaitable."""
+    async def call_async(
+        self, hook: str, timeout: float | None = None, **kwargs: Any
+    ) -> list[tuple[str, Any]]:
+        """Like :meth:`call`, awaiting awaitable results concurrently, each within the timeout."""
+        limit = self.timeout if timeout is None else min(timeout, self.timeout)
+        calls: list[tuple[str, Any]] = []
+        for impl in self._impls(hook):
+            ok, result = self._invoke(impl, hook, kwargs, awaitable=True)
+            if ok:
+                calls.append((impl.plugin_name, result))
+        waiting = [i for i, (_n, r) in enumerate(calls) if inspect.isawaitable(r)]
+        if len(waiting) == 1 and hook not in self.LIFECYCLE:
+            # Nothing to run alongside: await it in place (a task and a wait would cost
+            # ~50 us per consume for on_decision, for no isolation gained).
+            name, awaitable = calls[waiting[0]]
+            calls[waiting[0]] = (name, await self._await_inline(name, hook, awaitable, limit))
+        elif waiting:
+            tasks = {}
+            for i in waiting:
+                name, awaitable = calls[i]
+                with plugin_context(name):  # the task's threads come from the plugin's pool
+                    tasks[i] = asyncio.ensure_future(awaitable)
+                calls[i] = (name, tasks[i])
+            await self._await_tasks(list(tasks.values()), limit)
+            for i, task in tasks.items():
+                calls[i] = (calls[i][0], self._outcome(calls[i][0], hook, task, limit))
         results = []
-        for name, result in self.call(hook, **kwargs):
-            try:
-                results.append((name, await maybe_await(result)))
-            except Exception as exc:
-                self._failed(name, hook, exc)
+        for name, result in calls:
+            if result is _FAILED:
+                continue
+            self._succeeded(name, hook)
+            if result is not None:
+                results.append((name, result))
         return results
 
-    def _failed(self, plugin: str, hook: str, exc: Exception) -> None:
-        self.errors[plugin] = f"{hook}: {type(exc).__name__}: {exc}"[:500]
-        log.error("plugin %s failed in %s: %s", plugin, hook, exc, exc_info=exc)
+    #: Never awaited in place: a stop must not wait on a plugin that ignores cancellation.
+    LIFECYCLE = frozenset({"startup", "shutdown"})
+
+    async def _await_inline(self, plugin: str, hook: str, awaitable: Any, limit: float) -> Any:
+        token = current_plugin.set(plugin)
+        try:
+            if inspect.iscoroutine(awaitable):
+                # Run the first step now: most reactions finish without suspending, and
+                # then need no timer at all.
+                try:
+                    suspended_on = awaitable.send(None)
+                except StopIteration as done:
+                    return done.value
+                awaitable = _Resume(awaitable, suspended_on)
+            timer = asyncio.timeout(limit)
+            try:
+                async with timer:
+                    return await awaitable
+            except TimeoutError as exc:
+                ours = timer.expired()
+                error = TimeoutError(f"timed out after {limit:g} s") if ours else exc
+                self._failed(plugin, hook, error)
+        except Exception as exc:
+            self._failed(plugin, hook, exc)
+        finally:
+            current_plugin.reset(token)
+        return _FAILED
+
+    async def _await_tasks(self, tasks: list[asyncio.Future], limit: float) -> None:
+        try:
+            await asyncio.wait(tasks, timeout=limit)
+        except asyncio.CancelledError:  # the caller gave up (shutdown): so do they
+            for task in tasks:
+                self._abandon(task)
+            raise
+
+    def _outcome(self, plugin: str, hook: str, task: asyncio.Future, limit: float) -> Any:
+        if not task.done():
+            self._abandon(task)
+            self._failed(plugin, hook, TimeoutError(f"timed out after {limit:g} s"))
+        elif task.cancelled():
+            self._failed(plugin, hook, TimeoutError("cancelled"))
+        elif task.exception() is not None:
+            self._failed(plugin, hook, task.exception())
+        else:
+            return task.result()
+        return _FAILED
+
+    def _abandon(self, task: asyncio.Future) -> None:
+        # Cancel, but never wait: an implementation that ignores cancellation must not
+        # hold up the caller. The reference keeps the task alive until it ends.
+        task.cancel()
+        self._abandoned.add(task)
+        task.add_done_callback(self._abandoned.discard)
+
+    def _record(self, plugin: str, hook: str) -> HookFailure:
+        key = (plugin, hook)
+        if key not in self.failures:
+            self.failures[key] = HookFailure(plugin, hook)
+        return self.failures[key]
+
+    def _succeeded(self, plugin: str, hook: str) -> None:
+        failure = self.failures.get((plugin, hook))
+        if failure is not None:
+            failure.failing = False
+
+    def _failed(self, plugin: str, hook: str, exc: BaseException) -> None:
+        failure = self._record(plugin, hook)
+        failure.failures += 1
+        failure.failing = True
+        failure.last_at = isoformat(utc_now())
+        if isinstance(exc, TimeoutError):
+            failure.timeouts += 1
+            failure.last_error = "timed out"
+            log.error("plugin %s: %s timed out (%s)", plugin, hook, exc or "no detail")
+        else:
+            failure.last_error = f"{type(exc).__name__}: {exc}"[:500]
+            log.error("plugin %s failed in %s: %s", plugin, hook, exc, exc_info=exc)
+
+
+def check_setup(config: Config, pm: pluggy.PluginManager) -> None:
+    """What start-up would refuse about the plugins' emitters, without starting anything.
+
+    For ``check-config``: calls ``register_emitters`` on an application over a throw-away
+    database and registers the result, so a duplicate emitter or stats field is a
+    :class:`PluginError` here too. Emitters are not started.
+    """
+    import tempfile
+
+    from .app import QuotaApp
+
+    async def dry_run(directory: str) -> None:
+        dry = config.with_overrides(
+            database__url=f"sqlite:///{directory}/check.db",
+            auth__token_file=f"{directory}/admin_token",
+            auth__cookie_secret="check-config",
+        )
+        app = QuotaApp(dry, plugin_manager=pm, env={})
+        try:
+            for plugin, emitters in app.hooks.call("register_emitters", app=app):
+                for emitter in emitters:
+                    app.scheduler.add(emitter, plugin)
+        finally:
+            app.store.close()
+
+    with tempfile.TemporaryDirectory(prefix="quotaserver-check-") as directory:
+        asyncio.run(dry_run(directory))

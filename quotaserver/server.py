@@ -13,6 +13,7 @@ import socket
 import sys
 import time
 import traceback
+from collections.abc import Callable
 
 import peewee
 import pluggy
@@ -21,6 +22,7 @@ import tornado.netutil
 from . import __version__
 from .config import Config, ConfigError
 from .db import DatabaseError
+from .isolation import exit_guard
 from .realtime.messages import CLOSE_GOING_AWAY, CLOSE_RESTART
 
 log = logging.getLogger("quotaserver")
@@ -35,12 +37,14 @@ async def serve(
     worker: int | None = None,
     demo_token: str | None = None,
     login_code: str | None = None,
+    ready: Callable[[], object] | None = None,
 ) -> int:
     """Start the app, say where it listens, wait for a stop signal, stop within the budget.
 
     A worker (``worker`` set) listens on the parent's ``sockets`` and leaves the
     announcements to the parent; only worker 0 runs the demo traffic, every worker accepts
-    its token (``demo_token``, made by the parent), and the start-up link's ``login_code``.
+    its token (``demo_token``, made by the parent), and the start-up link's ``login_code``;
+    ``ready`` tells the parent once it listens.
     """
     from .app import QuotaApp
     from .demo import DemoTraffic
@@ -60,10 +64,15 @@ async def serve(
         print(f"quotaserver: cannot use the database: {exc}".strip(), file=sys.stderr)
         await app.stop()
         return 1
+    except ConfigError:
+        await app.stop()  # release threads and connections before the one-line error
+        raise
     if worker is None:
         announce(app.url, config, app.auth.issue_login_code())
     else:
         app.auth.issue_login_code(login_code)
+        if ready is not None:
+            ready()
         log.info("worker %d (pid %d) serving as %s", worker, os.getpid(), app.instance_name)
     demo = None
     if config["demo"] and worker:
@@ -114,7 +123,12 @@ def _run_loop(
     worker: int | None = None,
     demo_token: str | None = None,
     login_code: str | None = None,
+    ready: Callable[[], object] | None = None,
 ) -> int:
+    # Whatever a plugin does, this process ends within the shutdown budget (plus a second
+    # for the last log lines) once a stop began. Armed here, after any fork.
+    exit_guard(config["server.shutdown_timeout"] + 1.0)
+
     async def runner() -> int:
         queue: asyncio.Queue = asyncio.Queue()
         loop = asyncio.get_running_loop()
@@ -129,6 +143,7 @@ def _run_loop(
                 worker=worker,
                 demo_token=demo_token,
                 login_code=login_code,
+                ready=ready,
             )
         except ConfigError as exc:
             print(f"quotaserver: configuration error: {exc}", file=sys.stderr)
@@ -152,18 +167,42 @@ async def prepare(config: Config, plugin_manager: pluggy.PluginManager | None) -
         await asyncio.get_running_loop().run_in_executor(None, app.store.close)
 
 
-def run_workers(config: Config, plugin_manager: pluggy.PluginManager | None) -> int:
-    """Bind once, prepare once, fork ``server.workers`` processes that share the socket.
+def _reserve_port(host: str, port: int) -> socket.socket:
+    """A bound, non-listening SO_REUSEPORT socket: it fixes the port (a free one for 0) that
+    every worker then listens on with its own socket, and accepts no connection itself."""
+    reservation = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    reservation.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    reservation.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    try:
+        reservation.bind((host or "0.0.0.0", port))
+    except OSError:
+        reservation.close()
+        raise
+    return reservation
 
-    The parent forwards SIGTERM/SIGINT to every worker and waits for them within the
-    shutdown budget (then kills what is left); a worker that dies on its own is replaced.
-    Nothing that holds threads, an event loop or a database connection crosses the fork.
+
+def run_workers(config: Config, plugin_manager: pluggy.PluginManager | None) -> int:
+    """Prepare once, fork ``server.workers`` processes that listen on one port.
+
+    Each worker listens on its own SO_REUSEPORT socket, so the kernel spreads connections
+    evenly over them (a shared socket lets whichever worker wakes first take them all:
+    seen as every dashboard on one worker). Where SO_REUSEPORT is missing, the workers
+    share one socket bound here. The parent announces the port once every worker listens,
+    forwards SIGTERM/SIGINT to the workers and waits for them within the shutdown budget
+    (then kills what is left); a worker that dies on its own is replaced. Nothing that
+    holds threads, an event loop or a database connection crosses the fork.
     """
     count = config["server.workers"]
+    shared: list[socket.socket] | None = None
     try:
-        sockets = tornado.netutil.bind_sockets(
-            config["server.port"], config["server.host"], family=socket.AF_INET
-        )
+        if hasattr(socket, "SO_REUSEPORT"):
+            reservation = _reserve_port(config["server.host"], config["server.port"])
+            port = reservation.getsockname()[1]
+        else:
+            shared = tornado.netutil.bind_sockets(
+                config["server.port"], config["server.host"], family=socket.AF_INET
+            )
+            reservation, port = shared[0], shared[0].getsockname()[1]
     except OSError as exc:
         print(
             f"quotaserver: cannot listen on {config['server.host']}:{config['server.port']}: "
@@ -171,7 +210,6 @@ def run_workers(config: Config, plugin_manager: pluggy.PluginManager | None) -> 
             file=sys.stderr,
         )
         return 1
-    port = sockets[0].getsockname()[1]
     try:
         token = asyncio.run(prepare(config, plugin_manager))
     except (peewee.OperationalError, DatabaseError) as exc:
@@ -180,7 +218,7 @@ def run_workers(config: Config, plugin_manager: pluggy.PluginManager | None) -> 
     host = config["server.host"]
     host = "127.0.0.1" if host in ("0.0.0.0", "") else host
     login_code = secrets.token_urlsafe(24) if token else None
-    announce(f"http://{host}:{port}", config, login_code, count)
+    ready_read, ready_write = os.pipe()
 
     base_name = config["server.instance_name"] or f"{socket.gethostname()}:{port}"
     demo_token = secrets.token_urlsafe(24) if config["demo"] else None
@@ -196,8 +234,18 @@ def run_workers(config: Config, plugin_manager: pluggy.PluginManager | None) -> 
             try:
                 signal.signal(signal.SIGINT, signal.SIG_DFL)
                 signal.signal(signal.SIGTERM, signal.SIG_DFL)
+                os.close(ready_read)
+                sockets = shared or tornado.netutil.bind_sockets(
+                    port, config["server.host"], family=socket.AF_INET, reuse_port=True
+                )
                 code = _run_loop(
-                    worker_config, plugin_manager, sockets, index, demo_token, login_code
+                    worker_config,
+                    plugin_manager,
+                    sockets,
+                    index,
+                    demo_token,
+                    login_code,
+                    ready=lambda: os.write(ready_write, b"."),
                 )
             except BaseException:  # noqa: BLE001 - report, then leave without cleanup
                 traceback.print_exc()
@@ -219,10 +267,17 @@ def run_workers(config: Config, plugin_manager: pluggy.PluginManager | None) -> 
     signal.signal(signal.SIGINT, forward)
     for index in range(count):
         spawn(index)
+    os.set_blocking(ready_read, False)
+    ready = 0
     status = 0
     deadline: float | None = None
     restarts = 0
     while children:
+        if ready < count:
+            with contextlib.suppress(BlockingIOError):
+                ready += len(os.read(ready_read, 256))
+            if ready >= count:  # every worker listens: now clients can come
+                announce(f"http://{host}:{port}", config, login_code, count)
         if stopping and deadline is None:
             deadline = time.monotonic() + config["server.shutdown_timeout"] + 1
         if deadline is not None and time.monotonic() > deadline:
@@ -257,6 +312,8 @@ def run_workers(config: Config, plugin_manager: pluggy.PluginManager | None) -> 
             status = 1
             continue
         spawn(index)
-    for sock in sockets:
+    for sock in shared or [reservation]:
         sock.close()
+    os.close(ready_read)
+    os.close(ready_write)
     return status

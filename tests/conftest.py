@@ -9,7 +9,13 @@ from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import hypothesis  # noqa: F401 - imported early, see below
 import pytest
+
+# hypothesis's pytest plugin imports the library lazily, at the end of a session, from a
+# stack ~250 frames deep; CPython 3.11.7's compiler then fails ("AST constructor recursion
+# depth mismatch") when pytest rewrites its modules. Importing it here, shallow, avoids that
+# for runs that select no hypothesis test (tests/test_cluster.py alone, say).
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)

@@ -139,6 +139,11 @@ class Server:
             self.proc.send_signal(sig)
         return await asyncio.wait_for(self.proc.wait(), timeout)
 
+    def kill(self) -> None:
+        """SIGKILL the server and every worker it forked (its process group)."""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+
 
 def write_config(path: str, settings: dict[str, Any]) -> str:
     with open(path, "w", encoding="utf-8") as fh:
@@ -155,7 +160,7 @@ async def start_server(
     full_env.update(env or {})
     proc = await asyncio.create_subprocess_exec(
         sys.executable, os.path.join(ROOT, "run.py"), "--config", path, "--port", "0", *args,
-        cwd=cwd, env=full_env,
+        cwd=cwd, env=full_env, start_new_session=True,  # its own group: workers included
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
     )  # fmt: skip
     lines: list[str] = []

@@ -78,8 +78,8 @@ def cluster(pg, redis_server, tmp_path, io_loop):
     start.db_url = db_url
     yield start
     for server in started:
+        server.kill()
         if server.proc.returncode is None:
-            server.proc.kill()
             io_loop.run_sync(server.proc.wait, timeout=10)
 
 

@@ -68,7 +68,7 @@ def register_emitters(app):
     ticks = iter(range(10**9))
     return [
         PeriodicEmitter("recorder_ticks", 0.05, lambda: next(ticks), stats_field="ticks"),
-        EventEmitter("recorder_events", start, stop),
+        EventEmitter("recorder_events", start, stop, event_types=("custom_note",)),
     ]
 """
 
@@ -209,6 +209,33 @@ async def test_hook_register_emitters(app_factory, tmp_path):
     health = await call(app, "GET", "/api/ws/health", token=VIEWER)
     names = {s["name"]: s for s in health.json["sources"]}
     assert names["recorder_ticks"]["healthy"] and names["recorder_events"]["kind"] == "event"
+    ws.close()
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_hook_register_event_types(app_factory, tmp_path):
+    declares = """
+from quotaserver import hookimpl
+
+@hookimpl
+def register_event_types():
+    return ["queue_alarm"]
+
+@hookimpl
+async def on_event(app, message):
+    if message.type == "quota_change":
+        await app.publish_event("queue_alarm", {"depth": 7})
+"""
+    app = await app_factory(plugins_dir=plugin_dir(tmp_path, declares=declares))
+    listed = (await call(app, "GET", "/api/plugins", token=VIEWER)).json
+    assert listed["event_types"] == ["queue_alarm"]
+    assert [p["event_types"] for p in listed["plugins"] if p["name"] == "declares"] == [
+        ["queue_alarm"]
+    ]
+    ws = await ws_connect(app, "types=queue_alarm")
+    await app.publish_event("quota_change", {"x": 1})
+    alarm = await ws.recv_type("queue_alarm")
+    assert alarm["data"] == {"depth": 7} and alarm["seq"] > 0
     ws.close()
 
 

@@ -9,14 +9,11 @@ from __future__ import annotations
 
 from typing import Any
 
-import pluggy
 import psutil
 
-from quotaserver.realtime.emitters import PeriodicEmitter
+from quotaserver import PeriodicEmitter, hookimpl
 
 __version__ = "0.1.0"
-
-hookimpl = pluggy.HookimplMarker("quotaserver")
 
 
 @hookimpl

@@ -16,9 +16,11 @@ class StreamHealthHandler(BaseHandler):
         app = self.app
         hub = app.hub
         sources = [h.to_json() for h in app.scheduler.sources.values()]
+        # A plugin whose latest hook call failed or timed out degrades the stream too.
         healthy = (
             app.running
             and all(s["healthy"] for s in sources)
+            and not app.hooks.failing
             and app.backplane.connected
             and app.store.available
         )
@@ -42,14 +44,19 @@ class StreamHealthHandler(BaseHandler):
                 "slow_consumers_closed": hub.slow_closed,
                 "sources": sources,
                 "plugin_errors": app.hooks.errors,
+                "plugin_failures": app.hooks.failures_json(),
             }
         )
 
 
 class PluginsHandler(BaseHandler):
-    """GET /api/plugins: registered plugins with version and hooks."""
+    """GET /api/plugins: registered plugins: version, source, hooks, event types, failures."""
 
     roles = VIEWER
 
     def get(self) -> None:
-        self.send_json({"plugins": plugin_list(self.app.pm)})
+        hooks = self.app.hooks
+        plugins = [
+            {**p, "failures": hooks.failures_json(p["name"])} for p in plugin_list(self.app.pm)
+        ]
+        self.send_json({"plugins": plugins, "event_types": sorted(hooks.event_types)})

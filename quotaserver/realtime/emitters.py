@@ -3,6 +3,8 @@
 A :class:`PeriodicEmitter` is called every ``interval`` seconds; a :class:`EventEmitter` is
 started once with an ``emit`` callable and stopped at shutdown. A source that raises or
 hangs is logged, backed off and reported unhealthy; the others and every client go on.
+Every emitter runs as its plugin (:func:`~quotaserver.isolation.plugin_context`), blocking
+work on a thread of its own, never on the loop's shared executor.
 """
 
 from __future__ import annotations
@@ -10,15 +12,26 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
+import threading
 import time
 from collections.abc import Awaitable, Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
+from ..config import ConfigError
+from ..isolation import ThreadPool, plugin_context
+
 log = logging.getLogger(__name__)
 
-Emit = Callable[[str, dict[str, Any]], Awaitable[Any]]
+#: ``emit(type, data, durable=True)``: awaitable on the loop; from a thread it blocks
+#: until the event is published and returns the message.
+Emit = Callable[..., Any]
+#: ``publish(type, data, durable=..., plugin=...)``: the host's persist-then-publish.
+Publish = Callable[..., Awaitable[Any]]
+
+
+class PluginError(ConfigError):
+    """A plugin cannot load or be set up; the message names the plugin (exit status 2)."""
 
 
 @dataclass
@@ -27,24 +40,35 @@ class PeriodicEmitter:
 
     ``collect`` may be sync or async; with ``blocking=True`` it runs on its own thread
     (for psutil, disk or network work). A result that is not None becomes the stats field
-    named ``stats_field`` (when set) in the next stats broadcast.
+    named ``stats_field`` (when set) in the next stats broadcast. A ``collect`` that takes
+    one argument gets ``emit`` (see :class:`EventEmitter`); ``event_types`` declares what
+    it emits.
     """
 
     name: str
     interval: float
-    collect: Callable[[], Any]
+    collect: Callable[..., Any]
     blocking: bool = False
     timeout: float | None = None  # default: max(interval, 1 s)
     stats_field: str | None = None
+    event_types: tuple[str, ...] = ()
 
 
 @dataclass
 class EventEmitter:
-    """Started once with ``emit(type, data)`` (persist, then publish); stopped at shutdown."""
+    """Started once with ``emit(type, data, durable=True)``; stopped at shutdown.
+
+    ``emit`` persists the event, then publishes it (``durable=False``: published live only,
+    without a seq, never replayed). With ``blocking=True``, ``start`` and ``stop`` run on a
+    thread of the emitter's own, where ``emit`` blocks until the event is out. The types it
+    emits must be declared in ``event_types`` (or by the ``register_event_types`` hook).
+    """
 
     name: str
     start: Callable[[Emit], Any]
     stop: Callable[[], Any] | None = None
+    event_types: tuple[str, ...] = ()
+    blocking: bool = False
 
 
 @dataclass
@@ -89,18 +113,45 @@ class Scheduler:
 
     MAX_BACKOFF = 60.0
 
-    def __init__(self, emit: Emit):
-        self.emit = emit
+    def __init__(
+        self,
+        publish: Publish,
+        declare: Callable[[str, tuple[str, ...]], None] | None = None,
+        emit_timeout: float = 5.0,
+    ):
+        self.publish = publish
+        self.declare = declare
+        self.emit_timeout = emit_timeout
         self.sources: dict[str, SourceHealth] = {}
+        #: stats field -> the plugin whose emitter publishes it
+        self.stats_claims: dict[str, str] = {}
         self._periodic: list[tuple[PeriodicEmitter, SourceHealth]] = []
         self._event: list[tuple[EventEmitter, SourceHealth]] = []
         self._tasks: list[asyncio.Task] = []
-        self._executors: dict[str, ThreadPoolExecutor] = {}
+        self._pools: dict[str, ThreadPool] = {}
         self._running = False
 
     def add(self, emitter: PeriodicEmitter | EventEmitter, plugin: str) -> None:
+        """Register ``emitter`` of ``plugin``; a clash is a :class:`PluginError`."""
+        if not isinstance(emitter, PeriodicEmitter | EventEmitter):
+            raise PluginError(
+                f"plugin {plugin}: register_emitters returned {type(emitter).__name__}, "
+                "not a PeriodicEmitter or EventEmitter"
+            )
         if emitter.name in self.sources:
-            raise ValueError(f"duplicate emitter name {emitter.name!r} (plugin {plugin})")
+            other = self.sources[emitter.name].plugin
+            raise PluginError(
+                f"plugin {plugin}: duplicate emitter name {emitter.name!r} "
+                f"(already registered by plugin {other})"
+            )
+        field = getattr(emitter, "stats_field", None)
+        if field and self.stats_claims.get(field, plugin) != plugin:
+            a, b = sorted((self.stats_claims[field], plugin))
+            raise PluginError(f"stats field {field!r} is claimed by plugins {a} and {b}")
+        if self.declare is not None and emitter.event_types:
+            self.declare(plugin, tuple(emitter.event_types))
+        if field:
+            self.stats_claims[field] = plugin
         kind = "periodic" if isinstance(emitter, PeriodicEmitter) else "event"
         health = SourceHealth(emitter.name, plugin, kind)
         self.sources[emitter.name] = health
@@ -108,6 +159,19 @@ class Scheduler:
             self._periodic.append((emitter, health))
         else:
             self._event.append((emitter, health))
+
+    def emit_for(self, plugin: str) -> Emit:
+        """The ``emit`` of ``plugin``'s emitters: usable on the loop and from its threads."""
+        loop = asyncio.get_running_loop()
+        loop_thread = threading.get_ident()
+
+        def emit(type: str, data: dict[str, Any], durable: bool = True) -> Any:
+            work = self.publish(type, data, durable=durable, plugin=plugin)
+            if threading.get_ident() == loop_thread:
+                return asyncio.ensure_future(work)
+            return asyncio.run_coroutine_threadsafe(work, loop).result(self.emit_timeout)
+
+        return emit
 
     def stats_fields(self) -> dict[str, Any]:
         """Latest values of periodic emitters that publish a stats field."""
@@ -117,17 +181,29 @@ class Scheduler:
             if e.stats_field and h.last_value is not None
         }
 
-    async def start(self) -> None:
+    async def start(self, timeout: float = 5.0) -> None:
+        """Start event emitters (each within ``timeout``), then the periodic loops."""
         self._running = True
         for emitter, health in self._event:
             try:
-                await maybe_await(emitter.start(self.emit))
+                with plugin_context(health.plugin):
+                    emit = self.emit_for(health.plugin)
+                    if emitter.blocking:
+                        work = asyncio.wrap_future(self._pool(health).submit(emitter.start, emit))
+                    else:
+                        work = asyncio.ensure_future(maybe_await(emitter.start(emit)))
+                done, _ = await asyncio.wait([work], timeout=timeout)
+                if not done:
+                    work.cancel()
+                    raise TimeoutError
+                work.result()
                 health.runs += 1
                 health.last_run = time.time()
             except Exception as exc:
                 self._failed(health, exc)
         for emitter, health in self._periodic:
-            self._tasks.append(asyncio.create_task(self._loop(emitter, health)))
+            with plugin_context(health.plugin):
+                self._tasks.append(asyncio.create_task(self._loop(emitter, health)))
 
     async def stop(self, timeout: float = 3.0) -> None:
         """Cancel periodic emitters; give event emitters' ``stop`` ``timeout`` s in total."""
@@ -139,60 +215,76 @@ class Scheduler:
 
         async def stop_one(emitter: EventEmitter, health: SourceHealth) -> None:
             try:
-                await maybe_await(emitter.stop())
+                if emitter.blocking:
+                    await asyncio.wrap_future(self._pool(health).submit(emitter.stop))
+                else:
+                    await maybe_await(emitter.stop())
             except Exception as exc:
                 self._failed(health, exc)
 
-        stopping = [
-            asyncio.ensure_future(stop_one(e, h)) for e, h in self._event if e.stop is not None
-        ]
+        stopping = []
+        for emitter, health in self._event:
+            if emitter.stop is not None:
+                with plugin_context(health.plugin):
+                    stopping.append(asyncio.ensure_future(stop_one(emitter, health)))
         if stopping:
             done, late = await asyncio.wait(stopping, timeout=timeout)
             for task in late:
                 task.cancel()
                 log.warning("an event emitter did not stop within %s s", timeout)
-        for executor in self._executors.values():
-            executor.shutdown(wait=False, cancel_futures=True)
+        for pool in self._pools.values():
+            pool.shutdown()  # hung threads are daemons: they cannot hold the process
 
     async def run_once(self, name: str) -> Any:
         """Run one periodic emitter now (used at start-up and by tests)."""
         for emitter, health in self._periodic:
             if emitter.name == name:
-                return await self._run(emitter, health, self._executor_for(emitter))
+                with plugin_context(health.plugin):
+                    pool = self._pool(health) if emitter.blocking else None
+                    return await self._run(emitter, health, pool)
         raise KeyError(name)
 
-    def _executor_for(self, emitter: PeriodicEmitter) -> ThreadPoolExecutor | None:
-        if not emitter.blocking:
-            return None
-        executor = self._executors.get(emitter.name)
-        if executor is None:
+    def _pool(self, health: SourceHealth) -> ThreadPool:
+        pool = self._pools.get(health.name)
+        if pool is None:
             # One thread per blocking source: a hung source cannot starve the others.
-            executor = ThreadPoolExecutor(1, thread_name_prefix=f"emitter-{emitter.name}")
-            self._executors[emitter.name] = executor
-        return executor
+            pool = ThreadPool(f"emitter-{health.name}", 1)
+            self._pools[health.name] = pool
+        return pool
+
+    def _collect(self, emitter: PeriodicEmitter, plugin: str) -> Callable[[], Any]:
+        try:
+            wants_emit = len(inspect.signature(emitter.collect).parameters) == 1
+        except (TypeError, ValueError):  # builtins without a signature
+            wants_emit = False
+        if not wants_emit:
+            return emitter.collect
+        emit = self.emit_for(plugin)
+        return lambda: emitter.collect(emit)
 
     async def _run(
-        self, emitter: PeriodicEmitter, health: SourceHealth, executor: ThreadPoolExecutor | None
+        self, emitter: PeriodicEmitter, health: SourceHealth, pool: ThreadPool | None
     ) -> Any:
         if health.running:
             raise TimeoutError("previous run still in progress")
         timeout = emitter.timeout or max(emitter.interval, 1.0)
+        collect = self._collect(emitter, health.plugin)
         health.running = True
         # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow a cancellation
         # that races with completion, which left a stopped scheduler waiting forever.
         try:
-            if executor is not None:
-                future = asyncio.get_running_loop().run_in_executor(executor, emitter.collect)
+            if pool is not None:
+                future = asyncio.wrap_future(pool.submit(collect))
                 # Leave the thread alone if it hangs; "running" stays set until it returns.
                 future.add_done_callback(lambda f: setattr(health, "running", False))
                 async with asyncio.timeout(timeout):
                     value = await asyncio.shield(future)
             else:
                 async with asyncio.timeout(timeout):
-                    value = await maybe_await(emitter.collect())
+                    value = await maybe_await(collect())
                 health.running = False
         except BaseException:
-            if executor is None:
+            if pool is None:
                 health.running = False
             raise
         health.runs += 1
@@ -203,11 +295,11 @@ class Scheduler:
         return value
 
     async def _loop(self, emitter: PeriodicEmitter, health: SourceHealth) -> None:
-        executor = self._executor_for(emitter)
+        pool = self._pool(health) if emitter.blocking else None
         delay = emitter.interval
         while self._running:
             try:
-                await self._run(emitter, health, executor)
+                await self._run(emitter, health, pool)
                 delay = emitter.interval
             except asyncio.CancelledError:
                 raise

@@ -1,0 +1,130 @@
+"""Events from plugins: reserved core types, declared types, live-only events, threads."""
+
+import pytest
+from clients import VIEWER, call, ws_connect
+from test_plugins import plugin_dir, wait_for
+
+from quotaserver.plugins import PluginError, PluginEventError
+
+FORGER = """
+import threading
+from quotaserver import EventEmitter, PeriodicEmitter, hookimpl
+
+@hookimpl
+def register_emitters(app):
+    state = app.plugin_state("forger")
+
+    async def start(emit):
+        state["emit"] = emit
+
+    def from_thread(emit):  # a blocking source that emits from its own thread
+        if state.get("thread_go") and not state.get("thread_done"):
+            state["thread_message"] = emit("note", {"from": threading.current_thread().name})
+            state["thread_done"] = True
+
+    def blocking_start(emit):
+        state["blocking_start"] = emit("note", {"from": "blocking start"}, durable=False)
+
+    return [
+        EventEmitter("forger", start, event_types=("note",)),
+        EventEmitter("forger_blocking", blocking_start, blocking=True),
+        PeriodicEmitter("forger_thread", 0.05, from_thread, blocking=True),
+    ]
+
+@hookimpl
+async def on_event(app, message):
+    if message.type == "note" and message.data.get("forge_from_hook"):
+        await app.publish_event("violation", {"user_id": 1})
+"""
+
+
+async def next_note(ws, seq):
+    """Read notes up to the one with ``seq`` (the plugin's thread emits one of its own)."""
+    got = await ws.recv_type("note")
+    while got.get("seq") != seq:
+        assert got.get("seq") is None or got["seq"] < seq, got
+        got = await ws.recv_type("note")
+    return got
+
+
+async def forger_app(app_factory, tmp_path):
+    return await app_factory(plugins_dir=plugin_dir(tmp_path, forger=FORGER))
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_a_forged_core_event_is_refused_and_reaches_no_client(app_factory, tmp_path):
+    app = await forger_app(app_factory, tmp_path)
+    ws = await ws_connect(app)
+    await ws.recv_type("welcome")
+    emit = app.plugin_state("forger")["emit"]
+    seq_before = app.hub.last_seq
+    for forged in ("violation", "alert", "quota_change", "throttle", "stats", "welcome"):
+        with pytest.raises(PluginEventError, match=f"plugin forger may not emit '{forged}'"):
+            await emit(forged, {"user_id": 1, "username": "x"})
+    assert app.hub.last_seq == seq_before  # nothing persisted
+    # A hook of the same plugin cannot forge through app.publish_event either.
+    trigger = await emit("note", {"forge_from_hook": True})
+    await next_note(ws, trigger.seq)
+    await wait_for(lambda: "forger" in app.hooks.errors)
+    assert "may not emit 'violation'" in app.hooks.errors["forger"]
+    legit = await emit("note", {"text": "after"})
+    await next_note(ws, legit.seq)
+    seen = [m["type"] for m in ws.messages]
+    assert "violation" not in seen and "alert" not in seen and "quota_change" not in seen
+    assert "alert_engine" not in app.hooks.errors  # its on_violation never saw a forgery
+    ws.close()
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_an_undeclared_type_is_refused(app_factory, tmp_path):
+    app = await forger_app(app_factory, tmp_path)
+    emit = app.plugin_state("forger")["emit"]
+    with pytest.raises(PluginEventError, match="undeclared event type 'surprise'"):
+        await emit("surprise", {})
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_declaring_a_core_type_stops_start_up(app_factory, tmp_path):
+    declares = FORGER.replace('event_types=("note",)', 'event_types=("note", "alert")')
+    with pytest.raises(PluginError, match="plugin forger: event type 'alert' is reserved"):
+        await app_factory(plugins_dir=plugin_dir(tmp_path, forger=declares))
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_live_only_events_have_no_seq_and_are_not_replayed(app_factory, tmp_path):
+    app = await forger_app(app_factory, tmp_path)
+    ws = await ws_connect(app, "types=note")
+    await ws.recv_type("welcome")
+    emit = app.plugin_state("forger")["emit"]
+    seq_before = app.hub.last_seq
+    live = await emit("note", {"text": "live"}, durable=False)
+    assert live.seq is None
+    got = await ws.recv_type("note")
+    while got["data"].get("text") != "live":
+        got = await ws.recv_type("note")
+    assert "seq" not in got
+    assert app.hub.last_seq == seq_before
+    durable = await emit("note", {"text": "kept"})
+    again = await ws_connect(app, f"types=note&last_seq={seq_before}")
+    replayed = []
+    while (msg := await again.recv())["type"] != "recovered":
+        if msg["type"] == "note" and "seq" in msg:
+            replayed.append(msg["data"])
+    assert {"text": "kept"} in replayed and {"text": "live"} not in replayed
+    assert durable.seq > seq_before
+    ws.close()
+    again.close()
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_blocking_emitters_can_emit(app_factory, tmp_path):
+    app = await forger_app(app_factory, tmp_path)
+    state = app.plugin_state("forger")
+    state["thread_go"] = True
+    await wait_for(lambda: state.get("thread_done"))
+    message = state["thread_message"]
+    assert message.seq is not None and message.data["from"].startswith("emitter-forger_thread")
+    assert state["blocking_start"].type == "note" and state["blocking_start"].seq is None
+    health = (await call(app, "GET", "/api/ws/health", token=VIEWER)).json
+    sources = {s["name"]: s for s in health["sources"]}
+    assert sources["forger_blocking"]["healthy"] and sources["forger_thread"]["healthy"]
