@@ -20,6 +20,7 @@ from .config import Config
 from .db import Store
 from .events import events_after, last_seq
 from .handlers.base import StaticHandler
+from .metrics import Metrics
 from .plugins import Hooks, get_plugin_manager
 from .quota import Decision, QuotaService
 from .realtime.emitters import Scheduler
@@ -82,6 +83,7 @@ class QuotaApp:
         self.scheduler = Scheduler(self.publish_event)
         self.auth = Auth(config, env)
         self.limiter = ConnectionLimiter.from_config(config)
+        self.metrics = Metrics(self)
         self.web = tornado.web.Application(routes(self), **self._settings())
         self.server: tornado.httpserver.HTTPServer | None = None
         self.port: int | None = None
@@ -109,7 +111,7 @@ class QuotaApp:
             "websocket_max_message_size": 64 * 1024,
             "xsrf_cookie_kwargs": {"samesite": "Strict"},
             "compress_response": False,
-            "log_function": _log_request,
+            "log_function": self._request_finished,
         }
 
     # -- lifecycle ---------------------------------------------------------------------
@@ -128,6 +130,7 @@ class QuotaApp:
         self._timers = [
             PeriodicCallback(self.broadcast_stats, cfg["realtime.stats_interval"] * 1000),
             PeriodicCallback(self.hub.ping, cfg["realtime.heartbeat_interval"] * 1000),
+            PeriodicCallback(self.metrics.refresh, 1000),
             PeriodicCallback(
                 lambda: self.hub.reap(cfg["realtime.client_timeout"]),
                 cfg["realtime.client_timeout"] * 1000 / 3,
@@ -195,6 +198,7 @@ class QuotaApp:
         """Fan committed events out to clients, then tell plugins (never blocks)."""
         for message in messages:
             self.hub.publish(message)
+            self.metrics.published(message)
         for message in messages:
             self.track(self.hooks.call_async("on_event", app=self, message=message))
             if message.type == "violation":
@@ -222,7 +226,12 @@ class QuotaApp:
         return snapshot
 
     def _decided(self, decision: Decision) -> None:
+        self.metrics.decided(decision)
         self.track(self.hooks.call_async("on_decision", app=self, decision=decision))
+
+    def _request_finished(self, handler: tornado.web.RequestHandler) -> None:
+        _log_request(handler)
+        self.metrics.request_finished(handler)
 
     async def _replay(self, after: int, limit: int) -> list[Message]:
         return await self.store.run(events_after, after, limit)

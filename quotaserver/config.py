@@ -102,8 +102,8 @@ def _check_tokens(value: Any) -> str | None:
             return f"[{i}]: unknown key {sorted(unknown)[0]!r}"
         if not isinstance(tok.get("name"), str) or not tok["name"]:
             return f"[{i}].name: required"
-        if tok.get("role") not in ("admin", "viewer", "service"):
-            return f"[{i}].role: must be admin, viewer or service"
+        if tok.get("role") not in ("admin", "viewer", "service", "metrics"):
+            return f"[{i}].role: must be admin, viewer, service or metrics"
         if ("sha256" in tok) == ("env" in tok):
             return f"[{i}]: give exactly one of sha256 or env"
         if "sha256" in tok and (
@@ -293,6 +293,12 @@ SETTINGS: tuple[Setting, ...] = (
         10_000,
     ),
     Setting("auth.ws_message_burst", int, 20, "Client messages allowed in a burst.", 1, 100_000),
+    Setting(
+        "metrics.public",
+        bool,
+        False,
+        "Serve /metrics without credentials (a scraper on a private network only).",
+    ),
     Setting("plugins_dir", str, "", "Directory of extra plugin .py files (empty: none)."),
 )
 

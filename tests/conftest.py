@@ -15,7 +15,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from clients import ADMIN, SERVICE, VIEWER  # noqa: E402
+from clients import ADMIN, METRICS, SERVICE, VIEWER  # noqa: E402
 
 from quotaserver.app import QuotaApp  # noqa: E402
 from quotaserver.config import Config, load_config  # noqa: E402
@@ -29,6 +29,7 @@ TOKENS = [
     {"name": "test-admin", "role": "admin", "sha256": sha(ADMIN)},
     {"name": "test-viewer", "role": "viewer", "sha256": sha(VIEWER)},
     {"name": "test-service", "role": "service", "sha256": sha(SERVICE)},
+    {"name": "test-metrics", "role": "metrics", "sha256": sha(METRICS)},
 ]
 
 
