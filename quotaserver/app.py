@@ -20,6 +20,7 @@ from .config import Config
 from .db import Store
 from .events import events_after, last_seq
 from .handlers.base import StaticHandler
+from .logs import log_request
 from .metrics import Metrics
 from .plugins import Hooks, get_plugin_manager
 from .quota import Decision, QuotaService
@@ -59,7 +60,7 @@ class QuotaApp:
             config["database.sqlite_synchronous"],
             config["database.pool_size"],
         )
-        self.load = SystemLoad(config["throttle.cpu_bands"], config["throttle.memory_bands"])
+        self.load = SystemLoad.from_config(config)
         self.hub = Hub(
             self._replay,
             max_connections=config["realtime.max_connections"],
@@ -230,7 +231,7 @@ class QuotaApp:
         self.track(self.hooks.call_async("on_decision", app=self, decision=decision))
 
     def _request_finished(self, handler: tornado.web.RequestHandler) -> None:
-        _log_request(handler)
+        log_request(handler)
         self.metrics.request_finished(handler)
 
     async def _replay(self, after: int, limit: int) -> list[Message]:
@@ -267,28 +268,3 @@ class QuotaApp:
             CLOSE_POLICY,
             "credentials revoked",
         )
-
-
-def _log_request(handler: tornado.web.RequestHandler) -> None:
-    """Access log without query strings (a login URL carries a token).
-
-    Successful requests and quota denials (429) are the normal traffic of a quota server,
-    logged at DEBUG so they cannot drown the rest; other 4xx at WARNING, 5xx at ERROR.
-    """
-    status = handler.get_status()
-    if status >= 500:
-        level = logging.ERROR
-    elif status >= 400 and status != 429:
-        level = logging.WARNING
-    else:
-        level = logging.DEBUG
-    request = handler.request
-    logging.getLogger("tornado.access").log(
-        level,
-        "%d %s %s (%s) %.1fms",
-        status,
-        request.method,
-        request.path,
-        request.remote_ip,
-        1000.0 * request.request_time(),
-    )

@@ -16,7 +16,7 @@ from collections.abc import Callable
 import pluggy
 import yaml
 
-from . import __version__
+from . import __version__, logs
 from .config import Config, ConfigError, load_config
 from .plugins import get_plugin_manager
 
@@ -84,10 +84,7 @@ def load(args: argparse.Namespace) -> tuple[Config, pluggy.PluginManager]:
 @command("serve", "run the server until SIGINT/SIGTERM (the default command)")
 def serve_command(args: argparse.Namespace) -> int:
     config, plugin_manager = load(args)
-    logging.basicConfig(
-        level=config["server.log_level"].upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    logs.configure(config)
     from .server import run_server
 
     return run_server(config, plugin_manager)

@@ -157,6 +157,13 @@ SETTINGS: tuple[Setting, ...] = (
         choices=("debug", "info", "warning"),
     ),
     Setting(
+        "server.log_format",
+        str,
+        "text",
+        "Log lines as text or as JSON objects (one per line), both with UTC timestamps.",
+        choices=("text", "json"),
+    ),
+    Setting(
         "database.url",
         str,
         "sqlite:///data/quotaserver.db",
@@ -219,6 +226,29 @@ SETTINGS: tuple[Setting, ...] = (
         [[98, 0.0], [95, 0.3], [90, 0.6], [85, 0.8]],
         "Memory % thresholds and the throttle factor at or above each.",
         check=_check_bands,
+    ),
+    Setting(
+        "throttle.source",
+        str,
+        "host",
+        "Load that drives the throttle: host (whole machine), process (this server) or off.",
+        choices=("host", "process", "off"),
+    ),
+    Setting(
+        "throttle.hysteresis",
+        float,
+        5.0,
+        "Percentage points below a band's threshold the load must fall to leave the band.",
+        0,
+        50,
+    ),
+    Setting(
+        "throttle.hold_seconds",
+        float,
+        10.0,
+        "Seconds a new throttle factor must be wanted by every sample before it applies.",
+        0,
+        3600,
     ),
     Setting("realtime.stats_interval", float, 5.0, "Seconds between stats broadcasts.", 0.05, 3600),
     Setting(

@@ -6,6 +6,7 @@ import asyncio
 import logging
 import signal
 import sys
+import time
 
 import peewee
 import pluggy
@@ -39,7 +40,7 @@ async def serve(
         print(f"quotaserver: cannot use the database: {exc}".strip(), file=sys.stderr)
         await app.stop()
         return 1
-    print(f"quotaserver {__version__} listening on {app.url}", flush=True)
+    log.info("quotaserver %s listening on %s", __version__, app.url)
     print(f"  dashboard: {app.url}/admin/quotas", flush=True)
     if not config["auth.enabled"]:
         log.warning("AUTHENTICATION IS DISABLED: anyone who can reach %s is an admin", app.url)
@@ -57,11 +58,13 @@ async def serve(
     if demo is not None:
         await demo.stop()
     code = CLOSE_RESTART if signum == signal.SIGTERM else CLOSE_GOING_AWAY
+    started = time.monotonic()
     try:
         await asyncio.wait_for(app.stop(code), timeout=config["server.shutdown_timeout"])
     except TimeoutError:
         log.error("shutdown took longer than %s s", config["server.shutdown_timeout"])
         return 1
+    log.info("shutdown complete in %.1f s", time.monotonic() - started)
     return 0
 
 

@@ -58,6 +58,8 @@ def make_config(tmp_path: Any, plugins: dict | None = None, **overrides: Any) ->
         "server__port": 0,
         "auth__tokens": TOKENS,
         "auth__token_file": f"{tmp_path}/admin_token",
+        # Tests inject load and expect the factor at once (test_throttle.py tests the hold).
+        "throttle__hold_seconds": 0.0,
     }
     values.update(overrides)
     config = base.with_overrides(**values)
