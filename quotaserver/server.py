@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import sys
 import time
@@ -40,7 +41,8 @@ async def serve(
         print(f"quotaserver: cannot use the database: {exc}".strip(), file=sys.stderr)
         await app.stop()
         return 1
-    log.info("quotaserver %s listening on %s", __version__, app.url)
+    log.info("started quotaserver %s on %s (pid %d)", __version__, app.url, os.getpid())
+    print(f"quotaserver {__version__} listening on {app.url}", flush=True)
     print(f"  dashboard: {app.url}/admin/quotas", flush=True)
     if not config["auth.enabled"]:
         log.warning("AUTHENTICATION IS DISABLED: anyone who can reach %s is an admin", app.url)

@@ -206,6 +206,7 @@ class Hub:
         return Message(
             "welcome",
             {
+                "protocol": 2,  # docs/protocol.md: "Changes since protocol 1"
                 "client_id": client.id,
                 "transport": client.transport,
                 "server_time": isoformat(utc_now()),
