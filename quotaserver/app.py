@@ -14,6 +14,7 @@ import tornado.netutil
 import tornado.web
 from tornado.ioloop import PeriodicCallback
 
+from . import retention
 from .alerts import AlertService
 from .auth import Auth, Identity, _read_or_create_secret
 from .config import Config
@@ -123,6 +124,7 @@ class QuotaApp:
         await self.store.run(self.quota.seed_defaults)
         self.hub.last_seq = await self.store.run(last_seq)
         await self.hooks.call_async("startup", app=self)
+        self.scheduler.add(retention.emitter(self), "quotaserver")
         for plugin, emitters in self.hooks.call("register_emitters", app=self):
             for emitter in emitters:
                 self.scheduler.add(emitter, plugin)

@@ -324,6 +324,34 @@ SETTINGS: tuple[Setting, ...] = (
     ),
     Setting("auth.ws_message_burst", int, 20, "Client messages allowed in a burst.", 1, 100_000),
     Setting(
+        "retention.events_days",
+        int,
+        30,
+        "Days durable events are kept for replay (0: forever); older cursors get pruned.",
+        0,
+        100_000,
+    ),
+    Setting(
+        "retention.violations_days",
+        int,
+        90,
+        "Days violations are kept (0: forever); the daily chart shows only what is kept.",
+        0,
+        100_000,
+    ),
+    Setting(
+        "retention.activity_days",
+        int,
+        7,
+        "Days of per-minute activity kept (0: forever); charts show at most 24 hours.",
+        0,
+        100_000,
+    ),
+    Setting("retention.interval", float, 3600.0, "Seconds between pruning runs.", 1, 86400),
+    Setting(
+        "retention.batch_size", int, 1000, "Rows deleted per transaction when pruning.", 1, 100_000
+    ),
+    Setting(
         "metrics.public",
         bool,
         False,
