@@ -35,7 +35,7 @@ from .urls import routes
 from .windows import Clock, utc_now
 
 log = logging.getLogger(__name__)
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.abspath(__file__))  # templates/ and static/: package data
 
 
 class QuotaApp:

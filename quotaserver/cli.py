@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from collections.abc import Callable
 
@@ -18,6 +19,7 @@ import yaml
 
 from . import __version__, logs
 from .config import Config, ConfigError, load_config
+from .credentials import check_tokens, redacted
 from .plugins import get_plugin_manager
 
 log = logging.getLogger("quotaserver")
@@ -77,6 +79,7 @@ def load(args: argparse.Namespace) -> tuple[Config, pluggy.PluginManager]:
         "demo": args.demo,
     }
     config = load_config(args.config, overrides=overrides)
+    check_tokens(config, os.environ)
     # Plugin names, plugins_dir and plugin settings are configuration too.
     return config, get_plugin_manager(config)
 
@@ -93,7 +96,7 @@ def serve_command(args: argparse.Namespace) -> int:
 @command("check-config", "validate the configuration, print it, exit (2 if invalid)")
 def check_config(args: argparse.Namespace) -> int:
     config, _pm = load(args)
-    print(yaml.safe_dump(json.loads(json.dumps(config.as_nested())), sort_keys=False), end="")
+    print(yaml.safe_dump(json.loads(json.dumps(redacted(config))), sort_keys=False), end="")
     return 0
 
 
