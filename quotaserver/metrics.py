@@ -22,6 +22,7 @@ import glob
 import os
 from typing import TYPE_CHECKING
 
+import psutil
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
@@ -142,6 +143,29 @@ class Metrics:
             registry=own,
             **gauge_mode,
         )
+        # process_* describes only the process that answers a scrape: with several
+        # workers, each also reports its own figures here, by pid.
+        self.worker_memory = self.worker_cpu = self.worker_fds = None
+        if self.multiprocess:
+            self.worker_memory = Gauge(
+                "quotaserver_worker_resident_memory_bytes",
+                "Resident memory of each worker process.",
+                registry=None,
+                **gauge_mode,
+            )
+            self.worker_cpu = Gauge(
+                "quotaserver_worker_cpu_seconds",
+                "CPU time (user + system) used by each worker process.",
+                registry=None,
+                **gauge_mode,
+            )
+            self.worker_fds = Gauge(
+                "quotaserver_worker_open_fds",
+                "Open file descriptors of each worker process.",
+                registry=None,
+                **gauge_mode,
+            )
+            self._process = psutil.Process()
         for result in DECISION_RESULTS:
             self.decisions.labels(result)
         for transport in TRANSPORTS:
@@ -185,11 +209,23 @@ class Metrics:
         for name, health in app.scheduler.sources.items():
             self.source_up.labels(name).set(1 if health.healthy else 0)
         self.throttle_factor.set(app.load.factor)
+        if self.multiprocess:
+            asyncio.get_running_loop().run_in_executor(None, self._sample_process)
+
+    def _sample_process(self) -> None:
+        """This worker's process figures (psutil reads /proc: off the loop)."""
+        process = self._process
+        with process.oneshot():
+            cpu = process.cpu_times()
+            self.worker_memory.set(process.memory_info().rss)
+            self.worker_cpu.set(cpu.user + cpu.system)
+            self.worker_fds.set(process.num_fds())
 
     # -- exposition ----------------------------------------------------------------------
     async def exposition(self) -> bytes:
         """The text format, with gauges fresh; file merging and /proc reads off the loop."""
         self.refresh()
-        return await asyncio.get_running_loop().run_in_executor(
-            None, generate_latest, self.registry
-        )
+        loop = asyncio.get_running_loop()
+        if self.multiprocess:
+            await loop.run_in_executor(None, self._sample_process)
+        return await loop.run_in_executor(None, generate_latest, self.registry)

@@ -191,7 +191,11 @@ async def test_several_processes_one_scrape_reports_them_all(tmp_path):
             }
             # The gauges of both live workers, by pid (the other's as of its last refresh).
             assert set(websockets) == {str(p.pid) for p in procs}
-        await _until_scraped(procs[0], procs[1].pid)
+            # Each worker's process figures, by pid, once it has sampled them (every second).
+            await _until_scraped(proc, procs, "quotaserver_worker_resident_memory_bytes")
+        await _until_scraped(
+            procs[0], [procs[1]], "quotaserver_stream_clients", transport="websocket", value=1
+        )
         ws.close()
     finally:
         for proc in procs:
@@ -200,16 +204,16 @@ async def test_several_processes_one_scrape_reports_them_all(tmp_path):
             assert await asyncio.wait_for(proc.wait(), 15) == 0
 
 
-async def _until_scraped(proc, other_pid: int) -> None:
-    """The other worker's refresh timer (1 s) brings its WebSocket client to this scrape."""
+async def _until_scraped(proc, workers, name: str, value: float | None = None, **labels) -> None:
+    """Scrape ``proc`` until ``name`` has a sample for each worker's pid (equal to ``value``).
+
+    Workers refresh their gauges every second, so another worker's figures arrive late.
+    """
     deadline = asyncio.get_running_loop().time() + 10
     while True:
         got = samples((await call(proc, "GET", "/metrics", token=ADMIN)).body.decode())
-        key = (
-            "quotaserver_stream_clients",
-            tuple(sorted({"pid": str(other_pid), "transport": "websocket"}.items())),
-        )
-        if got.get(key) == 1:
+        keys = [(name, tuple(sorted({"pid": str(w.pid), **labels}.items()))) for w in workers]
+        if all(key in got and (value is None or got[key] == value) for key in keys):
             return
-        assert asyncio.get_running_loop().time() < deadline, "the other worker never refreshed"
+        assert asyncio.get_running_loop().time() < deadline, f"{name} never had every worker"
         await asyncio.sleep(0.1)
