@@ -38,8 +38,6 @@ def check_tokens(config: Config, env: Mapping[str, str]) -> None:
 
     The same checks as start-up (``auth.Auth``), done before anything starts.
     """
-    if not config["auth.enabled"]:
-        return
     admin = env.get("QUOTASERVER_ADMIN_TOKEN")
     if admin is not None:
         problem = token_problem(admin)

@@ -63,8 +63,10 @@ def test_every_secret_is_redacted(tmp_path):
         ),
     ],
 )
-def test_check_config_fails_exactly_as_start_up_does(tmp_path, env, needle):
-    config = {"auth": {"tokens": [{"name": "ops", "role": "admin", "env": "OPS_TOKEN"}]}}
+@pytest.mark.parametrize("enabled", [True, False])
+def test_check_config_fails_exactly_as_start_up_does(tmp_path, env, needle, enabled):
+    tokens = [{"name": "ops", "role": "admin", "env": "OPS_TOKEN"}]
+    config = {"auth": {"enabled": enabled, "tokens": tokens}}
     checked = run(tmp_path, "check-config", config, **env)
     served = run(tmp_path, "serve", config, **env)
     for result in (checked, served):
