@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import glob
+import logging
 import os
 from typing import TYPE_CHECKING
 
@@ -44,6 +45,7 @@ if TYPE_CHECKING:
 
 __all__ = ["CONTENT_TYPE_LATEST", "Metrics", "enable_multiprocess", "worker_exited"]
 
+log = logging.getLogger(__name__)
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 DECISION_RESULTS = ("allowed", "denied", "overloaded")
 TRANSPORTS = ("websocket", "sse")
@@ -210,7 +212,8 @@ class Metrics:
             self.source_up.labels(name).set(1 if health.healthy else 0)
         self.throttle_factor.set(app.load.factor)
         if self.multiprocess:
-            asyncio.get_running_loop().run_in_executor(None, self._sample_process)
+            future = asyncio.get_running_loop().run_in_executor(None, self._sample_process)
+            future.add_done_callback(_log_failure)
 
     def _sample_process(self) -> None:
         """This worker's process figures (psutil reads /proc: off the loop)."""
@@ -229,3 +232,8 @@ class Metrics:
         if self.multiprocess:
             await loop.run_in_executor(None, self._sample_process)
         return await loop.run_in_executor(None, generate_latest, self.registry)
+
+
+def _log_failure(future: asyncio.Future) -> None:
+    if not future.cancelled() and future.exception() is not None:
+        log.warning("sampling this worker's process figures failed: %s", future.exception())
