@@ -46,6 +46,10 @@ async def test_metrics_token_or_admin_only(app_factory):
         assert resp.json["error"]["code"] == "forbidden"
     await scrape(app, METRICS)
     await scrape(app, ADMIN)
+    # A scraping token is not a way into the dashboard.
+    login = await call(app, "GET", f"/login?token={METRICS}", token=None)
+    assert login.code == 401
+    assert not [c for c in login.headers.get_list("Set-Cookie") if c.startswith("qs_session=")]
 
 
 @pytest.mark.gen_test(timeout=30)

@@ -50,7 +50,7 @@ class LoginHandler(BaseHandler):
 
     def _exchange(self, token: str) -> None:
         identity = self.app.auth.authenticate(token.strip())
-        if identity is None or identity.role == "service":
+        if identity is None or identity.role not in ("admin", "viewer"):
             self.set_status(401)
             return self._form("That token is not valid for the dashboard.")
         session = self.app.auth.new_session(identity)
