@@ -146,7 +146,7 @@ async def on_violation(app: Any, violation: dict[str, Any]) -> None:
         rule["severity"],
         f"{label}: {count} quota violations today",
         user_id=user_id,
-        action_needed="Review this user's activity; raise the limit or contact the user",
+        action="Review this user's activity; raise the limit or contact the user",
         dedupe_day=day,
     )
 
@@ -175,7 +175,7 @@ async def on_decision(app: Any, decision: Any) -> None:
             f"{decision.user} at {percent}% of the daily {decision.command_type} limit "
             f"({daily.used}/{daily.limit})",
             user_id=decision.user_id,
-            action_needed=action,
+            action=action,
             dedupe_day=day,
         )
         break  # approaching_limit implies high_utilization: one alert per crossing
@@ -201,7 +201,7 @@ def register_emitters(app: Any) -> list[PeriodicEmitter]:
                         throttling["severity"],
                         f"Throttle factor below {throttling['threshold']} for "
                         f"{int(lasted)} s (now {load.factor})",
-                        action_needed="Add capacity or find the source of the load",
+                        action="Add capacity or find the source of the load",
                         dedupe_day=day,
                     )
             else:
@@ -215,7 +215,7 @@ def register_emitters(app: Any) -> list[PeriodicEmitter]:
                     "high_system_load",
                     high["severity"],
                     f"System load high: CPU {load.cpu_percent}%, memory {load.memory_percent}%",
-                    action_needed="Check the host; consumes are throttled",
+                    action="Check the host; consumes are throttled",
                     dedupe_day=day,
                 )
             elif peak < high["threshold"]:

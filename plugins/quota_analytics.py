@@ -1,14 +1,20 @@
 """Quota analytics: the figures of the stats snapshot, kept incrementally.
 
 A stats tick reads in-memory figures only. They are rebuilt from the database at start-up,
-then updated from each decision; an admin change to limits or usage recomputes the
-high-utilisation set, the one figure that depends on them.
+then updated from what happens next: decisions (commands, active users), and the durable
+events every other path publishes after commit. A user can be created by a consume, an
+admin change (``quota_change``) or a recorded violation (``violation``, also from the
+development endpoints and plugins); each carries the user id, and ids above the highest one
+at start-up are kept in a set, so seeing a user twice never counts it twice. Violations are
+counted from ``violation`` events only, whoever recorded them. An admin change to limits or
+usage recomputes the high-utilisation set, the one figure that depends on them.
 """
 
 from __future__ import annotations
 
 import time
 from collections import deque
+from datetime import datetime
 from typing import Any
 
 from peewee import fn
@@ -26,7 +32,9 @@ THROTTLE_WINDOW = 300.0  # seconds of decisions behind average_throttle_factor
 class Figures:
     def __init__(self) -> None:
         self.day_key: int | None = None
-        self.total_users = 0
+        self.users_at_start = 0
+        self.max_user_id_at_start = 0
+        self.new_users: set[int] = set()  # created since start-up
         self.active: set[int] = set()
         self.commands = 0
         self.violations = 0
@@ -38,6 +46,14 @@ class Figures:
         self.day_key = day_key
         self.active, self.high = set(), set()
         self.commands = self.violations = 0
+
+    @property
+    def total_users(self) -> int:
+        return self.users_at_start + len(self.new_users)
+
+    def saw_user(self, user_id: int | None) -> None:
+        if user_id is not None and user_id > self.max_user_id_at_start:
+            self.new_users.add(user_id)
 
     def add_factor(self, factor: float, now: float) -> None:
         self.factors.append((now, factor))
@@ -95,6 +111,7 @@ def _rebuild(app: Any) -> dict[str, Any]:
     return {
         "day_key": today.key,
         "total_users": User.select().count(),
+        "max_user_id": User.select(fn.MAX(User.id)).scalar() or 0,
         "active": active,
         "high": high,
         "commands": int(commands or 0),  # PostgreSQL sums are Decimals
@@ -106,7 +123,8 @@ async def rebuild(app: Any) -> None:
     data = await app.store.read(_rebuild, app)
     fig = _figures(app)
     fig.new_day(data["day_key"])
-    fig.total_users = data["total_users"]
+    fig.users_at_start, fig.max_user_id_at_start = data["total_users"], data["max_user_id"]
+    fig.new_users = set()
     fig.active, fig.high = data["active"], data["high"]
     fig.commands, fig.violations = data["commands"], data["violations"]
 
@@ -123,10 +141,7 @@ def on_decision(app: Any, decision: Any) -> None:
     if day_key != fig.day_key:
         fig.new_day(day_key)
     fig.add_factor(decision.throttle_factor, time.time())
-    if decision.new_user:
-        fig.total_users += 1
-    if decision.reason == "quota_exceeded":
-        fig.violations += 1
+    fig.saw_user(decision.user_id)
     if decision.consumed and decision.user_id is not None:
         fig.commands += decision.count
         fig.active.add(decision.user_id)
@@ -137,6 +152,16 @@ def on_decision(app: Any, decision: Any) -> None:
 
 @hookimpl
 async def on_event(app: Any, message: Any) -> None:
+    fig = _figures(app)
+    if message.type in ("violation", "quota_change"):
+        fig.saw_user(message.data.get("user_id"))
+    if message.type == "violation":
+        at = datetime.fromisoformat(message.timestamp)
+        day_key = app.quota.calendar.window("daily", at).key
+        if fig.day_key is None or day_key > fig.day_key:
+            fig.new_day(day_key)
+        if day_key == fig.day_key:
+            fig.violations += 1
     # Limits or usage changed by an admin: only utilisation depends on them. (Counts of
     # commands and violations stay incremental: recomputing them here would race with
     # decisions already counted.)

@@ -35,7 +35,9 @@ def alert_json(row: Alert, username: str | None = None) -> dict[str, Any]:
         "user_id": row.user_id,
         "username": username,
         "message": row.message,
-        "action_needed": row.action_needed,
+        # Protocol 2: a boolean, as protocol 1 clients expect; the advice is in "action".
+        "action_needed": bool(row.action_needed),
+        "action": row.action_needed or None,
         "count": row.count,
         "status": row.status,
         "created_at": isoformat(aware(row.created_at)),
@@ -63,14 +65,14 @@ class AlertService:
         message: str,
         *,
         user_id: int | None = None,
-        action_needed: str = "",
+        action: str = "",
         dedupe_day: str | None = None,
     ) -> dict[str, Any]:
         """Open an alert, or count a repeat of the live one for (rule, user, day)."""
         if severity not in SEVERITIES:
             raise ValueError(f"unknown severity {severity!r}")
         work = functools.partial(
-            self._raise_sync, rule, severity, message, user_id, action_needed, dedupe_day
+            self._raise_sync, rule, severity, message, user_id, action, dedupe_day
         )
         payload, _ = await self.store.run_committed(work, lambda r: self.publish(r[1]))
         return payload
@@ -93,7 +95,7 @@ class AlertService:
         severity: str,
         message: str,
         user_id: int | None,
-        action_needed: str,
+        action: str,
         dedupe_day: str | None,
     ) -> tuple[dict, list[Message]]:
         now = self.clock()
@@ -106,7 +108,7 @@ class AlertService:
                 severity=severity,
                 user=user_id,
                 message=message,
-                action_needed=action_needed,
+                action_needed=action,
                 count=1,
                 status="open",
                 dedupe_key=key,

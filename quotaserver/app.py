@@ -14,6 +14,7 @@ import tornado.netutil
 import tornado.web
 from tornado.ioloop import PeriodicCallback
 
+from . import retention
 from .alerts import AlertService
 from .auth import Auth, Identity
 from .config import Config
@@ -21,6 +22,8 @@ from .db import Store
 from .events import events_after, last_seq
 from .handlers.base import MisdirectedHandler, StaticHandler
 from .isolation import PluginThreads, current_plugin, stop_requested
+from .logs import log_request
+from .metrics import Metrics
 from .netguard import make_http_server
 from .origins import HostGuard
 from .plugins import Hooks, PluginEventError, get_plugin_manager
@@ -37,7 +40,7 @@ from .urls import routes
 from .windows import Clock, utc_now
 
 log = logging.getLogger(__name__)
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.abspath(__file__))  # templates/ and static/: package data
 
 
 class QuotaApp:
@@ -60,7 +63,7 @@ class QuotaApp:
         self.clock = clock
         private_database_files(config["database.url"])
         self.store = Store.from_config(config)
-        self.load = SystemLoad(config["throttle.cpu_bands"], config["throttle.memory_bands"])
+        self.load = SystemLoad.from_config(config)
         self.hub = Hub(
             self._replay,
             max_connections=config["realtime.max_connections"],
@@ -92,6 +95,9 @@ class QuotaApp:
         )
         self.auth = Auth(config, env)
         self.limiter = ConnectionLimiter.from_config(config)
+        self.metrics = Metrics(self)
+        # database_busy -> "busy", database_unavailable -> "unavailable"
+        self.store.on_error = lambda exc: self.metrics.db_error(exc.code.removeprefix("database_"))
         self.web = tornado.web.Application(routes(self), **self._settings())
         self.server: tornado.httpserver.HTTPServer | None = None
         self.port: int | None = None
@@ -122,7 +128,7 @@ class QuotaApp:
             "websocket_max_message_size": 64 * 1024,
             "xsrf_cookie_kwargs": {"samesite": "Strict"},
             "compress_response": False,
-            "log_function": _log_request,
+            "log_function": self._request_finished,
         }
 
     # -- lifecycle ---------------------------------------------------------------------
@@ -136,6 +142,7 @@ class QuotaApp:
         self.hub.last_seq = await self.store.run(last_seq)
         await self.backplane.start(self._remote_event, self._resync)
         await self.hooks.call_async("startup", app=self)
+        self.scheduler.add(retention.emitter(self), "quotaserver")
         for plugin, emitters in self.hooks.call("register_emitters", app=self):
             for emitter in emitters:
                 self.scheduler.add(emitter, plugin)  # a clash stops start-up (PluginError)
@@ -147,6 +154,7 @@ class QuotaApp:
             PeriodicCallback(self.hub.ping, cfg["realtime.heartbeat_interval"] * 1000),
             PeriodicCallback(self._sync_tick, 1000),
             PeriodicCallback(self._probe_database, cfg["realtime.stats_interval"] * 1000),
+            PeriodicCallback(self.metrics.refresh, 1000),
             PeriodicCallback(
                 lambda: self.hub.reap(cfg["realtime.client_timeout"]),
                 cfg["realtime.client_timeout"] * 1000 / 3,
@@ -228,6 +236,7 @@ class QuotaApp:
             self.hub.publish(message)
             if message.seq is not None:
                 self.backplane.publish(message)
+            self.metrics.published(message)
         for message in messages:
             self.track(self.hooks.call_async("on_event", app=self, message=message))
             if message.type == "violation":
@@ -299,7 +308,12 @@ class QuotaApp:
         return snapshot
 
     def _decided(self, decision: Decision) -> None:
+        self.metrics.decided(decision)
         self.track(self.hooks.call_async("on_decision", app=self, decision=decision))
+
+    def _request_finished(self, handler: tornado.web.RequestHandler) -> None:
+        log_request(handler)
+        self.metrics.request_finished(handler)
 
     async def _replay(self, after: int, limit: int) -> list[Message]:
         return await self.store.read(events_after, after, limit)
@@ -335,28 +349,3 @@ class QuotaApp:
             CLOSE_POLICY,
             "credentials revoked",
         )
-
-
-def _log_request(handler: tornado.web.RequestHandler) -> None:
-    """Access log without query strings (a login URL carries a token).
-
-    Successful requests and quota denials (429) are the normal traffic of a quota server,
-    logged at DEBUG so they cannot drown the rest; other 4xx at WARNING, 5xx at ERROR.
-    """
-    status = handler.get_status()
-    if status >= 500:
-        level = logging.ERROR
-    elif status >= 400 and status != 429:
-        level = logging.WARNING
-    else:
-        level = logging.DEBUG
-    request = handler.request
-    logging.getLogger("tornado.access").log(
-        level,
-        "%d %s %s (%s) %.1fms",
-        status,
-        request.method,
-        request.path,
-        request.remote_ip,
-        1000.0 * request.request_time(),
-    )

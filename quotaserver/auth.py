@@ -50,7 +50,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-ROLES = ("admin", "viewer", "service")
+ROLES = ("admin", "viewer", "service", "metrics")
 SESSION_COOKIE = "qs_session"
 # API-created tokens carry a prefix: secret scanners and the log redaction recognise them.
 TOKEN_PREFIX = "qs_"
@@ -248,7 +248,7 @@ class Auth:
     async def create_token(self, name: Any, role: Any, actor: str) -> tuple[str, TokenInfo]:
         """A new random token; only its digest is stored. Returns (token, info)."""
         if not isinstance(role, str) or role not in ROLES:
-            raise AuthError(400, "invalid_field", "role must be admin, viewer or service")
+            raise AuthError(400, "invalid_field", "role must be one of " + ", ".join(ROLES))
         if not isinstance(name, str) or not TOKEN_NAME.match(name):
             raise AuthError(
                 400,

@@ -18,8 +18,9 @@ from collections.abc import Callable
 import pluggy
 import yaml
 
-from . import __version__
+from . import __version__, logs
 from .config import Config, ConfigError, load_config
+from .credentials import check_tokens, redacted
 from .plugins import PluginError, check_setup, get_plugin_manager, plugin_list
 
 log = logging.getLogger("quotaserver")
@@ -89,11 +90,9 @@ def load(args: argparse.Namespace) -> tuple[Config, pluggy.PluginManager]:
         "server.workers": getattr(args, "workers", None),
     }
     config = load_config(args.config, overrides=overrides)
+    check_tokens(config, os.environ)
     # Before plugins load: at debug level a plugin's load error shows its traceback.
-    logging.basicConfig(
-        level=config["server.log_level"].upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    logs.configure(config)
     # Plugin names, plugins_dir and plugin settings are configuration too.
     return config, get_plugin_manager(config)
 
@@ -133,7 +132,7 @@ def _plugin_lines(pm: object) -> list[str]:
 def check_config(args: argparse.Namespace) -> int:
     config, pm = load(args)
     check_setup(config, pm)
-    print(yaml.safe_dump(json.loads(json.dumps(config.as_nested())), sort_keys=False), end="")
+    print(yaml.safe_dump(json.loads(json.dumps(redacted(config))), sort_keys=False), end="")
     print("# plugins")
     for line in _plugin_lines(pm):
         print(f"#   {line}")

@@ -112,8 +112,8 @@ def _check_tokens(value: Any) -> str | None:
             return f"[{i}]: unknown key {sorted(unknown)[0]!r}"
         if not isinstance(tok.get("name"), str) or not tok["name"]:
             return f"[{i}].name: required"
-        if tok.get("role") not in ("admin", "viewer", "service"):
-            return f"[{i}].role: must be admin, viewer or service"
+        if tok.get("role") not in ("admin", "viewer", "service", "metrics"):
+            return f"[{i}].role: must be admin, viewer, service or metrics"
         if ("sha256" in tok) == ("env" in tok):
             return f"[{i}]: give exactly one of sha256 or env"
         if "sha256" in tok and (
@@ -262,6 +262,13 @@ SETTINGS: tuple[Setting, ...] = (
         check=_check_origins,
     ),
     Setting(
+        "server.log_format",
+        str,
+        "text",
+        "Log lines as text or as JSON objects (one per line), both with UTC timestamps.",
+        choices=("text", "json"),
+    ),
+    Setting(
         "database.url",
         str,
         "sqlite:///data/quotaserver.db",
@@ -349,6 +356,29 @@ SETTINGS: tuple[Setting, ...] = (
         [[98, 0.0], [95, 0.3], [90, 0.6], [85, 0.8]],
         "Memory % thresholds and the throttle factor at or above each.",
         check=_check_bands,
+    ),
+    Setting(
+        "throttle.source",
+        str,
+        "host",
+        "Load that drives the throttle: host (whole machine), process (this server) or off.",
+        choices=("host", "process", "off"),
+    ),
+    Setting(
+        "throttle.hysteresis",
+        float,
+        5.0,
+        "Percentage points below a band's threshold the load must fall to leave the band.",
+        0,
+        50,
+    ),
+    Setting(
+        "throttle.hold_seconds",
+        float,
+        10.0,
+        "Seconds a new throttle factor must be wanted by every sample before it applies.",
+        0,
+        3600,
     ),
     Setting("realtime.stats_interval", float, 5.0, "Seconds between stats broadcasts.", 0.05, 3600),
     Setting(
@@ -448,6 +478,40 @@ SETTINGS: tuple[Setting, ...] = (
         10_000,
     ),
     Setting("auth.ws_message_burst", int, 20, "Client messages allowed in a burst.", 1, 100_000),
+    Setting(
+        "retention.events_days",
+        int,
+        30,
+        "Days durable events are kept for replay (0: forever); older cursors get pruned.",
+        0,
+        100_000,
+    ),
+    Setting(
+        "retention.violations_days",
+        int,
+        90,
+        "Days violations are kept (0: forever); the daily chart shows only what is kept.",
+        0,
+        100_000,
+    ),
+    Setting(
+        "retention.activity_days",
+        int,
+        7,
+        "Days of per-minute activity kept (0: forever); charts show at most 24 hours.",
+        0,
+        100_000,
+    ),
+    Setting("retention.interval", float, 3600.0, "Seconds between pruning runs.", 1, 86400),
+    Setting(
+        "retention.batch_size", int, 1000, "Rows deleted per transaction when pruning.", 1, 100_000
+    ),
+    Setting(
+        "metrics.public",
+        bool,
+        False,
+        "Serve /metrics without credentials (a scraper on a private network only).",
+    ),
     Setting("plugins_dir", str, "", "Directory of extra plugin .py files (empty: none)."),
     Setting(
         "plugin_timeout",

@@ -342,6 +342,8 @@ class Store:
         self.last_error: str | None = None
         self.last_error_at: float | None = None
         self.errors = 0
+        #: Called with each DatabaseError (the app counts them in its metrics).
+        self.on_error: Callable[[DatabaseError], None] | None = None
         self._committer: GroupCommitter | None = None
         self._executor: ThreadPoolExecutor | None = None
         if self.is_sqlite:
@@ -454,6 +456,8 @@ class Store:
 
     def _failed(self, exc: DatabaseError) -> None:
         self.errors += 1
+        if self.on_error is not None:
+            self.on_error(exc)
         self.last_error, self.last_error_at = exc.message, time.time()
         if self.available:
             self.available = False

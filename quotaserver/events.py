@@ -10,7 +10,7 @@ import json
 from datetime import datetime
 from typing import Any
 
-from peewee import PostgresqlDatabase
+from peewee import PostgresqlDatabase, fn
 
 from .models import Event, aware, database_proxy, naive_utc
 from .realtime.messages import Message
@@ -31,8 +31,26 @@ def append_event(type: str, data: dict[str, Any], now: datetime) -> Message:
     return Message(type, data, seq=row.id, timestamp=now)
 
 
+class EventsPruned(Exception):
+    """Events after the cursor were deleted by retention: a replay would have a gap."""
+
+
+def pruned_after(after: int) -> bool:
+    """Whether retention deleted events with ``seq > after`` (the oldest kept is later).
+
+    Retention never deletes the newest event, so an empty table means nothing was pruned.
+    """
+    oldest = Event.select(fn.MIN(Event.id)).scalar()
+    return oldest is not None and after + 1 < oldest
+
+
 def events_after(after: int, limit: int) -> list[Message]:
-    """Up to ``limit`` events with ``seq > after``, oldest first."""
+    """Up to ``limit`` events with ``seq > after``, oldest first.
+
+    Raises :class:`EventsPruned` when some of them are gone (see :func:`pruned_after`).
+    """
+    if pruned_after(after):
+        raise EventsPruned(after)
     rows = Event.select().where(Event.id > after).order_by(Event.id).limit(limit)
     return [Message(r.type, r.payload(), seq=r.id, timestamp=aware(r.created_at)) for r in rows]
 

@@ -627,7 +627,7 @@ def check_setup(config: Config, pm: pluggy.PluginManager) -> None:
             auth__token_file=f"{directory}/admin_token",
             auth__cookie_secret="check-config",
         )
-        app = QuotaApp(dry, plugin_manager=pm, env={})
+        app = QuotaApp(dry, plugin_manager=pm)  # env tokens as start-up sees them
         try:
             for plugin, emitters in app.hooks.call("register_emitters", app=app):
                 for emitter in emitters:

@@ -11,6 +11,7 @@ import secrets
 import signal
 import socket
 import sys
+import tempfile
 import time
 import traceback
 from collections.abc import Callable
@@ -23,6 +24,7 @@ from . import __version__
 from .config import Config, ConfigError
 from .db import DatabaseError
 from .isolation import exit_guard
+from .metrics import enable_multiprocess, worker_exited
 from .realtime.messages import CLOSE_GOING_AWAY, CLOSE_RESTART
 
 log = logging.getLogger("quotaserver")
@@ -67,6 +69,7 @@ async def serve(
     except ConfigError:
         await app.stop()  # release threads and connections before the one-line error
         raise
+    log.info("started quotaserver %s on %s (pid %d)", __version__, app.url, os.getpid())
     if worker is None:
         announce(app.url, config, app.auth.issue_login_code())
     else:
@@ -86,11 +89,13 @@ async def serve(
     if demo is not None:
         await demo.stop()
     code = CLOSE_RESTART if signum == signal.SIGTERM else CLOSE_GOING_AWAY
+    started = time.monotonic()
     try:
         await asyncio.wait_for(app.stop(code), timeout=config["server.shutdown_timeout"])
     except TimeoutError:
         log.error("shutdown took longer than %s s", config["server.shutdown_timeout"])
         return 1
+    log.info("shutdown complete in %.1f s", time.monotonic() - started)
     return 0
 
 
@@ -210,6 +215,12 @@ def run_workers(config: Config, plugin_manager: pluggy.PluginManager | None) -> 
             file=sys.stderr,
         )
         return 1
+    # Every worker's figures reach /metrics whichever worker answers the scrape; set
+    # before anything imports prometheus-client's value storage (QuotaApp, below).
+    enable_multiprocess(
+        os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+        or tempfile.mkdtemp(prefix="quotaserver-metrics-")
+    )
     try:
         token = asyncio.run(prepare(config, plugin_manager))
     except (peewee.OperationalError, DatabaseError) as exc:
@@ -295,6 +306,7 @@ def run_workers(config: Config, plugin_manager: pluggy.PluginManager | None) -> 
             time.sleep(0.05)
             continue
         index, started = children.pop(pid)
+        worker_exited(pid)
         code = os.waitstatus_to_exitcode(raw)
         if stopping:
             if code != 0 and status == 0:

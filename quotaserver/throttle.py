@@ -1,25 +1,56 @@
-"""Throttle factor from system load.
+"""Throttle factor from load, with hysteresis and a hold time.
 
 The factor is a number in [0, 1] that every quota decision carries: 1 means "go ahead",
 lower values ask callers to slow down, and 0 makes the server refuse consumes with
 ``system_overloaded``. It is the lower of the CPU and the memory band factors.
 
-The load itself is sampled elsewhere (the system-metrics plugin, off the IOLoop) and
-handed in with :meth:`SystemLoad.update`; tests inject load the same way.
+A noisy load must not flap the factor (each change is a durable ``throttle`` event and a
+log line). So:
+
+- **hysteresis**: a band is entered as soon as the load reaches its threshold, but left
+  only once the load is ``hysteresis`` percentage points below it;
+- **hold**: a different factor must be wanted by every sample for ``hold_seconds``
+  before it takes effect (then the latest wanted band applies).
+
+Where the load comes from is ``throttle.source``: ``host`` (the whole machine), ``process``
+(this server's own CPU, as a share of one core, and its resident memory) or ``off`` (the
+factor stays 1). The load is sampled elsewhere (the system-metrics plugin, off the IOLoop)
+and handed in with :meth:`SystemLoad.update`; tests inject load the same way.
 """
 
 from __future__ import annotations
 
 import time
+from bisect import bisect_right
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .config import Config
+
+SOURCES = ("host", "process", "off")
 
 
-def band_factor(value: float, bands: list[list[float]]) -> float:
-    """Factor of the highest band whose threshold ``value`` reaches (1.0 below all)."""
-    for threshold, factor in sorted(bands, key=lambda b: b[0], reverse=True):
-        if value >= threshold:
-            return float(factor)
-    return 1.0
+class Bands:
+    """Thresholds in ascending order; a *level* is how many of them a value reaches."""
+
+    def __init__(self, bands: list[list[float]]):
+        ordered = sorted(bands, key=lambda b: b[0])
+        self.thresholds = [float(t) for t, _ in ordered]
+        self.factors = [1.0] + [float(f) for _, f in ordered]
+
+    def level(self, value: float) -> int:
+        return bisect_right(self.thresholds, value)
+
+    def next_level(self, current: int, value: float, margin: float) -> int:
+        """Up at once; down only as far as ``value + margin`` allows (hysteresis)."""
+        reached = self.level(value)
+        if reached >= current:
+            return reached
+        return min(current, self.level(value + margin))
+
+    def factor(self, level: int) -> float:
+        return self.factors[level]
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,21 +68,65 @@ class LoadSample:
 class SystemLoad:
     """The latest load sample and the throttle factor derived from it."""
 
-    def __init__(self, cpu_bands: list[list[float]], memory_bands: list[list[float]]):
-        self.cpu_bands = cpu_bands
-        self.memory_bands = memory_bands
+    def __init__(
+        self,
+        cpu_bands: list[list[float]],
+        memory_bands: list[list[float]],
+        *,
+        hysteresis: float = 0.0,
+        hold_seconds: float = 0.0,
+        source: str = "host",
+    ):
+        self.cpu_bands = Bands(cpu_bands)
+        self.memory_bands = Bands(memory_bands)
+        self.hysteresis = hysteresis
+        self.hold_seconds = hold_seconds
+        self.source = source
         self.current = LoadSample(0.0, 0.0, 1.0, 0.0)
+        self._levels = (0, 0)  # (cpu, memory) levels in effect
+        self._pending_since: float | None = None  # monotonic start of a wanted change
+        self._pending_direction = 0
+
+    @classmethod
+    def from_config(cls, config: Config) -> SystemLoad:
+        return cls(
+            config["throttle.cpu_bands"],
+            config["throttle.memory_bands"],
+            hysteresis=config["throttle.hysteresis"],
+            hold_seconds=config["throttle.hold_seconds"],
+            source=config["throttle.source"],
+        )
 
     @property
     def factor(self) -> float:
         return self.current.factor
 
-    def update(self, cpu_percent: float, memory_percent: float) -> tuple[LoadSample, bool]:
-        """Record a sample; return it and whether the factor changed band."""
-        factor = min(
-            band_factor(cpu_percent, self.cpu_bands),
-            band_factor(memory_percent, self.memory_bands),
-        )
+    def _factor_of(self, levels: tuple[int, int]) -> float:
+        return min(self.cpu_bands.factor(levels[0]), self.memory_bands.factor(levels[1]))
+
+    def update(
+        self, cpu_percent: float, memory_percent: float, now: float | None = None
+    ) -> tuple[LoadSample, bool]:
+        """Record a sample; return it and whether the factor changed (a change that held)."""
+        now = time.monotonic() if now is None else now
+        factor = self.current.factor
+        if self.source == "off":
+            wanted = (0, 0)
+        else:
+            wanted = (
+                self.cpu_bands.next_level(self._levels[0], cpu_percent, self.hysteresis),
+                self.memory_bands.next_level(self._levels[1], memory_percent, self.hysteresis),
+            )
+        wanted_factor = self._factor_of(wanted)
+        direction = (wanted_factor > factor) - (wanted_factor < factor)
+        if direction == 0:
+            self._levels = wanted  # same factor: levels may move without an event
+            self._pending_since, self._pending_direction = None, 0
+        elif direction != self._pending_direction or self._pending_since is None:
+            self._pending_since, self._pending_direction = now, direction
+        if direction != 0 and now - self._pending_since >= self.hold_seconds:
+            self._levels, factor = wanted, wanted_factor
+            self._pending_since, self._pending_direction = None, 0
         changed = factor != self.current.factor
         self.current = LoadSample(
             round(cpu_percent, 1), round(memory_percent, 1), factor, time.time()

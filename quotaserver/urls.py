@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from .handlers import admin, api, dashboard, dev, health, session, sse, tokens, websocket
+from .handlers import admin, api, dashboard, dev, health, metrics, session, sse, tokens, websocket
 from .handlers.base import NotFoundHandler
 
 if TYPE_CHECKING:
@@ -17,6 +17,7 @@ ROUTES: list[tuple[str, type]] = [
     (r"/api/quotas/users/([^/]+)", api.UserStatusHandler),
     (r"/api/ws/health", health.StreamHealthHandler),
     (r"/api/plugins", health.PluginsHandler),
+    (r"/metrics", metrics.MetricsHandler),
     (r"/ws/admin/quotas", websocket.AdminSocketHandler),
     (r"/sse/admin/quotas", sse.AdminEventsHandler),
     (r"/login", session.LoginHandler),

@@ -12,6 +12,7 @@ from tornado.websocket import WebSocketClientConnection, websocket_connect
 ADMIN = "admin-token-for-tests-0123456789"
 VIEWER = "viewer-token-for-tests-0123456789"
 SERVICE = "service-token-for-tests-0123456789"
+METRICS = "metrics-token-for-tests-0123456789"
 
 
 class Response:

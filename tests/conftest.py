@@ -21,7 +21,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from clients import ADMIN, SERVICE, VIEWER  # noqa: E402
+from clients import ADMIN, METRICS, SERVICE, VIEWER  # noqa: E402
 
 from quotaserver.app import QuotaApp  # noqa: E402
 from quotaserver.config import Config, load_config  # noqa: E402
@@ -35,6 +35,7 @@ TOKENS = [
     {"name": "test-admin", "role": "admin", "sha256": sha(ADMIN)},
     {"name": "test-viewer", "role": "viewer", "sha256": sha(VIEWER)},
     {"name": "test-service", "role": "service", "sha256": sha(SERVICE)},
+    {"name": "test-metrics", "role": "metrics", "sha256": sha(METRICS)},
 ]
 
 
@@ -63,6 +64,8 @@ def make_config(tmp_path: Any, plugins: dict | None = None, **overrides: Any) ->
         "server__port": 0,
         "auth__tokens": TOKENS,
         "auth__token_file": f"{tmp_path}/admin_token",
+        # Tests inject load and expect the factor at once (test_throttle.py tests the hold).
+        "throttle__hold_seconds": 0.0,
     }
     values.update(overrides)
     config = base.with_overrides(**values)

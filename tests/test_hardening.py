@@ -527,7 +527,10 @@ async def test_concurrent_revocations_cannot_remove_the_last_admin(app_factory):
         *(call(app, "DELETE", f"/api/admin/tokens/{token_id}", token=made.json["token"])
           for token_id in admins)
     )  # fmt: skip
-    assert sorted(a.code for a in answers) == [200, 409], answers
+    # The second is refused: as the last admin (409), or, when the first revoked the very
+    # token it authenticates with before its own check ran, as unauthenticated (401).
+    codes = sorted(a.code for a in answers)
+    assert codes in ([200, 409], [200, 401]), answers
     still = [
         (await call(app, "GET", "/api/admin/tokens", token=t)).code
         for t in (ADMIN, made.json["token"])

@@ -24,7 +24,7 @@ from urllib.parse import quote, urlsplit
 import pytest
 import tornado.web
 import tornado.websocket
-from clients import ADMIN, SERVICE, VIEWER, call, consume, sse_connect, ws_connect
+from clients import ADMIN, METRICS, SERVICE, VIEWER, call, consume, sse_connect, ws_connect
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from tornado.httpclient import HTTPClientError
@@ -35,7 +35,7 @@ from quotaserver.auth import ROLES, SESSION_COOKIE
 from quotaserver.handlers.session import DEFAULT_NEXT, safe_next
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TOKENS = {"admin": ADMIN, "viewer": VIEWER, "service": SERVICE}
+TOKENS = {"admin": ADMIN, "viewer": VIEWER, "service": SERVICE, "metrics": METRICS}
 BAD_TOKEN = "not-a-token-but-a-guess-0123456789"
 
 # Reviewed public routes: anything else that turns out public fails test_public_routes.

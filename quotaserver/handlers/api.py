@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Any
 
@@ -94,6 +95,7 @@ class QuotaRequestHandler(BaseHandler):
         if decision.allowed:
             return self.send_json(decision.to_json())
         if decision.reason == "system_overloaded":
+            self.access_log_level = logging.INFO  # shedding load is routine, not an error
             self.set_header("Retry-After", "5")
             return self.send_json(decision.to_json(), status=503)
         period = decision.violation["period"]

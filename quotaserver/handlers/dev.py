@@ -49,6 +49,6 @@ class TestAlertHandler(BaseHandler):
         if severity not in SEVERITIES or not isinstance(message, str) or not message:
             raise ApiError(400, "invalid_field", "severity or message is invalid")
         alert = await self.app.alerts.raise_alert(
-            "test", severity, message[:500], action_needed="None: this is a test alert"
+            "test", severity, message[:500], action="None: this is a test alert"
         )
         self.send_json({"alert": alert})

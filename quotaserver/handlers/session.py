@@ -60,7 +60,7 @@ class LoginHandler(BaseHandler):
             identity = self.app.auth.authenticate(self.get_body_argument("token", "").strip())
             if identity is None:
                 return self._refused("That token is not valid for the dashboard.")
-        if identity.role == "service":
+        if identity.role not in ("admin", "viewer"):  # service and metrics tokens cannot
             return self._refused("That token is not valid for the dashboard.")
         self._sign_in(identity)
 

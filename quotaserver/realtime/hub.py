@@ -18,6 +18,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
+from ..events import EventsPruned
 from ..windows import isoformat, utc_now
 from .messages import CLOSE_GOING_AWAY, CLOSE_SLOW_CONSUMER, Message
 from .sequencer import Sequencer
@@ -223,6 +224,7 @@ class Hub:
         return Message(
             "welcome",
             {
+                "protocol": 2,  # docs/protocol.md: "Changes since protocol 1"
                 "client_id": client.id,
                 "transport": client.transport,
                 "instance": self.instance,
@@ -258,6 +260,8 @@ class Hub:
         if missed is None:
             try:
                 missed = await self.replay_source(after, self.replay_limit + 1)
+            except EventsPruned:
+                return self._recovered(client, False, head, reason="pruned")
             except Exception:
                 log.exception("replay from the event log failed")
                 return self._recovered(client, False, head, reason="replay_failed")

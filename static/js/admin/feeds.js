@@ -200,7 +200,7 @@ export class AlertFeed {
     setText(li.querySelector(".a-message"), a.message);
     const action = li.querySelector(".a-action");
     action.hidden = !a.action_needed || a.status === "resolved";
-    setText(li.querySelector(".a-action-text"), a.action_needed);
+    setText(li.querySelector(".a-action-text"), a.action || "");
     const meta = [];
     if (a.username) meta.push(`user ${a.username}`);
     if (a.acknowledged_by) meta.push(`acknowledged by ${a.acknowledged_by}`);
