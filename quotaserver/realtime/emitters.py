@@ -89,8 +89,17 @@ class Scheduler:
 
     MAX_BACKOFF = 60.0
 
-    def __init__(self, emit: Emit):
+    def __init__(
+        self,
+        emit: Emit,
+        *,
+        sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep,
+        clock: Callable[[], float] = time.time,
+    ):
         self.emit = emit
+        # Injectable so that tests drive back-off and timestamps without waiting.
+        self._sleep = sleep
+        self._clock = clock
         self.sources: dict[str, SourceHealth] = {}
         self._periodic: list[tuple[PeriodicEmitter, SourceHealth]] = []
         self._event: list[tuple[EventEmitter, SourceHealth]] = []
@@ -123,7 +132,7 @@ class Scheduler:
             try:
                 await maybe_await(emitter.start(self.emit))
                 health.runs += 1
-                health.last_run = time.time()
+                health.last_run = self._clock()
             except Exception as exc:
                 self._failed(health, exc)
         for emitter, health in self._periodic:
@@ -197,7 +206,7 @@ class Scheduler:
             raise
         health.runs += 1
         health.consecutive_failures = 0
-        health.last_run = time.time()
+        health.last_run = self._clock()
         if value is not None:
             health.last_value = value
         return value
@@ -217,13 +226,12 @@ class Scheduler:
                     emitter.interval * 2 ** min(health.consecutive_failures, 10),
                     max(self.MAX_BACKOFF, emitter.interval),
                 )
-            await asyncio.sleep(delay)
+            await self._sleep(delay)
 
-    @staticmethod
-    def _failed(health: SourceHealth, exc: BaseException) -> None:
+    def _failed(self, health: SourceHealth, exc: BaseException) -> None:
         health.failures += 1
         health.consecutive_failures += 1
-        health.last_run = time.time()
+        health.last_run = self._clock()
         text = "timed out" if isinstance(exc, TimeoutError) else f"{type(exc).__name__}: {exc}"
         health.last_error = text[:500]
         log.warning("source %s (plugin %s) failed: %s", health.name, health.plugin, text)
