@@ -48,6 +48,19 @@ class FakeClock:
         self.now = when
 
 
+class FakeMonotonic:
+    """An injectable monotonic clock (seconds) for limiters that take ``clock=``."""
+
+    def __init__(self, start: float = 1000.0):
+        self.now = start
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
 def make_config(tmp_path: Any, plugins: dict | None = None, **overrides: Any) -> Config:
     """A config on a temp SQLite file, test tokens, port 0; ``a__b=v`` sets ``a.b``."""
     base = load_config(env={})
