@@ -142,3 +142,16 @@ class Server:
         path = f"{API}/users/{quote(user, safe='')}/limits/{command_type}"
         status, body = self.call("PUT", path, {"limits": {"daily": daily}})
         assert status == 200, body
+
+    def wait_for_open_alert(self, user: str, timeout: float = 30.0) -> dict:
+        """The open alert about ``user``; the alert engine raises it after the response."""
+        deadline = time.monotonic() + timeout
+        while True:
+            status, body = self.call("GET", f"{API}/alerts?status=open&per_page=100")
+            assert status == 200, body
+            found = [a for a in body["items"] if a["username"] == user]
+            if found:
+                return found[0]
+            if time.monotonic() > deadline:
+                raise AssertionError(f"no open alert about {user} after {timeout} s")
+            time.sleep(0.05)
