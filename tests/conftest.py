@@ -125,8 +125,12 @@ def nothing_left_behind(request: pytest.FixtureRequest) -> Any:
         found = []
         for child in me.children(recursive=True):
             try:
-                if child.pid not in children and child.status() != psutil.STATUS_ZOMBIE:
-                    found.append(f"{child.pid} {' '.join(child.cmdline()[:3])}")
+                if child.pid in children or child.status() == psutil.STATUS_ZOMBIE:
+                    continue
+                # Helpers a module-scoped process starts on demand (Chromium's) are its own.
+                if any(parent.pid in children for parent in child.parents()):
+                    continue
+                found.append(f"{child.pid} {' '.join(child.cmdline()[:3])}")
             except psutil.NoSuchProcess:
                 continue
         return found
