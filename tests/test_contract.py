@@ -125,7 +125,7 @@ async def test_hourly_windows_end_to_end_and_ratelimit_names_the_tightest(app_fa
     assert later.code == 200
     assert later.json["periods"]["hourly"]["used"] == 1
     assert later.json["periods"]["daily"]["used"] == 3
-    # Now the day is the tighter one (0 left against 1), with the earlier... later reset.
+    # Now the day is the tighter one: 0 left against the hour's 1.
     assert later.headers["RateLimit-Limit"] == "3"
     assert later.headers["RateLimit-Remaining"] == "0"
     assert later.headers["RateLimit-Reset"] == str(11 * 3600)

@@ -59,8 +59,7 @@ def test_a_failed_commit_fails_every_caller_of_its_batch_and_writes_nothing(comm
         own_error.result(30)
     assert rows(committer.path, "parent") == [] and rows(committer.path, "child") == []
     # The writer goes on with the next batch.
-    assert committer.submit(lambda: db.execute_sql("INSERT INTO parent (id) VALUES (2)"))
-    committer.submit(lambda: None).result(30)
+    committer.submit(lambda: db.execute_sql("INSERT INTO parent (id) VALUES (2)")).result(30)
     assert rows(committer.path, "parent") == [(2,)]
 
 
