@@ -248,6 +248,9 @@ def test_backoff_gives_up_after_ten_attempts_until_reconnect_and_flags_stale(own
         page.clock.install()
         page.goto(f"{server.url}/login?token={ADMIN}")
         page.wait_for_selector("#conn[data-state=connected]", timeout=WAIT)
+        # Paused: page time moves only by fast_forward. Flowing, a 1 s back-off could pass
+        # (and its attempt text with it) before a busy machine polled the page.
+        page.clock.pause_at(page.evaluate("Date.now()") / 1000 + 1)
         delays = page.evaluate(
             "() => import('/static/js/admin/stream.js').then(m =>"
             " [1,2,3,4,5,6,7,10].map(k => [m.backoffDelay(k, () => 0.5),"
