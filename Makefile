@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check -q
 
-.PHONY: run test lint format bench clean install install-test
+.PHONY: run test coverage lint format bench clean install install-test
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,17 @@ run: install
 ## The whole suite (unit, API, real-time, browser).
 test: install-test
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+## The suite under coverage.py, run.py server subprocesses included (coverage's .pth starts
+## it in every Python process when COVERAGE_PROCESS_START is set); then per-module branch
+## coverage. A report, not a gate: docs/testing.md says how to read it.
+coverage: install-test
+	rm -f .coverage .coverage.*
+	COVERAGE_PROCESS_START=$(CURDIR)/pyproject.toml COVERAGE_FILE=$(CURDIR)/.coverage \
+		$(PY) -m pytest $(PYTEST_ARGS); status=$$?; \
+	$(PY) -m coverage combine -q; \
+	$(PY) -m coverage report; \
+	exit $$status
 
 lint: install-test
 	$(VENV)/bin/ruff check .

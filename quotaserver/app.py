@@ -6,6 +6,7 @@ import asyncio
 import logging
 import os
 import socket
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pluggy
@@ -134,7 +135,15 @@ class QuotaApp:
     # -- lifecycle ---------------------------------------------------------------------
     async def start(self, listen: bool = True, sockets: list[socket.socket] | None = None) -> None:
         """Migrate, load state, start plugins, emitters and timers, then listen (on
-        ``sockets`` when given: the workers of one port share the parent's)."""
+        ``sockets`` when given: the workers of one port share the parent's). A start that
+        fails stops what it started (threads, connections) before the error propagates."""
+        try:
+            await self._start(listen, sockets)
+        except BaseException:
+            await self.stop()
+            raise
+
+    async def _start(self, listen: bool, sockets: list[socket.socket] | None) -> None:
         asyncio.get_running_loop().set_default_executor(self.threads)
         await self.store.run(self.store.migrate)
         await self.auth.load(self.store, self.clock)
@@ -211,7 +220,9 @@ class QuotaApp:
                     await self.server.close_all_connections()
             except TimeoutError:
                 log.warning("some connections did not close in time")
-        await asyncio.get_running_loop().run_in_executor(None, self.store.close)
+        # A thread of its own (the pools are shut): none is left behind once closed.
+        with ThreadPoolExecutor(1, thread_name_prefix="db-close") as closer:
+            await asyncio.get_running_loop().run_in_executor(closer, self.store.close)
 
     @property
     def clustered(self) -> bool:

@@ -129,7 +129,9 @@ class PluginThreads(ThreadPoolExecutor):
     def __init__(self, workers_per_plugin: int = 4, core_workers: int = 8):
         super().__init__(max_workers=1)
         self.workers_per_plugin = workers_per_plugin
-        self.core = ThreadPool("core", core_workers)
+        # Short-lived idle core threads: the core's own work is brief (name resolution for
+        # the HTTP client, closing the store), and a stopped app leaves no thread for long.
+        self.core = ThreadPool("core", core_workers, idle=2.0)
         self.pools: dict[str, ThreadPool] = {}
         self._pools_lock = threading.Lock()
         self._stopped = False

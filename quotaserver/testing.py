@@ -172,6 +172,9 @@ class StatsStream:
             self._reader.result(5)
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(5)
+        if not self._thread.is_alive():  # the resolver's thread too: nothing left behind
+            self._loop.run_until_complete(self._loop.shutdown_default_executor())
+            self._loop.close()
 
     def __enter__(self) -> StatsStream:
         return self

@@ -8,6 +8,7 @@ from typing import Any
 
 from tornado.httpclient import AsyncHTTPClient, HTTPRequest
 from tornado.websocket import WebSocketClientConnection, websocket_connect
+from waits import DEFAULT_TIMEOUT, wait_until
 
 ADMIN = "admin-token-for-tests-0123456789"
 VIEWER = "viewer-token-for-tests-0123456789"
@@ -68,12 +69,13 @@ async def consume(
     )  # fmt: skip
 
 
-async def settle(app: Any) -> None:
-    """Wait for background plugin reactions (they run after publish) to finish."""
-    for _ in range(100):
-        if not app._tasks:
-            return
-        await asyncio.sleep(0.01)
+async def settle(app: Any, timeout: float = DEFAULT_TIMEOUT) -> None:
+    """Wait for background plugin reactions (they run after publish) to finish.
+
+    Fails when they never do: a "nothing happened" check after a silent give-up would
+    check nothing.
+    """
+    await wait_until(lambda: not app._tasks, "background plugin reactions to finish", timeout)
 
 
 class WsClient:

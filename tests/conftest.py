@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import sys
+import threading
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -21,7 +22,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+import psutil  # noqa: E402
 from clients import ADMIN, METRICS, SERVICE, VIEWER  # noqa: E402
+from waits import wait_until_sync  # noqa: E402
 
 from quotaserver.app import QuotaApp  # noqa: E402
 from quotaserver.config import Config, load_config  # noqa: E402
@@ -53,6 +56,19 @@ class FakeClock:
 
     def set(self, when: datetime) -> None:
         self.now = when
+
+
+class FakeMonotonic:
+    """An injectable monotonic clock (seconds) for limiters that take ``clock=``."""
+
+    def __init__(self, start: float = 1000.0):
+        self.now = start
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
 
 
 def make_config(tmp_path: Any, plugins: dict | None = None, **overrides: Any) -> Config:
@@ -97,3 +113,42 @@ def app_factory(io_loop: Any, tmp_path: Any) -> Callable[..., Any]:
     yield start
     for app in apps:
         io_loop.run_sync(app.stop, timeout=15)  # idempotent: tests may have stopped it
+
+
+@pytest.fixture(autouse=True)
+def nothing_left_behind(request: pytest.FixtureRequest) -> Any:
+    """Fail a test that leaves a thread or a child process running after its teardown.
+
+    Module-scoped fixtures (a shared server, Playwright's driver) start before this and are
+    not counted. A leftover costs every later run its wait, so it is a defect of the test.
+    """
+    threads = set(threading.enumerate())
+    me = psutil.Process()
+    children = {p.pid for p in me.children(recursive=True)}
+    yield
+
+    def new_threads() -> list[str]:
+        return [t.name for t in threading.enumerate() if t not in threads and t.is_alive()]
+
+    def new_children() -> list[str]:
+        found = []
+        for child in me.children(recursive=True):
+            try:
+                if child.pid in children or child.status() == psutil.STATUS_ZOMBIE:
+                    continue
+                # Helpers a module-scoped process starts on demand (Chromium's) are its own.
+                if any(parent.pid in children for parent in child.parents()):
+                    continue
+                found.append(f"{child.pid} {' '.join(child.cmdline()[:3])}")
+            except psutil.NoSuchProcess:
+                continue
+        return found
+
+    try:
+        wait_until_sync(lambda: not new_threads() and not new_children(), "leftovers", 15)
+    except AssertionError:
+        pytest.fail(
+            f"{request.node.nodeid} left behind threads {new_threads()} "
+            f"and processes {new_children()}",
+            pytrace=False,
+        )

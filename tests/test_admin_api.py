@@ -112,7 +112,15 @@ async def test_stats_are_the_snapshot_the_stream_sends(app_factory):
     assert stats["violations_today"] == 0
     assert "system_load" in stats
     assert resp.json["seq"] == app.hub.last_seq
-    assert stats == app.stats_snapshot()
+    # What a dashboard connecting now is streamed: the same snapshot, field for field.
+    app.broadcast_stats()
+    ws = await ws_connect(app)
+    welcome = await ws.recv_type("welcome")
+    streamed = await ws.recv_type("stats")
+    ws.close()
+    assert streamed["data"].pop("delta") is False
+    assert streamed["data"] == stats
+    assert welcome["data"]["seq"] == resp.json["seq"]
 
 
 @pytest.mark.gen_test

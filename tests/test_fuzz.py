@@ -102,6 +102,11 @@ class ServerThread:
         """Run a client coroutine to completion on the test's loop."""
         return self.client_loop.run_until_complete(asyncio.wait_for(coro, timeout))
 
+    def on_server(self, coro: Coroutine[Any, Any, Any], timeout: float = 30) -> Any:
+        """Run a coroutine on the server's own loop (direct service calls)."""
+        assert self._loop is not None
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
+
     def query(self, sql: str, *args: Any) -> list[tuple]:
         with sqlite3.connect(self.db_path) as db:
             return db.execute(sql, args).fetchall()
@@ -163,6 +168,15 @@ raw_bodies = (
     | st.binary(max_size=64)
     | st.text(max_size=64).map(str.encode)
 )
+# Well-formed requests for a few users near small limits, so that admissions and denials
+# both happen often; the junk above explores the refusals.
+plausible_quota_raw = st.fixed_dictionaries(
+    {
+        "user": st.sampled_from(["alice", "bob", "ü ß"]),
+        "command_type": st.sampled_from(["shell", "code", "test"]),
+        "count": st.integers(1, 4),
+    }
+).map(lambda body: json.dumps(body).encode())
 content_types = st.sampled_from(
     ["application/json", "application/json", "application/json; charset=utf-8", "text/plain", ""]
 )
@@ -171,52 +185,77 @@ content_types = st.sampled_from(
 # -- the quota API --------------------------------------------------------------------------
 def test_quota_api_never_fails_and_never_writes_half(server):
     srv = server()
+    # Small limits on the command types the strategies favour: denials (and so violation
+    # rows and events) are common, not a corner the run may never reach.
+    for command_type in ("shell", "code", "test"):
+        srv.on_server(srv.app.rules.set_global_limits(command_type, {"daily": 5}, actor="fuzz"))
     used: Counter[tuple[str, str]] = Counter()
     violations: Counter[tuple[str, str]] = Counter()
+    outcomes: Counter[str] = Counter()
+
+    def send(endpoint: str, raw: bytes, content_type: str) -> None:
+        headers = {"Content-Type": content_type}
+        path = f"/api/quotas/{endpoint}"
+        resp = srv.run(call(srv, "POST", path, raw=raw, token=SERVICE, headers=headers))
+        assert resp.code in DECISION_CODES | ERROR_CODES, resp
+        outcomes[f"{endpoint} {resp.code}"] += 1
+        if resp.code in ERROR_CODES:
+            assert_envelope(resp)
+            return
+        decision = resp.json
+        key = (decision["user"], decision["command_type"])
+        if endpoint == "consume" and resp.code == 200:
+            used[key] += decision["count"]
+        elif endpoint == "consume":
+            assert decision["reason"] == "quota_exceeded", decision
+            violations[key] += 1
+        # What the response reports is what the windows hold (all windows alike).
+        if endpoint == "consume":
+            reported = {decision["periods"][p]["used"] for p in PERIODS}
+            assert reported == {used[key]}, (decision, used[key])
 
     @settings(FUZZ_SETTINGS, max_examples=150)
     @given(
         endpoint=st.sampled_from(["consume", "consume", "check"]),
         raw=raw_bodies,
         content_type=content_types,
+        # Every example also sends one well-formed request (a one_of would mostly draw
+        # junk), so admissions and denials keep happening between the junk.
+        good=plausible_quota_raw,
     )
     # Found by this test: deep nesting and unpaired surrogates used to be 500s.
-    @example(endpoint="consume", raw=b"[" * 50_000, content_type=JSON)
+    @example(endpoint="consume", raw=b"[" * 50_000, content_type=JSON, good=b"{}")
     @example(
-        endpoint="consume", raw=b'{"user": "\\ud800", "command_type": "shell"}', content_type=JSON
+        endpoint="consume",
+        raw=b'{"user": "\\ud800", "command_type": "shell"}',
+        content_type=JSON,
+        good=b"{}",
     )
     @example(
         endpoint="consume",
         raw=b'{"user": "a", "command_type": "shell", "count": 1e400}',
         content_type=JSON,
+        good=b"{}",
     )
     @example(
-        endpoint="consume", raw=b'{"user": "a\\u0000", "command_type": "shell"}', content_type=JSON
+        endpoint="consume",
+        raw=b'{"user": "a\\u0000", "command_type": "shell"}',
+        content_type=JSON,
+        good=b"{}",
     )
-    def check(endpoint: str, raw: bytes, content_type: str) -> None:
-        headers = {"Content-Type": content_type}
-        path = f"/api/quotas/{endpoint}"
-        resp = srv.run(call(srv, "POST", path, raw=raw, token=SERVICE, headers=headers))
-        assert resp.code in DECISION_CODES | ERROR_CODES, resp
-        if resp.code in ERROR_CODES:
-            assert_envelope(resp)
-        else:
-            decision = resp.json
-            key = (decision["user"], decision["command_type"])
-            count = decision["count"]
-            if endpoint == "consume" and resp.code == 200:
-                used[key] += count
-            elif endpoint == "consume":
-                assert decision["reason"] == "quota_exceeded", decision
-                violations[key] += 1
-            # What the response reports is what the windows hold (all windows alike).
-            if endpoint == "consume":
-                reported = {decision["periods"][p]["used"] for p in PERIODS}
-                assert reported == {used[key]}, (decision, used[key])
+    def check(endpoint: str, raw: bytes, content_type: str, good: bytes) -> None:
+        send(endpoint, raw, content_type)
+        send(endpoint, good, JSON)
         assert_consistent(srv, used, violations)
         assert srv.run(call(srv, "GET", "/api/health", token=None)).code == 200
 
     check()
+    # The run reached every interesting path: admissions, denials with their violation rows
+    # and events, checks, and refusals. Otherwise the consistency checks compared empty sets.
+    assert sum(violations.values()) >= 10, outcomes
+    assert sum(used.values()) >= 10, outcomes
+    assert outcomes["consume 200"] and outcomes["consume 429"] and outcomes["check 200"], outcomes
+    assert any(outcomes[f"consume {code}"] for code in ERROR_CODES), outcomes
 
 
 def assert_consistent(srv: ServerThread, used: Counter, violations: Counter) -> None:

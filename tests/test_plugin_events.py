@@ -2,7 +2,8 @@
 
 import pytest
 from clients import VIEWER, call, ws_connect
-from test_plugins import plugin_dir, wait_for
+from test_plugins import plugin_dir
+from waits import wait_until
 
 from quotaserver.plugins import PluginError, PluginEventError
 
@@ -36,6 +37,10 @@ async def on_event(app, message):
     if message.type == "note" and message.data.get("forge_from_hook"):
         await app.publish_event("violation", {"user_id": 1})
 """
+
+
+async def wait_for(predicate) -> None:
+    await wait_until(predicate, "the plugin's reaction")
 
 
 async def next_note(ws, seq):

@@ -14,7 +14,8 @@ from datetime import datetime
 import pytest
 from clients import ADMIN, VIEWER, call, consume, ws_connect
 from test_lifecycle import free_port
-from test_plugins import plugin_dir, wait_for
+from test_plugins import plugin_dir
+from waits import wait_until
 
 from quotaserver.isolation import ThreadPool
 
@@ -40,6 +41,10 @@ async def on_violation(app, violation):
     await asyncio.sleep(0)
     app.plugin_state("witness").setdefault("seen", []).append(violation["username"])
 """
+
+
+async def wait_for(predicate) -> None:
+    await wait_until(predicate, "the plugin's reaction")
 
 
 async def violate(app, user):

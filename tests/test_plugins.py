@@ -1,13 +1,14 @@
 """The plugin contract: every hook is documented and tested here; failures stay local."""
 
-import asyncio
 import os
 import re
 import sys
 import textwrap
+import threading
 
 import pytest
 from clients import VIEWER, call, consume, ws_connect
+from waits import wait_until, wait_until_sync
 
 from quotaserver import hookspecs
 from quotaserver.config import ConfigError, load_config
@@ -28,7 +29,8 @@ def _calls(app):
 @hookimpl
 async def startup(app):
     await asyncio_sleep0()
-    _calls(app).append(("startup",))
+    # Whether the server was listening yet: startup is awaited before it is.
+    _calls(app).append(("startup", app.server is not None))
 
 async def asyncio_sleep0():
     import asyncio
@@ -36,6 +38,7 @@ async def asyncio_sleep0():
 
 @hookimpl
 def shutdown(app):
+    app.plugin_state(NAME).setdefault("order", []).append("shutdown hook")
     with open(app.plugin_config(NAME)["marker"], "w") as fh:
         fh.write("shutdown")
 
@@ -63,7 +66,7 @@ def register_emitters(app):
         state["emit"] = emit
 
     def stop():
-        state["stopped"] = True
+        state.setdefault("order", []).append("emitter stop")
 
     ticks = iter(range(10**9))
     return [
@@ -77,13 +80,17 @@ import threading, time
 from quotaserver import hookimpl
 from quotaserver.realtime.emitters import PeriodicEmitter
 
-forever = threading.Event()
+released = threading.Event()
 
 def boom():
     raise RuntimeError("sensor on fire")
 
 def hang():
-    forever.wait(30)
+    released.wait(60)
+
+@hookimpl
+def shutdown(app):
+    released.set()  # the hung sensor comes back: its thread ends with the server
 
 @hookimpl
 def register_emitters(app):
@@ -122,14 +129,6 @@ async def recorder_app(app_factory, tmp_path, **overrides):
     return app, marker
 
 
-async def wait_for(predicate, timeout=5.0):
-    for _ in range(int(timeout / 0.02)):
-        if predicate():
-            return
-        await asyncio.sleep(0.02)
-    raise AssertionError("condition not met in time")
-
-
 def calls(app):
     return app.plugin_state("recorder").get("calls", [])
 
@@ -140,7 +139,8 @@ def calls(app):
 @pytest.mark.gen_test(timeout=30)
 async def test_hook_startup(app_factory, tmp_path):
     app, _ = await recorder_app(app_factory, tmp_path)
-    assert calls(app)[0] == ("startup",)  # awaited before the server started serving
+    assert calls(app)[0] == ("startup", False)  # awaited before the server started serving
+    assert app.server is not None
 
 
 @pytest.mark.gen_test(timeout=30)
@@ -148,7 +148,7 @@ async def test_hook_shutdown(app_factory, tmp_path):
     app, marker = await recorder_app(app_factory, tmp_path)
     await app.stop()
     assert marker.read_text() == "shutdown"
-    assert app.plugin_state("recorder")["stopped"] is True  # event emitter stopped first
+    assert app.plugin_state("recorder")["order"] == ["emitter stop", "shutdown hook"]
 
 
 @pytest.mark.gen_test(timeout=30)
@@ -169,7 +169,9 @@ async def test_hook_on_decision(app_factory, tmp_path):
     app, _ = await recorder_app(app_factory, tmp_path)
     await consume(app, "ben")
     await consume(app, "ben")
-    await wait_for(lambda: len([c for c in calls(app) if c[0] == "decision"]) == 2)
+    await wait_until(
+        lambda: len([c for c in calls(app) if c[0] == "decision"]) == 2, "two decisions"
+    )
     decisions = [c for c in calls(app) if c[0] == "decision"]
     assert decisions == [
         ("decision", "ben", True, None),
@@ -181,7 +183,7 @@ async def test_hook_on_decision(app_factory, tmp_path):
 async def test_hook_on_violation(app_factory, tmp_path):
     app, _ = await recorder_app(app_factory, tmp_path)
     await consume(app, "cat", count=3)
-    await wait_for(lambda: any(c[0] == "violation" for c in calls(app)))
+    await wait_until(lambda: any(c[0] == "violation" for c in calls(app)), "the violation hook")
     assert ("violation", "cat", 3) in calls(app)
 
 
@@ -189,7 +191,7 @@ async def test_hook_on_violation(app_factory, tmp_path):
 async def test_hook_on_event(app_factory, tmp_path):
     app, _ = await recorder_app(app_factory, tmp_path)
     message = await app.publish_event("quota_change", {"x": 1})
-    await wait_for(lambda: ("event", "quota_change", message.seq) in calls(app))
+    await wait_until(lambda: ("event", "quota_change", message.seq) in calls(app), "the event hook")
 
 
 @pytest.mark.gen_test(timeout=30)
@@ -197,7 +199,7 @@ async def test_hook_register_emitters(app_factory, tmp_path):
     app, _ = await recorder_app(app_factory, tmp_path)
     # Periodic: its value becomes a stats field.
     ws = await ws_connect(app, "types=stats,custom_note")
-    await wait_for(lambda: app.scheduler.sources["recorder_ticks"].runs >= 3)
+    await wait_until(lambda: app.scheduler.sources["recorder_ticks"].runs >= 3, "three ticks")
     stats = await ws.recv_type("stats")
     while "ticks" not in stats["data"]:
         stats = await ws.recv_type("stats")
@@ -282,8 +284,14 @@ async def test_raising_and_hanging_plugins_are_isolated(app_factory, tmp_path):
     )
     ws = await ws_connect(app)
     await ws.recv_type("welcome")
-    await wait_for(lambda: app.scheduler.sources["hanging_source"].failures >= 1)
-    await wait_for(lambda: app.scheduler.sources["raising_source"].failures >= 2)
+    await wait_until(
+        lambda: app.scheduler.sources["hanging_source"].failures >= 1,
+        "the hanging source to time out",
+    )
+    await wait_until(
+        lambda: app.scheduler.sources["raising_source"].failures >= 2,
+        "two failures of the raising source",
+    )
     health = (await call(app, "GET", "/api/ws/health", token=VIEWER)).json
     sources = {s["name"]: s for s in health["sources"]}
     assert health["status"] == "degraded"
@@ -299,6 +307,12 @@ async def test_raising_and_hanging_plugins_are_isolated(app_factory, tmp_path):
         stats = await ws.recv_type("stats")
     await ws.recv_type("ping")
     ws.close()
+    # Stopping the server releases the hung sensor: no thread outlives the test.
+    await app.stop()
+    wait_until_sync(
+        lambda: not [t for t in threading.enumerate() if t.name.startswith("emitter-hanging")],
+        "the hung emitter thread to end",
+    )
 
 
 @pytest.mark.gen_test(timeout=30)

@@ -143,5 +143,48 @@ async def test_rules_alerts_and_replay_on_postgresql(pg_app):
     resumed = await ws_connect(app, f"last_seq={welcome['data']['seq']}")
     violation = await resumed.recv_type("violation")
     assert violation["data"]["username"] == "carol"
-    assert (await resumed.recv_type("recovered"))["data"]["missed"] >= 1
+    recovered = await resumed.recv_type("recovered")
+    # The one violation is all that happened since the welcome (a single denial opens no alert).
+    assert recovered["data"]["recovered"] is True and recovered["data"]["missed"] == 1
+    assert recovered["data"]["seq"] == violation["seq"]
     resumed.close()
+
+
+def _terminate_other_backends(url: str) -> int:
+    """From a connection of its own: end every other session, as a server restart would."""
+    import psycopg2
+
+    with psycopg2.connect(url) as conn, conn.cursor() as cur:
+        cur.execute(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+            "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+        )
+        return cur.fetchone()[0]
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_the_app_reconnects_after_losing_the_database(pg_app, pg_url):
+    """Every pooled connection dies (a restart, a failover): the next calls find the dead
+    connection, replace it and succeed, without restarting quotaserver."""
+    app = await pg_app(database__pool_size=1)  # one worker: its one connection is the lost one
+    assert (await call(app, "GET", "/api/health", token=None)).code == 200
+    assert _terminate_other_backends(pg_url) >= 1
+    health = await call(app, "GET", "/api/health", token=None)
+    assert health.code == 200 and health.json["database"] == {"reachable": True}
+    assert (await consume(app, "lee")).code == 200
+    assert _terminate_other_backends(pg_url) >= 1
+    assert (await consume(app, "lee")).code == 200  # a write, too, is retried when safe
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_an_unexpected_error_is_the_500_envelope_without_a_traceback(pg_app, monkeypatch):
+    app = await pg_app()
+
+    async def broken(user: str) -> None:
+        raise RuntimeError("a bug, not bad input")
+
+    monkeypatch.setattr(app.quota, "user_status", broken)  # fault injection: a server bug
+    failed = await call(app, "GET", "/api/quotas/users/lee", token=SERVICE)
+    assert failed.code == 500
+    assert failed.json == {"error": {"code": "internal_error", "message": "internal server error"}}
+    assert b"Traceback" not in failed.body and b"a bug" not in failed.body

@@ -47,7 +47,7 @@ async def test_consume_returns_every_window_and_rate_limit_headers(app_factory):
     body = resp.json
     assert body["allowed"] is True
     assert body["user"] == "alice" and body["command_type"] == "shell"
-    assert 0 <= body["throttle_factor"] <= 1
+    assert body["throttle_factor"] == 1.0  # no load injected: below every band
     assert body["periods"]["daily"] == {
         "limit": 500,
         "used": 2,
@@ -58,7 +58,7 @@ async def test_consume_returns_every_window_and_rate_limit_headers(app_factory):
     assert body["periods"]["monthly"]["resets_at"] == "2026-04-01T00:00:00.000Z"
     assert resp.headers["RateLimit-Limit"] == "500"
     assert resp.headers["RateLimit-Remaining"] == "498"
-    assert int(resp.headers["RateLimit-Reset"]) > 0
+    assert resp.headers["RateLimit-Reset"] == str(12 * 3600)  # noon to midnight UTC
 
 
 @pytest.mark.gen_test
@@ -224,7 +224,7 @@ async def test_overloaded_system_denies_without_a_violation(app_factory):
     assert resp.json["allowed"] is False
     assert resp.json["reason"] == "system_overloaded"
     assert resp.json["throttle_factor"] == 0.0
-    assert "Retry-After" in resp.headers
+    assert resp.headers["Retry-After"] == "5"
     assert await db_count(app, Violation) == 0
     assert await used(app, "kim") == 0
     app.load.update(50, 20)

@@ -25,10 +25,12 @@ import pytest
 import tornado.web
 import tornado.websocket
 from clients import ADMIN, METRICS, SERVICE, VIEWER, call, consume, sse_connect, ws_connect
+from conftest import FakeMonotonic
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from tornado.httpclient import HTTPClientError
 from tornado.httputil import HTTPHeaders, HTTPServerRequest, RequestStartLine
+from waits import wait_until
 
 from quotaserver import urls
 from quotaserver.auth import ROLES, SESSION_COOKIE
@@ -432,7 +434,12 @@ async def test_tokens_never_reach_logs_error_messages_or_responses(app_factory, 
         raw = f"Authorization: {value}\r\n".encode("latin-1")
         assert (await raw_request(app, "GET", "/api/ws/health", raw_headers=raw)).code == 400
     await raw_request(app, "GET", f"/nowhere?token={ADMIN}")
-    await asyncio.sleep(0.1)  # let the last log lines land
+    # Every connection is over and the last request's access line is in: nothing is late.
+    await wait_until(lambda: app.hub.count() == 0, "the streams to close")
+    await wait_until(
+        lambda: any("/nowhere" in r.getMessage() for r in caplog.records),
+        "the access log line of the last request",
+    )
 
     logged = "\n".join(r.getMessage() + (r.exc_text or "") for r in caplog.records) + caplog.text
     assert "GET /api/ws/health" in logged  # the access log was captured
@@ -466,7 +473,9 @@ async def test_a_65_kib_websocket_message_closes_1009(app_factory):
 
 @pytest.mark.gen_test(timeout=30)
 async def test_a_message_flood_closes_1008_and_others_are_served(app_factory):
-    app = await start(app_factory, auth__ws_message_rate=5.0, auth__ws_message_burst=10)
+    # The slowest refill allowed (0.1/s): however slow the machine, the flood below takes
+    # far less than the 10 s one more token would need, so exactly the burst is answered.
+    app = await start(app_factory, auth__ws_message_rate=0.1, auth__ws_message_burst=10)
     calm = await ws_connect(app, token=VIEWER)
     await calm.recv_type("welcome")
     flood = await ws_connect(app)
@@ -475,36 +484,45 @@ async def test_a_message_flood_closes_1008_and_others_are_served(app_factory):
         await flood.send({"type": "ping"})
     assert await flood.closed() == 1008
     pongs = [m for m in flood.messages if m["type"] == "pong"]
-    assert len(pongs) <= 11  # the burst, plus what the rate refilled meanwhile
+    assert len(pongs) == 10
     await calm.send({"type": "ping"})
     assert (await calm.recv_type("pong"))["type"] == "pong"
-    # Within the rate nothing happens.
+    # Up to the burst nothing happens; one more is refused.
     steady = await ws_connect(app)
     await steady.recv_type("welcome")
-    for _ in range(8):
+    for _ in range(10):
         await steady.send({"type": "ping"})
         await steady.recv_type("pong")
-        await asyncio.sleep(0.25)
+    await steady.send({"type": "ping"})
+    assert await steady.closed() == 1008
 
 
 @pytest.mark.gen_test(timeout=30)
 async def test_connection_attempts_per_address_are_rate_limited(app_factory):
-    app = await app_factory(auth__connect_attempts_per_ip=4, auth__connect_window=1.0)
+    app = await app_factory(auth__connect_attempts_per_ip=4, auth__connect_window=10.0)
+    clock = FakeMonotonic()
+    app.limiter.clock = clock  # time moves when the test says so
     sse = await raw_request(app, "GET", "/sse/admin/quotas", auth_headers("admin"))
     assert sse.code == 200
     # Failed handshakes count too: guessing is throttled like connecting.
     assert (await raw_request(app, "GET", "/ws/admin/quotas", WS_UPGRADE)).code == 401
     bad = {"Authorization": f"Bearer {BAD_TOKEN}"}
     assert (await raw_request(app, "GET", "/sse/admin/quotas", bad)).code == 401
+    clock.advance(3.5)
     ws = await raw_request(app, "GET", "/ws/admin/quotas", {**WS_UPGRADE, **auth_headers("admin")})
     assert ws.code == 101
     for path, extra in (("/ws/admin/quotas", WS_UPGRADE), ("/sse/admin/quotas", {})):
         head = await raw_request(app, "GET", path, {**extra, **auth_headers("admin")})
         assert head.code == 429, head
-        assert 1 <= int(head.headers["Retry-After"]) <= 1
+        assert head.headers["Retry-After"] == "7"  # the first attempt leaves in 6.5 s
     # Other routes are not affected, and the address gets in again after the window.
     assert (await call(app, "GET", "/api/ws/health")).code == 200
-    await asyncio.sleep(1.05)
+    clock.advance(6.4)
+    head = await raw_request(
+        app, "GET", "/ws/admin/quotas", {**WS_UPGRADE, **auth_headers("admin")}
+    )
+    assert head.code == 429 and head.headers["Retry-After"] == "1"
+    clock.advance(0.1)  # the first attempt is now a full window old
     ws = await raw_request(app, "GET", "/ws/admin/quotas", {**WS_UPGRADE, **auth_headers("admin")})
     assert ws.code == 101
 
@@ -668,7 +686,7 @@ def test_safe_next_only_yields_same_site_paths(value):
 
 
 @pytest.mark.gen_test(timeout=30)
-async def test_logout_closes_that_sessions_websocket_and_sse_with_1008_within_a_second(
+async def test_logout_closes_that_sessions_websocket_and_sse_with_1008(
     app_factory,
 ):
     app = await start(app_factory)
@@ -685,15 +703,12 @@ async def test_logout_closes_that_sessions_websocket_and_sse_with_1008_within_a_
         await client.recv_type("welcome")
     await sse.next_type("welcome")
 
-    loop = asyncio.get_running_loop()
-    started = loop.time()
+    # How fast this happens is measured by bench/close_latency.py, not asserted here.
     headers = {**cookie_header(jar), "Accept": "application/json"}
     resp = await call(app, "POST", "/logout", token=None, headers=headers)
     assert resp.code == 200 and resp.json == {"logged_out": True}
-    assert await ws.closed(timeout=1.0) == 1008
-    await asyncio.wait_for(sse.fetch, 1.0)
-    elapsed = loop.time() - started
-    assert elapsed < 1.0
+    assert await ws.closed(timeout=10) == 1008
+    await asyncio.wait_for(sse.fetch, 10)
     assert sse.all[-1]["event"] == "close" and sse.all[-1]["message"]["data"]["code"] == 1008
     # Only that session: the other session and the bearer connection stay.
     for client in (ws_other, ws_bearer):
@@ -705,7 +720,6 @@ async def test_logout_closes_that_sessions_websocket_and_sse_with_1008_within_a_
     with pytest.raises(HTTPClientError) as refused:
         await ws_connect(app, token=None, headers=headers)
     assert refused.value.code == 401
-    print(f"logout -> WebSocket 1008 and SSE end in {elapsed * 1000:.0f} ms")
 
 
 @pytest.mark.gen_test(timeout=30)
@@ -750,16 +764,12 @@ async def test_revoking_a_token_closes_its_connections_with_1008_and_is_audited(
         await client.recv_type("welcome")
     await sse.next_type("welcome")
 
-    loop = asyncio.get_running_loop()
-    started = loop.time()
     resp = await call(app, "DELETE", f"/api/admin/tokens/{token_id}")
     assert resp.code == 200, resp
     assert resp.json["connections_closed"] == 3
-    assert await ws.closed(timeout=1.0) == 1008
-    assert await ws_session.closed(timeout=1.0) == 1008
-    await asyncio.wait_for(sse.fetch, 1.0)
-    elapsed = loop.time() - started
-    assert elapsed < 1.0
+    assert await ws.closed(timeout=10) == 1008
+    assert await ws_session.closed(timeout=10) == 1008
+    await asyncio.wait_for(sse.fetch, 10)
     assert sse.all[-1]["message"]["data"] == {"code": 1008, "reason": "credentials revoked"}
     await bystander.send({"type": "ping"})
     await bystander.recv_type("pong")
@@ -782,7 +792,6 @@ async def test_revoking_a_token_closes_its_connections_with_1008_and_is_audited(
     with sqlite3.connect(f"{tmp_path}/quotaserver.db") as db:
         dump = "\n".join(db.iterdump())
     assert token not in dump and ADMIN not in dump
-    print(f"revocation -> WebSocket 1008 and SSE end in {elapsed * 1000:.0f} ms")
 
 
 @pytest.mark.gen_test(timeout=30)

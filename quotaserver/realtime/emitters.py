@@ -118,10 +118,16 @@ class Scheduler:
         publish: Publish,
         declare: Callable[[str, tuple[str, ...]], None] | None = None,
         emit_timeout: float = 5.0,
+        *,
+        sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep,
+        clock: Callable[[], float] = time.time,
     ):
         self.publish = publish
         self.declare = declare
         self.emit_timeout = emit_timeout
+        # Injectable so that tests drive back-off and timestamps without waiting.
+        self._sleep = sleep
+        self._clock = clock
         self.sources: dict[str, SourceHealth] = {}
         #: stats field -> the plugin whose emitter publishes it
         self.stats_claims: dict[str, str] = {}
@@ -198,7 +204,7 @@ class Scheduler:
                     raise TimeoutError
                 work.result()
                 health.runs += 1
-                health.last_run = time.time()
+                health.last_run = self._clock()
             except Exception as exc:
                 self._failed(health, exc)
         for emitter, health in self._periodic:
@@ -289,7 +295,7 @@ class Scheduler:
             raise
         health.runs += 1
         health.consecutive_failures = 0
-        health.last_run = time.time()
+        health.last_run = self._clock()
         if value is not None:
             health.last_value = value
         return value
@@ -309,13 +315,12 @@ class Scheduler:
                     emitter.interval * 2 ** min(health.consecutive_failures, 10),
                     max(self.MAX_BACKOFF, emitter.interval),
                 )
-            await asyncio.sleep(delay)
+            await self._sleep(delay)
 
-    @staticmethod
-    def _failed(health: SourceHealth, exc: BaseException) -> None:
+    def _failed(self, health: SourceHealth, exc: BaseException) -> None:
         health.failures += 1
         health.consecutive_failures += 1
-        health.last_run = time.time()
+        health.last_run = self._clock()
         text = "timed out" if isinstance(exc, TimeoutError) else f"{type(exc).__name__}: {exc}"
         health.last_error = text[:500]
         log.warning("source %s (plugin %s) failed: %s", health.name, health.plugin, text)

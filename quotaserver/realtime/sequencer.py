@@ -47,6 +47,7 @@ class Sequencer:
         self.backfilled = 0  # events that came from the event log, not live
         self._resolver: asyncio.Task | None = None
         self._lock = asyncio.Lock()
+        self._stopped = False
 
     def offer(self, message: Message) -> bool:
         """Take a committed durable event; False if it was already delivered or held."""
@@ -78,6 +79,7 @@ class Sequencer:
             await asyncio.shield(self._resolver)
 
     async def stop(self) -> None:
+        self._stopped = True  # late arrivals are held, no longer resolved
         if self._resolver is not None:
             self._resolver.cancel()
             await asyncio.gather(self._resolver, return_exceptions=True)
@@ -110,6 +112,8 @@ class Sequencer:
         self._drain()
 
     def _resolve_soon(self) -> None:
+        if self._stopped:
+            return
         if self._resolver is None or self._resolver.done():
             self._resolver = asyncio.get_running_loop().create_task(self._resolve())
 

@@ -143,12 +143,15 @@ class Server:
         status, body = self.call("PUT", path, {"limits": {"daily": daily}})
         assert status == 200, body
 
-
-def eventually(fetch: Any, what: str, timeout: float = WAIT / 1000) -> Any:
-    """Poll ``fetch()`` until it returns something truthy (background work lands later)."""
-    deadline = time.monotonic() + timeout
-    while not (value := fetch()):
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
-    return value
+    def wait_for_open_alert(self, user: str, timeout: float = 30.0) -> dict:
+        """The open alert about ``user``; the alert engine raises it after the response."""
+        deadline = time.monotonic() + timeout
+        while True:
+            status, body = self.call("GET", f"{API}/alerts?status=open&per_page=100")
+            assert status == 200, body
+            found = [a for a in body["items"] if a["username"] == user]
+            if found:
+                return found[0]
+            if time.monotonic() > deadline:
+                raise AssertionError(f"no open alert about {user} after {timeout} s")
+            time.sleep(0.05)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import os
 import threading
-import time
 from typing import Any
 
 import pytest
@@ -15,7 +14,7 @@ from quotaserver.db import Store
 from quotaserver.quota import QuotaService
 from quotaserver.throttle import SystemLoad
 
-from .support import ADMIN, API, VIEWER, WAIT, Server, eventually
+from .support import ADMIN, API, VIEWER, WAIT, Server
 
 pytestmark = pytest.mark.browser
 
@@ -36,7 +35,7 @@ def wait_in_feed(page: Any, name: str, count: int = 1, timeout: float = WAIT) ->
     )
 
 
-def test_page_loads_with_stats_and_a_violation_shows_within_500ms(server, open_dashboard):
+def test_page_loads_with_stats_and_a_violation_shows_live(server, open_dashboard):
     server.set_user_limit("fast-fay", 1)
     assert server.consume("fast-fay") == 200
     page = open_dashboard(server)
@@ -50,13 +49,9 @@ def test_page_loads_with_stats_and_a_violation_shows_within_500ms(server, open_d
     assert page.get_attribute("#conn", "data-state") == "connected"
     assert page.inner_text("#conn-text") == "connected"
 
+    # How fast it shows is measured by bench/close_latency.py --dashboard, not asserted here.
     assert server.consume("fast-fay") == 429
-    refused_at = time.monotonic()
-    page.wait_for_function(
-        f"() => ({FEED_NAMES})().includes('fast-fay')", polling="raf", timeout=5000
-    )
-    elapsed = time.monotonic() - refused_at
-    assert elapsed < 0.5, f"the violation took {elapsed:.3f} s to appear"
+    wait_in_feed(page, "fast-fay")
     first = page.locator("#violations-feed li").first
     assert first.locator(".v-user").inner_text() == "fast-fay"  # newest first
     assert "Daily shell quota exceeded" in first.locator(".v-message").inner_text()
@@ -68,15 +63,7 @@ def test_acknowledging_an_alert_in_one_page_shows_in_another(server, open_dashbo
     server.set_user_limit("noisy-ned", 0)
     for _ in range(5):  # the alert engine's quota_violation rule fires at 5 a day
         assert server.consume("noisy-ned") == 429
-    # The alert engine reacts after the violation is committed: its alert lands shortly.
-    alert = eventually(
-        lambda: next(
-            (a for a in server.call("GET", f"{API}/alerts?status=open")[1]["items"]
-             if a["username"] == "noisy-ned"),
-            None,
-        ),
-        "noisy-ned's alert",
-    )  # fmt: skip
+    alert = server.wait_for_open_alert("noisy-ned")
     one, two = open_dashboard(server), open_dashboard(server)
     selector = f"#alerts-feed li[data-alert-id='{alert['alert_id']}']"
     for page in (one, two):
@@ -92,18 +79,25 @@ def test_acknowledging_an_alert_in_one_page_shows_in_another(server, open_dashbo
     two.locator(f"{selector} .a-resolve").click()
     # Resolved alerts leave the "active" list of every page.
     one.wait_for_selector(selector, state="detached", timeout=WAIT)
-    assert server.call("GET", f"{API}/alerts?status=resolved")[1]["total"] >= 1
+    resolved = server.call("GET", f"{API}/alerts?status=resolved&per_page=100")[1]["items"]
+    assert [a["status"] for a in resolved if a["alert_id"] == alert["alert_id"]] == ["resolved"]
 
 
 def test_a_viewer_sees_no_buttons_that_would_be_refused(server, open_dashboard):
     server.set_user_limit("viewed-vic", 0)
-    assert server.consume("viewed-vic") == 429
+    for _ in range(5):  # its own alert: the check below never runs on an empty feed
+        assert server.consume("viewed-vic") == 429
+    alert = server.wait_for_open_alert("viewed-vic")
     page = open_dashboard(server, token=VIEWER)
     wait_in_feed(page, "viewed-vic")
+    item = f"#alerts-feed li[data-alert-id='{alert['alert_id']}'][data-status=open]"
+    page.wait_for_selector(item, timeout=WAIT)
+    assert page.locator(f"{item} .a-ack:visible, {item} .a-resolve:visible").count() == 0
+    assert page.locator("#alerts-feed .a-ack:visible, #alerts-feed .a-resolve:visible").count() == 0
     page.click("#tab-users")
-    page.wait_for_selector("#users-body tr[data-username]", timeout=WAIT)
+    page.fill("#users-search", "viewed-vic")
+    page.wait_for_selector("#users-body tr[data-username='viewed-vic']", timeout=WAIT)
     assert page.locator("#users-body button").count() == 0
-    assert page.locator("#alerts-feed .a-ack:visible").count() == 0
 
 
 def test_editing_limits_in_one_page_updates_the_other(server, open_dashboard):
@@ -256,6 +250,9 @@ def test_backoff_gives_up_after_ten_attempts_until_reconnect_and_flags_stale(own
         page.fill("#token", ADMIN)
         page.click("button[type=submit]")
         page.wait_for_selector("#conn[data-state=connected]", timeout=WAIT)
+        # Paused: page time moves only by fast_forward. Flowing, a 1 s back-off could pass
+        # (and its attempt text with it) before a busy machine polled the page.
+        page.clock.pause_at(page.evaluate("Date.now()") / 1000 + 1)
         delays = page.evaluate(
             "() => import('/static/js/admin/stream.js').then(m =>"
             " [1,2,3,4,5,6,7,10].map(k => [m.backoffDelay(k, () => 0.5),"

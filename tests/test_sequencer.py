@@ -1,0 +1,95 @@
+"""The sequencer: durable events once each and in seq order, gaps resolved from the log."""
+
+from __future__ import annotations
+
+import pytest
+
+from quotaserver.realtime.messages import Message
+from quotaserver.realtime.sequencer import Sequencer
+
+
+def event(seq: int) -> Message:
+    return Message("violation", {"n": seq}, seq=seq)
+
+
+class Log:
+    """The event log as the database would answer: committed events by id."""
+
+    def __init__(self, *seqs: int, failures: int = 0):
+        self.rows = {s: event(s) for s in seqs}
+        self.failures = failures
+        self.reads: list[tuple[int, int]] = []
+
+    async def __call__(self, after: int, limit: int) -> list[Message]:
+        self.reads.append((after, limit))
+        if self.failures:
+            self.failures -= 1
+            raise ConnectionError("database down")
+        return [self.rows[s] for s in sorted(self.rows) if s > after][:limit]
+
+
+def sequencer(log: Log, head: int = 0) -> tuple[Sequencer, list[int]]:
+    delivered: list[int] = []
+    seq = Sequencer(lambda m: delivered.append(m.seq), log, hold=0.01)
+    seq.head = head
+    return seq, delivered
+
+
+@pytest.mark.gen_test
+async def test_in_order_events_go_out_at_once_and_repeats_are_dropped():
+    seq, delivered = sequencer(Log())
+    assert [seq.offer(event(s)) for s in (1, 2, 2, 1, 3)] == [True, True, False, False, True]
+    assert delivered == [1, 2, 3] and seq.head == 3 and seq.pending == {}
+
+
+@pytest.mark.gen_test
+async def test_a_gap_filled_live_within_the_hold_needs_no_log_read():
+    log = Log()
+    seq, delivered = sequencer(log)
+    seq.offer(event(2))  # 1 is still on its way (another instance published it)
+    assert delivered == [] and 2 in seq.pending
+    seq.offer(event(1))
+    assert delivered == [1, 2]
+    await seq.settled()
+    assert log.reads == []
+
+
+@pytest.mark.gen_test
+async def test_a_gap_nobody_publishes_is_read_from_the_log_and_holes_are_skipped():
+    # 2 committed but its notification was lost; 3 was rolled back (a hole); 4 arrived.
+    log = Log(1, 2, 4)
+    seq, delivered = sequencer(log, head=1)
+    seq.offer(event(4))
+    await seq.settled()
+    assert delivered == [2, 4] and seq.head == 4
+    assert log.reads == [(1, 3)] and seq.backfilled == 1
+
+
+@pytest.mark.gen_test
+async def test_while_the_log_cannot_be_read_the_gap_is_held_never_skipped():
+    log = Log(5, 6, 7, failures=2)
+    seq, delivered = sequencer(log, head=5)
+    seq.offer(event(7))
+    await seq.settled()  # two failed reads, then the third answers
+    assert delivered == [6, 7]
+    assert len(log.reads) == 3
+
+
+@pytest.mark.gen_test
+async def test_sync_delivers_everything_beyond_the_head_in_batches():
+    log = Log(*range(1, 2501))
+    seq, delivered = sequencer(log)
+    seq.batch = 1000
+    await seq.sync()
+    assert delivered == list(range(1, 2501)) and seq.head == 2500
+    assert [after for after, _ in log.reads] == [0, 1000, 2000]
+
+
+@pytest.mark.gen_test
+async def test_after_stop_late_arrivals_are_held_not_resolved():
+    log = Log(1, 2, 3)
+    seq, delivered = sequencer(log)
+    await seq.stop()
+    seq.offer(event(3))
+    await seq.settled()  # a resolver, had one started, would have read the log by now
+    assert delivered == [] and log.reads == [] and 3 in seq.pending

@@ -1,0 +1,82 @@
+"""The SQLite group committer on a real database file: a failed COMMIT fails its batch."""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+
+import pytest
+from peewee import IntegrityError, SqliteDatabase
+
+from quotaserver.db import GroupCommitter
+
+
+@pytest.fixture
+def committer(tmp_path):
+    path = f"{tmp_path}/batch.db"
+    with sqlite3.connect(path) as db:
+        db.executescript(
+            "CREATE TABLE parent (id INTEGER PRIMARY KEY);"
+            "CREATE TABLE child (id INTEGER PRIMARY KEY, parent_id INTEGER REFERENCES "
+            "parent (id) DEFERRABLE INITIALLY DEFERRED);"
+        )
+    # A deferred foreign key is checked at COMMIT: the one way SQLite fails a COMMIT after
+    # every statement of the transaction has succeeded.
+    database = SqliteDatabase(path, pragmas={"foreign_keys": 1}, check_same_thread=False)
+    committer = GroupCommitter(database)
+    committer.path = path
+    yield committer
+    committer.shutdown()
+
+
+def rows(path: str, table: str) -> list[tuple]:
+    with sqlite3.connect(path) as db:
+        return db.execute(f"SELECT * FROM {table} ORDER BY id").fetchall()
+
+
+def test_a_failed_commit_fails_every_caller_of_its_batch_and_writes_nothing(committer):
+    db = committer.db
+    started, release = threading.Event(), threading.Event()
+
+    def hold():  # keeps the writer busy while the next batch queues up
+        started.set()
+        release.wait(30)
+        return "first batch"
+
+    first = committer.submit(hold)
+    assert started.wait(30)
+    good = committer.submit(lambda: db.execute_sql("INSERT INTO parent (id) VALUES (1)"))
+    orphan = committer.submit(lambda: db.execute_sql("INSERT INTO child VALUES (1, 99)"))
+    own_error = committer.submit(lambda: 1 / 0)
+    release.set()
+    assert first.result(30) == "first batch"
+    # The good unit and the orphan both ran; the COMMIT of their batch failed: both callers
+    # get that error. The unit that raised by itself keeps its own error.
+    for future in (good, orphan):
+        with pytest.raises(IntegrityError, match="FOREIGN KEY"):
+            future.result(30)
+    with pytest.raises(ZeroDivisionError):
+        own_error.result(30)
+    assert rows(committer.path, "parent") == [] and rows(committer.path, "child") == []
+    # The writer goes on with the next batch.
+    committer.submit(lambda: db.execute_sql("INSERT INTO parent (id) VALUES (2)")).result(30)
+    assert rows(committer.path, "parent") == [(2,)]
+
+
+def test_a_failing_unit_rolls_back_alone(committer):
+    db = committer.db
+    started, release = threading.Event(), threading.Event()
+    committer.submit(lambda: (started.set(), release.wait(30)))
+    assert started.wait(30)
+
+    def half_then_fail():
+        db.execute_sql("INSERT INTO parent (id) VALUES (10)")
+        raise ValueError("after a write")
+
+    kept = committer.submit(lambda: db.execute_sql("INSERT INTO parent (id) VALUES (11)"))
+    failed = committer.submit(half_then_fail)
+    release.set()
+    kept.result(30)
+    with pytest.raises(ValueError):
+        failed.result(30)
+    assert rows(committer.path, "parent") == [(11,)]  # its savepoint undid the 10
