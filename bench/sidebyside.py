@@ -108,6 +108,9 @@ class Server:
         self.workdir.cleanup()
 
 
+PROFILE: str | None = None  # --profile: run the server under cProfile, stats to this file
+
+
 def launch(name: str, cpus: str, workers: int = 1, **settings: Any) -> Server:
     """Start one broadcaster pinned to ``cpus`` with the fd limit raised to the hard limit.
 
@@ -127,6 +130,8 @@ def launch(name: str, cpus: str, workers: int = 1, **settings: Any) -> Server:
         env.update({f"QUOTASERVER_{k.upper()}": str(v) for k, v in settings.items()})
     else:
         cmd = [sys.executable, os.path.join(HERE, f"baseline_{name}.py"), "--port", str(port)]
+    if PROFILE:
+        cmd[1:1] = ["-m", "cProfile", "-o", os.path.abspath(PROFILE)]
     log_path = os.path.join(workdir.name, "server.log")
     with open(log_path, "w") as log:
         proc = subprocess.Popen(
@@ -172,6 +177,7 @@ def launch_for_fanout(name: str, cpus: str, workers: int, clients: int) -> Serve
         realtime_max_connections=clients + 10,
         realtime_stats_interval=3600,
         realtime_heartbeat_interval=3600,
+        realtime_client_timeout=3600,  # protocol pings are answered, but rarely sent
         auth_connect_attempts_per_ip=clients * 2 + 10,
         auth_max_connections_per_identity=clients + 10,
     )
@@ -274,6 +280,10 @@ class StreamClient(asyncio.Protocol):
             match = WS_EVENT.match(buffer, start, start + 60)
             if match:
                 self.tracker.arrived(int(match.group(1)), now)
+            elif buffer[pos] & 0x0F == 0x9 and length < 126:  # ping: masked pong, zero mask
+                self.transport.write(
+                    bytes((0x8A, 0x80 | length, 0, 0, 0, 0)) + buffer[start : start + length]
+                )
             pos = start + length
         return buffer[pos:] if pos < size else b""
 
@@ -388,7 +398,9 @@ async def fanout(
                     raise RuntimeError(f"trigger answered {status}: {reply[:200]!r}")
                 seq = json.loads(reply)["seq"]
                 sent[seq] = t0
-                await tracker.wait(seq, 30)
+                await tracker.wait(seq, 10)
+                if len(tracker.arrivals.get(seq, ())) < size:
+                    break  # a client was lost: the rest would only time out too
                 await asyncio.sleep(0.02)
             cpu_server = server.cpu() - cpu_server
             cpu_client = own_cpu() - cpu_client
@@ -502,7 +514,10 @@ def main() -> None:
         p.add_argument("--server-cpus", default="0")
         p.add_argument("--client-cpus", default="1")
         p.add_argument("--workers", type=int, default=1, help="quotaserver run.py --workers")
+        p.add_argument("--profile", help="run the server under cProfile; write its stats here")
     args = parser.parse_args()
+    global PROFILE
+    PROFILE = args.profile
     raise_fd_limit()
     pin(args.client_cpus)
     use_uvloop()
