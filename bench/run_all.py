@@ -96,14 +96,15 @@ def table(results: dict) -> str:
         "",
         "Consume (quotaserver: synchronous=full; tornado: bare JSON POST handler)",
         "",
-        "| server | connections | requests/s | p50 ms | p99 ms | statuses | server CPU s |",
+        "| server | connections | requests/s | p50 ms | p99 ms | statuses | "
+        "server CPU ms / request |",
         "| --- | ---: | ---: | ---: | ---: | --- | ---: |",
     ]
     for r in results["consume"]:
         statuses = ", ".join(f"{k}: {v}" for k, v in r["status_counts"].items())
         lines.append(
             f"| {r['server']} | {r['connections']} | {r['requests_per_s']:,.0f} | "
-            f"{r['p50_ms']} | {r['p99_ms']} | {statuses} | {r['server_cpu_s']} |"
+            f"{r['p50_ms']} | {r['p99_ms']} | {statuses} | {r['server_cpu_ms_per_request']} |"
         )
     return "\n".join(lines) + "\n"
 

@@ -29,6 +29,7 @@ import os
 import random
 import re
 import resource
+import signal
 import subprocess
 import sys
 import tempfile
@@ -66,6 +67,7 @@ class Server:
     port: int
     workdir: tempfile.TemporaryDirectory
     workers: int = 1
+    spy: subprocess.Popen | None = None
 
     @property
     def label(self) -> str:
@@ -99,6 +101,9 @@ class Server:
         return "/api/quotas/consume" if self.name == "quotaserver" else "/consume"
 
     def stop(self) -> None:
+        if self.spy is not None:  # py-spy writes its samples on SIGINT
+            self.spy.send_signal(signal.SIGINT)
+            self.spy.wait(60)
         self.proc.terminate()
         try:
             self.proc.wait(20)
@@ -109,6 +114,7 @@ class Server:
 
 
 PROFILE: str | None = None  # --profile: run the server under cProfile, stats to this file
+PYSPY: str | None = None  # --py-spy: sample the server (every thread), collapsed stacks here
 
 
 def launch(name: str, cpus: str, workers: int = 1, **settings: Any) -> Server:
@@ -148,7 +154,16 @@ def launch(name: str, cpus: str, workers: int = 1, **settings: Any) -> Server:
         with open(log_path) as fh:
             text = fh.read()
         if "listening on" in text:
-            return Server(name, proc, port, workdir, workers)
+            server = Server(name, proc, port, workdir, workers)
+            if PYSPY:
+                server.spy = subprocess.Popen(
+                    [os.path.join(os.path.dirname(sys.executable), "py-spy"), "record"]
+                    + ["--pid", str(proc.pid), "--format", "raw", "--threads", "--nonblocking"]
+                    + ["--rate", "250", "-o", os.path.abspath(PYSPY)],
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                )
+            return server
         if proc.poll() is not None:
             break
         time.sleep(0.05)
@@ -443,10 +458,19 @@ async def consume(
     name: str, connections: int, seconds: float, server_cpus: str, workers: int = 1
 ) -> dict:
     """``connections`` keep-alive clients consuming as fast as answers come back."""
-    server = launch(name, server_cpus, workers, database_sqlite_synchronous="full")
+    # The run saturates the server's core on purpose: load shedding (503 at high CPU) would
+    # measure the throttle, not the path.
+    server = launch(
+        name,
+        server_cpus,
+        workers,
+        database_sqlite_synchronous="full",
+        throttle_cpu_bands="[[100, 1.0]]",
+    )
     try:
         latencies: list[float] = []
         codes: dict[int, int] = {}
+        errors: dict[int, str] = {}  # one answer per unexpected status, for the report
         path = server.consume_path
 
         async def worker(index: int, stop_at: float) -> None:
@@ -458,9 +482,11 @@ async def consume(
                     {"user": f"user{rng.randrange(5000)}", "command_type": rng.choice(COMMANDS)}
                 ).encode()
                 t0 = time.perf_counter()
-                status, _ = await http.post(path, body)
+                status, reply = await http.post(path, body)
                 latencies.append(time.perf_counter() - t0)
                 codes[status] = codes.get(status, 0) + 1
+                if status != 200:
+                    errors.setdefault(status, reply[:300].decode(errors="replace"))
             http.close()
 
         await worker(10_000, time.perf_counter() + 1.0)  # warm-up: first requests, caches
@@ -471,6 +497,7 @@ async def consume(
         stop_at = started + seconds
         await asyncio.gather(*(worker(i, stop_at) for i in range(connections)))
         elapsed = time.perf_counter() - started
+        cpu_server = server.cpu() - cpu_server
         result = {
             "server": server.label,
             "connections": connections,
@@ -478,9 +505,12 @@ async def consume(
             "requests": len(latencies),
             "requests_per_s": round(len(latencies) / elapsed, 1),
             "status_counts": {str(k): v for k, v in sorted(codes.items())},
+            "errors": {str(k): v for k, v in errors.items()},
             "p50_ms": round(percentile(latencies, 0.50) * 1000, 2),
             "p99_ms": round(percentile(latencies, 0.99) * 1000, 2),
-            "server_cpu_s": round(server.cpu() - cpu_server, 2),
+            "server_cpu_s": round(cpu_server, 2),
+            # Robust to other load on the machine, unlike requests/s.
+            "server_cpu_ms_per_request": round(cpu_server / max(len(latencies), 1) * 1000, 3),
             "client_cpu_s": round(own_cpu() - cpu_client, 2),
         }
         print(json.dumps(result), flush=True)
@@ -515,9 +545,10 @@ def main() -> None:
         p.add_argument("--client-cpus", default="1")
         p.add_argument("--workers", type=int, default=1, help="quotaserver run.py --workers")
         p.add_argument("--profile", help="run the server under cProfile; write its stats here")
+        p.add_argument("--py-spy", help="sample the server with py-spy; collapsed stacks here")
     args = parser.parse_args()
-    global PROFILE
-    PROFILE = args.profile
+    global PROFILE, PYSPY
+    PROFILE, PYSPY = args.profile, args.py_spy
     raise_fd_limit()
     pin(args.client_cpus)
     use_uvloop()
