@@ -114,6 +114,7 @@ class Server:
 
 
 PROFILE: str | None = None  # --profile: run the server under cProfile, stats to this file
+GC_LOG: str | None = None  # --gc-log: every collection's generation and pause, JSON lines
 PYSPY: str | None = None  # --py-spy: sample the server (every thread), collapsed stacks here
 
 
@@ -138,6 +139,8 @@ def launch(name: str, cpus: str, workers: int = 1, **settings: Any) -> Server:
         cmd = [sys.executable, os.path.join(HERE, f"baseline_{name}.py"), "--port", str(port)]
     if PROFILE:
         cmd[1:1] = ["-m", "cProfile", "-o", os.path.abspath(PROFILE)]
+    elif GC_LOG:
+        cmd[1:1] = [os.path.join(HERE, "gc_probe.py"), os.path.abspath(GC_LOG)]
     log_path = os.path.join(workdir.name, "server.log")
     with open(log_path, "w") as log:
         proc = subprocess.Popen(
@@ -546,9 +549,10 @@ def main() -> None:
         p.add_argument("--workers", type=int, default=1, help="quotaserver run.py --workers")
         p.add_argument("--profile", help="run the server under cProfile; write its stats here")
         p.add_argument("--py-spy", help="sample the server with py-spy; collapsed stacks here")
+        p.add_argument("--gc-log", help="record the server's garbage-collector pauses here")
     args = parser.parse_args()
-    global PROFILE, PYSPY
-    PROFILE, PYSPY = args.profile, args.py_spy
+    global PROFILE, PYSPY, GC_LOG
+    PROFILE, PYSPY, GC_LOG = args.profile, args.py_spy, args.gc_log
     raise_fd_limit()
     pin(args.client_cpus)
     use_uvloop()
