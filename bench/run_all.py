@@ -16,6 +16,7 @@ import asyncio
 import json
 import os
 import sys
+import time
 
 import sidebyside as sbs
 from common import machine
@@ -53,7 +54,14 @@ def run(
 
 
 def table(results: dict) -> str:
-    lines = [f"Machine: {results['machine']}", ""]
+    lines = [f"Machine: {results['machine']}"]
+    if "load_average" in results:
+        before, after = results["load_average"]
+        lines.append(
+            f"Run: {results['minutes']} min, generator loop {results['loop']}, "
+            f"1-minute load average {before} before, {after} after"
+        )
+    lines.append("")
     for transport, title in (("ws", "WebSocket"), ("sse", "SSE")):
         rows = [r for r in results["fanout"] if r["transport"] == transport]
         if not rows:
@@ -160,8 +168,13 @@ def main() -> int:
     loop = sbs.use_uvloop()
     os.makedirs(args.out, exist_ok=True)
     workers = [1] if args.workers == 1 else [1, args.workers]
+    load_before = os.getloadavg()
+    started = time.time()
     results = run(FULL if args.full else SMALL, workers, args.server_cpus)
     results["loop"] = loop
+    results["minutes"] = round((time.time() - started) / 60, 1)
+    # Other work on the machine shows here: 1-minute load average before and after.
+    results["load_average"] = [round(load_before[0], 2), round(os.getloadavg()[0], 2)]
     with open(os.path.join(args.out, "results.json"), "w") as fh:
         json.dump(results, fh, indent=1)
     text = table(results)
