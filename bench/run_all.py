@@ -17,6 +17,7 @@ import json
 import os
 import sys
 import time
+from collections.abc import Callable
 
 import sidebyside as sbs
 from common import machine
@@ -33,15 +34,23 @@ def run(
     server_cpus: str,
     servers: tuple[str, ...] = sbs.SERVERS,
     consume_connections: tuple[int, ...] = (1, 32),
+    save: Callable[[dict], None] | None = None,
 ) -> dict:
-    """Every fan-out and consume run of ``spec``; ``workers`` lists quotaserver's modes."""
-    fanout, consume = [], []
+    """Every fan-out and consume run of ``spec``; ``workers`` lists quotaserver's modes.
+
+    ``save`` gets the results so far after every run (a crash keeps what was measured).
+    """
+    fanout: list[dict] = []
+    consume: list[dict] = []
+    results = {"machine": machine(), "fanout": fanout, "consume": consume}
     for name in servers:
         for count in workers if name == "quotaserver" else [1]:
             for transport in sbs.TRANSPORTS[name]:
                 fanout += asyncio.run(
                     sbs.fanout(name, transport, spec["sizes"], spec["events"], server_cpus, count)
                 )
+                if save:
+                    save(results)
     for name in ("quotaserver", "tornado"):
         if name not in servers:
             continue
@@ -50,7 +59,9 @@ def run(
                 consume.append(
                     asyncio.run(sbs.consume(name, connections, spec["seconds"], server_cpus, count))
                 )
-    return {"machine": machine(), "fanout": fanout, "consume": consume}
+                if save:
+                    save(results)
+    return results
 
 
 def table(results: dict) -> str:
@@ -91,14 +102,15 @@ def table(results: dict) -> str:
         f"Memory at {top:,} clients, and CPU per event",
         "",
         "| server | transport | RSS KiB per connection | server CPU ms / event | "
-        "generator CPU ms / event |",
-        "| --- | --- | ---: | ---: | ---: |",
+        "generator CPU ms / event | seconds to connect the last step |",
+        "| --- | --- | ---: | ---: | ---: | ---: |",
     ]
     for r in results["fanout"]:
         if r["clients"] == top:
             lines.append(
                 f"| {r['server']} | {r['transport']} | {r['rss_kib_per_conn']} | "
-                f"{r['server_cpu_ms_per_event']} | {r['client_cpu_ms_per_event']} |"
+                f"{r['server_cpu_ms_per_event']} | {r['client_cpu_ms_per_event']} | "
+                f"{r.get('connect_s', '-')} |"
             )
     lines += [
         "",
@@ -170,7 +182,12 @@ def main() -> int:
     workers = [1] if args.workers == 1 else [1, args.workers]
     load_before = os.getloadavg()
     started = time.time()
-    results = run(FULL if args.full else SMALL, workers, args.server_cpus)
+
+    def save(partial: dict) -> None:
+        with open(os.path.join(args.out, "partial.json"), "w") as fh:
+            json.dump(partial, fh, indent=1)
+
+    results = run(FULL if args.full else SMALL, workers, args.server_cpus, save=save)
     results["loop"] = loop
     results["minutes"] = round((time.time() - started) / 60, 1)
     # Other work on the machine shows here: 1-minute load average before and after.

@@ -396,13 +396,16 @@ async def fanout(
         tracker = Tracker()
         clients: list[StreamClient] = []
         trigger_port, trigger_path = server.trigger
-        http = Http()
-        await http.open(trigger_port, 0)
         note = "x" * payload
         for size in sizes:
+            began = time.perf_counter()
             clients += await connect_clients(
                 server, transport, tracker, len(clients), size - len(clients)
             )
+            connect_s = time.perf_counter() - began
+            # A fresh trigger connection: connecting thousands can outlast an idle timeout.
+            http = Http()
+            await http.open(trigger_port, 0)
             await asyncio.sleep(1.0 + size / 5000)  # welcome and snapshot writes settle
             rss = server.rss()
             tracker.target = size
@@ -422,6 +425,7 @@ async def fanout(
                 await asyncio.sleep(0.02)
             cpu_server = server.cpu() - cpu_server
             cpu_client = own_cpu() - cpu_client
+            http.close()
             latencies, last = [], []
             delivered = 0
             for seq, t0 in sent.items():
@@ -446,10 +450,10 @@ async def fanout(
                     "client_cpu_ms_per_event": round(cpu_client / len(sent) * 1000, 2),
                     "rss_mib": round(rss / 2**20, 1),
                     "rss_kib_per_conn": round((rss - rss_empty) / size / 1024, 1),
+                    "connect_s": round(connect_s, 1),  # the clients added for this size
                 }
             )
             print(json.dumps(results[-1]), flush=True)
-        http.close()
         for client in clients:
             client.transport.close()
     finally:
