@@ -14,7 +14,7 @@ $(VENV)/.installed-run: pyproject.toml | $(PY)
 	touch $@
 
 $(VENV)/.installed-test: pyproject.toml plugins/example_disk_usage/pyproject.toml | $(PY)
-	$(PIP) install -e '.[test]' -e plugins/example_disk_usage
+	$(PIP) install -e '.[test,bench]' -e plugins/example_disk_usage
 	touch $@ $(VENV)/.installed-run
 
 install: $(VENV)/.installed-run
@@ -47,7 +47,8 @@ format: install-test
 	$(VENV)/bin/ruff format .
 	$(VENV)/bin/ruff check --fix .
 
-## Benchmarks (numbers, not pass/fail); see docs/benchmarks.md.
+## Side-by-side benchmark at a small size (numbers, not pass/fail); see docs/benchmarks.md.
+## The whole table: .venv/bin/python bench/run_all.py --full
 bench: install-test
 	$(PY) bench/run_all.py
 

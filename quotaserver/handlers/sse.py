@@ -22,6 +22,7 @@ from tornado.iostream import StreamClosedError
 from ..realtime.hub import Client
 from ..realtime.messages import CLOSE_POLICY, CLOSE_SLOW_CONSUMER, Message
 from .base import VIEWER, ApiError, BaseHandler
+from .rawwrite import RawStream, raw_stream, send
 from .streams import ascii_cursor, parse_types
 
 
@@ -33,12 +34,18 @@ class SseClient(Client):
         self.handler = handler
         self.session_id = identity.session_id if identity else None
         self.token_id = identity.token_id if identity else None
+        # Decided at the first write (the headers are flushed before the hub writes).
+        self._raw: RawStream | None | bool = False
 
-    def write(self, message: Message) -> asyncio.Future:
-        if message.type == "ping":
-            self.handler.write(b": heartbeat\n\n")
-        self.handler.write(message.sse)
-        return self.handler.flush()
+    def write(self, message: Message) -> asyncio.Future | None:
+        raw = self._raw
+        if raw is False:
+            raw = self._raw = raw_stream(self.handler)
+        if raw is None:  # the public path: the same bytes, copied and framed per client
+            self.handler.write(message.sse_event)
+            return self.handler.flush()
+        # The bytes (chunk framing included) were built once for every client.
+        return send(raw.stream, message.sse_chunk if raw.chunked else message.sse_event)
 
     def close(self, code: int, reason: str) -> None:
         if code == CLOSE_SLOW_CONSUMER:

@@ -16,7 +16,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 import tornado.websocket
-from tornado.iostream import IOStream
+from tornado.iostream import StreamClosedError
 
 from ..realtime.hub import Client
 from ..realtime.messages import (
@@ -37,6 +37,7 @@ from .base import (
     request_summary,
     security_headers,
 )
+from .rawwrite import RawStream, raw_stream, send
 from .streams import ascii_cursor, parse_types
 
 if TYPE_CHECKING:
@@ -56,30 +57,24 @@ class WebSocketClient(Client):
         self.handler = handler
         self.session_id = identity.session_id if identity else None
         self.token_id = identity.token_id if identity else None
+        # Decided at the first write: the connection's framing does not change after open.
+        self._raw: RawStream | None | bool = False
 
-    def write(self, message: Message) -> asyncio.Future:
+    def write(self, message: Message) -> asyncio.Future | None:
         conn = self.handler.ws_connection
         if conn is None or conn.is_closing():
             raise tornado.websocket.WebSocketClosedError()
-        if getattr(conn, "_compressor", None) is not None:  # never negotiated here; stay correct
+        raw = self._raw
+        if raw is False:
+            raw = self._raw = raw_stream(self.handler)
+        if raw is None:  # the public path: re-encoded and framed per client, same bytes
             return self.handler.write_message(message.text)
         # The frame was built once for every client (Message.ws_frame); write_message would
         # re-encode, re-frame and wrap each write in a Task.
-        frame = message.ws_frame
-        stream = conn.stream
-        if type(stream) is IOStream and not stream.writing():
-            # Nothing queued: hand the frame to the kernel now. A complete send needs no
-            # future at all (the common case for a client that keeps up).
-            try:
-                sent = stream.socket.send(frame)
-            except (BlockingIOError, InterruptedError):
-                sent = 0
-            except OSError:
-                raise tornado.websocket.WebSocketClosedError() from None
-            if sent == len(frame):
-                return None
-            frame = frame[sent:]
-        return stream.write(frame)
+        try:
+            return send(raw.stream, message.ws_frame)
+        except StreamClosedError:
+            raise tornado.websocket.WebSocketClosedError() from None
 
     def close(self, code: int, reason: str) -> None:
         self.handler.close(code, reason)

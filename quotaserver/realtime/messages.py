@@ -26,15 +26,29 @@ CLOSE_RESTART = 1012
 CLOSE_TRY_AGAIN = 1013
 CLOSE_SLOW_CONSUMER = 4008
 
+# Precedes a ping on SSE: a comment line keeps idle proxies from timing the stream out even
+# where the ``ping`` event itself is ignored.
+SSE_HEARTBEAT = b": heartbeat\n\n"
+
 
 def _dumps(obj: Any) -> str:
     return json.dumps(obj, separators=(",", ":"), ensure_ascii=False)
 
 
 class Message:
-    """An immutable envelope; :attr:`text` and :attr:`sse` are built once and shared."""
+    """An immutable envelope; its text and every wire form are built once and shared."""
 
-    __slots__ = ("type", "seq", "timestamp", "data", "text", "_sse", "_frame")
+    __slots__ = (
+        "type",
+        "seq",
+        "timestamp",
+        "data",
+        "text",
+        "_sse",
+        "_sse_event",
+        "_chunk",
+        "_frame",
+    )
 
     def __init__(
         self,
@@ -56,6 +70,8 @@ class Message:
         envelope["data"] = data
         self.text = _dumps(envelope)
         self._sse: bytes | None = None
+        self._sse_event: bytes | None = None
+        self._chunk: bytes | None = None
         self._frame: bytes | None = None
 
     @property
@@ -65,6 +81,21 @@ class Message:
             head = f"id: {self.seq}\n" if self.seq is not None else ""
             self._sse = f"{head}event: {self.type}\ndata: {self.text}\n\n".encode()
         return self._sse
+
+    @property
+    def sse_event(self) -> bytes:
+        """What an SSE stream carries for this message (a ping after a comment line)."""
+        if self._sse_event is None:
+            self._sse_event = SSE_HEARTBEAT + self.sse if self.type == "ping" else self.sse
+        return self._sse_event
+
+    @property
+    def sse_chunk(self) -> bytes:
+        """:attr:`sse_event` as one HTTP/1.1 chunk, framed as Tornado frames a ``flush``."""
+        if self._chunk is None:
+            event = self.sse_event
+            self._chunk = b"%x\r\n%s\r\n" % (len(event), event)
+        return self._chunk
 
     @property
     def ws_frame(self) -> bytes:
