@@ -29,15 +29,28 @@ async def _poll(predicate, what: str, timeout: float = 20.0):
     return value
 
 
-async def _pings(ws, count: int) -> float:
-    """Read ``count`` heartbeats; return the largest gap between two (reported, not
-    asserted: timing belongs in docs/reliability.md, not in a pass/fail)."""
-    loop = asyncio.get_running_loop()
-    arrivals = []
-    for _ in range(count):
-        await ws.recv_type("ping")
-        arrivals.append(loop.time())
-    return max(b - a for a, b in zip(arrivals, arrivals[1:], strict=False))
+class PingWatch:
+    """Reads heartbeats as they arrive, in the background, while the database is down."""
+
+    def __init__(self, ws) -> None:
+        self.ws = ws
+        self.times: list[float] = []
+        self.task = asyncio.ensure_future(self._read())
+
+    async def _read(self) -> None:
+        while True:
+            await self.ws.recv_type("ping", timeout=30)
+            self.times.append(asyncio.get_running_loop().time())
+
+    async def stop(self, at_least: int) -> float:
+        """Wait for ``at_least`` heartbeats in all; return the largest gap between two
+        (reported, not asserted: timing belongs in docs/reliability.md)."""
+        while len(self.times) < at_least:
+            await asyncio.sleep(0.05)
+            assert not self.task.done(), self.task
+        self.task.cancel()
+        times = self.times
+        return max(b - a for a, b in zip(times, times[1:], strict=False))
 
 
 def _report(what: str, **figures: float) -> None:
@@ -59,6 +72,7 @@ async def test_a_locked_sqlite_database_answers_503_database_busy_then_heals(app
     ws = await ws_connect(app, "types=none")
     await ws.recv_type("welcome")
     holder = _lock(str(tmp_path / "quotaserver.db"))
+    pings = PingWatch(ws)
     try:
         started = asyncio.get_running_loop().time()
         refused = await asyncio.gather(*(consume(app, "alice") for _ in range(20)))
@@ -71,7 +85,7 @@ async def test_a_locked_sqlite_database_answers_503_database_busy_then_heals(app
         detail = (await call(app, "GET", "/api/ws/health", token=VIEWER)).json["database"]
         assert detail["reachable"] is False and "locked" in detail["last_error"]
         # The loop kept its heartbeats (every 0.2 s) while the writer waited on the lock.
-        gap = await _pings(ws, 6)
+        gap = await pings.stop(at_least=6)
         _report("SQLite locked (busy_timeout 0.3 s)", all_20_answered_503=answered, ping_gap=gap)
     finally:
         holder.rollback()
@@ -138,13 +152,14 @@ async def test_a_hung_postgresql_gives_503_within_the_timeout_and_heartbeats_go_
     ws = await ws_connect(app, "types=none")
     await ws.recv_type("welcome")
     _signal_cluster(pg, signal.SIGSTOP)
+    pings = PingWatch(ws)
     try:
         started = asyncio.get_running_loop().time()
         hung = await asyncio.gather(*(consume(app, "carol") for _ in range(3)))
         answered = asyncio.get_running_loop().time() - started
         assert {r.code for r in hung} == {503}
         assert {r.json["error"]["code"] for r in hung} == {"database_unavailable"}
-        gap = await _pings(ws, 6)
+        gap = await pings.stop(at_least=6)
         _report("PostgreSQL hung (SIGSTOP; timeouts 1 s + 1 s)", answered_503=answered,
                 ping_gap=gap)  # fmt: skip
         health = await call(app, "GET", "/api/ws/health", token=VIEWER)
