@@ -347,8 +347,7 @@ class QuotaApp:
 
     def connection_refusal(self, identity: Identity) -> str | None:
         """Why one more live connection for ``identity`` is refused now, or None."""
-        live = sum(1 for c in self.hub.clients if c.identity == identity.key)
-        return self.limiter.identity_refusal(live)
+        return self.limiter.identity_refusal(self.hub.per_identity[identity.key])
 
     def end_identity(self, *, session_id: str | None = None, token_ids: list[str] = ()) -> int:
         """Close live connections of a logged-out session or revoked tokens with 1008."""

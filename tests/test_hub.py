@@ -465,11 +465,14 @@ def test_counts_limits_and_close_all():
     hub.register(a)
     assert not hub.full
     hub.register(b)
+    hub.register(b)  # attach registers again: still one connection
     assert hub.full
     assert (hub.count(), hub.count("fake"), hub.count("test"), hub.count("sse")) == (2, 1, 1, 0)
+    per_identity = {a.identity: 1, b.identity: 1} if a.identity != b.identity else {a.identity: 2}
+    assert dict(hub.per_identity) == per_identity  # the O(1) count the handshake checks
     hub.close_all(1012, "restart")
     assert a.closed_with == (1012, "restart") and b.closed_with == 1012
-    assert hub.count() == 0 and a.closed and b.closed
+    assert hub.count() == 0 and a.closed and b.closed and not hub.per_identity
 
 
 def test_stats_state_caches_the_full_message_until_a_field_changes():

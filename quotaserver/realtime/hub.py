@@ -14,7 +14,7 @@ import asyncio
 import logging
 import time
 import uuid
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
@@ -109,6 +109,9 @@ class Hub:
         self.replay_limit = replay_limit
         self.intervals = intervals or {}
         self.clients: set[Client] = set()
+        # Live connections per identity, kept with the set: a handshake checks its cap in
+        # O(1) (counting the set made connecting N clients O(N^2)).
+        self.per_identity: Counter[str] = Counter()
         self.ring: deque[Message] = deque(maxlen=ring_size)
         # Durable events pass through the sequencer: once each, in seq order, whether
         # they come from this instance, another one (the backplane) or the event log.
@@ -147,7 +150,9 @@ class Hub:
         Transports call this before any await, so simultaneous handshakes cannot all pass
         the ``full`` check.
         """
-        self.clients.add(client)
+        if client not in self.clients:
+            self.clients.add(client)
+            self.per_identity[client.identity] += 1
         if client.backlog is None:
             client.backlog = []
 
@@ -173,7 +178,13 @@ class Hub:
 
     def detach(self, client: Client) -> None:
         client.closed = True
-        self.clients.discard(client)
+        if client in self.clients:
+            self.clients.discard(client)
+            left = self.per_identity[client.identity] - 1
+            if left:
+                self.per_identity[client.identity] = left
+            else:
+                del self.per_identity[client.identity]
 
     def close_all(self, code: int, reason: str) -> None:
         for client in list(self.clients):
