@@ -92,6 +92,7 @@ def redacted(config: Config) -> dict[str, Any]:
     """The effective configuration, nested as in YAML, safe to print."""
     out = config.as_nested()
     out["database"]["url"] = redact_url(config["database.url"])
+    out["backplane"]["url"] = redact_url(config["backplane.url"])  # redis://:password@...
     if config["auth.cookie_secret"]:
         out["auth"]["cookie_secret"] = REDACTED
     out["auth"]["tokens"] = [

@@ -29,6 +29,7 @@ def run(tmp_path, command: str, config: dict | None = None, **env: str):
 def test_every_secret_is_redacted(tmp_path):
     config = {
         "database": {"url": "postgresql://qs:s3cret-pw@db.example:5432/qs?password=q-pw"},
+        "backplane": {"url": "rediss://:redis-pw@redis.example:6380/0"},
         "auth": {
             "cookie_secret": "cookie-secret-value-0123456789",
             "tokens": [
@@ -40,7 +41,15 @@ def test_every_secret_is_redacted(tmp_path):
     }
     result = run(tmp_path, "check-config", config, OPS_TOKEN=STRONG, QUOTASERVER_ADMIN_TOKEN=STRONG)
     assert result.returncode == 0, result.stderr
-    for secret in ("s3cret-pw", "q-pw", "cookie-secret-value", "ab" * 32, "plugin-key-value"):
+    secrets = (
+        "s3cret-pw",
+        "q-pw",
+        "redis-pw",
+        "cookie-secret-value",
+        "ab" * 32,
+        "plugin-key-value",
+    )
+    for secret in secrets:
         assert secret not in result.stdout, secret
     assert STRONG not in result.stdout
     shown = yaml.safe_load(result.stdout)
