@@ -102,6 +102,14 @@ class ServerThread:
         """Run a client coroutine to completion on the test's loop."""
         return self.client_loop.run_until_complete(asyncio.wait_for(coro, timeout))
 
+    def close_client(self, ws: Any) -> None:
+        """Close a client connection on the loop it lives on (none is current out here)."""
+
+        async def close() -> None:
+            ws.close()
+
+        self.run(close())
+
     def on_server(self, coro: Coroutine[Any, Any, Any], timeout: float = 30) -> Any:
         """Run a coroutine on the server's own loop (direct service calls)."""
         assert self._loop is not None
@@ -532,7 +540,7 @@ def test_websocket_client_messages_never_crash_the_connection_or_the_server(serv
     check()
     assert closes[None] > 0 and closes[1008] > 0 and closes[1009] > 0, closes
     print("WebSocket fuzz close codes:", dict(closes))
-    bystander.close()
+    srv.close_client(bystander)
 
 
 def test_stream_handshake_parameters_are_validated(server):
@@ -571,7 +579,7 @@ def test_stream_handshake_parameters_are_validated(server):
         else:
             first = srv.run(ws.recv())
             assert first is not None and first["type"] == "welcome"
-            ws.close()
+            srv.close_client(ws)
         assert srv.run(call(srv, "GET", "/api/health", token=None)).code == 200
 
     check()
