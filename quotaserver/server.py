@@ -16,6 +16,7 @@ import tempfile
 import time
 import traceback
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import peewee
 import pluggy
@@ -31,30 +32,36 @@ from .realtime.messages import CLOSE_GOING_AWAY, CLOSE_RESTART
 log = logging.getLogger("quotaserver")
 
 
+@dataclass(frozen=True)
+class Worker:
+    """What a forked worker process gets from its parent."""
+
+    index: int
+    sockets: list[socket.socket]
+    demo_token: str | None
+    login_code: str | None
+    ready: Callable[[], object]  # tells the parent this worker listens
+
+
 async def serve(
     config: Config,
     stop_signals: asyncio.Queue,
     plugin_manager: pluggy.PluginManager | None = None,
-    *,
-    sockets: list[socket.socket] | None = None,
-    worker: int | None = None,
-    demo_token: str | None = None,
-    login_code: str | None = None,
-    ready: Callable[[], object] | None = None,
+    worker: Worker | None = None,
 ) -> int:
     """Start the app, say where it listens, wait for a stop signal, stop within the budget.
 
-    A worker (``worker`` set) listens on the parent's ``sockets`` and leaves the
-    announcements to the parent; only worker 0 runs the demo traffic, every worker accepts
-    its token (``demo_token``, made by the parent), and the start-up link's ``login_code``;
-    ``ready`` tells the parent once it listens.
+    A forked ``worker`` listens on its own sockets and leaves the announcements to the
+    parent; only worker 0 runs the demo traffic, every worker accepts its token and the
+    start-up link's code (both made by the parent), and each tells the parent once it
+    listens.
     """
     from .app import QuotaApp
     from .demo import DemoTraffic
 
     app = QuotaApp(config, plugin_manager=plugin_manager)
     try:
-        await app.start(sockets=sockets)
+        await app.start(sockets=worker.sockets if worker else None)
     except OSError as exc:
         print(
             f"quotaserver: cannot listen on {config['server.host']}:{config['server.port']}: "
@@ -77,15 +84,14 @@ async def serve(
     if worker is None:
         announce(app.url, config, app.auth.issue_login_code())
     else:
-        app.auth.issue_login_code(login_code)
-        if ready is not None:
-            ready()
-        log.info("worker %d (pid %d) serving as %s", worker, os.getpid(), app.instance_name)
+        app.auth.issue_login_code(worker.login_code)
+        worker.ready()
+        log.info("worker %d (pid %d) serving as %s", worker.index, os.getpid(), app.instance_name)
     demo = None
-    if config["demo"] and worker:
-        app.auth.add_token(demo_token, "demo", "service")
+    if config["demo"] and worker and worker.index:
+        app.auth.add_token(worker.demo_token, "demo", "service")
     elif config["demo"]:
-        demo = DemoTraffic(app, token=demo_token)
+        demo = DemoTraffic(app, token=worker.demo_token if worker else None)
         await demo.start()
         print("  demo traffic: on (simulated users call the quota API)", flush=True)
     signum = await stop_signals.get()
@@ -126,13 +132,7 @@ def run_server(config: Config, plugin_manager: pluggy.PluginManager | None = Non
 
 
 def _run_loop(
-    config: Config,
-    plugin_manager: pluggy.PluginManager | None,
-    sockets: list[socket.socket] | None = None,
-    worker: int | None = None,
-    demo_token: str | None = None,
-    login_code: str | None = None,
-    ready: Callable[[], object] | None = None,
+    config: Config, plugin_manager: pluggy.PluginManager | None, worker: Worker | None = None
 ) -> int:
     # Whatever a plugin does, this process ends within the shutdown budget (plus a second
     # for the last log lines) once a stop began. Armed here, after any fork.
@@ -144,16 +144,7 @@ def _run_loop(
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, queue.put_nowait, sig)
         try:
-            return await serve(
-                config,
-                queue,
-                plugin_manager,
-                sockets=sockets,
-                worker=worker,
-                demo_token=demo_token,
-                login_code=login_code,
-                ready=ready,
-            )
+            return await serve(config, queue, plugin_manager, worker)
         except ConfigError as exc:
             print(f"quotaserver: configuration error: {exc}", file=sys.stderr)
             return 2
@@ -253,15 +244,10 @@ def run_workers(config: Config, plugin_manager: pluggy.PluginManager | None) -> 
                 sockets = shared or tornado.netutil.bind_sockets(
                     port, config["server.host"], family=socket.AF_INET, reuse_port=True
                 )
-                code = _run_loop(
-                    worker_config,
-                    plugin_manager,
-                    sockets,
-                    index,
-                    demo_token,
-                    login_code,
-                    ready=lambda: os.write(ready_write, b"."),
+                worker = Worker(
+                    index, sockets, demo_token, login_code, lambda: os.write(ready_write, b".")
                 )
+                code = _run_loop(worker_config, plugin_manager, worker)
             except BaseException:  # noqa: BLE001 - report, then leave without cleanup
                 traceback.print_exc()
             finally:
