@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from .support import API, WAIT
+from .support import WAIT
 
 pytestmark = pytest.mark.browser
 
@@ -14,8 +14,7 @@ def test_the_alert_card_shows_the_action_text(server, open_dashboard):
     server.set_user_limit("acting-al", 0)
     for _ in range(5):  # the alert engine's quota_violation rule fires at 5 a day
         assert server.consume("acting-al") == 429
-    alerts = server.call("GET", f"{API}/alerts?status=open")[1]["items"]
-    alert = next(a for a in alerts if a["username"] == "acting-al")
+    alert = server.wait_for_open_alert("acting-al")  # raised after the 5th answer
     assert alert["action_needed"] is True and alert["action"]
     card = f"#alerts-feed li[data-alert-id='{alert['alert_id']}']"
     page.wait_for_selector(f"{card} .a-action:visible", timeout=WAIT)
