@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sqlite3
 import sys
 import tempfile
 import time
@@ -31,7 +32,7 @@ def main() -> int:
 
     os.makedirs(OUT, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
-        server = Server(tmp, demo=True)
+        server = Server(tmp, demo=True, database__busy_timeout=0.2)
         server.start()
         try:
             print(f"demo traffic for {args.warmup:.0f} s ...", flush=True)
@@ -75,7 +76,22 @@ def shoot(browser, server: Server, viewport: dict, label: str) -> None:
         page.click("#tab-audit")
         page.wait_for_selector("#audit-body tr", timeout=WAIT)
         save(page, "audit-desktop")
+        page.click("#tab-live")
+        database_unavailable(page, server)
     context.close()
+
+
+def database_unavailable(page, server: Server) -> None:
+    """Another process holds SQLite's write lock: the banner the dashboard shows, then gone."""
+    holder = sqlite3.connect(server.db_path, isolation_level=None, timeout=0)
+    holder.execute("BEGIN IMMEDIATE")
+    try:
+        page.wait_for_selector("#db-banner", state="visible", timeout=WAIT)
+        save(page, "database-unavailable-desktop")
+    finally:
+        holder.rollback()
+        holder.close()
+    page.wait_for_selector("#db-banner", state="hidden", timeout=WAIT)
 
 
 def save(page, name: str) -> None:
