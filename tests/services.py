@@ -132,12 +132,27 @@ class Server:
     def __init__(self, proc: asyncio.subprocess.Process, url: str, output: list[str]):
         self.proc = proc
         self.url = url
-        self.output = output
+        self.port = int(url.rsplit(":", 1)[1])
+        self.output = output  # every line it printed (stdout and stderr), kept as it runs
+        self._drained = asyncio.ensure_future(_drain(proc, output))
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def send_signal(self, sig: int) -> None:
+        self.proc.send_signal(sig)
+
+    async def wait(self, timeout: float = 20) -> int:
+        """The exit status, once the process has exited and all it printed is in ``output``."""
+        status = await asyncio.wait_for(self.proc.wait(), timeout)
+        await asyncio.wait_for(self._drained, timeout)
+        return status
 
     async def stop(self, sig: int = signal.SIGTERM, timeout: float = 20) -> int:
         if self.proc.returncode is None:
             self.proc.send_signal(sig)
-        return await asyncio.wait_for(self.proc.wait(), timeout)
+        return await self.wait(timeout)
 
     def kill(self) -> None:
         """SIGKILL the server and every worker it forked (its process group)."""
@@ -170,10 +185,7 @@ async def start_server(
         lines.append(line)
         if "listening on" in line:
             break
-    url = re.search(r"http://[0-9.:]+", line).group(0)
-    server = Server(proc, url, lines)
-    asyncio.ensure_future(_drain(proc, lines))
-    return server
+    return Server(proc, re.search(r"http://[0-9.:]+", line).group(0), lines)
 
 
 async def _drain(proc: asyncio.subprocess.Process, lines: list[str]) -> None:

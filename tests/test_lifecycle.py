@@ -2,63 +2,45 @@
 
 import asyncio
 import os
-import re
 import signal
 import socket
 import sys
 
 import pytest
 from clients import ADMIN, VIEWER, call, consume, sse_connect, ws_connect
+from services import Server, start_server
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture
 def processes(io_loop):
     """Server processes a test started: killed and reaped if the test left one running."""
-    started = []
+    started: list[Server] = []
     yield started
-    for proc in started:
-        if proc.returncode is None:
-            proc.kill()
-            io_loop.run_sync(proc.wait, timeout=30)
+    for server in started:
+        if server.proc.returncode is None:
+            server.kill()
+            io_loop.run_sync(server.wait, timeout=30)
 
 
-async def start_server(tmp_path, processes, *args):
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("QUOTASERVER_")}
-    env["QUOTASERVER_ADMIN_TOKEN"] = ADMIN
-    # The real process samples this machine's CPU; a busy test machine must not throttle it.
-    env["QUOTASERVER_THROTTLE_CPU_BANDS"] = "[[100, 1.0]]"
-    env["QUOTASERVER_THROTTLE_MEMORY_BANDS"] = "[[100, 1.0]]"
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, os.path.join(ROOT, "run.py"), "--port", str(port), *args,
-        cwd=str(tmp_path), env=env,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
-    )  # fmt: skip
-    processes.append(proc)
-    lines = []
-    while True:
-        line = (await asyncio.wait_for(proc.stdout.readline(), 30)).decode()
-        assert line, "".join(lines)
-        lines.append(line)
-        if "listening on" in line:
-            break
-    proc.url = re.search(r"http://\S+", line).group(0)
-    return proc
+async def start(tmp_path, processes, *args) -> Server:
+    env = {
+        "QUOTASERVER_ADMIN_TOKEN": ADMIN,
+        # The real process samples this machine's CPU; a busy test machine must not throttle it.
+        "QUOTASERVER_THROTTLE_CPU_BANDS": "[[100, 1.0]]",
+        "QUOTASERVER_THROTTLE_MEMORY_BANDS": "[[100, 1.0]]",
+    }
+    server = await start_server(str(tmp_path), {}, *args, env=env)
+    processes.append(server)
+    return server
 
 
 @pytest.mark.parametrize(("sig", "code"), [(signal.SIGTERM, 1012), (signal.SIGINT, 1001)])
 @pytest.mark.gen_test(timeout=60)
 async def test_signal_closes_clients_and_exits_0(tmp_path, processes, sig, code):
-    proc = await start_server(tmp_path, processes)
-    assert proc.url == f"http://127.0.0.1:{proc.url.rsplit(':', 1)[1]}"
+    proc = await start(tmp_path, processes)
+    assert proc.url == f"http://127.0.0.1:{proc.port}"
     ws = await ws_connect(proc)
     sse = await sse_connect(proc)
     await ws.recv_type("welcome")
@@ -68,9 +50,8 @@ async def test_signal_closes_clients_and_exits_0(tmp_path, processes, sig, code)
     proc.send_signal(sig)
     assert await ws.closed(timeout=30) == code
     await asyncio.wait_for(sse.fetch, 30)
-    assert await asyncio.wait_for(proc.wait(), 30) == 0
-    rest = (await proc.stdout.read()).decode()
-    assert "Traceback" not in rest
+    assert await proc.wait(30) == 0
+    assert "Traceback" not in "".join(proc.output)
 
 
 @pytest.mark.gen_test(timeout=60)

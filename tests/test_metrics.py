@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import os
-import socket
-import sys
+import signal
 
 import pytest
 from clients import ADMIN, METRICS, SERVICE, VIEWER, call, consume, settle, sse_connect, ws_connect
 from prometheus_client.parser import text_string_to_metric_families
+from services import Server, start_server
 from test_security import login_post
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def samples(text: str) -> dict[tuple[str, tuple], float]:
@@ -134,40 +132,17 @@ async def _until(condition, what: str, timeout: float = 10.0) -> None:
 
 
 # -- several processes -------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-async def _start(tmp_path, multiproc_dir: str, name: str):
-    port = _free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("QUOTASERVER_")}
-    env.update(
-        {
-            "QUOTASERVER_ADMIN_TOKEN": ADMIN,
-            "QUOTASERVER_THROTTLE_CPU_BANDS": "[[100, 1.0]]",
-            "QUOTASERVER_THROTTLE_MEMORY_BANDS": "[[100, 1.0]]",
-            "QUOTASERVER_DATABASE_URL": f"sqlite:///{tmp_path}/shared.db",
-            "QUOTASERVER_AUTH_TOKEN_FILE": f"{tmp_path}/token-{name}",
-            "QUOTASERVER_AUTH_COOKIE_SECRET": "metrics-test-cookie-secret-0123456789",
-            "PROMETHEUS_MULTIPROC_DIR": multiproc_dir,
-        }
-    )
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, os.path.join(ROOT, "run.py"), "--port", str(port),
-        cwd=str(tmp_path), env=env,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
-    )  # fmt: skip
-    out = []
-    while True:
-        line = (await asyncio.wait_for(proc.stdout.readline(), 30)).decode()
-        assert line, "".join(out)
-        out.append(line)
-        if "listening on" in line:
-            break
-    proc.url = f"http://127.0.0.1:{port}"
-    return proc
+async def _start(tmp_path, multiproc_dir: str, name: str) -> Server:
+    env = {
+        "QUOTASERVER_ADMIN_TOKEN": ADMIN,
+        "QUOTASERVER_THROTTLE_CPU_BANDS": "[[100, 1.0]]",
+        "QUOTASERVER_THROTTLE_MEMORY_BANDS": "[[100, 1.0]]",
+        "QUOTASERVER_DATABASE_URL": f"sqlite:///{tmp_path}/shared.db",
+        "QUOTASERVER_AUTH_TOKEN_FILE": f"{tmp_path}/token-{name}",
+        "QUOTASERVER_AUTH_COOKIE_SECRET": "metrics-test-cookie-secret-0123456789",
+        "PROMETHEUS_MULTIPROC_DIR": multiproc_dir,
+    }
+    return await start_server(str(tmp_path), {}, env=env)
 
 
 @pytest.mark.gen_test(timeout=90)
@@ -204,9 +179,9 @@ async def test_several_processes_one_scrape_reports_them_all(tmp_path):
         ws.close()
     finally:
         for proc in procs:
-            proc.terminate()
+            proc.send_signal(signal.SIGTERM)
         for proc in procs:
-            assert await asyncio.wait_for(proc.wait(), 15) == 0
+            assert await proc.wait(15) == 0
 
 
 async def _until_scraped(proc, workers, name: str, value: float | None = None, **labels) -> None:

@@ -12,12 +12,11 @@ import asyncio
 import json
 import os
 import shutil
-import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from services import Server, free_port, start_server
 from tornado.httpclient import AsyncHTTPClient, HTTPRequest
 from tornado.websocket import websocket_connect
 
@@ -29,12 +28,6 @@ TOKEN = "nginx-test-admin-token-0123456789abcdef"
 pytestmark = pytest.mark.skipif(
     not os.path.exists(NGINX), reason=f"no nginx at {NGINX} (apt-get install nginx)"
 )
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def replace(text: str, old: str, new: str) -> str:
@@ -73,27 +66,13 @@ http {{
     return str(tmp / "nginx.conf")
 
 
-async def start_quotaserver(tmp, port: int):
-    env = {k: v for k, v in os.environ.items() if not k.startswith("QUOTASERVER_")}
-    env.update(
-        {
-            "QUOTASERVER_ADMIN_TOKEN": TOKEN,
-            "QUOTASERVER_SERVER_XHEADERS": "true",
-            "QUOTASERVER_THROTTLE_SOURCE": "off",
-        }
-    )
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, os.path.join(ROOT, "run.py"), "--port", str(port),
-        cwd=str(tmp), env=env,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
-    )  # fmt: skip
-    out = []
-    while True:
-        line = (await asyncio.wait_for(proc.stdout.readline(), 30)).decode()
-        assert line, "".join(out)
-        out.append(line)
-        if "listening on" in line:
-            return proc
+async def start_quotaserver(tmp) -> Server:
+    env = {
+        "QUOTASERVER_ADMIN_TOKEN": TOKEN,
+        "QUOTASERVER_SERVER_XHEADERS": "true",
+        "QUOTASERVER_THROTTLE_SOURCE": "off",
+    }
+    return await start_server(str(tmp), {}, env=env)
 
 
 async def wait_listening(port: int, proc: subprocess.Popen, log: Path) -> None:
@@ -117,9 +96,9 @@ async def test_login_websocket_and_sse_through_nginx_with_tls(tmp_path):
          "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
         check=True, capture_output=True,
     )  # fmt: skip
-    backend, tls, plain = free_port(), free_port(), free_port()
-    server = await start_quotaserver(tmp_path, backend)
-    conf = nginx_config(tmp_path, backend, tls, plain)
+    tls, plain = free_port(), free_port()
+    server = await start_quotaserver(tmp_path)
+    conf = nginx_config(tmp_path, server.port, tls, plain)
     check = subprocess.run([NGINX, "-t", "-p", str(tmp_path), "-c", conf], capture_output=True)
     assert check.returncode == 0, check.stderr.decode()
     nginx = subprocess.Popen(
@@ -133,8 +112,7 @@ async def test_login_websocket_and_sse_through_nginx_with_tls(tmp_path):
     finally:
         nginx.terminate()
         nginx.wait(timeout=15)
-        server.terminate()
-        assert await asyncio.wait_for(server.wait(), 15) == 0
+        assert await server.stop(timeout=15) == 0
     log = (tmp_path / "access.log").read_text()
     assert "GET /login HTTP/1.1" in log
     assert TOKEN not in log and "token=" not in log
