@@ -7,7 +7,7 @@ zone that changes to summer time is 23 hours long and its reset is still exact.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from zoneinfo import ZoneInfo
 
@@ -30,11 +30,11 @@ class Window:
     period: str
     start: datetime  # aware, UTC
     end: datetime  # aware, UTC
+    #: Stable integer key of the window (its start in epoch seconds).
+    key: int = field(init=False, compare=False)
 
-    @property
-    def key(self) -> int:
-        """Stable integer key of the window (its start in epoch seconds)."""
-        return int(self.start.timestamp())
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "key", int(self.start.timestamp()))
 
 
 class WindowCalendar:
@@ -43,6 +43,9 @@ class WindowCalendar:
     def __init__(self, timezone: str = "UTC", week_start: str = "monday"):
         self.tz = ZoneInfo(timezone)
         self.week_start = WEEKDAYS.index(week_start)
+        # The last windows() answer and the instants [since, until) it holds for: windows
+        # partition time, so every instant in the intersection of these windows has them.
+        self._cached: tuple[tuple[str, ...], datetime, datetime, dict[str, Window]] | None = None
 
     def _midnight(self, day: date) -> datetime:
         return datetime(day.year, day.month, day.day, tzinfo=self.tz).astimezone(UTC)
@@ -66,4 +69,15 @@ class WindowCalendar:
         raise ValueError(f"unknown period {period!r}")
 
     def windows(self, periods: tuple[str, ...], now: datetime) -> dict[str, Window]:
-        return {p: self.window(p, now) for p in periods}
+        """The window of each period that holds ``now`` (a new dict each call)."""
+        cached = self._cached  # one read: other threads may replace it meanwhile
+        if cached is not None:
+            cached_periods, since, until, found = cached
+            if cached_periods == periods and since <= now < until:
+                return dict(found)
+        found = {p: self.window(p, now) for p in periods}
+        if found:
+            since = max(w.start for w in found.values())
+            until = min(w.end for w in found.values())
+            self._cached = (periods, since, until, found)
+        return dict(found)
