@@ -237,18 +237,20 @@ def add_to_commit(write: Callable[[dict], None], key: Any, values: tuple[int, ..
     unit = getattr(_batch, "unit", None)
     if unit is None:
         return False
-    totals = unit.setdefault(write, {})
-    old = totals.get(key)
-    totals[key] = values if old is None else tuple(a + b for a, b in zip(old, values))
+    _add(unit.setdefault(write, {}), key, values)
     return True
+
+
+def _add(totals: dict, key: Any, values: tuple[int, ...]) -> None:
+    old = totals.get(key)
+    totals[key] = values if old is None else tuple(a + b for a, b in zip(old, values, strict=True))
 
 
 def _merge(into: dict, unit: dict) -> None:
     for write, totals in unit.items():
         target = into.setdefault(write, {})
         for key, values in totals.items():
-            old = target.get(key)
-            target[key] = values if old is None else tuple(a + b for a, b in zip(old, values))
+            _add(target, key, values)
 
 
 class GroupCommitter:

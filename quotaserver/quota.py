@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import functools
 import logging
-from contextlib import nullcontext
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -254,9 +254,7 @@ class QuotaService:
                 user, command_type, self.periods, now
             )
             # All windows or none; a refusal leaves the counters as they were.
-            used, exhausted = self.sql.increment_all(
-                user_id, command_type, windows, count, limits
-            )
+            used, exhausted = self.sql.increment_all(user_id, command_type, windows, count, limits)
             decision = Decision(
                 allowed=exhausted is None,
                 user=user,
