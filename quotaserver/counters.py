@@ -39,7 +39,7 @@ class CounterSQL:
         self.sql_user = f'SELECT "id" FROM {user} WHERE "username" = {p}'
         self.sql_insert_user = (
             f'INSERT INTO {user} ("username", "created_at") VALUES ({p}, {p}) '
-            'ON CONFLICT ("username") DO NOTHING'
+            'ON CONFLICT ("username") DO NOTHING RETURNING "id"'
         )
         self.sql_limits = (
             f'SELECT "scope", "period", "limit" FROM {rule} '
@@ -51,6 +51,9 @@ class CounterSQL:
             "VALUES {rows} "
             'ON CONFLICT ("user_id", "command_type", "period", "window_start") DO NOTHING'
         )
+        self.sql_window_row_used = f"({p}, {p}, {p}, {p}, {p})"
+        self.sql_insert_windows_used = self.sql_insert_windows + ' RETURNING "period", "used"'
+
         key = (
             f'"user_id" = {p} AND "command_type" = {p} AND "period" = {p} AND "window_start" = {p}'
         )
@@ -105,8 +108,12 @@ class CounterSQL:
         found = self.user_id(username)
         if found is not None:
             return found, False
-        cursor = self._run(self.sql_insert_user, (username, self._created_at(naive_utc(now))))
-        return self.user_id(username), cursor.rowcount == 1
+        row = self._run(
+            self.sql_insert_user, (username, self._created_at(naive_utc(now)))
+        ).fetchone()
+        if row is not None:
+            return row[0], True
+        return self.user_id(username), False  # created meanwhile by another transaction
 
     def limits(
         self, user_id: int | None, command_type: str, periods: tuple[str, ...]
@@ -179,10 +186,14 @@ class CounterSQL:
         """
         added = self._increment_windows(user_id, command_type, windows, count, limits)
         if len(added) < len(windows):
-            # A window whose counter row does not exist yet, or that refused.
+            # A window that refused, or whose counter row does not exist yet: create those
+            # rows already counting ``count`` where it fits, then try the rest once more (a
+            # row another transaction created meanwhile, or one that refuses).
             missing = {p: w for p, w in windows.items() if p not in added}
-            self.ensure_windows(user_id, command_type, missing)
-            added.update(self._increment_windows(user_id, command_type, missing, count, limits))
+            added.update(self._create_windows(user_id, command_type, missing, count, limits))
+            missing = {p: w for p, w in missing.items() if p not in added}
+            if missing:
+                added.update(self._increment_windows(user_id, command_type, missing, count, limits))
             refused = next((p for p in windows if p not in added), None)
             if refused is not None:
                 for period in added:
@@ -191,6 +202,25 @@ class CounterSQL:
                     self._run(self.sql_decrement, (count, *key))
                 return self.used(user_id, command_type, windows), refused
         return added, None
+
+    def _create_windows(
+        self,
+        user_id: int,
+        command_type: str,
+        windows: dict[str, Window],
+        count: int,
+        limits: dict[str, int | None],
+    ) -> dict[str, int]:
+        """Insert the counter rows that do not exist, each at ``count`` if that fits its
+        limit (else at 0); the windows whose new rows took ``count``."""
+        rows = ", ".join([self.sql_window_row_used] * len(windows))
+        params: list = []
+        for period, window in windows.items():
+            limit = limits[period]
+            start = count if limit is None or count <= limit else 0
+            params += (user_id, command_type, period, window.key, start)
+        cursor = self._run(self.sql_insert_windows_used.format(rows=rows), tuple(params))
+        return {period: used for period, used in cursor.fetchall() if used == count and count}
 
     def _increment_windows(
         self,
