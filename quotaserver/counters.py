@@ -4,21 +4,22 @@ Building SQL through the ORM cost about four times more CPU than running it (pro
 ~6 ms of query building per consume against ~1 ms in SQLite). These statements are built
 once per database, run with parameters (so the driver's statement cache applies), and use
 only syntax SQLite (3.35+) and PostgreSQL share: ``ON CONFLICT ... DO NOTHING / DO UPDATE``,
-``UPDATE ... RETURNING`` and double-quoted identifiers.
+``RETURNING`` and double-quoted identifiers.
 
-An admitted consume of a known user is, on SQLite, three statements: the user's id and
-limits in one ``SELECT``, one conditional ``UPDATE ... RETURNING`` for every window, and
-the daily peak; the per-minute activity is summed per group commit (:func:`db.add_to_commit`)
-and written once per transaction. PostgreSQL runs one ``UPDATE`` per window, always in the
-same order (shortest window first), so that concurrent transactions lock a user's counters
-in one order and cannot deadlock.
+An admitted consume is three statements, whether the user and its counters exist or not:
+the user's id and limits in one ``SELECT``, one conditional upsert of every window's counter
+(``INSERT ... ON CONFLICT DO UPDATE ... WHERE used + n <= limit RETURNING``), and the daily
+peak. A first-sight user adds one ``INSERT``; a refusal adds one ``UPDATE`` per window that
+took the count (taken back in the same transaction) and a read of the counters. The
+per-minute activity is summed per group commit (:func:`db.add_to_commit`) and written once
+per transaction; without a group commit (PostgreSQL) it is one more statement.
 """
 
 from __future__ import annotations
 
 from datetime import datetime
 
-from peewee import Database, SqliteDatabase
+from peewee import Database
 
 from .db import add_to_commit
 from .models import GLOBAL_SCOPE, Activity, DailyPeak, QuotaRule, Usage, User, naive_utc
@@ -45,36 +46,32 @@ class CounterSQL:
             f'SELECT "scope", "period", "limit" FROM {rule} '
             f'WHERE "command_type" = {p} AND "scope" IN ({p}, {p})'
         )
-        self.sql_window_row = f"({p}, {p}, {p}, {p}, 0)"
-        self.sql_insert_windows = (
-            f'INSERT INTO {usage} ("user_id", "command_type", "period", "window_start", "used") '
-            "VALUES {rows} "
-            'ON CONFLICT ("user_id", "command_type", "period", "window_start") DO NOTHING'
-        )
         self.sql_window_row_used = f"({p}, {p}, {p}, {p}, {p})"
-        self.sql_insert_windows_used = self.sql_insert_windows + ' RETURNING "period", "used"'
-
         key = (
             f'"user_id" = {p} AND "command_type" = {p} AND "period" = {p} AND "window_start" = {p}'
         )
-        self.sql_increment = f'UPDATE {usage} SET "used" = "used" + {p} WHERE {key}'
-        self.sql_increment_limited = f'{self.sql_increment} AND "used" + {p} <= {p}'
-        # One statement for all windows (SQLite: one writer, so no lock order to keep).
-        self.sql_increment_many = (
-            f'UPDATE {usage} SET "used" = "used" + {p} WHERE {{terms}} RETURNING "period", "used"'
-        )
-        self.sql_term = f"({key})"
-        self.sql_term_limited = f'({key} AND "used" + {p} <= {p})'
         self.sql_decrement = f'UPDATE {usage} SET "used" = "used" - {p} WHERE {key}'
-        self.single_statement = isinstance(db, SqliteDatabase)
         self._many: dict[tuple, str] = {}
-        # The user's id and the limits that apply to it, in one round trip: no row means
-        # an unknown user; (id, None, None, None) a user with no rule for this type.
+        # The user's id (a row (id, NULL, NULL, NULL), none for an unknown user) and the
+        # rules that apply to it (global ones, and its own), in one round trip.
         self.sql_user_limits = (
-            f'SELECT u."id", r."scope", r."period", r."limit" FROM {user} AS u '
-            f'LEFT JOIN {rule} AS r ON r."command_type" = {p} '
-            f'AND r."scope" IN ({p}, CAST(u."id" AS TEXT)) WHERE u."username" = {p}'
+            f'SELECT "id", NULL, NULL, NULL FROM {user} WHERE "username" = {p} UNION ALL '
+            f'SELECT NULL, r."scope", r."period", r."limit" FROM {rule} AS r '
+            f'WHERE r."command_type" = {p} AND r."scope" IN '
+            f'({p}, (SELECT CAST("id" AS TEXT) FROM {user} WHERE "username" = {p}))'
         )
+        # Every window's counter in one statement: created already counting the consume
+        # (at 0 where it does not fit), or raised where it fits; the rows that refuse are
+        # left alone and not returned. PostgreSQL takes the row locks in VALUES order, so
+        # concurrent transactions lock a user's counters in one order (no deadlock).
+        self.sql_upsert = (
+            f'INSERT INTO {usage} ("user_id", "command_type", "period", "window_start", "used") '
+            "VALUES {rows} "
+            'ON CONFLICT ("user_id", "command_type", "period", "window_start") DO UPDATE SET '
+            f'"used" = {usage}."used" + {p} WHERE {{terms}} RETURNING "period", "used"'
+        )
+        self.sql_upsert_limited = f'({usage}."period" = {p} AND {usage}."used" + {p} <= {p})'
+        self.sql_upsert_unlimited = f'{usage}."period" = {p}'
         self.sql_used = (
             f'SELECT "period", "window_start", "used" FROM {usage} '
             f'WHERE "user_id" = {p} AND "command_type" = {p} AND "window_start" IN ({{keys}})'
@@ -128,11 +125,23 @@ class CounterSQL:
     ) -> tuple[int, bool, dict[str, int | None]]:
         """The user's id (created on first sight), whether it was just created, and its
         effective limits for ``command_type``."""
-        rows = self._run(self.sql_user_limits, (command_type, GLOBAL_SCOPE, username)).fetchall()
-        if rows:
-            return rows[0][0], False, self._effective([r[1:] for r in rows], periods)
-        user_id, created = self.ensure_user(username, now)
-        return user_id, created, self.limits(user_id, command_type, periods)
+        rows = self._run(
+            self.sql_user_limits, (username, command_type, GLOBAL_SCOPE, username)
+        ).fetchall()
+        user_id = next((r[0] for r in rows if r[0] is not None), None)
+        limits = self._effective([r[1:] for r in rows if r[0] is None], periods)
+        if user_id is not None:
+            return user_id, False, limits
+        row = self._run(
+            self.sql_insert_user, (username, self._created_at(naive_utc(now)))
+        ).fetchone()
+        if row is not None:
+            # Created now: it has no rules of its own (rules are set only on existing users,
+            # and users are never deleted, so no stale rule can carry its id).
+            return row[0], True, limits
+        # Created meanwhile by another transaction, which may have given it rules.
+        user_id = self.user_id(username)
+        return user_id, False, self.limits(user_id, command_type, periods)
 
     @staticmethod
     def _effective(rows: list, periods: tuple[str, ...]) -> dict[str, int | None]:
@@ -148,28 +157,6 @@ class CounterSQL:
                 limits[period] = limit
         return limits
 
-    def ensure_windows(self, user_id: int, command_type: str, windows: dict[str, Window]) -> None:
-        rows = ", ".join([self.sql_window_row] * len(windows))
-        params: list = []
-        for period, window in windows.items():
-            params += [user_id, command_type, period, window.key]
-        self._run(self.sql_insert_windows.format(rows=rows), tuple(params))
-
-    def increment(
-        self, user_id: int, command_type: str, window: Window, count: int, limit: int | None
-    ) -> int | None:
-        """Atomically add ``count`` unless that would pass ``limit``; the new value, or None
-        if it did not (refused, or no counter row)."""
-        key = (user_id, command_type, window.period, window.key)
-        if limit is None:
-            cursor = self._run(self.sql_increment + ' RETURNING "used"', (count, *key))
-        else:
-            cursor = self._run(
-                self.sql_increment_limited + ' RETURNING "used"', (count, *key, count, limit)
-            )
-        row = cursor.fetchone()
-        return None if row is None else row[0]
-
     def increment_all(
         self,
         user_id: int,
@@ -184,74 +171,37 @@ class CounterSQL:
         Runs inside the caller's transaction: a refusal takes back what it added, so the
         transaction sees the counters unchanged (no savepoint needed).
         """
-        added = self._increment_windows(user_id, command_type, windows, count, limits)
-        if len(added) < len(windows):
-            # A window that refused, or whose counter row does not exist yet: create those
-            # rows already counting ``count`` where it fits, then try the rest once more (a
-            # row another transaction created meanwhile, or one that refuses).
-            missing = {p: w for p, w in windows.items() if p not in added}
-            added.update(self._create_windows(user_id, command_type, missing, count, limits))
-            missing = {p: w for p, w in missing.items() if p not in added}
-            if missing:
-                added.update(self._increment_windows(user_id, command_type, missing, count, limits))
-            refused = next((p for p in windows if p not in added), None)
-            if refused is not None:
-                for period in added:
-                    window = windows[period]
-                    key = (user_id, command_type, period, window.key)
-                    self._run(self.sql_decrement, (count, *key))
-                return self.used(user_id, command_type, windows), refused
-        return added, None
-
-    def _create_windows(
-        self,
-        user_id: int,
-        command_type: str,
-        windows: dict[str, Window],
-        count: int,
-        limits: dict[str, int | None],
-    ) -> dict[str, int]:
-        """Insert the counter rows that do not exist, each at ``count`` if that fits its
-        limit (else at 0); the windows whose new rows took ``count``."""
-        rows = ", ".join([self.sql_window_row_used] * len(windows))
+        shape = tuple((p, limits[p] is None) for p in windows)
+        sql = self._many.get(shape)
+        if sql is None:
+            rows = ", ".join([self.sql_window_row_used] * len(windows))
+            terms = " OR ".join(
+                self.sql_upsert_unlimited if unlimited else self.sql_upsert_limited
+                for _, unlimited in shape
+            )
+            sql = self._many[shape] = self.sql_upsert.format(rows=rows, terms=terms)
         params: list = []
         for period, window in windows.items():
             limit = limits[period]
             start = count if limit is None or count <= limit else 0
             params += (user_id, command_type, period, window.key, start)
-        cursor = self._run(self.sql_insert_windows_used.format(rows=rows), tuple(params))
-        return {period: used for period, used in cursor.fetchall() if used == count and count}
-
-    def _increment_windows(
-        self,
-        user_id: int,
-        command_type: str,
-        windows: dict[str, Window],
-        count: int,
-        limits: dict[str, int | None],
-    ) -> dict[str, int]:
-        """The windows whose counters took ``count``, with their new values."""
-        if not self.single_statement:
-            added = {}
-            for period, window in windows.items():  # shortest first: one lock order
-                used = self.increment(user_id, command_type, window, count, limits[period])
-                if used is None:
-                    break
-                added[period] = used
-            return added
-        shape = tuple((p, limits[p] is None) for p in windows)
-        sql = self._many.get(shape)
-        if sql is None:
-            terms = " OR ".join(
-                self.sql_term if unlimited else self.sql_term_limited for _, unlimited in shape
-            )
-            sql = self._many[shape] = self.sql_increment_many.format(terms=terms)
-        params: list = [count]
-        for period, window in windows.items():
-            params += (user_id, command_type, period, window.key)
-            if limits[period] is not None:
-                params += (count, limits[period])
-        return dict(self._run(sql, tuple(params)).fetchall())
+        params.append(count)
+        for period in windows:  # the terms, in shape order
+            limit = limits[period]
+            params += (period,) if limit is None else (period, count, limit)
+        # A returned row took ``count`` unless it is a new row left at 0 (it did not fit).
+        added = {
+            period: used
+            for period, used in self._run(sql, tuple(params)).fetchall()
+            if used > 0 or count == 0
+        }
+        refused = next((p for p in windows if p not in added), None)
+        if refused is None:
+            return added, None
+        for period in added:
+            key = (user_id, command_type, period, windows[period].key)
+            self._run(self.sql_decrement, (count, *key))
+        return self.used(user_id, command_type, windows), refused
 
     def used(self, user_id: int | None, command_type: str, windows: dict[str, Window]) -> dict:
         used = dict.fromkeys(windows, 0)
