@@ -46,11 +46,21 @@ class WindowCalendar:
         # The last windows() answer and the instants [since, until) it holds for: windows
         # partition time, so every instant in the intersection of these windows has them.
         self._cached: tuple[tuple[str, ...], datetime, datetime, dict[str, Window]] | None = None
+        self._last: dict[str, Window] = {}  # per period, the last window() answer
+
+    def window(self, period: str, now: datetime) -> Window:
+        """The ``period`` window that holds ``now`` (an aware datetime)."""
+        last = self._last.get(period)
+        if last is not None and now.tzinfo is not None and last.start <= now < last.end:
+            return last  # hot path: every decision asks for the day it falls in
+        found = self._window(period, now)
+        self._last[period] = found
+        return found
 
     def _midnight(self, day: date) -> datetime:
         return datetime(day.year, day.month, day.day, tzinfo=self.tz).astimezone(UTC)
 
-    def window(self, period: str, now: datetime) -> Window:
+    def _window(self, period: str, now: datetime) -> Window:
         local = now.astimezone(self.tz)
         if period == "hourly":
             start_local = local.replace(minute=0, second=0, microsecond=0)
@@ -75,7 +85,7 @@ class WindowCalendar:
             cached_periods, since, until, found = cached
             if cached_periods == periods and since <= now < until:
                 return dict(found)
-        found = {p: self.window(p, now) for p in periods}
+        found = {p: self._window(p, now) for p in periods}
         if found:
             since = max(w.start for w in found.values())
             until = min(w.end for w in found.values())
