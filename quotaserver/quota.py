@@ -57,6 +57,7 @@ class PeriodStatus:
     limit: int | None
     used: int
     resets_at: datetime
+    resets_text: str | None = None  # resets_at as isoformat() gives it, if known
 
     @property
     def remaining(self) -> int | None:
@@ -67,7 +68,7 @@ class PeriodStatus:
             "limit": self.limit,
             "used": self.used,
             "remaining": self.remaining,
-            "resets_at": isoformat(self.resets_at),
+            "resets_at": self.resets_text or isoformat(self.resets_at),
         }
 
 
@@ -202,7 +203,10 @@ class QuotaService:
         return self.sql.limits(user_id, command_type, self.periods)
 
     def _statuses(self, limits: dict, used: dict, windows: dict[str, Window]) -> dict:
-        return {p: PeriodStatus(limits[p], used[p], windows[p].end) for p in self.periods}
+        return {
+            p: PeriodStatus(limits[p], used[p], windows[p].end, windows[p].end_text)
+            for p in self.periods
+        }
 
     def _check_sync(self, user: str, command_type: str, count: int, factor: float) -> Decision:
         now = self.clock()

@@ -32,9 +32,12 @@ class Window:
     end: datetime  # aware, UTC
     #: Stable integer key of the window (its start in epoch seconds).
     key: int = field(init=False, compare=False)
+    #: ``end`` as the API shows it (isoformat), built once per window.
+    end_text: str = field(init=False, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "key", int(self.start.timestamp()))
+        object.__setattr__(self, "end_text", isoformat(self.end))
 
 
 class WindowCalendar:
