@@ -139,8 +139,7 @@ async def test_concurrent_first_consumes_create_the_user_and_counters_once(pg_ap
     assert {r.json["violation"]["period"] for r in results if r.code == 429} == {"daily"}
     rows = await app.store.run(
         lambda: sorted(
-            (u.period, u.used)
-            for u in Usage.select().join(User).where(User.username == "carl")
+            (u.period, u.used) for u in Usage.select().join(User).where(User.username == "carl")
         )
     )
     assert rows == sorted((period, 40) for period in app.quota.periods)  # one row each
