@@ -6,7 +6,8 @@ the method. Benchmarks report numbers; they do not pass or fail.
 
     python bench/run_all.py                    # small: 100 and 500 clients, 3 s consume
     python bench/run_all.py --full             # 100, 1k, 5k, 10k clients, 10 s consume
-    python bench/run_all.py --full --workers 2 # adds quotaserver rows with run.py --workers 2
+    python bench/run_all.py --full --workers 2 # adds consume rows with run.py --workers 2
+    #                                            (and a redis-server backplane it starts)
 """
 
 from __future__ import annotations
@@ -36,8 +37,10 @@ def run(
     servers: tuple[str, ...] = sbs.SERVERS,
     consume_connections: tuple[int, ...] = (1, 32),
     save: Callable[[dict], None] | None = None,
+    fanout_workers: bool = False,
 ) -> dict:
-    """Every fan-out and consume run of ``spec``; ``workers`` lists quotaserver's modes.
+    """Every fan-out and consume run of ``spec``; ``workers`` lists quotaserver's modes
+    (for consume; for fan-out too with ``fanout_workers``).
 
     ``save`` gets the results so far after every run (a crash keeps what was measured).
     """
@@ -45,7 +48,7 @@ def run(
     consume: list[dict] = []
     results = {"machine": machine(), "fanout": fanout, "consume": consume}
     for name in servers:
-        for count in workers if name == "quotaserver" else [1]:
+        for count in workers if name == "quotaserver" and fanout_workers else [1]:
             for transport in sbs.TRANSPORTS[name]:
                 fanout += asyncio.run(
                     sbs.fanout(name, transport, spec["sizes"], spec["events"], server_cpus, count)
@@ -172,6 +175,9 @@ def main() -> int:
     parser.add_argument(
         "--workers", type=int, default=1, help="also run quotaserver with run.py --workers N"
     )
+    parser.add_argument(
+        "--fanout-workers", action="store_true", help="--workers rows for fan-out too"
+    )
     parser.add_argument("--server-cpus", default="0")
     parser.add_argument("--client-cpus", default="1")
     parser.add_argument("--out", default=os.path.join(HERE, "out"))
@@ -188,7 +194,8 @@ def main() -> int:
         with open(os.path.join(args.out, "partial.json"), "w") as fh:
             json.dump(partial, fh, indent=1)
 
-    results = run(FULL if args.full else SMALL, workers, args.server_cpus, save=save)
+    spec = FULL if args.full else SMALL
+    results = run(spec, workers, args.server_cpus, save=save, fanout_workers=args.fanout_workers)
     results["loop"] = loop
     results["minutes"] = round((time.time() - started) / 60, 1)
     # Other work on the machine shows here: 1-minute load average before and after.

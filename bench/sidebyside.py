@@ -29,7 +29,9 @@ import os
 import random
 import re
 import resource
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -68,6 +70,7 @@ class Server:
     workdir: tempfile.TemporaryDirectory
     workers: int = 1
     spy: subprocess.Popen | None = None
+    redis: subprocess.Popen | None = None  # the backplane of --workers N, on the same cores
 
     @property
     def label(self) -> str:
@@ -75,7 +78,8 @@ class Server:
 
     def processes(self) -> list[psutil.Process]:
         root = psutil.Process(self.proc.pid)
-        return [root, *root.children(recursive=True)]
+        extra = [psutil.Process(self.redis.pid)] if self.redis is not None else []
+        return [root, *root.children(recursive=True), *extra]
 
     def rss(self) -> int:
         return sum(p.memory_info().rss for p in self.processes())
@@ -110,6 +114,9 @@ class Server:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
+        if self.redis is not None:
+            self.redis.terminate()
+            self.redis.wait(20)
         self.workdir.cleanup()
 
 
@@ -129,10 +136,15 @@ def launch(name: str, cpus: str, workers: int = 1, **settings: Any) -> Server:
     while name == "websockets" and not port_free(port + 1):
         port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("QUOTASERVER_")}
+    redis = None
     if name == "quotaserver":
         cmd = [sys.executable, os.path.join(ROOT, "run.py"), "--port", str(port)]
         if workers > 1:
+            # Several workers need a backplane: a throw-away redis-server on the server's
+            # cores (its CPU is counted with the server's).
+            redis, redis_port = start_redis(cpus)
             cmd += ["--workers", str(workers)]
+            settings = {**settings, "backplane_url": f"redis://127.0.0.1:{redis_port}/0"}
         env.update({"QUOTASERVER_ADMIN_TOKEN": TOKEN, "QUOTASERVER_SERVER_LOG_LEVEL": "warning"})
         env.update({f"QUOTASERVER_{k.upper()}": str(v) for k, v in settings.items()})
     else:
@@ -157,7 +169,7 @@ def launch(name: str, cpus: str, workers: int = 1, **settings: Any) -> Server:
         with open(log_path) as fh:
             text = fh.read()
         if "listening on" in text:
-            server = Server(name, proc, port, workdir, workers)
+            server = Server(name, proc, port, workdir, workers, redis=redis)
             if PYSPY:
                 server.spy = subprocess.Popen(
                     [os.path.join(os.path.dirname(sys.executable), "py-spy"), "record"]
@@ -171,8 +183,37 @@ def launch(name: str, cpus: str, workers: int = 1, **settings: Any) -> Server:
             break
         time.sleep(0.05)
     proc.kill()
+    if redis is not None:
+        redis.kill()
+        redis.wait()
     workdir.cleanup()
     raise RuntimeError(f"{name} did not start:\n{text}")
+
+
+def start_redis(cpus: str) -> tuple[subprocess.Popen, int]:
+    """A redis-server on loopback (no persistence) pinned to ``cpus``, once it answers."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        raise RuntimeError("--workers N needs redis-server (the backplane)")
+    port = free_port()
+    proc = subprocess.Popen(
+        ["taskset", "-c", cpus, binary, "--port", str(port), "--bind", "127.0.0.1",
+         "--save", "", "--appendonly", "no"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    deadline = time.time() + 10
+    while time.time() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2) as conn:
+                conn.sendall(b"PING\r\n")
+                if conn.recv(16).startswith(b"+PONG"):
+                    return proc, port
+        except OSError:
+            time.sleep(0.05)
+    proc.kill()
+    proc.wait()
+    raise RuntimeError("redis-server did not start")
 
 
 def port_free(port: int) -> bool:

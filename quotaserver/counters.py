@@ -3,8 +3,16 @@
 Building SQL through the ORM cost about four times more CPU than running it (profiled:
 ~6 ms of query building per consume against ~1 ms in SQLite). These statements are built
 once per database, run with parameters (so the driver's statement cache applies), and use
-only syntax SQLite (3.24+) and PostgreSQL share: ``ON CONFLICT ... DO NOTHING / DO UPDATE``
-and double-quoted identifiers.
+only syntax SQLite (3.35+) and PostgreSQL share: ``ON CONFLICT ... DO NOTHING / DO UPDATE``,
+``RETURNING`` and double-quoted identifiers.
+
+An admitted consume is three statements, whether the user and its counters exist or not:
+the user's id and limits in one ``SELECT``, one conditional upsert of every window's counter
+(``INSERT ... ON CONFLICT DO UPDATE ... WHERE used + n <= limit RETURNING``), and the daily
+peak. A first-sight user adds one ``INSERT``; a refusal adds one ``UPDATE`` per window that
+took the count (taken back in the same transaction) and a read of the counters. The
+per-minute activity is summed per group commit (:func:`db.add_to_commit`) and written once
+per transaction; without a group commit (PostgreSQL) it is one more statement.
 """
 
 from __future__ import annotations
@@ -13,6 +21,7 @@ from datetime import datetime
 
 from peewee import Database
 
+from .db import add_to_commit
 from .models import GLOBAL_SCOPE, Activity, DailyPeak, QuotaRule, Usage, User, naive_utc
 from .windows import Window
 
@@ -31,23 +40,38 @@ class CounterSQL:
         self.sql_user = f'SELECT "id" FROM {user} WHERE "username" = {p}'
         self.sql_insert_user = (
             f'INSERT INTO {user} ("username", "created_at") VALUES ({p}, {p}) '
-            'ON CONFLICT ("username") DO NOTHING'
+            'ON CONFLICT ("username") DO NOTHING RETURNING "id"'
         )
         self.sql_limits = (
             f'SELECT "scope", "period", "limit" FROM {rule} '
             f'WHERE "command_type" = {p} AND "scope" IN ({p}, {p})'
         )
-        self.sql_window_row = f"({p}, {p}, {p}, {p}, 0)"
-        self.sql_insert_windows = (
-            f'INSERT INTO {usage} ("user_id", "command_type", "period", "window_start", "used") '
-            "VALUES {rows} "
-            'ON CONFLICT ("user_id", "command_type", "period", "window_start") DO NOTHING'
-        )
+        self.sql_window_row_used = f"({p}, {p}, {p}, {p}, {p})"
         key = (
             f'"user_id" = {p} AND "command_type" = {p} AND "period" = {p} AND "window_start" = {p}'
         )
-        self.sql_increment = f'UPDATE {usage} SET "used" = "used" + {p} WHERE {key}'
-        self.sql_increment_limited = f'{self.sql_increment} AND "used" + {p} <= {p}'
+        self.sql_decrement = f'UPDATE {usage} SET "used" = "used" - {p} WHERE {key}'
+        self._many: dict[tuple, str] = {}
+        # The user's id (a row (id, NULL, NULL, NULL), none for an unknown user) and the
+        # rules that apply to it (global ones, and its own), in one round trip.
+        self.sql_user_limits = (
+            f'SELECT "id", NULL, NULL, NULL FROM {user} WHERE "username" = {p} UNION ALL '
+            f'SELECT NULL, r."scope", r."period", r."limit" FROM {rule} AS r '
+            f'WHERE r."command_type" = {p} AND r."scope" IN '
+            f'({p}, (SELECT CAST("id" AS TEXT) FROM {user} WHERE "username" = {p}))'
+        )
+        # Every window's counter in one statement: created already counting the consume
+        # (at 0 where it does not fit), or raised where it fits; the rows that refuse are
+        # left alone and not returned. PostgreSQL takes the row locks in VALUES order, so
+        # concurrent transactions lock a user's counters in one order (no deadlock).
+        self.sql_upsert = (
+            f'INSERT INTO {usage} ("user_id", "command_type", "period", "window_start", "used") '
+            "VALUES {rows} "
+            'ON CONFLICT ("user_id", "command_type", "period", "window_start") DO UPDATE SET '
+            f'"used" = {usage}."used" + {p} WHERE {{terms}} RETURNING "period", "used"'
+        )
+        self.sql_upsert_limited = f'({usage}."period" = {p} AND {usage}."used" + {p} <= {p})'
+        self.sql_upsert_unlimited = f'{usage}."period" = {p}'
         self.sql_used = (
             f'SELECT "period", "window_start", "used" FROM {usage} '
             f'WHERE "user_id" = {p} AND "command_type" = {p} AND "window_start" IN ({{keys}})'
@@ -81,8 +105,12 @@ class CounterSQL:
         found = self.user_id(username)
         if found is not None:
             return found, False
-        cursor = self._run(self.sql_insert_user, (username, self._created_at(naive_utc(now))))
-        return self.user_id(username), cursor.rowcount == 1
+        row = self._run(
+            self.sql_insert_user, (username, self._created_at(naive_utc(now)))
+        ).fetchone()
+        if row is not None:
+            return row[0], True
+        return self.user_id(username), False  # created meanwhile by another transaction
 
     def limits(
         self, user_id: int | None, command_type: str, periods: tuple[str, ...]
@@ -90,10 +118,37 @@ class CounterSQL:
         """Effective limits: a user's rule for a period beats the global one; none = unlimited."""
         scope = GLOBAL_SCOPE if user_id is None else str(user_id)
         rows = self._run(self.sql_limits, (command_type, GLOBAL_SCOPE, scope)).fetchall()
+        return self._effective(rows, periods)
+
+    def user_and_limits(
+        self, username: str, command_type: str, periods: tuple[str, ...], now: datetime
+    ) -> tuple[int, bool, dict[str, int | None]]:
+        """The user's id (created on first sight), whether it was just created, and its
+        effective limits for ``command_type``."""
+        rows = self._run(
+            self.sql_user_limits, (username, command_type, GLOBAL_SCOPE, username)
+        ).fetchall()
+        user_id = next((r[0] for r in rows if r[0] is not None), None)
+        limits = self._effective([r[1:] for r in rows if r[0] is None], periods)
+        if user_id is not None:
+            return user_id, False, limits
+        row = self._run(
+            self.sql_insert_user, (username, self._created_at(naive_utc(now)))
+        ).fetchone()
+        if row is not None:
+            # Created now: it has no rules of its own (rules are set only on existing users,
+            # and users are never deleted, so no stale rule can carry its id).
+            return row[0], True, limits
+        # Created meanwhile by another transaction, which may have given it rules.
+        user_id = self.user_id(username)
+        return user_id, False, self.limits(user_id, command_type, periods)
+
+    @staticmethod
+    def _effective(rows: list, periods: tuple[str, ...]) -> dict[str, int | None]:
         limits: dict[str, int | None] = dict.fromkeys(periods)
         overridden: set[str] = set()
         for row_scope, period, limit in rows:
-            if period not in limits:
+            if period not in limits:  # also the LEFT JOIN's empty row (no rule at all)
                 continue
             if row_scope != GLOBAL_SCOPE:
                 limits[period] = limit
@@ -102,23 +157,51 @@ class CounterSQL:
                 limits[period] = limit
         return limits
 
-    def ensure_windows(self, user_id: int, command_type: str, windows: dict[str, Window]) -> None:
-        rows = ", ".join([self.sql_window_row] * len(windows))
+    def increment_all(
+        self,
+        user_id: int,
+        command_type: str,
+        windows: dict[str, Window],
+        count: int,
+        limits: dict[str, int | None],
+    ) -> tuple[dict[str, int], str | None]:
+        """Add ``count`` to every window's counter, or to none if any would pass its limit.
+
+        Returns the counters after the call and the first refusing window (None: admitted).
+        Runs inside the caller's transaction: a refusal takes back what it added, so the
+        transaction sees the counters unchanged (no savepoint needed).
+        """
+        shape = tuple((p, limits[p] is None) for p in windows)
+        sql = self._many.get(shape)
+        if sql is None:
+            rows = ", ".join([self.sql_window_row_used] * len(windows))
+            terms = " OR ".join(
+                self.sql_upsert_unlimited if unlimited else self.sql_upsert_limited
+                for _, unlimited in shape
+            )
+            sql = self._many[shape] = self.sql_upsert.format(rows=rows, terms=terms)
         params: list = []
         for period, window in windows.items():
-            params += [user_id, command_type, period, window.key]
-        self._run(self.sql_insert_windows.format(rows=rows), tuple(params))
-
-    def increment(
-        self, user_id: int, command_type: str, window: Window, count: int, limit: int | None
-    ) -> bool:
-        """Atomically add ``count`` unless that would pass ``limit``; return whether it did."""
-        key = (user_id, command_type, window.period, window.key)
-        if limit is None:
-            cursor = self._run(self.sql_increment, (count, *key))
-        else:
-            cursor = self._run(self.sql_increment_limited, (count, *key, count, limit))
-        return cursor.rowcount == 1
+            limit = limits[period]
+            start = count if limit is None or count <= limit else 0
+            params += (user_id, command_type, period, window.key, start)
+        params.append(count)
+        for period in windows:  # the terms, in shape order
+            limit = limits[period]
+            params += (period,) if limit is None else (period, count, limit)
+        # A returned row took ``count`` unless it is a new row left at 0 (it did not fit).
+        added = {
+            period: used
+            for period, used in self._run(sql, tuple(params)).fetchall()
+            if used > 0 or count == 0
+        }
+        refused = next((p for p in windows if p not in added), None)
+        if refused is None:
+            return added, None
+        for period in added:
+            key = (user_id, command_type, period, windows[period].key)
+            self._run(self.sql_decrement, (count, *key))
+        return self.used(user_id, command_type, windows), refused
 
     def used(self, user_id: int | None, command_type: str, windows: dict[str, Window]) -> dict:
         used = dict.fromkeys(windows, 0)
@@ -132,7 +215,14 @@ class CounterSQL:
         return used
 
     def bump_activity(self, minute: int, commands: int = 0, violations: int = 0) -> None:
-        self._run(self.sql_activity, (minute, commands, violations))
+        """Add to the minute's totals in this transaction: summed with the other units of a
+        group commit and written once, before its COMMIT; written at once otherwise."""
+        if not add_to_commit(self._write_activity, minute, (commands, violations)):
+            self._run(self.sql_activity, (minute, commands, violations))
+
+    def _write_activity(self, totals: dict) -> None:
+        for minute, (commands, violations) in sorted(totals.items()):
+            self._run(self.sql_activity, (minute, commands, violations))
 
     def raise_peak(self, user_id: int, username: str, day: int, percent: float | None) -> None:
         """Record ``percent`` of a daily limit (None: unlimited) as a candidate for the

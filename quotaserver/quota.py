@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import logging
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -56,6 +57,7 @@ class PeriodStatus:
     limit: int | None
     used: int
     resets_at: datetime
+    resets_text: str | None = None  # resets_at as isoformat() gives it, if known
 
     @property
     def remaining(self) -> int | None:
@@ -66,7 +68,7 @@ class PeriodStatus:
             "limit": self.limit,
             "used": self.used,
             "remaining": self.remaining,
-            "resets_at": isoformat(self.resets_at),
+            "resets_at": self.resets_text or isoformat(self.resets_at),
         }
 
 
@@ -107,11 +109,6 @@ class Decision:
         """The limited window with the least remaining (the one a client should watch)."""
         limited = [(p, s) for p, s in self.periods.items() if s.limit is not None]
         return min(limited, key=lambda ps: (ps[1].remaining, ps[1].resets_at)) if limited else None
-
-
-class _Exhausted(Exception):
-    def __init__(self, period: str):
-        self.period = period
 
 
 class QuotaService:
@@ -206,7 +203,10 @@ class QuotaService:
         return self.sql.limits(user_id, command_type, self.periods)
 
     def _statuses(self, limits: dict, used: dict, windows: dict[str, Window]) -> dict:
-        return {p: PeriodStatus(limits[p], used[p], windows[p].end) for p in self.periods}
+        return {
+            p: PeriodStatus(limits[p], used[p], windows[p].end, windows[p].end_text)
+            for p in self.periods
+        }
 
     def _check_sync(self, user: str, command_type: str, count: int, factor: float) -> Decision:
         now = self.clock()
@@ -252,19 +252,13 @@ class QuotaService:
     def _consume_sync(self, user: str, command_type: str, count: int, factor: float) -> Decision:
         now = self.clock()
         windows = self.calendar.windows(self.periods, now)
-        with self.db.atomic():
-            user_id, new_user = self.ensure_user(user, now)
-            limits = self.limits_for(user_id, command_type)
-            self.sql.ensure_windows(user_id, command_type, windows)
-            exhausted = None
-            try:
-                with self.db.atomic():  # savepoint: all windows or none
-                    for p, w in windows.items():
-                        if not self.sql.increment(user_id, command_type, w, count, limits[p]):
-                            raise _Exhausted(p)
-            except _Exhausted as exc:
-                exhausted = exc.period
-            used = self.sql.used(user_id, command_type, windows)
+        # Inside a group commit this unit already has its savepoint; alone, a transaction.
+        with nullcontext() if self.db.in_transaction() else self.db.atomic():
+            user_id, new_user, limits = self.sql.user_and_limits(
+                user, command_type, self.periods, now
+            )
+            # All windows or none; a refusal leaves the counters as they were.
+            used, exhausted = self.sql.increment_all(user_id, command_type, windows, count, limits)
             decision = Decision(
                 allowed=exhausted is None,
                 user=user,
@@ -278,11 +272,13 @@ class QuotaService:
                 at=now,
             )
             if exhausted is None:
-                self.sql.bump_activity(int(now.timestamp()) // 60 * 60, commands=count)
                 daily = decision.periods.get("daily")
                 if daily is not None:
                     percent = utilization(daily.used, daily.limit)
                     self.sql.raise_peak(user_id, user, windows["daily"].key, percent)
+                # Last: on PostgreSQL this row is shared by every consume of the minute and
+                # stays locked until COMMIT.
+                self.sql.bump_activity(int(now.timestamp()) // 60 * 60, commands=count)
                 return decision
             fields = self._violation_fields(
                 exhausted, limits[exhausted], used[exhausted] + count, command_type

@@ -19,6 +19,8 @@ _BLANK_GLYPHS = frozenset("\u115f\u1160\u3164\uffa0\u2800")
 
 def hidden_character(value: str) -> str | None:
     """A description of the first invisible or bidirectional character, or None."""
+    if value.isascii() and value.isprintable():
+        return None  # printable ASCII: letters, digits, punctuation, symbols, the space
     for char in value:
         category = unicodedata.category(char)
         refused = (

@@ -61,3 +61,10 @@ def test_the_sse_client_counts_only_complete_events_split_across_reads():
 
     arrivals = asyncio.run(scenario())
     assert list(arrivals) == [7] and len(arrivals[7]) == 1
+
+
+def test_consume_with_two_workers_starts_and_stops_its_own_backplane():
+    """`--workers 2` rows: run.py with two workers and the redis-server the bench starts."""
+    result = asyncio.run(sidebyside.consume("quotaserver", 2, 0.5, "0", workers=2))
+    assert result["server"] == "quotaserver x2"
+    assert result["requests"] > 0 and set(result["status_counts"]) == {"200"}, result

@@ -126,6 +126,26 @@ async def test_concurrent_consumes_never_over_admit_on_postgresql(pg_app):
     watcher.close()
 
 
+@pytest.mark.gen_test(timeout=120)
+async def test_concurrent_first_consumes_create_the_user_and_counters_once(pg_app):
+    # No user and no counter rows yet: concurrent transactions race to create them (the
+    # losers of each INSERT wait and take the update path) and lock the windows in one
+    # order, so none fails, none deadlocks and the limit holds in every window.
+    app = await pg_app(database__pool_size=8)
+    await app.rules.set_global_limits("code", {"daily": 40, "weekly": 45}, actor="t")
+    results = await asyncio.gather(*(consume(app, "carl", "code") for _ in range(120)))
+    codes = [r.code for r in results]
+    assert codes.count(200) == 40 and codes.count(429) == 80
+    assert {r.json["violation"]["period"] for r in results if r.code == 429} == {"daily"}
+    rows = await app.store.run(
+        lambda: sorted(
+            (u.period, u.used) for u in Usage.select().join(User).where(User.username == "carl")
+        )
+    )
+    assert rows == sorted((period, 40) for period in app.quota.periods)  # one row each
+    assert await count(app, User, User.username == "carl") == 1
+
+
 @pytest.mark.gen_test(timeout=60)
 async def test_rules_alerts_and_replay_on_postgresql(pg_app):
     app = await pg_app()

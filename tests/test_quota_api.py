@@ -129,6 +129,15 @@ async def test_multi_window_denial_reports_first_exhausted_window(app_factory):
     assert resp.json["violation"]["period"] == "weekly"
     assert resp.json["violation"]["attempted"] == 5
     assert resp.headers["Retry-After"] == str(4 * 86400 + 12 * 3600)  # Wednesday noon to Monday
+    # All windows or none: the day's and the hour's fresh counters took nothing either.
+    assert resp.json["periods"]["daily"]["used"] == 0
+    assert await used(app, "fay", "shell") == 0
+    assert await used(app, "fay", "shell", "hourly") == 0
+    assert await used(app, "fay", "shell", "weekly") == 3
+    # A later consume that fits still counts in every window.
+    assert (await consume(app, "fay", "shell", 1)).code == 200
+    assert await used(app, "fay", "shell") == 1
+    assert await used(app, "fay", "shell", "monthly") == 4
 
 
 @pytest.mark.gen_test

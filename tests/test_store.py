@@ -8,7 +8,7 @@ import threading
 import pytest
 from peewee import IntegrityError, SqliteDatabase
 
-from quotaserver.db import GroupCommitter
+from quotaserver.db import GroupCommitter, add_to_commit
 
 
 @pytest.fixture
@@ -80,3 +80,40 @@ def test_a_failing_unit_rolls_back_alone(committer):
     with pytest.raises(ValueError):
         failed.result(30)
     assert rows(committer.path, "parent") == [(11,)]  # its savepoint undid the 10
+
+
+def test_totals_of_a_batch_are_written_once_before_its_commit_without_failed_units(committer):
+    db = committer.db
+    db.execute_sql("CREATE TABLE totals (id INTEGER PRIMARY KEY, n INTEGER, writes INTEGER)")
+    writes: list[dict] = []
+
+    def write(totals: dict) -> None:
+        writes.append(dict(totals))
+        for key, (n,) in totals.items():
+            db.execute_sql(
+                "INSERT INTO totals VALUES (?, ?, 1) ON CONFLICT (id) DO UPDATE SET "
+                "n = n + excluded.n, writes = writes + 1",
+                (key, n),
+            )
+
+    started, release = threading.Event(), threading.Event()
+    committer.submit(lambda: (started.set(), release.wait(30)))
+    assert started.wait(30)
+
+    def adds(n: int, fail: bool = False) -> bool:
+        assert add_to_commit(write, 1, (n,))
+        if fail:
+            raise ValueError("after adding")
+        return True
+
+    units = [committer.submit(lambda n=n: adds(n)) for n in (1, 2, 3)]
+    failed = committer.submit(lambda: adds(100, fail=True))
+    release.set()
+    assert [u.result(30) for u in units] == [True, True, True]
+    with pytest.raises(ValueError):
+        failed.result(30)
+    # One write for the batch, with the sum of the units that succeeded.
+    assert writes == [{1: (6,)}]
+    assert rows(committer.path, "totals") == [(1, 6, 1)]
+    # Outside a group commit there is nothing to add to: the caller writes itself.
+    assert add_to_commit(write, 1, (1,)) is False

@@ -1,6 +1,6 @@
 """Window boundaries are exact instants in the configured zone, DST included."""
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
@@ -53,3 +53,17 @@ def test_hourly_window_with_half_hour_offset():
 
 def test_isoformat_is_rfc3339_utc():
     assert isoformat(utc(2026, 3, 10, 12, 0)) == "2026-03-10T12:00:00.000Z"
+
+
+def test_remembered_windows_equal_freshly_computed_ones_across_a_dst_change():
+    # window() and windows() remember their last answer; stepping across the autumn change
+    # (and back in time) must give exactly what a calendar without memory computes.
+    cal = WindowCalendar("Europe/Berlin", "monday")
+    start = datetime(2026, 10, 24, 20, 0, tzinfo=UTC)
+    steps = [start + timedelta(minutes=20 * i) for i in range(40)]
+    for now in steps + steps[::-1]:
+        fresh = WindowCalendar("Europe/Berlin", "monday")
+        for period in ("hourly", "daily", "weekly", "monthly"):
+            assert cal.window(period, now) == fresh.window(period, now)
+        periods = ("hourly", "daily", "weekly", "monthly")
+        assert cal.windows(periods, now) == fresh.windows(periods, now)

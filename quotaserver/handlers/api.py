@@ -20,7 +20,9 @@ def validate_username(value: Any, max_length: int, field: str = "user") -> str:
         raise ApiError(400, "invalid_field", f"{field} must not be empty")
     if len(value) > max_length:
         raise ApiError(400, "invalid_field", f"{field} is longer than {max_length} characters")
-    if any(ord(c) < 32 or ord(c) == 127 for c in value):
+    if not (value.isascii() and value.isprintable()) and any(
+        ord(c) < 32 or ord(c) == 127 for c in value
+    ):
         raise ApiError(400, "invalid_field", f"{field} must not contain control characters")
     refuse_hidden(value, field)
     return value
