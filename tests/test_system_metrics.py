@@ -2,7 +2,7 @@
 and a durable ``throttle`` event marks every change of band.
 
 The real CPU and memory figures are unknown in advance, so the bands are chosen to be
-reached by any figure (threshold 0) or by none (above 100): the outcome is exact.
+reached by any figure (threshold 0) or by none (above 100 plus the hysteresis): the outcome is exact.
 """
 
 import pytest
@@ -51,8 +51,11 @@ async def test_a_change_of_band_is_one_throttle_event_and_reaches_decisions(app_
     assert decision["throttle_factor"] == 0.5
     assert app.stats_snapshot()["system_load"]["throttle_active"] is True
 
-    # Load falls below every band: one event back to 1.0.
-    app.load.cpu_bands = app.load.memory_bands = Bands([[101, 0.0]])
+    # Load falls below every band: one event back to 1.0. The band is left only once the
+    # load is ``hysteresis`` points below it, so it must sit above 100 + hysteresis (at 101 a
+    # machine at 100% CPU stayed in it).
+    above = 100 + app.load.hysteresis + 1
+    app.load.cpu_bands = app.load.memory_bands = Bands([[above, 0.0]])
     await app.scheduler.run_once("system_metrics")
     back = await ws.recv_type("throttle")
     assert back["seq"] > head
