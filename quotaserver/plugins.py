@@ -41,7 +41,6 @@ BUILTIN_PLUGINS = (
     "plugins.system_metrics",
     "plugins.quota_analytics",
     "plugins.alert_engine",
-    "plugins.load_history",
 )
 #: Event types only the core publishes: a plugin emitting one could forge a violation.
 RESERVED_TYPES = DURABLE_TYPES | CONTROL_TYPES | CLIENT_TYPES | {"stats", "subscribed"}

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..admin_queries import USER_SORTS, AdminQueries
 from ..alerts import SEVERITIES, STATUSES, AlertNotFound
-from ..history import activity_per_minute, load_ring, violations_per_day
+from ..history import activity_per_minute, violations_per_day
 from ..quota import QuotaError, UnknownCommandType
 from ..ranking import BadCursor
 from ..rules import UnknownUser
@@ -112,7 +112,7 @@ class HistoryHandler(AdminHandler):
                 "minutes": minutes,
                 "activity": activity,
                 "load_minutes": load_minutes,
-                "load": load_ring(self.app).since(load_minutes * 60.0),
+                "load": self.app.load.history.since(load_minutes * 60.0),
             }
         )
 
