@@ -12,6 +12,7 @@ from typing import Any
 
 from .audit import record_audit
 from .db import Store
+from .errors import DomainError
 from .events import append_event
 from .models import Alert, User, aware, naive_utc
 from .realtime.messages import Message
@@ -21,8 +22,10 @@ SEVERITIES = ("low", "medium", "high", "critical")
 STATUSES = ("open", "acknowledged", "resolved")
 
 
-class AlertNotFound(LookupError):
-    pass
+class AlertNotFound(DomainError, LookupError):
+    status = 404
+    code = "unknown_alert"
+    default_message = "no such alert"
 
 
 def alert_json(row: Alert, username: str | None = None) -> dict[str, Any]:
@@ -134,7 +137,7 @@ class AlertService:
         with self.store.db.atomic():
             row = Alert.get_or_none(Alert.id == alert_id)
             if row is None:
-                raise AlertNotFound(alert_id)
+                raise AlertNotFound()
             if row.status == "resolved" or row.status == status:
                 # Idempotent: nothing changes, nothing is published.
                 return alert_json(row), []

@@ -38,6 +38,7 @@ import peewee
 from .audit import record_audit
 from .auth_failures import FailedAuthLimiter
 from .config import Config, ConfigError
+from .errors import DomainError
 from .login_codes import LoginCodes
 from .models import ApiToken, RevokedSession, aware, naive_utc
 from .origins import HostPolicy
@@ -102,12 +103,12 @@ class TokenInfo:
         }
 
 
-class AuthError(Exception):
+class AuthError(DomainError):
     """A refused token operation; ``status`` and ``code`` go into the error envelope."""
 
     def __init__(self, status: int, code: str, message: str):
-        super().__init__(message)
-        self.status, self.code, self.message = status, code, message
+        headers = {"Retry-After": "5"} if status == 503 else None
+        super().__init__(message, code=code, status=status, headers=headers)
 
 
 STORE_UNAVAILABLE = "the database did not accept the change; nothing was changed, retry later"

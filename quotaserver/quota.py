@@ -20,6 +20,7 @@ from peewee import Database
 from .config import PERIODS, Config
 from .counters import CounterSQL
 from .db import Store
+from .errors import DomainError
 from .events import append_event
 from .models import (
     GLOBAL_SCOPE,
@@ -37,18 +38,20 @@ from .windows import Clock, Window, WindowCalendar, isoformat, utc_now
 log = logging.getLogger(__name__)
 
 
-class QuotaError(ValueError):
-    """Bad input to the quota service; ``code`` is the API error code."""
+class QuotaError(DomainError, ValueError):
+    """Bad input to the quota service (400); ``code`` is the API error code."""
 
-    def __init__(self, code: str, message: str):
-        super().__init__(message)
-        self.code = code
-        self.message = message
+    def __init__(self, code: str, message: str, status: int | None = None):
+        super().__init__(message, code=code, status=status)
 
 
 class UnknownCommandType(QuotaError):
-    def __init__(self, command_type: str):
-        super().__init__("unknown_command_type", f"unknown command type {command_type!r}")
+    """A command type the server does not track: ``quotas.unknown_command_status``."""
+
+    def __init__(self, command_type: str, status: int = 400):
+        super().__init__(
+            "unknown_command_type", f"unknown command type {command_type!r}", status=status
+        )
 
 
 @dataclass(slots=True)
@@ -137,6 +140,7 @@ class QuotaService:
         self.calendar = WindowCalendar(config["quotas.timezone"], config["quotas.week_start"])
         self.defaults: dict[str, dict[str, int | None]] = config["quotas.defaults"]
         self.sql = CounterSQL(store.db)
+        self.unknown_command_status: int = config["quotas.unknown_command_status"]
 
     @property
     def db(self) -> Database:
@@ -145,7 +149,7 @@ class QuotaService:
     # -- validation -------------------------------------------------------------------
     def validate_command_type(self, command_type: str) -> None:
         if command_type not in self.command_types:
-            raise UnknownCommandType(command_type)
+            raise UnknownCommandType(command_type, self.unknown_command_status)
 
     # -- public API -------------------------------------------------------------------
     async def check(self, user: str, command_type: str, count: int = 1) -> Decision:

@@ -13,6 +13,7 @@ from typing import Any
 from peewee import JOIN
 
 from .audit import record_audit
+from .errors import DomainError
 from .events import append_event
 from .models import GLOBAL_SCOPE, QuotaRule, Usage, User, naive_utc
 from .quota import QuotaError, QuotaService
@@ -22,8 +23,10 @@ from .standings import recompute, users_with_usage
 Limits = dict[str, int | None]
 
 
-class UnknownUser(LookupError):
-    pass
+class UnknownUser(DomainError, LookupError):
+    status = 404
+    code = "unknown_user"
+    default_message = "no such user"
 
 
 class RuleService:
@@ -107,7 +110,7 @@ class RuleService:
         row = User.get_or_none(User.username == username)
         if row is None:
             if not create:
-                raise UnknownUser(username)
+                raise UnknownUser()
             self.quota.ensure_user(username, self.quota.clock())
             row = User.get(User.username == username)
         return row

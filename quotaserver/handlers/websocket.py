@@ -136,7 +136,7 @@ class AdminSocketHandler(tornado.websocket.WebSocketHandler):
         try:
             self._types = parse_types(self.get_query_argument("types", None))
         except ApiError as exc:
-            return self._refuse(exc.status_code, exc.code, exc.message)
+            return self._refuse(exc.status, exc.code, exc.message)
         refusal = self.app.connection_refusal(self.identity)
         if refusal:
             return self._refuse(429, "too_many_connections", refusal)
