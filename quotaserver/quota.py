@@ -8,7 +8,6 @@ violation and its event row are written in the same outer transaction.
 
 from __future__ import annotations
 
-import functools
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -17,6 +16,7 @@ from typing import Any
 
 from peewee import Database
 
+from .change import Change, commit
 from .config import PERIODS, Config
 from .counters import CounterSQL
 from .db import Store
@@ -166,17 +166,15 @@ class QuotaService:
         overloaded = factor <= 0.0
         work = self._check_sync if overloaded else self._consume_sync
 
-        def committed(decision: Decision) -> None:
-            # Persist, then publish: runs once the transaction has committed.
+        def run() -> Change[Decision]:
+            decision = work(user, command_type, count, factor)
             if overloaded:
                 decision.allowed = False
                 decision.reason = "system_overloaded"
-            if decision.events:
-                self.publish(decision.events)
-            self.on_decision(decision)
+            return Change(decision, decision.events)
 
-        call = functools.partial(work, user, command_type, count, factor)
-        return await self.store.run_committed(call, committed)
+        # Persist, then publish (quotaserver.change); the plugins' on_decision after that.
+        return await commit(self.store, run, self.publish, lambda c: self.on_decision(c.payload))
 
     async def user_status(self, user: str) -> dict[str, Any] | None:
         """Per command type and period: limit, used, remaining, resets_at; None if unknown."""
@@ -318,7 +316,7 @@ class QuotaService:
         """
         self.validate_command_type(command_type)
 
-        def work() -> tuple[dict, Message]:
+        def work() -> Change[dict]:
             now = self.clock()
             window = self.calendar.window(period, now)
             with self.db.atomic():
@@ -326,10 +324,10 @@ class QuotaService:
                 limit = self.limits_for(user_id, command_type).get(period) or 0
                 used = self.sql.used(user_id, command_type, {period: window})[period]
                 fields = self._violation_fields(period, limit, used + 1, command_type)
-                return self._record_violation(user_id, user, command_type, fields, now)
+                payload, event = self._record_violation(user_id, user, command_type, fields, now)
+                return Change(payload, [event])
 
-        payload, _ = await self.store.run_committed(work, lambda r: self.publish([r[1]]))
-        return payload
+        return await commit(self.store, work, self.publish)
 
     def _user_status_sync(self, user: str) -> dict[str, Any] | None:
         row = User.select().where(User.username == user).first()
