@@ -13,6 +13,7 @@ from datetime import datetime
 
 from peewee import Database
 
+from .limits import effective_limits, limits_sql
 from .models import GLOBAL_SCOPE, Activity, DailyPeak, QuotaRule, Usage, User, naive_utc
 from .windows import Window
 
@@ -33,10 +34,7 @@ class CounterSQL:
             f'INSERT INTO {user} ("username", "created_at") VALUES ({p}, {p}) '
             'ON CONFLICT ("username") DO NOTHING'
         )
-        self.sql_limits = (
-            f'SELECT "scope", "period", "limit" FROM {rule} '
-            f'WHERE "command_type" = {p} AND "scope" IN ({p}, {p})'
-        )
+        self.sql_limits = limits_sql(rule, p)  # precedence lives in quotaserver.limits
         self.sql_window_row = f"({p}, {p}, {p}, {p}, 0)"
         self.sql_insert_windows = (
             f'INSERT INTO {usage} ("user_id", "command_type", "period", "window_start", "used") '
@@ -90,17 +88,7 @@ class CounterSQL:
         """Effective limits: a user's rule for a period beats the global one; none = unlimited."""
         scope = GLOBAL_SCOPE if user_id is None else str(user_id)
         rows = self._run(self.sql_limits, (command_type, GLOBAL_SCOPE, scope)).fetchall()
-        limits: dict[str, int | None] = dict.fromkeys(periods)
-        overridden: set[str] = set()
-        for row_scope, period, limit in rows:
-            if period not in limits:
-                continue
-            if row_scope != GLOBAL_SCOPE:
-                limits[period] = limit
-                overridden.add(period)
-            elif period not in overridden:
-                limits[period] = limit
-        return limits
+        return effective_limits(rows, periods)
 
     def ensure_windows(self, user_id: int, command_type: str, windows: dict[str, Window]) -> None:
         rows = ", ".join([self.sql_window_row] * len(windows))
