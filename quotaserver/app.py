@@ -17,7 +17,7 @@ from tornado.ioloop import PeriodicCallback
 
 from . import retention
 from .alerts import AlertService
-from .auth import Auth, Identity
+from .auth import Auth
 from .change import Change, commit
 from .config import Config
 from .db import Store
@@ -38,6 +38,7 @@ from .realtime.messages import CLOSE_GOING_AWAY, CLOSE_POLICY, Message
 from .rules import RuleService
 from .secret_files import private_database_files, read_or_create_secret
 from .throttle import SystemLoad
+from .tokens import Identity
 from .urls import routes
 from .windows import Clock, utc_now
 

@@ -28,9 +28,9 @@ from typing import TYPE_CHECKING
 
 import tornado.web
 
-from ..auth import Identity
 from ..errors import DomainError
 from ..realtime.messages import CLOSE_GOING_AWAY, CLOSE_POLICY, CLOSE_TRY_AGAIN
+from ..tokens import Identity
 from .base import ApiError, auth_failure_wait, client_address, identify
 from .streams import parse_types
 

@@ -28,9 +28,10 @@ from urllib.parse import urlencode
 import tornado.escape
 import tornado.web
 
-from ..auth import ANONYMOUS_ADMIN, SESSION_COOKIE, Identity
 from ..db import DatabaseError
 from ..errors import DomainError
+from ..sessions import SESSION_COOKIE
+from ..tokens import ANONYMOUS_ADMIN, Identity
 
 if TYPE_CHECKING:
     from ..app import QuotaApp

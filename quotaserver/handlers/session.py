@@ -13,7 +13,8 @@ from __future__ import annotations
 import json
 from urllib.parse import quote, urlsplit
 
-from ..auth import SESSION_COOKIE, Identity
+from ..sessions import SESSION_COOKIE
+from ..tokens import Identity
 from .base import VIEWER, BaseHandler, client_address
 
 DEFAULT_NEXT = "/admin/quotas"
