@@ -7,22 +7,24 @@ owns the storage and the events, so every alert change is persisted, then publis
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
 from typing import Any
 
 from .audit import record_audit
+from .change import Change, Publish, commit
 from .db import Store
+from .errors import DomainError
 from .events import append_event
 from .models import Alert, User, aware, naive_utc
-from .realtime.messages import Message
 from .windows import Clock, isoformat, utc_now
 
 SEVERITIES = ("low", "medium", "high", "critical")
 STATUSES = ("open", "acknowledged", "resolved")
 
 
-class AlertNotFound(LookupError):
-    pass
+class AlertNotFound(DomainError, LookupError):
+    status = 404
+    code = "unknown_alert"
+    default_message = "no such alert"
 
 
 def alert_json(row: Alert, username: str | None = None) -> dict[str, Any]:
@@ -51,7 +53,7 @@ class AlertService:
     def __init__(
         self,
         store: Store,
-        publish: Callable[[list[Message]], None],
+        publish: Publish,
         clock: Clock = utc_now,
     ):
         self.store = store
@@ -74,8 +76,7 @@ class AlertService:
         work = functools.partial(
             self._raise_sync, rule, severity, message, user_id, action, dedupe_day
         )
-        payload, _ = await self.store.run_committed(work, lambda r: self.publish(r[1]))
-        return payload
+        return await commit(self.store, work, self.publish)
 
     async def acknowledge(self, alert_id: int, actor: str) -> dict[str, Any]:
         return await self._transition(alert_id, "acknowledged", actor)
@@ -85,8 +86,7 @@ class AlertService:
 
     async def _transition(self, alert_id: int, status: str, actor: str) -> dict[str, Any]:
         work = functools.partial(self._transition_sync, alert_id, status, actor)
-        payload, _ = await self.store.run_committed(work, lambda r: self.publish(r[1]))
-        return payload
+        return await commit(self.store, work, self.publish)
 
     # -- database work -----------------------------------------------------------------
     def _raise_sync(
@@ -97,7 +97,7 @@ class AlertService:
         user_id: int | None,
         action: str,
         dedupe_day: str | None,
-    ) -> tuple[dict, list[Message]]:
+    ) -> Change[dict]:
         now = self.clock()
         day = dedupe_day or now.date().isoformat()
         key = f"{rule}:{user_id if user_id is not None else '-'}:{day}"
@@ -127,17 +127,17 @@ class AlertService:
             username = User.get_by_id(user_id).username if user_id is not None else None
             payload = alert_json(row, username)
             payload["update"] = row.count > 1
-            return payload, [append_event("alert", payload, now)]
+            return Change(payload, [append_event("alert", payload, now)])
 
-    def _transition_sync(self, alert_id: int, status: str, actor: str) -> tuple[dict, list]:
+    def _transition_sync(self, alert_id: int, status: str, actor: str) -> Change[dict]:
         now = self.clock()
         with self.store.db.atomic():
             row = Alert.get_or_none(Alert.id == alert_id)
             if row is None:
-                raise AlertNotFound(alert_id)
+                raise AlertNotFound()
             if row.status == "resolved" or row.status == status:
                 # Idempotent: nothing changes, nothing is published.
-                return alert_json(row), []
+                return Change(alert_json(row))
             row.status = status
             row.updated_at = naive_utc(now)
             if status == "acknowledged":
@@ -150,4 +150,4 @@ class AlertService:
             record_audit(actor, action, f"alert:{alert_id}", {"status": status}, now)
             payload = alert_json(row)
             payload["update"] = True
-            return payload, [append_event("alert", payload, now)]
+            return Change(payload, [append_event("alert", payload, now)])

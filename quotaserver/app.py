@@ -17,7 +17,8 @@ from tornado.ioloop import PeriodicCallback
 
 from . import retention
 from .alerts import AlertService
-from .auth import Auth, Identity
+from .auth import Auth
+from .change import Change, commit
 from .config import Config
 from .db import Store
 from .events import events_after, last_seq
@@ -37,6 +38,7 @@ from .realtime.messages import CLOSE_GOING_AWAY, CLOSE_POLICY, Message
 from .rules import RuleService
 from .secret_files import private_database_files, read_or_create_secret
 from .throttle import SystemLoad
+from .tokens import Identity
 from .urls import routes
 from .windows import Clock, utc_now
 
@@ -274,11 +276,12 @@ class QuotaApp:
             self.hub.publish(message)
             return message
 
-        def work() -> Message:
+        def work() -> Change[Message]:
             with self.store.db.atomic():
-                return append_event(type, data, self.clock())
+                message = append_event(type, data, self.clock())
+            return Change(message, [message])
 
-        return await self.store.run_committed(work, lambda message: self.publish([message]))
+        return await commit(self.store, work, self.publish)
 
     def _remote_event(self, message: Message) -> None:
         """A durable event committed by another instance (plugins ran there)."""

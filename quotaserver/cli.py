@@ -22,6 +22,7 @@ from . import __version__, logs
 from .config import Config, ConfigError, load_config
 from .credentials import check_tokens, redacted
 from .plugins import PluginError, check_setup, get_plugin_manager, plugin_list
+from .redaction import install_log_redaction
 
 log = logging.getLogger("quotaserver")
 
@@ -93,6 +94,7 @@ def load(args: argparse.Namespace) -> tuple[Config, pluggy.PluginManager]:
     check_tokens(config, os.environ)
     # Before plugins load: at debug level a plugin's load error shows its traceback.
     logs.configure(config)
+    install_log_redaction()  # process-wide: a token-shaped string never reaches a log line
     # Plugin names, plugins_dir and plugin settings are configuration too.
     return config, get_plugin_manager(config)
 

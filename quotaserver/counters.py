@@ -22,6 +22,7 @@ from datetime import datetime
 from peewee import Database
 
 from .db import add_to_commit
+from .limits import effective_limits, limits_sql
 from .models import GLOBAL_SCOPE, Activity, DailyPeak, QuotaRule, Usage, User, naive_utc
 from .windows import Window
 
@@ -42,10 +43,7 @@ class CounterSQL:
             f'INSERT INTO {user} ("username", "created_at") VALUES ({p}, {p}) '
             'ON CONFLICT ("username") DO NOTHING RETURNING "id"'
         )
-        self.sql_limits = (
-            f'SELECT "scope", "period", "limit" FROM {rule} '
-            f'WHERE "command_type" = {p} AND "scope" IN ({p}, {p})'
-        )
+        self.sql_limits = limits_sql(rule, p)  # precedence lives in quotaserver.limits
         self.sql_window_row_used = f"({p}, {p}, {p}, {p}, {p})"
         key = (
             f'"user_id" = {p} AND "command_type" = {p} AND "period" = {p} AND "window_start" = {p}'
@@ -118,7 +116,7 @@ class CounterSQL:
         """Effective limits: a user's rule for a period beats the global one; none = unlimited."""
         scope = GLOBAL_SCOPE if user_id is None else str(user_id)
         rows = self._run(self.sql_limits, (command_type, GLOBAL_SCOPE, scope)).fetchall()
-        return self._effective(rows, periods)
+        return effective_limits(rows, periods)
 
     def user_and_limits(
         self, username: str, command_type: str, periods: tuple[str, ...], now: datetime
@@ -129,7 +127,7 @@ class CounterSQL:
             self.sql_user_limits, (username, command_type, GLOBAL_SCOPE, username)
         ).fetchall()
         user_id = next((r[0] for r in rows if r[0] is not None), None)
-        limits = self._effective([r[1:] for r in rows if r[0] is None], periods)
+        limits = effective_limits([r[1:] for r in rows if r[0] is None], periods)
         if user_id is not None:
             return user_id, False, limits
         row = self._run(
@@ -142,20 +140,6 @@ class CounterSQL:
         # Created meanwhile by another transaction, which may have given it rules.
         user_id = self.user_id(username)
         return user_id, False, self.limits(user_id, command_type, periods)
-
-    @staticmethod
-    def _effective(rows: list, periods: tuple[str, ...]) -> dict[str, int | None]:
-        limits: dict[str, int | None] = dict.fromkeys(periods)
-        overridden: set[str] = set()
-        for row_scope, period, limit in rows:
-            if period not in limits:  # also the LEFT JOIN's empty row (no rule at all)
-                continue
-            if row_scope != GLOBAL_SCOPE:
-                limits[period] = limit
-                overridden.add(period)
-            elif period not in overridden:
-                limits[period] = limit
-        return limits
 
     def increment_all(
         self,

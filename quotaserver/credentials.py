@@ -33,11 +33,14 @@ def token_problem(value: str) -> str | None:
     return None
 
 
-def check_tokens(config: Config, env: Mapping[str, str]) -> None:
-    """Raise :class:`ConfigError` for an unset or weak token given through the environment.
+def env_tokens(config: Config, env: Mapping[str, str]) -> list[tuple[str, str, str]]:
+    """``(token, name, role)`` of every token given through the environment (the
+    ``env`` entries of ``auth.tokens``, then ``QUOTASERVER_ADMIN_TOKEN`` as ``env-admin``).
 
-    The same checks as start-up (``auth.Auth``), done before anything starts.
+    The one check of those tokens, for start-up (``auth.Auth``) and check-config alike:
+    :class:`ConfigError` for one that is unset or weak.
     """
+    found = []
     admin = env.get("QUOTASERVER_ADMIN_TOKEN")
     if admin is not None:
         problem = token_problem(admin)
@@ -57,6 +60,16 @@ def check_tokens(config: Config, env: Mapping[str, str]) -> None:
             raise ConfigError(
                 f"auth.tokens[{i}]: {entry['env']} (token {entry['name']!r}) {problem}"
             )
+        found.append((value, entry["name"], entry["role"]))
+    if admin is not None:
+        found.append((admin, "env-admin", "admin"))
+    return found
+
+
+def check_tokens(config: Config, env: Mapping[str, str]) -> None:
+    """Raise :class:`ConfigError` for an unset or weak token given through the environment,
+    before anything starts (the same check as start-up: :func:`env_tokens`)."""
+    env_tokens(config, env)
 
 
 def redact_url(url: str) -> str:

@@ -40,20 +40,21 @@ from playhouse.db_url import connect, parse
 
 from . import models
 from .config import ConfigError
+from .errors import DomainError
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
-class DatabaseError(Exception):
+class DatabaseError(DomainError):
     """The database cannot serve this call now; answered 503 with Retry-After."""
 
+    status = 503
     code = "database_unavailable"
     retry_after = 2
 
     def __init__(self, message: str):
-        super().__init__(message)
-        self.message = message
+        super().__init__(message, headers={"Retry-After": str(self.retry_after)})
 
 
 class DatabaseUnavailable(DatabaseError):

@@ -1,15 +1,60 @@
 """Limit precedence, once: a user's rule for a period beats the global default; no rule
-means unlimited. The consume hot path resolves the same precedence in SQL
-(``CounterSQL.limits``); everything else loads rules in bulk through :class:`Rules`.
+means unlimited (None).
+
+This module is the one owner of that rule, in both of its forms:
+
+- the single-user resolution the consume hot path runs: :func:`limits_sql` (the statement
+  :class:`quotaserver.counters.CounterSQL` compiles once per database) and
+  :func:`effective_limits` (the precedence over the rows it returns);
+- :class:`Rules`, every rule (or those of some users) loaded in one query, for the admin
+  queries, the standings and the analytics plugin.
+
+Both apply :func:`pick`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 from .models import GLOBAL_SCOPE, QuotaRule
 
 Limits = dict[str, dict[str, int | None]]  # command type -> period -> limit
+_MISSING = object()
+
+
+def pick(
+    own: Mapping[str, int | None], defaults: Mapping[str, int | None], period: str
+) -> int | None:
+    """The limit of ``period``: the user's own rule if it has one (even None: unlimited),
+    else the global default, else None (unlimited)."""
+    value = own.get(period, _MISSING)
+    if value is not _MISSING:
+        return value  # type: ignore[return-value]
+    return defaults.get(period)
+
+
+def limits_sql(rule_table: str, param: str) -> str:
+    """The hot path's query: ``(scope, period, limit)`` rows of one command type for the
+    global scope and one user's scope (parameters: command type, GLOBAL_SCOPE, scope)."""
+    return (
+        f'SELECT "scope", "period", "limit" FROM {rule_table} '
+        f'WHERE "command_type" = {param} AND "scope" IN ({param}, {param})'
+    )
+
+
+def effective_limits(
+    rows: Iterable[tuple[str | None, str | None, int | None]], periods: Iterable[str]
+) -> dict[str, int | None]:
+    """Effective limits of ``periods`` from ``(scope, period, limit)`` rows of one user and
+    command type (the global scope and the user's); rows of other periods (or an empty
+    joined row) are ignored."""
+    tracked = set(periods)
+    own: dict[str, int | None] = {}
+    defaults: dict[str, int | None] = {}
+    for scope, period, limit in rows:
+        if period in tracked:
+            (defaults if scope == GLOBAL_SCOPE else own)[period] = limit
+    return {p: pick(own, defaults, p) for p in periods}
 
 
 class Rules:
@@ -32,9 +77,7 @@ class Rules:
 
     def limit(self, user_id: int, command_type: str, period: str) -> int | None:
         own = self.overrides.get(user_id, {}).get(command_type, {})
-        if period in own:
-            return own[period]
-        return self.defaults.get(command_type, {}).get(period)
+        return pick(own, self.defaults.get(command_type, {}), period)
 
     def overridden(self, user_id: int, command_type: str, period: str) -> bool:
         return period in self.overrides.get(user_id, {}).get(command_type, {})

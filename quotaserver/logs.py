@@ -1,8 +1,8 @@
 """Logging: the process-wide set-up (text or JSON lines, UTC timestamps) and the access log.
 
 What is never logged: tokens, cookies, passwords and query strings (a login URL carries a
-token). ``auth.install_log_redaction`` also scrubs anything token-shaped that slips into a
-message.
+token). ``redaction.install_log_redaction``, installed by the entry point, also scrubs
+anything token-shaped that slips into a message.
 """
 
 from __future__ import annotations

@@ -78,6 +78,17 @@ def worker_exited(pid: int) -> None:
     multiprocess.mark_process_dead(pid)
 
 
+class _FileCollector(multiprocess.MultiProcessCollector):
+    """The workers' metric files, read at scrape time only.
+
+    Without ``describe`` the registry collects once at registration to learn the names,
+    reading files other workers may be creating at that moment (a start-up traceback).
+    """
+
+    def describe(self) -> list:
+        return []
+
+
 class Metrics:
     """Every quotaserver metric, bound to one application."""
 
@@ -90,7 +101,7 @@ class Metrics:
         # default registry would refuse the second set of names.
         self.registry = CollectorRegistry(auto_describe=True)
         if self.multiprocess:
-            multiprocess.MultiProcessCollector(self.registry)
+            _FileCollector(self.registry)
             own = None  # values are collected from the files, not from these objects
         else:
             own = self.registry

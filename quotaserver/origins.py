@@ -1,4 +1,5 @@
-"""Which Host values the server answers to: the defence against DNS rebinding.
+"""Which Host values the server answers to (the defence against DNS rebinding), and
+which Origins may use ambient credentials (:class:`OriginPolicy`).
 
 A page on ``http://rebind.test`` whose name is made to resolve to this server sends
 ``Host: rebind.test`` and ``Origin: http://rebind.test``: the two agree, so an Origin check
@@ -32,6 +33,22 @@ class HostPolicy:
         """``host_name`` is the Host header without its port, lower-cased."""
         name = host_name.strip("[]").rstrip(".")
         return self.any_host or is_loopback_host(name) or name in self.public_hosts
+
+
+class OriginPolicy:
+    """Which ``Origin`` may use ambient credentials (a cookie) and open live streams."""
+
+    def __init__(self, allowed: Iterable[str]):
+        self.allowed = frozenset(o.rstrip("/") for o in allowed)
+
+    def allowed_for(self, origin: str, host: str, scheme: str) -> bool:
+        """Exact match with the server's own origin or an allow-listed or public one.
+
+        ``host`` has passed :class:`HostPolicy` before any handler ran, so a rebound name
+        (``Host: rebind.test`` with ``Origin: http://rebind.test``) never gets this far.
+        """
+        origin = origin.rstrip("/")
+        return origin == f"{scheme}://{host}" or origin in self.allowed
 
 
 class HostGuard(tornado.routing.Router):

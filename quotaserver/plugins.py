@@ -37,11 +37,10 @@ log = logging.getLogger(__name__)
 
 PROJECT = "quotaserver"
 ENTRY_POINT_GROUP = "quotaserver"
-BUILTIN_PLUGINS = (
-    "plugins.system_metrics",
-    "plugins.quota_analytics",
-    "plugins.alert_engine",
-    "plugins.load_history",
+#: The package that plugins/ installs as (pyproject: tool.setuptools.package-dir).
+BUILTIN_PACKAGE = "quotaserver.builtin_plugins"
+BUILTIN_PLUGINS = tuple(
+    f"{BUILTIN_PACKAGE}.{name}" for name in ("system_metrics", "quota_analytics", "alert_engine")
 )
 #: Event types only the core publishes: a plugin emitting one could forge a violation.
 RESERVED_TYPES = DURABLE_TYPES | CONTROL_TYPES | CLIENT_TYPES | {"stats", "subscribed"}

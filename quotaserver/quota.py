@@ -8,7 +8,6 @@ violation and its event row are written in the same outer transaction.
 
 from __future__ import annotations
 
-import functools
 import logging
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -18,9 +17,11 @@ from typing import Any
 
 from peewee import Database
 
+from .change import Change, commit
 from .config import PERIODS, Config
 from .counters import CounterSQL
 from .db import Store
+from .errors import DomainError
 from .events import append_event
 from .models import (
     GLOBAL_SCOPE,
@@ -38,18 +39,20 @@ from .windows import Clock, Window, WindowCalendar, isoformat, utc_now
 log = logging.getLogger(__name__)
 
 
-class QuotaError(ValueError):
-    """Bad input to the quota service; ``code`` is the API error code."""
+class QuotaError(DomainError, ValueError):
+    """Bad input to the quota service (400); ``code`` is the API error code."""
 
-    def __init__(self, code: str, message: str):
-        super().__init__(message)
-        self.code = code
-        self.message = message
+    def __init__(self, code: str, message: str, status: int | None = None):
+        super().__init__(message, code=code, status=status)
 
 
 class UnknownCommandType(QuotaError):
-    def __init__(self, command_type: str):
-        super().__init__("unknown_command_type", f"unknown command type {command_type!r}")
+    """A command type the server does not track: ``quotas.unknown_command_status``."""
+
+    def __init__(self, command_type: str, status: int = 400):
+        super().__init__(
+            "unknown_command_type", f"unknown command type {command_type!r}", status=status
+        )
 
 
 @dataclass(slots=True)
@@ -134,6 +137,7 @@ class QuotaService:
         self.calendar = WindowCalendar(config["quotas.timezone"], config["quotas.week_start"])
         self.defaults: dict[str, dict[str, int | None]] = config["quotas.defaults"]
         self.sql = CounterSQL(store.db)
+        self.unknown_command_status: int = config["quotas.unknown_command_status"]
 
     @property
     def db(self) -> Database:
@@ -142,7 +146,7 @@ class QuotaService:
     # -- validation -------------------------------------------------------------------
     def validate_command_type(self, command_type: str) -> None:
         if command_type not in self.command_types:
-            raise UnknownCommandType(command_type)
+            raise UnknownCommandType(command_type, self.unknown_command_status)
 
     # -- public API -------------------------------------------------------------------
     async def check(self, user: str, command_type: str, count: int = 1) -> Decision:
@@ -159,17 +163,15 @@ class QuotaService:
         overloaded = factor <= 0.0
         work = self._check_sync if overloaded else self._consume_sync
 
-        def committed(decision: Decision) -> None:
-            # Persist, then publish: runs once the transaction has committed.
+        def run() -> Change[Decision]:
+            decision = work(user, command_type, count, factor)
             if overloaded:
                 decision.allowed = False
                 decision.reason = "system_overloaded"
-            if decision.events:
-                self.publish(decision.events)
-            self.on_decision(decision)
+            return Change(decision, decision.events)
 
-        call = functools.partial(work, user, command_type, count, factor)
-        return await self.store.run_committed(call, committed)
+        # Persist, then publish (quotaserver.change); the plugins' on_decision after that.
+        return await commit(self.store, run, self.publish, lambda c: self.on_decision(c.payload))
 
     async def user_status(self, user: str) -> dict[str, Any] | None:
         """Per command type and period: limit, used, remaining, resets_at; None if unknown."""
@@ -310,7 +312,7 @@ class QuotaService:
         """
         self.validate_command_type(command_type)
 
-        def work() -> tuple[dict, Message]:
+        def work() -> Change[dict]:
             now = self.clock()
             window = self.calendar.window(period, now)
             with self.db.atomic():
@@ -318,10 +320,10 @@ class QuotaService:
                 limit = self.limits_for(user_id, command_type).get(period) or 0
                 used = self.sql.used(user_id, command_type, {period: window})[period]
                 fields = self._violation_fields(period, limit, used + 1, command_type)
-                return self._record_violation(user_id, user, command_type, fields, now)
+                payload, event = self._record_violation(user_id, user, command_type, fields, now)
+                return Change(payload, [event])
 
-        payload, _ = await self.store.run_committed(work, lambda r: self.publish([r[1]]))
-        return payload
+        return await commit(self.store, work, self.publish)
 
     def _user_status_sync(self, user: str) -> dict[str, Any] | None:
         row = User.select().where(User.username == user).first()

@@ -13,21 +13,24 @@ from typing import Any
 from peewee import JOIN
 
 from .audit import record_audit
+from .change import Change, Publish, commit
+from .errors import DomainError
 from .events import append_event
 from .models import GLOBAL_SCOPE, QuotaRule, Usage, User, naive_utc
 from .quota import QuotaError, QuotaService
-from .realtime.messages import Message
 from .standings import recompute, users_with_usage
 
 Limits = dict[str, int | None]
 
 
-class UnknownUser(LookupError):
-    pass
+class UnknownUser(DomainError, LookupError):
+    status = 404
+    code = "unknown_user"
+    default_message = "no such user"
 
 
 class RuleService:
-    def __init__(self, quota: QuotaService, publish: Callable[[list[Message]], None]):
+    def __init__(self, quota: QuotaService, publish: Publish):
         self.quota = quota
         self.store = quota.store
         self.publish = publish
@@ -98,23 +101,21 @@ class RuleService:
             self.quota.validate_command_type(command_type)
         return await self._apply(self._reset_sync, username, command_type, actor)
 
-    async def _apply(self, fn: Callable[..., tuple[dict, Message]], *args: Any) -> dict:
-        work = functools.partial(fn, *args)
-        payload, _ = await self.store.run_committed(work, lambda r: self.publish([r[1]]))
-        return payload
+    async def _apply(self, fn: Callable[..., Change[dict]], *args: Any) -> dict:
+        return await commit(self.store, functools.partial(fn, *args), self.publish)
 
     def _user(self, username: str, create: bool) -> User:
         row = User.get_or_none(User.username == username)
         if row is None:
             if not create:
-                raise UnknownUser(username)
+                raise UnknownUser()
             self.quota.ensure_user(username, self.quota.clock())
             row = User.get(User.username == username)
         return row
 
     def _set_sync(
         self, username: str | None, command_type: str, limits: Limits, actor: str
-    ) -> tuple[dict, Message]:
+    ) -> Change[dict]:
         now = self.quota.clock()
         with self.store.db.atomic():
             user = self._user(username, create=True) if username is not None else None
@@ -147,11 +148,11 @@ class RuleService:
             }
             target = f"rule:{command_type}" + (f":user:{username}" if username else ":global")
             record_audit(actor, "limits.update", target, {"limits": limits}, now)
-            return payload, append_event("quota_change", payload, now)
+            return Change(payload, [append_event("quota_change", payload, now)])
 
     def _remove_sync(
         self, username: str, command_type: str, periods: list[str] | None, actor: str
-    ) -> tuple[dict, Message]:
+    ) -> Change[dict]:
         now = self.quota.clock()
         with self.store.db.atomic():
             user = self._user(username, create=False)
@@ -181,11 +182,9 @@ class RuleService:
                 {"periods": periods},
                 now,
             )
-            return payload, append_event("quota_change", payload, now)
+            return Change(payload, [append_event("quota_change", payload, now)])
 
-    def _reset_sync(
-        self, username: str, command_type: str | None, actor: str
-    ) -> tuple[dict, Message]:
+    def _reset_sync(self, username: str, command_type: str | None, actor: str) -> Change[dict]:
         now = self.quota.clock()
         windows = self.quota.calendar.windows(self.quota.periods, now)
         with self.store.db.atomic():
@@ -217,4 +216,4 @@ class RuleService:
                 {"command_type": command_type, "counters_reset": reset},
                 now,
             )
-            return payload, append_event("quota_change", payload, now)
+            return Change(payload, [append_event("quota_change", payload, now)])

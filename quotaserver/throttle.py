@@ -16,19 +16,26 @@ Where the load comes from is ``throttle.source``: ``host`` (the whole machine), 
 (this server's own CPU, as a share of one core, and its resident memory) or ``off`` (the
 factor stays 1). The load is sampled elsewhere (the system-metrics plugin, off the IOLoop)
 and handed in with :meth:`SystemLoad.update`; tests inject load the same way.
+
+The sampler owns the load history too: every real sample handed to :meth:`SystemLoad.update`
+is kept in :attr:`SystemLoad.history` (a :class:`LoadRing` of the last 15 minutes, in
+memory), which ``GET /api/admin/quotas/history`` reads for the dashboard's load chart.
+Nothing is recorded while nothing measures.
 """
 
 from __future__ import annotations
 
 import time
 from bisect import bisect_right
+from collections import deque
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from .config import Config
 
 SOURCES = ("host", "process", "off")
+LOAD_WINDOW = 15 * 60.0  # seconds of load samples kept
 
 
 class Bands:
@@ -65,8 +72,46 @@ class LoadSample:
         return self.factor < 1.0
 
 
+class LoadRing:
+    """The most recent load samples, oldest first, bounded by age and count."""
+
+    def __init__(self, window: float = LOAD_WINDOW, max_samples: int = 2000):
+        self.window = window
+        self.samples: deque[LoadSample] = deque(maxlen=max_samples)
+
+    def record(self, sample: LoadSample) -> bool:
+        """Keep ``sample`` if it is a real, new measurement; return whether it was kept."""
+        if sample.sampled_at <= 0:
+            return False  # the placeholder before the first measurement: not data
+        if self.samples and sample.sampled_at <= self.samples[-1].sampled_at:
+            return False
+        self.samples.append(sample)
+        self._expire(sample.sampled_at)
+        return True
+
+    def since(self, seconds: float, now: float | None = None) -> list[dict[str, Any]]:
+        """Samples of the last ``seconds``, as JSON points (``t`` in epoch seconds)."""
+        now = time.time() if now is None else now
+        self._expire(now)
+        start = now - seconds
+        return [
+            {
+                "t": round(s.sampled_at, 3),
+                "cpu_percent": s.cpu_percent,
+                "memory_percent": s.memory_percent,
+                "throttle_factor": s.factor,
+            }
+            for s in self.samples
+            if s.sampled_at >= start
+        ]
+
+    def _expire(self, now: float) -> None:
+        while self.samples and self.samples[0].sampled_at < now - self.window:
+            self.samples.popleft()
+
+
 class SystemLoad:
-    """The latest load sample and the throttle factor derived from it."""
+    """The latest load sample, the throttle factor derived from it, and the recent history."""
 
     def __init__(
         self,
@@ -83,6 +128,7 @@ class SystemLoad:
         self.hold_seconds = hold_seconds
         self.source = source
         self.current = LoadSample(0.0, 0.0, 1.0, 0.0)
+        self.history = LoadRing()
         self._levels = (0, 0)  # (cpu, memory) levels in effect
         self._pending_since: float | None = None  # monotonic start of a wanted change
         self._pending_direction = 0
@@ -131,4 +177,5 @@ class SystemLoad:
         self.current = LoadSample(
             round(cpu_percent, 1), round(memory_percent, 1), factor, time.time()
         )
+        self.history.record(self.current)
         return self.current, changed

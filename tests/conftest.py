@@ -28,6 +28,10 @@ from waits import wait_until_sync  # noqa: E402
 
 from quotaserver.app import QuotaApp  # noqa: E402
 from quotaserver.config import Config, load_config  # noqa: E402
+from quotaserver.redaction import install_log_redaction  # noqa: E402
+
+# In-process servers get the log redaction the entry point (quotaserver.cli) installs.
+install_log_redaction()
 
 
 def sha(token: str) -> str:

@@ -141,13 +141,25 @@ async def test_history_has_per_minute_activity_and_only_real_load_samples(app_fa
     ]  # fmt: skip
     # system_metrics is off in tests: nothing measured, so no load points (never zeros).
     assert resp.json["load"] == []
-    await app.scheduler.run_once("load_history")
-    assert (await call(app, "GET", f"{API}/history")).json["load"] == []
+    # The core sampler keeps its own history: each measurement handed to it is a point.
     app.load.update(42.5, 61.0)
-    await app.scheduler.run_once("load_history")
-    await app.scheduler.run_once("load_history")  # the same sample is kept once
     load = (await call(app, "GET", f"{API}/history")).json["load"]
     assert [(p["cpu_percent"], p["memory_percent"]) for p in load] == [(42.5, 61.0)]
+
+
+@pytest.mark.gen_test
+async def test_load_history_needs_no_plugin(app_factory):
+    """With every plugin disabled the core sampler still records and serves its history."""
+    off = {"enabled": False}
+    app = await app_factory(
+        plugins={"alert_engine": off, "quota_analytics": off, "system_metrics": off}
+    )
+    names = {app.pm.get_name(p) for p in app.pm.get_plugins()}
+    assert not names & {"system_metrics", "load_history", "alert_engine", "quota_analytics"}
+    app.load.update(10.0, 20.0)
+    app.load.update(30.0, 40.0)
+    load = (await call(app, "GET", f"{API}/history?load_minutes=1")).json["load"]
+    assert [(p["cpu_percent"], p["memory_percent"]) for p in load] == [(10.0, 20.0), (30.0, 40.0)]
 
 
 @pytest.mark.gen_test

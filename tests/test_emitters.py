@@ -148,7 +148,7 @@ async def test_a_timed_out_periodic_run_is_reported_as_timed_out():
         "healthy": False,
         "runs": 0,
         "failures": health.failures,
-        "last_run": NOW,
+        "last_run": "2023-11-14T22:13:20.000Z",  # NOW, in RFC 3339 like every API time
         "last_error": "timed out",
     }
 

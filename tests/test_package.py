@@ -7,6 +7,7 @@ index configuration) into a new venv in a temporary directory, and starts the in
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import socket
@@ -59,6 +60,31 @@ def test_the_installed_code_is_not_the_checkout(installed, tmp_path):
     for name in ("templates/admin_quotas_dashboard.html", "static/js/admin_quotas.js"):
         assert os.path.isfile(os.path.join(where, name)), name
     assert os.path.isfile(os.path.join(where, "conf", "quotaserver.yaml"))
+
+
+def test_no_top_level_plugins_module_is_installed(installed, tmp_path):
+    """plugins/ installs as quotaserver.builtin_plugins; nothing named ``plugins`` at the top."""
+    script = (
+        "import importlib.util, json, sysconfig, os\n"
+        "import quotaserver.builtin_plugins.alert_engine as a\n"
+        "from quotaserver.plugins import BUILTIN_PLUGINS\n"
+        "site = sysconfig.get_paths()['purelib']\n"
+        "print(json.dumps({'spec': importlib.util.find_spec('plugins') is not None,\n"
+        "  'top': sorted(n for n in os.listdir(site) if not n.endswith(('.dist-info', '.pth'))),\n"
+        "  'builtin': a.__file__, 'listed': BUILTIN_PLUGINS}))\n"
+    )
+    out = _run(os.path.join(installed, "python"), "-c", script, cwd=tmp_path).stdout
+    found = json.loads(out)
+    assert found["spec"] is False
+    assert "plugins" not in found["top"] and "plugins.py" not in found["top"]
+    assert not found["builtin"].startswith(ROOT)
+    assert found["builtin"].endswith(
+        os.path.join("quotaserver", "builtin_plugins", "alert_engine.py")
+    )
+    assert all(m.startswith("quotaserver.builtin_plugins.") for m in found["listed"])
+    listed = _run(os.path.join(installed, "quotaserver"), "plugins", "--json", cwd=tmp_path).stdout
+    names = {p["name"] for p in json.loads(listed)["plugins"]}
+    assert {"system_metrics", "quota_analytics", "alert_engine"} <= names
 
 
 def test_the_installed_command_serves_the_dashboard_and_static_files(installed, tmp_path):

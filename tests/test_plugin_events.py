@@ -133,3 +133,33 @@ async def test_blocking_emitters_can_emit(app_factory, tmp_path):
     health = (await call(app, "GET", "/api/ws/health", token=VIEWER)).json
     sources = {s["name"]: s for s in health["sources"]}
     assert sources["forger_blocking"]["healthy"] and sources["forger_thread"]["healthy"]
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_declared_types_filter_streams_and_plugin_events_age_out(app_factory, tmp_path):
+    from conftest import FakeClock
+
+    from quotaserver import retention
+    from quotaserver.models import Event
+
+    clock = FakeClock()
+    app = await app_factory(
+        clock=clock, retention__events_days=1, plugins_dir=plugin_dir(tmp_path, forger=FORGER)
+    )
+    # A stream may filter on a plugin's declared type: it gets those events only.
+    ws = await ws_connect(app, "types=note")
+    await ws.recv_type("welcome")
+    emit = app.plugin_state("forger")["emit"]
+    old = await emit("note", {"text": "old"})
+    assert (await next_note(ws, old.seq))["data"]["text"] == "old"
+    assert "note" in (await call(app, "GET", "/api/plugins", token=VIEWER)).json["event_types"]
+    clock.advance(days=2)
+    new = await emit("note", {"text": "new"})
+    await next_note(ws, new.seq)
+    assert {m["type"] for m in ws.messages} <= {"welcome", "note", "ping", "recovered"}
+    # Durable plugin events live in the event log and are pruned by retention like any.
+    deleted = await retention.prune(app)
+    assert deleted["events"] >= 1
+    kept = await app.store.run(lambda: [e.id for e in Event.select().where(Event.type == "note")])
+    assert old.seq not in kept and new.seq in kept
+    ws.close()

@@ -54,7 +54,9 @@ def test_plugins_command_lists_name_version_source_hooks(tmp_path):
         "    return [EventEmitter('queue', lambda emit: None, event_types=('queue_full',))]\n"
     )
     config = tmp_path / "q.yaml"
-    config.write_text(f"plugins_dir: {directory}\nplugins: {{load_history: {{enabled: false}}}}\n")
+    config.write_text(
+        f"plugins_dir: {directory}\nplugins: {{quota_analytics: {{enabled: false}}}}\n"
+    )
     listed = quotaserver_cli("plugins", "--json", "--config", str(config), cwd=tmp_path)
     assert listed.returncode == 0, listed.stderr
     plugins = {p["name"]: p for p in json.loads(listed.stdout)["plugins"]}
@@ -68,7 +70,7 @@ def test_plugins_command_lists_name_version_source_hooks(tmp_path):
     }
     assert plugins["alert_engine"]["source"] == "built-in"
     assert plugins["alert_engine"]["version"] == quotaserver.__version__
-    assert "load_history" not in plugins
+    assert "quota_analytics" not in plugins
     text = quotaserver_cli("plugins", "--config", str(config), cwd=tmp_path)
     assert f"queue 2.1 (file: {directory / 'queue.py'})\n" in text.stdout
     assert "  event types: queue_alarm, queue_full\n" in text.stdout

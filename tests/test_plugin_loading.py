@@ -147,14 +147,14 @@ def stats_fields(app):
 def test_plugin_settings_from_the_environment(tmp_path):
     env = {
         "QUOTASERVER_PLUGINS_ALERT_ENGINE_CHECK_INTERVAL": "7",  # longest name: alert_engine
-        "QUOTASERVER_PLUGINS_LOAD_HISTORY__INTERVAL": "0.5",  # __ splits explicitly
-        "QUOTASERVER_PLUGINS_SYSTEM_METRICS_ENABLED": "false",
+        "QUOTASERVER_PLUGINS_SYSTEM_METRICS__INTERVAL": "0.5",  # __ splits explicitly
+        "QUOTASERVER_PLUGINS_QUOTA_ANALYTICS_ENABLED": "false",
     }
     status, out, err = run(tmp_path, "check-config", env=env)
     assert status == 0, err
     assert "  alert_engine:\n    check_interval: 7\n" in out
-    assert "  load_history:\n    interval: 0.5\n" in out
-    assert "system_metrics" not in out.split("# plugins")[1]
+    assert "  system_metrics:\n    interval: 0.5\n" in out
+    assert "quota_analytics" not in out.split("# plugins")[1]
 
 
 @pytest.mark.parametrize(

@@ -7,15 +7,12 @@ through ``app.rules`` and ``app.alerts``, which audit, persist and publish them.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable
 from typing import TYPE_CHECKING, Any
 
 from ..admin_queries import USER_SORTS, AdminQueries
-from ..alerts import SEVERITIES, STATUSES, AlertNotFound
-from ..history import activity_per_minute, load_ring, violations_per_day
-from ..quota import QuotaError, UnknownCommandType
+from ..alerts import SEVERITIES, STATUSES
+from ..history import activity_per_minute, violations_per_day
 from ..ranking import BadCursor
-from ..rules import UnknownUser
 from ..windows import isoformat
 from .api import refuse_hidden, validate_username
 from .base import ADMIN, VIEWER, ApiError, BaseHandler
@@ -29,7 +26,8 @@ ALERT_STATUS_FILTERS = (*STATUSES, "active", "all")
 
 
 class AdminHandler(BaseHandler):
-    """Base of the admin routes: viewers read, admins write; service errors become 4xx."""
+    """Base of the admin routes: viewers read, admins write (service errors are domain
+    errors, rendered by BaseHandler.write_error)."""
 
     roles = ADMIN
     method_roles = {"GET": VIEWER, "HEAD": VIEWER}
@@ -47,21 +45,8 @@ class AdminHandler(BaseHandler):
             raise ApiError(404, "unknown_command_type", f"unknown command type {raw!r}")
         return raw
 
-    def optional_body(self) -> dict[str, Any]:
-        """The JSON body, or ``{}`` when there is none (for POSTs whose fields are optional)."""
-        if not self.request.body:
-            return {}
-        return self.json_body()
-
     def limits_body(self, allowed: set[str] | None = None) -> dict[str, Any]:
-        body = self.json_body()
-        allowed = allowed or {"limits"}
-        unknown = set(body) - allowed
-        if unknown:
-            raise ApiError(400, "unknown_field", f"unknown field {sorted(unknown)[0]!r}")
-        if "limits" not in body:
-            raise ApiError(400, "missing_field", "limits is required")
-        return body
+        return self.json_body(allowed or {"limits"}, required=("limits",))
 
     def period_args(self) -> list[str] | None:
         periods = self.get_query_arguments("period")
@@ -71,17 +56,6 @@ class AdminHandler(BaseHandler):
         if bad:
             raise ApiError(400, "invalid_parameter", f"unknown or untracked period {bad[0]!r}")
         return periods
-
-    async def rule_change(self, call: Awaitable[dict[str, Any]]) -> dict[str, Any]:
-        """Run a RuleService change, mapping its errors to 4xx."""
-        try:
-            return await call
-        except UnknownCommandType as exc:
-            raise ApiError(404, exc.code, exc.message) from None
-        except QuotaError as exc:
-            raise ApiError(400, exc.code, exc.message) from None
-        except UnknownUser:
-            raise ApiError(404, "unknown_user", "no such user") from None
 
 
 # -- overview -------------------------------------------------------------------------
@@ -112,7 +86,7 @@ class HistoryHandler(AdminHandler):
                 "minutes": minutes,
                 "activity": activity,
                 "load_minutes": load_minutes,
-                "load": load_ring(self.app).since(load_minutes * 60.0),
+                "load": self.app.load.history.since(load_minutes * 60.0),
             }
         )
 
@@ -177,8 +151,8 @@ class UserLimitsHandler(AdminHandler):
         username = self.username_arg(username)
         command_type = self.command_type_arg(command_type)
         body = self.limits_body()
-        result = await self.rule_change(
-            self.app.rules.set_user_limits(username, command_type, body["limits"], self.actor)
+        result = await self.app.rules.set_user_limits(
+            username, command_type, body["limits"], self.actor
         )
         self.send_json(result)
 
@@ -186,8 +160,8 @@ class UserLimitsHandler(AdminHandler):
         username = self.username_arg(username)
         command_type = self.command_type_arg(command_type)
         periods = self.period_args()
-        result = await self.rule_change(
-            self.app.rules.remove_user_override(username, command_type, periods, self.actor)
+        result = await self.app.rules.remove_user_override(
+            username, command_type, periods, self.actor
         )
         self.send_json(result)
 
@@ -197,16 +171,11 @@ class UserResetHandler(AdminHandler):
 
     async def post(self, username: str) -> None:
         username = self.username_arg(username)
-        body = self.optional_body()
-        unknown = set(body) - {"command_type"}
-        if unknown:
-            raise ApiError(400, "unknown_field", f"unknown field {sorted(unknown)[0]!r}")
+        body = self.json_body({"command_type"}, empty_ok=True)
         command_type = body.get("command_type")
         if command_type is not None and command_type not in self.app.quota.command_types:
             raise ApiError(400, "unknown_command_type", "command_type must be a known type or null")
-        result = await self.rule_change(
-            self.app.rules.reset_usage(username, command_type, self.actor)
-        )
+        result = await self.app.rules.reset_usage(username, command_type, self.actor)
         self.send_json(result)
 
 
@@ -241,7 +210,7 @@ class RulesHandler(AdminHandler):
         else:
             username = self.username_arg(body["username"])
             change = rules.set_user_limits(username, command_type, body["limits"], self.actor)
-        self.send_json(await self.rule_change(change), status=201)
+        self.send_json(await change, status=201)
 
 
 class RuleHandler(AdminHandler):
@@ -254,16 +223,14 @@ class RuleHandler(AdminHandler):
     async def put(self, command_type: str) -> None:
         command_type = self.command_type_arg(command_type)
         body = self.limits_body()
-        result = await self.rule_change(
-            self.app.rules.set_global_limits(command_type, body["limits"], self.actor)
-        )
+        result = await self.app.rules.set_global_limits(command_type, body["limits"], self.actor)
         self.send_json(result)
 
     async def delete(self, command_type: str) -> None:
         command_type = self.command_type_arg(command_type)
         periods = self.period_args() or list(self.app.quota.periods)
-        result = await self.rule_change(
-            self.app.rules.set_global_limits(command_type, dict.fromkeys(periods), self.actor)
+        result = await self.app.rules.set_global_limits(
+            command_type, dict.fromkeys(periods), self.actor
         )
         self.send_json(result)
 
@@ -305,11 +272,7 @@ class AlertActionHandler(AdminHandler):
             raise ApiError(404, "unknown_alert", "no such alert")
         service = self.app.alerts
         change = service.acknowledge if action == "acknowledge" else service.resolve
-        try:
-            alert = await change(ident, self.actor)
-        except AlertNotFound:
-            raise ApiError(404, "unknown_alert", "no such alert") from None
-        self.send_json(alert)
+        self.send_json(await change(ident, self.actor))
 
 
 class AuditHandler(AdminHandler):

@@ -6,7 +6,7 @@ import logging
 import math
 from typing import Any
 
-from ..quota import Decision, QuotaError, UnknownCommandType
+from ..quota import Decision
 from ..text import hidden_character
 from .base import SERVICE, ApiError, BaseHandler
 
@@ -54,13 +54,7 @@ class QuotaRequestHandler(BaseHandler):
     consume = False
 
     def parse(self) -> tuple[str, str, int]:
-        body = self.json_body()
-        unknown = set(body) - REQUEST_FIELDS
-        if unknown:
-            raise ApiError(400, "unknown_field", f"unknown field {sorted(unknown)[0]!r}")
-        for name in ("user", "command_type"):
-            if name not in body:
-                raise ApiError(400, "missing_field", f"{name} is required")
+        body = self.json_body(REQUEST_FIELDS, required=("user", "command_type"))
         config = self.app.config
         user = validate_username(body["user"], config["quotas.max_username_length"])
         command_type = body["command_type"]
@@ -73,16 +67,12 @@ class QuotaRequestHandler(BaseHandler):
     async def post(self) -> None:
         user, command_type, count = self.parse()
         service = self.app.quota
-        try:
-            if self.consume:
-                decision = await service.consume(user, command_type, count)
-            else:
-                decision = await service.check(user, command_type, count)
-        except UnknownCommandType as exc:
-            status = self.app.config["quotas.unknown_command_status"]
-            raise ApiError(status, exc.code, exc.message) from None
-        except QuotaError as exc:
-            raise ApiError(400, exc.code, exc.message) from None
+        # An unknown command type is the service's UnknownCommandType, rendered with
+        # quotas.unknown_command_status by BaseHandler.write_error.
+        if self.consume:
+            decision = await service.consume(user, command_type, count)
+        else:
+            decision = await service.check(user, command_type, count)
         self.respond(decision)
 
     def respond(self, decision: Decision) -> None:

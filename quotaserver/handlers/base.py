@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, ClassVar
 from urllib.parse import urlencode
@@ -28,8 +28,10 @@ from urllib.parse import urlencode
 import tornado.escape
 import tornado.web
 
-from ..auth import ANONYMOUS_ADMIN, SESSION_COOKIE, Identity
 from ..db import DatabaseError
+from ..errors import DomainError
+from ..sessions import SESSION_COOKIE
+from ..tokens import ANONYMOUS_ADMIN, Identity
 
 if TYPE_CHECKING:
     from ..app import QuotaApp
@@ -47,14 +49,29 @@ SERVICE = frozenset({"service"})
 READERS = frozenset({"viewer", "service"})
 
 
-class ApiError(tornado.web.HTTPError):
-    """An error with a machine-readable code, rendered in the JSON envelope."""
+class ApiError(DomainError):
+    """A refusal decided by a handler (bad parameter, wrong role...): a :class:`DomainError`
+    like those the services raise, rendered by the same :meth:`BaseHandler.write_error`."""
 
     def __init__(self, status: int, code: str, message: str, headers: dict | None = None):
-        super().__init__(status, reason=None)
-        self.code = code
-        self.message = message
-        self.headers = headers or {}
+        super().__init__(message, code=code, status=status, headers=headers)
+
+
+def error_envelope(exc: BaseException | None, status: int, reason: str) -> tuple[int, dict, dict]:
+    """``(status, headers, body)`` of the JSON error envelope for ``exc``: the one place a
+    domain error becomes HTTP. Anything that is not a domain error or a 4xx is a bare 500."""
+    if isinstance(exc, DomainError):
+        status, headers = exc.status, exc.headers
+        code, message = exc.code, exc.message
+    elif status < 500:
+        headers = {}
+        code = STATUS_CODES.get(status, "error")
+        log_message = exc.log_message if isinstance(exc, tornado.web.HTTPError) else None
+        message = log_message or reason
+    else:
+        status, headers = 500, {}
+        code, message = "internal_error", "internal server error"
+    return status, headers, {"error": {"code": code, "message": message}}
 
 
 STATUS_CODES = {
@@ -101,6 +118,8 @@ def log_handler_exception(
     """Tornado's logging of handler errors without the request repr (it holds the URI)."""
     if isinstance(value, DatabaseError):
         log.warning("503 %s: %s", request_summary(handler), value.message)
+    elif isinstance(value, DomainError):
+        pass  # a refusal the client is told about; the access log has the status
     elif isinstance(value, tornado.web.HTTPError):
         if value.log_message:
             log.warning("%d %s: %s", value.status_code, request_summary(handler), value.log_message)
@@ -122,6 +141,39 @@ def parse_json(raw: bytes | str) -> Any:
     except (UnicodeError, RecursionError) as exc:
         raise ValueError(str(exc)) from None
     return value
+
+
+def control_character(value: Any) -> bool:
+    """True if a string anywhere in ``value`` (keys included) has a C0 control or DEL."""
+    if isinstance(value, str):
+        return any(ord(c) < 32 or ord(c) == 127 for c in value)
+    if isinstance(value, dict):
+        return any(control_character(k) or control_character(v) for k, v in value.items())
+    if isinstance(value, list):
+        return any(control_character(v) for v in value)
+    return False
+
+
+def json_body(
+    body: Any, fields: Collection[str] | None = None, required: Collection[str] = ()
+) -> dict[str, Any]:
+    """Check a decoded request body: a JSON object (400 ``invalid_json``), with no field
+    outside ``fields`` (400 ``unknown_field``; None allows any), every ``required`` one
+    present (400 ``missing_field``) and no control character in any string (400
+    ``invalid_field``). Values are the handler's to validate."""
+    if not isinstance(body, dict):
+        raise ApiError(400, "invalid_json", "the body must be a JSON object")
+    if fields is not None:
+        unknown = set(body) - set(fields) - set(required)
+        if unknown:
+            raise ApiError(400, "unknown_field", f"unknown field {sorted(unknown)[0]!r}")
+    for name in required:
+        if name not in body:
+            raise ApiError(400, "missing_field", f"{name} is required")
+    for name, value in body.items():
+        if control_character(value):
+            raise ApiError(400, "invalid_field", f"{name} must not contain control characters")
+    return body
 
 
 def client_address(handler: tornado.web.RequestHandler) -> str:
@@ -267,8 +319,16 @@ class BaseHandler(tornado.web.RequestHandler):
         return self.identity.name if self.identity else "anonymous"
 
     # -- JSON --------------------------------------------------------------------------
-    def json_body(self) -> dict[str, Any]:
-        """The request body as a JSON object; 4xx for anything else."""
+    def json_body(
+        self,
+        fields: Collection[str] | None = None,
+        required: Collection[str] = (),
+        *,
+        empty_ok: bool = False,
+    ) -> dict[str, Any]:
+        """The request body as a JSON object, checked in one place (see :func:`json_body`)."""
+        if empty_ok and not self.request.body:
+            return json_body({}, fields, required)
         ctype = self.request.headers.get("Content-Type", "")
         if ctype.split(";")[0].strip().lower() != "application/json":
             raise ApiError(415, "unsupported_media_type", "Content-Type must be application/json")
@@ -276,9 +336,7 @@ class BaseHandler(tornado.web.RequestHandler):
             body = parse_json(self.request.body or b"")
         except ValueError:  # UnicodeDecodeError is one too
             raise ApiError(400, "invalid_json", "the body is not valid JSON") from None
-        if not isinstance(body, dict):
-            raise ApiError(400, "invalid_json", "the body must be a JSON object")
-        return body
+        return json_body(body, fields, required)
 
     def send_json(self, obj: Any, status: int = 200) -> None:
         self.set_status(status)
@@ -286,24 +344,15 @@ class BaseHandler(tornado.web.RequestHandler):
         self.finish(json.dumps(obj, separators=(",", ":")))
 
     def write_error(self, status_code: int, **kwargs: Any) -> None:
+        """Every error response, domain errors included (see :func:`error_envelope`)."""
         exc = kwargs.get("exc_info", (None, None, None))[1]
-        if isinstance(exc, ApiError):
-            code, message = exc.code, exc.message
-            for name, value in exc.headers.items():
-                self.set_header(name, value)
-        elif isinstance(exc, DatabaseError):
-            self.set_status(503)
-            self.set_header("Retry-After", str(exc.retry_after))
-            code, message = exc.code, exc.message
-        elif isinstance(exc, tornado.web.HTTPError) and status_code < 500:
-            code = STATUS_CODES.get(status_code, "error")
-            message = exc.log_message or self._reason
-        elif status_code < 500:
-            code, message = STATUS_CODES.get(status_code, "error"), self._reason
-        else:
-            code, message = "internal_error", "internal server error"
+        status, headers, body = error_envelope(exc, status_code, self._reason)
+        if status != status_code:
+            self.set_status(status)
+        for name, value in headers.items():
+            self.set_header(name, value)
         self.set_header("Content-Type", "application/json; charset=utf-8")
-        self.finish(tornado.escape.json_encode({"error": {"code": code, "message": message}}))
+        self.finish(tornado.escape.json_encode(body))
 
 
 class MisdirectedHandler(BaseHandler):

@@ -15,7 +15,7 @@ class TestBroadcastHandler(BaseHandler):
     """POST /api/ws/test-broadcast {"type": "quota_change", "data": {...}}"""
 
     async def post(self) -> None:
-        body = self.json_body()
+        body = self.json_body({"type", "data"})
         kind = body.get("type", "quota_change")
         data = body.get("data", {})
         if not isinstance(kind, str) or kind not in DURABLE_TYPES or not isinstance(data, dict):
@@ -28,7 +28,7 @@ class TestViolationHandler(BaseHandler):
     """POST /api/ws/test-violation {"user": "alice", "command_type": "shell"}"""
 
     async def post(self) -> None:
-        body = self.json_body()
+        body = self.json_body({"user", "command_type"})
         user = validate_username(
             body.get("user", "test-user"), self.app.config["quotas.max_username_length"]
         )
@@ -43,7 +43,7 @@ class TestAlertHandler(BaseHandler):
     """POST /api/ws/test-alert {"severity": "high", "message": "..."}"""
 
     async def post(self) -> None:
-        body = self.json_body()
+        body = self.json_body({"severity", "message"})
         severity = body.get("severity", "high")
         message = body.get("message", "Test alert")
         if severity not in SEVERITIES or not isinstance(message, str) or not message:

@@ -4,9 +4,9 @@
 envelope. Resume with the ``Last-Event-ID`` header (EventSource sends it) or
 ``?last_event_id=N``. Heartbeats are comment lines plus a ``ping`` event.
 
-Admission mirrors the WebSocket handshake: attempts per client address (429), Origin
-(403), credentials (401/403), then live connections per identity (429), all before the
-first byte of the stream. When the server ends a stream (logout, revoked token,
+Admission is the WebSocket handshake's (:func:`quotaserver.handlers.admission.admit`), all
+before the first byte of the stream; a refusal is raised and rendered by ``write_error``.
+When the server ends a stream (logout, revoked token,
 shutdown) its last event is ``close`` with the WebSocket close code it stands for, e.g.
 ``{"code": 1008, "reason": "credentials revoked"}``: EventSource would otherwise just
 reconnect (and get a 401).
@@ -21,9 +21,10 @@ from tornado.iostream import StreamClosedError
 
 from ..realtime.hub import Client
 from ..realtime.messages import CLOSE_POLICY, CLOSE_SLOW_CONSUMER, Message
-from .base import VIEWER, ApiError, BaseHandler
+from .admission import Refusal, admit
+from .base import VIEWER, BaseHandler
 from .rawwrite import RawStream, raw_stream, send
-from .streams import ascii_cursor, parse_types
+from .streams import ascii_cursor
 
 
 class SseClient(Client):
@@ -60,33 +61,14 @@ class AdminEventsHandler(BaseHandler):
     roles = VIEWER
 
     def prepare(self) -> None:
-        wait = self.app.limiter.attempt(self.request.remote_ip or "?")
-        if wait is not None:
-            raise ApiError(
-                429,
-                "too_many_attempts",
-                "too many connection attempts",
-                {"Retry-After": str(wait)},
-            )
-        origin = self.request.headers.get("Origin")
-        if origin is not None and not self.app.auth.origin_allowed(
-            origin, self.request.host, self.request.protocol
-        ):
-            raise ApiError(403, "forbidden_origin", "origin not allowed")
-        super().prepare()  # credentials and role
+        result = admit(self.app, self, self.roles)
+        if isinstance(result, Refusal):
+            raise result
+        self.identity, self._types = result.identity, result.types
 
     async def get(self) -> None:
-        types = parse_types(self.get_query_argument("types", None))
-        assert self.identity is not None
-        refusal = self.app.connection_refusal(self.identity)
-        if refusal:
-            raise ApiError(429, "too_many_connections", refusal)
-        if self.app.stopped:  # a keep-alive connection can still ask after close_all
-            raise ApiError(
-                503, "shutting_down", "the server is shutting down", {"Retry-After": "5"}
-            )
-        if self.app.hub.full:
-            raise ApiError(503, "server_full", "too many live connections", {"Retry-After": "5"})
+        # Nothing awaits between prepare() and register(): the admission still holds.
+        types = self._types
         cursor = ascii_cursor(
             self.request.headers.get("Last-Event-ID")
             or self.get_query_argument("last_event_id", None)

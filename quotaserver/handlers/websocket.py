@@ -1,8 +1,8 @@
 """WebSocket transport: ``GET /ws/admin/quotas`` (``?last_seq=N``, ``?types=a,b``).
 
-Everything a stranger could be refused for is decided before the upgrade, in this order:
-handshakes per client address (429), Origin (403), credentials (401/403), the query (400),
-live connections per identity (429). Never a 101 for a stranger. Client messages are
+Everything a stranger could be refused for is decided before the upgrade by the admission
+shared with SSE (:func:`quotaserver.handlers.admission.admit`), and a refusal is answered
+with its HTTP status and JSON envelope: never a 101 for a stranger. Client messages are
 at most 64 KiB (Tornado closes with 1009 beyond), rate-limited by a token bucket and
 validated; abuse closes the connection with 1008.
 """
@@ -22,16 +22,15 @@ from ..realtime.hub import Client
 from ..realtime.messages import (
     CLIENT_TYPES,
     CLOSE_POLICY,
-    CLOSE_TRY_AGAIN,
     CLOSE_UNSUPPORTED,
     Message,
     error_message,
 )
+from .admission import Refusal, admit, server_full
 from .base import (
     VIEWER,
     ApiError,
-    auth_failure_wait,
-    identify,
+    error_envelope,
     log_handler_exception,
     parse_json,
     request_summary,
@@ -107,42 +106,20 @@ class AdminSocketHandler(tornado.websocket.WebSocketHandler):
     def log_exception(self, typ: Any, value: Any, tb: Any) -> None:
         log_handler_exception(self, typ, value, tb)
 
-    def _refuse(self, status: int, code: str, message: str) -> None:
+    def _refuse(self, refusal: Refusal) -> None:
+        """A refused handshake: the same status, headers and envelope as SSE's."""
+        status, headers, body = error_envelope(refusal, refusal.status, "")
         self.set_status(status)
+        for name, value in headers.items():
+            self.set_header(name, value)
         self.set_header("Content-Type", "application/json; charset=utf-8")
-        self.finish(json.dumps({"error": {"code": code, "message": message}}))
+        self.finish(json.dumps(body))
 
     async def get(self, *args: Any, **kwargs: Any) -> None:
-        wait = self.app.limiter.attempt(self.request.remote_ip or "?")
-        if wait is not None:
-            self.set_header("Retry-After", str(wait))
-            return self._refuse(429, "too_many_attempts", "too many connection attempts")
-        wait = auth_failure_wait(self, self.app)
-        if wait is not None:
-            self.set_header("Retry-After", str(wait))
-            return self._refuse(
-                429, "too_many_failures", "too many failed authentications from this address"
-            )
-        # A foreign page is refused before its (ambient) cookie is even looked at.
-        origin = self.request.headers.get("Origin")
-        if origin is not None and not self.check_origin(origin):
-            return self._refuse(403, "forbidden_origin", "origin not allowed")
-        self.identity = identify(self, self.app)
-        if self.identity is None:
-            self.set_header("WWW-Authenticate", 'Bearer realm="quotaserver"')
-            return self._refuse(401, "unauthorized", "credentials required")
-        if not self.identity.allowed(self.roles):
-            return self._refuse(403, "forbidden", "this role may not use this route")
-        try:
-            self._types = parse_types(self.get_query_argument("types", None))
-        except ApiError as exc:
-            return self._refuse(exc.status_code, exc.code, exc.message)
-        refusal = self.app.connection_refusal(self.identity)
-        if refusal:
-            return self._refuse(429, "too_many_connections", refusal)
-        if self.app.stopped:  # a keep-alive connection can still ask after close_all
-            self.set_header("Retry-After", "5")
-            return self._refuse(503, "shutting_down", "the server is shutting down")
+        result = admit(self.app, self, self.roles)
+        if isinstance(result, Refusal):
+            return self._refuse(result)
+        self.identity, self._types = result.identity, result.types
         await super().get(*args, **kwargs)
 
     def check_origin(self, origin: str) -> bool:
@@ -150,8 +127,8 @@ class AdminSocketHandler(tornado.websocket.WebSocketHandler):
         return self.app.auth.origin_allowed(origin, self.request.host, scheme)
 
     def open(self, *args: Any, **kwargs: Any) -> None:
-        if self.app.hub.full:
-            self.close(CLOSE_TRY_AGAIN, "server full, try again later")
+        if self.app.hub.full:  # another handshake took the last slot during the upgrade
+            self.close(server_full().close_code, "server full, try again later")
             return
         if self.identity is not None and not self.app.auth.still_valid(self.identity):
             # Revoked or logged out while the handshake was answered.

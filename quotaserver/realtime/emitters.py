@@ -16,10 +16,12 @@ import threading
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 from ..config import ConfigError
 from ..isolation import ThreadPool, plugin_context
+from ..windows import isoformat
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +98,12 @@ class SourceHealth:
             "healthy": self.healthy,
             "runs": self.runs,
             "failures": self.failures,
-            "last_run": self.last_run,
+            # RFC 3339 like every other time in the API (kept as epoch seconds internally).
+            "last_run": (
+                isoformat(datetime.fromtimestamp(self.last_run, UTC))
+                if self.last_run is not None
+                else None
+            ),
             "last_error": self.last_error,
         }
 
