@@ -2,7 +2,8 @@
 and a durable ``throttle`` event marks every change of band.
 
 The real CPU and memory figures are unknown in advance, so the bands are chosen to be
-reached by any figure (threshold 0) or by none (above 100 plus the hysteresis): the outcome is exact.
+reached by any figure (threshold 0) or by none (above 100 plus the hysteresis): the outcome
+is exact.
 """
 
 import pytest
