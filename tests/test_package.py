@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -40,8 +41,15 @@ def _run(*args: str, **kwargs) -> subprocess.CompletedProcess:
 def installed(tmp_path_factory) -> str:
     """The bin/ directory of a fresh venv with the wheel installed."""
     base = tmp_path_factory.mktemp("package")
+    # A copy of the sources: setuptools reuses a checkout's build/ directory, whose leftovers
+    # from older layouts would end up in the wheel.
+    source = base / "source"
+    shutil.copytree(ROOT, source, symlinks=True, ignore=shutil.ignore_patterns(
+        ".git", ".venv", "build", "data", "*.egg-info", ".pytest_cache", ".hypothesis",
+        "__pycache__", ".ruff_cache",
+    ))  # fmt: skip
     wheels = base / "wheels"
-    _run(sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(wheels), ROOT)
+    _run(sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(wheels), str(source))
     (wheel,) = wheels.glob("quotaserver-*.whl")
     venv = base / "venv"
     _run(sys.executable, "-m", "venv", str(venv))
