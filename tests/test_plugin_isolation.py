@@ -13,7 +13,7 @@ from datetime import datetime
 
 import pytest
 from clients import ADMIN, VIEWER, call, consume, ws_connect
-from test_lifecycle import free_port
+from services import free_port
 from test_plugins import plugin_dir
 from waits import wait_until
 

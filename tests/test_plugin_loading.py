@@ -6,7 +6,7 @@ import sys
 import textwrap
 
 import pytest
-from test_lifecycle import free_port
+from services import free_port
 from test_plugins import plugin_dir
 
 COMMANDS = {
