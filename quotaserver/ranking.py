@@ -34,7 +34,9 @@ def encode_cursor(key: dict[str, Any]) -> str:
     return base64.urlsafe_b64encode(raw).decode().rstrip("=")
 
 
-def decode_cursor(text: str) -> dict[str, Any]:
+def decode_cursor(text: str, fields: dict[str, type | tuple[type, ...]] | None = None) -> dict:
+    """The key an :func:`encode_cursor` produced; ``fields`` names the keys it must hold and
+    their types (default: the users list's ``{"n": str}``). Raises :class:`BadCursor`."""
     try:
         raw = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
         key = json.loads(raw)
@@ -42,8 +44,10 @@ def decode_cursor(text: str) -> dict[str, Any]:
         raise BadCursor("cursor is not valid") from None
     if not isinstance(key, dict) or not all(isinstance(v, str | int | float) for v in key.values()):
         raise BadCursor("cursor is not valid")
-    if "n" not in key or not isinstance(key["n"], str):
-        raise BadCursor("cursor is not valid")
+    for name, kind in (fields or {"n": str}).items():
+        value = key.get(name)
+        if not isinstance(value, kind) or isinstance(value, bool):
+            raise BadCursor("cursor is not valid")
     return key
 
 

@@ -13,13 +13,25 @@ export class RulesPanel {
 
   async refresh() {
     try {
-      const [rules, overrides] = await Promise.all([get("/rules"), get("/overrides")]);
+      const [rules, overrides] = await Promise.all([get("/rules"), this._allOverrides()]);
       this.render(rules);
-      this._overrides(overrides.items);
+      this._overrides(overrides);
     } catch (err) {
       reportError(err, "Loading rules");
     }
     return this.rules;
+  }
+
+  // Every override, page by page (the list is keyset-paged: follow next_cursor).
+  async _allOverrides() {
+    const items = [];
+    let cursor = null;
+    do {
+      const page = await get("/overrides", cursor ? { cursor } : {});
+      items.push(...page.items);
+      cursor = page.next_cursor;
+    } while (cursor);
+    return items;
   }
 
   render(rules) {
