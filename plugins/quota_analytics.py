@@ -15,6 +15,11 @@ high-utilisation users from the maintained ``daily_peak`` table. Afterwards:
   a new day. Requests that arrive while a recount runs are served by one more recount, so
   the figures are exact once the last one has finished. A user is "high" at a peak of
   80.0% or more of a daily limit (the percent the users page shows).
+
+It also tells live dashboards whose usage changed: admitted commands are collected per
+(user, command type) and sent at most once a second as one live-only ``usage`` event (no
+seq, never replayed: a dashboard that missed some reloads over REST after
+``recovered: false``), so the Users tab need not poll.
 """
 
 from __future__ import annotations
@@ -35,6 +40,9 @@ from quotaserver.standings import utilization
 NAME = "quota_analytics"
 HIGH_PERCENT = 80.0
 THROTTLE_WINDOW = 300.0  # seconds of decisions behind average_throttle_factor
+USAGE_EVENT = "usage"
+USAGE_INTERVAL = 1.0  # seconds between two usage events (at most)
+USAGE_ROWS = 500  # rows per usage event; more changes set "truncated"
 
 
 class Figures:
@@ -49,6 +57,8 @@ class Figures:
         self.violations = 0
         self.recounting = False  # a recount of active/high is running
         self.dirty = False  # ... and another one is wanted after it
+        self.changed: dict[tuple[int, str], dict[str, Any]] = {}  # for the next usage event
+        self.truncated = False
         self.factors: deque[tuple[float, float]] = deque()
         self.factor_sum = 0.0
 
@@ -185,6 +195,35 @@ def on_decision(app: Any, decision: Any) -> None:
         fig.commands += decision.count
         if _may_change_peaks(decision):
             request_recount(app)
+        _note_usage(fig, decision)
+
+
+def _note_usage(fig: Figures, decision: Any) -> None:
+    """Remember the user's daily usage of this command type for the next usage event."""
+    daily = decision.periods.get("daily")
+    if daily is None:
+        return
+    key = (decision.user_id, decision.command_type)
+    if key not in fig.changed and len(fig.changed) >= USAGE_ROWS:
+        fig.truncated = True
+        return
+    fig.changed[key] = {
+        "user_id": decision.user_id,
+        "username": decision.user,
+        "command_type": decision.command_type,
+        "used": daily.used,
+        "limit": daily.limit,
+        "percent": utilization(daily.used, daily.limit),
+    }
+
+
+async def _send_usage(app: Any, emit: Any) -> None:
+    fig = _figures(app)
+    if not fig.changed and not fig.truncated:
+        return
+    rows, truncated = list(fig.changed.values()), fig.truncated
+    fig.changed, fig.truncated = {}, False
+    await emit(USAGE_EVENT, {"users": rows, "truncated": truncated}, durable=False)
 
 
 @hookimpl
@@ -207,13 +246,22 @@ async def on_event(app: Any, message: Any) -> None:
 
 
 @hookimpl
+def register_event_types() -> list[str]:
+    return [USAGE_EVENT]
+
+
+@hookimpl
 def register_emitters(app: Any) -> list[PeriodicEmitter]:
+    async def send_usage(emit: Any) -> None:
+        await _send_usage(app, emit)
+
+    emitters = [PeriodicEmitter("usage_updates", USAGE_INTERVAL, send_usage)]
     # Several instances share the database: each one's decisions are only part of the
     # picture, so every instance recomputes the figures from it each stats interval.
-    if not app.clustered:
-        return []
-    interval = app.config["realtime.stats_interval"]
-    return [PeriodicEmitter("cluster_figures", interval, lambda: rebuild(app))]
+    if app.clustered:
+        interval = app.config["realtime.stats_interval"]
+        emitters.append(PeriodicEmitter("cluster_figures", interval, lambda: rebuild(app)))
+    return emitters
 
 
 @hookimpl
