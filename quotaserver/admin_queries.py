@@ -38,7 +38,7 @@ from .models import (
     naive_utc,
 )
 from .ranking import BadCursor, UserRanking, decode_cursor, encode_cursor
-from .standings import utilization
+from .standings import daily_of, utilization
 from .windows import isoformat
 
 if TYPE_CHECKING:
@@ -132,14 +132,10 @@ class AdminQueries:
     def _today(self) -> Any:
         return self.quota.calendar.window("daily", self.quota.clock())
 
-    def _daily_usage(self, user_ids: list[int] | None, day_key: int) -> dict[int, dict]:
+    def _daily_usage(self, user_ids: list[int], day_key: int) -> dict[int, dict]:
         query = Usage.select(Usage.user, Usage.command_type, Usage.used).where(
-            (Usage.period == "daily") & (Usage.window_start == day_key)
+            daily_of(user_ids, day_key)
         )
-        if user_ids is not None:
-            query = query.where(Usage.user.in_(user_ids))
-        else:
-            query = query.where(Usage.used > 0)
         used: dict[int, dict[str, int]] = {}
         for row in query:
             used.setdefault(row.user_id, {})[row.command_type] = row.used
