@@ -135,8 +135,13 @@ class UserRanking:
     def _name_order(self, query: Any, after: dict | None) -> Any:
         """Case-insensitive alphabetical order (then exact name), from the expression index."""
         if after is not None:
-            key = Tuple(self._lower(User.username), User.username)
-            query = query.where(key > (after["n"].lower(), after["n"]))
+            low = self._lower(User.username)
+            # The plain bound lets SQLite start the index range there (a row value on an
+            # expression index alone makes it scan from the start: O(depth)).
+            query = query.where(
+                (low >= after["n"].lower())
+                & (Tuple(low, User.username) > (after["n"].lower(), after["n"]))
+            )
         return query.order_by(self._lower(User.username), User.username)
 
     def by_name(self, page: Any, after: dict | None) -> tuple[list[User], dict | None]:
