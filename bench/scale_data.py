@@ -35,6 +35,8 @@ import sys
 import time
 from typing import Any
 
+import psutil
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
@@ -152,6 +154,15 @@ class RunningServer:
             time.sleep(0.01)
         self.stop()
         raise RuntimeError(f"server did not start:\n{text}")
+
+    def busy(self, run: Any) -> dict[str, Any]:
+        """Run the coroutine ``run``; add the server's CPU use meanwhile (100 = one core)."""
+        proc = psutil.Process(self.proc.pid)
+        before, t0 = proc.cpu_times(), time.perf_counter()
+        result = asyncio.run(run)
+        after, took = proc.cpu_times(), time.perf_counter() - t0
+        cpu = (after.user + after.system - before.user - before.system) / took
+        return {**result, "server_cpu_percent": round(100 * cpu)}
 
     def stop(self) -> None:
         self.proc.terminate()
@@ -375,9 +386,9 @@ def run(
         asyncio.run(users_pages(server.port, users, 2))  # warm-up: caches, first full count
         result["users_page"] = asyncio.run(users_pages(server.port, users, rounds))
         log(f"users page p99: {result['users_page']['p99_ms']} ms")
-        alone = asyncio.run(consume_run(server.port, users, seconds, 0))
-        loaded = asyncio.run(consume_run(server.port, users, seconds, PAGE_CLIENTS))
-        paced = asyncio.run(consume_run(server.port, users, seconds, PAGE_CLIENTS, PACE))
+        alone = server.busy(consume_run(server.port, users, seconds, 0))
+        loaded = server.busy(consume_run(server.port, users, seconds, PAGE_CLIENTS))
+        paced = server.busy(consume_run(server.port, users, seconds, PAGE_CLIENTS, PACE))
         result["consume_alone"], result["consume_paged"] = alone, loaded
         result["consume_paced"] = paced
         result["consume_ratio"] = round(loaded["p99_ms"] / alone["p99_ms"], 2)
@@ -400,14 +411,16 @@ def table(r: dict[str, Any]) -> str:
     for name, row in pages.items():
         lines.append(f"| &nbsp; {name} (n={row['n']}) | p50 {row['p50_ms']} ms, "
                      f"p99 {row['p99_ms']} ms | |")  # fmt: skip
-    a, b = r["consume_alone"], r["consume_paged"]
+    a, b, c = r["consume_alone"], r["consume_paged"], r["consume_paced"]
     lines += [
-        f"| consume p99 alone ({a['consumes']} consumes) | {a['p99_ms']} ms | |",
-        f"| consume p99 while {PAGE_CLIENTS} clients page users ({b['pages']} pages) | "
+        f"| consume p99 alone ({a['consumes']} consumes; server CPU "
+        f"{a['server_cpu_percent']} %) | {a['p99_ms']} ms | |",
+        f"| consume p99 while {PAGE_CLIENTS} clients page users continuously ({b['consumes']} "
+        f"consumes, {b['pages']} pages; server CPU {b['server_cpu_percent']} %) | "
         f"{b['p99_ms']} ms ({r['consume_ratio']}×) | ≤ 1.2× |",
         f"| consume p99 while {PAGE_CLIENTS} clients page users every {PACE:g} s "
-        f"({r['consume_paced']['pages']} pages) | {r['consume_paced']['p99_ms']} ms "
-        f"({r['consume_paced_ratio']}×) | |",
+        f"({c['consumes']} consumes, {c['pages']} pages; server CPU "
+        f"{c['server_cpu_percent']} %) | {c['p99_ms']} ms ({r['consume_paced_ratio']}×) | |",
         f"| start-up of run.py | {max(r['startup_s'])} s (runs: {r['startup_s']}) | ≤ 5 s |",
         f"| stats tick | p99 {r['stats_tick']['p99_ms']} ms "
         f"(p50 {r['stats_tick']['p50_ms']} ms) | ≤ 1 ms |",
