@@ -243,6 +243,12 @@ async def on_event(app: Any, message: Any) -> None:
     # incremental: recomputing them here would race with decisions already counted.)
     if message.type == "quota_change":
         request_recount(app)
+        if message.data.get("action") == "usage_reset":
+            # Counts from before the reset must not reach dashboards after it.
+            reset_type = message.data.get("command_type")
+            for key in [k for k in fig.changed if k[0] == message.data.get("user_id")]:
+                if reset_type is None or key[1] == reset_type:
+                    del fig.changed[key]
 
 
 @hookimpl

@@ -83,8 +83,8 @@ function onMessage(msg, info) {
         charts.violation(msg);
         if (replay) replay.count += 1;
         else toast(`${msg.data.username}: ${msg.data.message}`, "warn", 5000, "violation");
+        users.applyViolation(msg);
       }
-      users.applyViolation(msg.data);
       break;
     case "alert":
       if (alerts.apply(msg) && !replay && !msg.data.update) {
@@ -97,7 +97,7 @@ function onMessage(msg, info) {
       users.applyUsage(msg.data);
       break;
     case "quota_change":
-      users.applyQuotaChange(msg.data);
+      users.applyQuotaChange(msg);
       // Hidden tabs load fresh data when they are opened.
       if (currentTab === "rules") rules.refreshSoon();
       if (currentTab === "audit") audit.refreshSoon();

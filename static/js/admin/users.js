@@ -67,6 +67,7 @@ export class UsersTable {
     this.loading = null;
     this.items = [];
     this.hasMore = false;
+    this.seq = 0;
     const search = byId("users-search");
     const searchLater = debounce(() => {
       this.q = search.value.trim();
@@ -110,6 +111,7 @@ export class UsersTable {
     this.commandTypes = response.command_types;
     this.pages = response.pages;
     this.items = response.items;
+    this.seq = response.seq; // events up to this seq are already in the rows
     this.hasMore = Boolean(response.next_cursor);
     this.total = response.total;
     this.shownPage = response.page;
@@ -199,6 +201,9 @@ export class UsersTable {
         u.isNew = true;
       }
       const usage = u.usage[row.command_type] || (u.usage[row.command_type] = { overridden: false });
+      // Usage only grows (a reset comes as quota_change): a lower count is older than the
+      // rows loaded over REST meanwhile.
+      if (typeof usage.used === "number" && row.used < usage.used) continue;
       usage.used = row.used;
       usage.limit = row.limit;
       this._recompute(u);
@@ -215,7 +220,9 @@ export class UsersTable {
   }
 
   /** A `quota_change` event: a limit edit, an override removed, or a usage reset. */
-  applyQuotaChange(data) {
+  applyQuotaChange(msg) {
+    if (typeof msg.seq === "number" && msg.seq <= this.seq) return; // already in the rows
+    const data = msg.data;
     const c = data.command_type;
     const daily = data.effective ? data.effective.daily : undefined;
     const touched = [];
@@ -253,8 +260,9 @@ export class UsersTable {
   }
 
   /** A `violation` event: one more violation today for that user. */
-  applyViolation(data) {
-    const u = this._find(data.username);
+  applyViolation(msg) {
+    if (typeof msg.seq === "number" && msg.seq <= this.seq) return; // already counted
+    const u = this._find(msg.data.username);
     if (!u) return;
     u.violations_today += 1;
     this._draw();
