@@ -31,7 +31,9 @@ export class RulesPanel {
       items.push(...page.items);
       cursor = page.next_cursor;
     } while (cursor);
-    return items;
+    // The API pages in index order (by user id); people look for a name.
+    const key = (o) => [o.username, o.command_type, o.period].join("\u0000");
+    return items.sort((a, b) => (key(a) < key(b) ? -1 : key(a) > key(b) ? 1 : 0));
   }
 
   render(rules) {
