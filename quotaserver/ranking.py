@@ -21,7 +21,7 @@ import json
 from typing import Any
 from weakref import WeakKeyDictionary
 
-from peewee import SQL, Database, PostgresqlDatabase, Tuple, fn
+from peewee import SQL, Database, PostgresqlDatabase, Tuple, Value, fn
 
 from .models import DailyPeak, User
 
@@ -139,8 +139,10 @@ class UserRanking:
             # The plain bound lets SQLite start the index range there (a row value on an
             # expression index alone makes it scan from the start: O(depth)).
             query = query.where(
-                (low >= after["n"].lower())
-                & (Tuple(low, User.username) > (after["n"].lower(), after["n"]))
+                # lower() of the database on both sides: Python's str.lower() differs
+                # beyond ASCII (SQLite's leaves "É" as it is) and would skip names.
+                (low >= self._lower(Value(after["n"])))
+                & (Tuple(low, User.username) > Tuple(self._lower(Value(after["n"])), after["n"]))
             )
         return query.order_by(self._lower(User.username), User.username)
 
