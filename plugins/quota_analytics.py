@@ -1,13 +1,25 @@
-"""Quota analytics: the figures of the stats snapshot, kept incrementally.
+"""Quota analytics: the figures of the stats snapshot, kept without scanning users.
 
-A stats tick reads in-memory figures only. They are rebuilt from the database at start-up,
-then updated from what happens next: decisions (commands, active users), and the durable
-events every other path publishes after commit. A user can be created by a consume, an
-admin change (``quota_change``) or a recorded violation (``violation``, also from the
-development endpoints and plugins); each carries the user id, and ids above the highest one
-at start-up are kept in a set, so seeing a user twice never counts it twice. Violations are
-counted from ``violation`` events only, whoever recorded them. An admin change to limits or
-usage recomputes the high-utilisation set, the one figure that depends on them.
+A stats tick reads in-memory figures only. At start-up they are read from the database
+with a few indexed counts (never a pass over users or usage rows): the users, today's
+commands and violations from the per-minute activity, and today's active and
+high-utilisation users from the maintained ``daily_peak`` table. Afterwards:
+
+- commands and violations are counted from decisions and ``violation`` events;
+- new users are counted from the user ids that decisions, ``quota_change`` and
+  ``violation`` events carry (ids above the highest at start-up are kept in a set, so a
+  user seen twice counts once);
+- active and high-utilisation users are **recounted** from ``daily_peak`` (two indexed
+  counts on a reader) when something may have changed them: a user's first command of a
+  type today, a type's daily utilisation crossing 80%, an admin change to limits or usage,
+  a new day. Requests that arrive while a recount runs are served by one more recount, so
+  the figures are exact once the last one has finished. A user is "high" at a peak of
+  80.0% or more of a daily limit (the percent the users page shows).
+
+It also tells live dashboards whose usage changed: admitted commands are collected per
+(user, command type) and sent at most once a second as one live-only ``usage`` event (no
+seq, never replayed: a dashboard that missed some reloads over REST after
+``recovered: false``), so the Users tab need not poll.
 """
 
 from __future__ import annotations
@@ -20,13 +32,17 @@ from typing import Any
 from peewee import fn
 
 from quotaserver import hookimpl
-from quotaserver.limits import Rules
-from quotaserver.models import Activity, Usage, User
+from quotaserver.db import DatabaseError
+from quotaserver.models import Activity, DailyPeak, User
 from quotaserver.realtime.emitters import PeriodicEmitter
+from quotaserver.standings import utilization
 
 NAME = "quota_analytics"
-HIGH_UTILIZATION = 0.8
+HIGH_PERCENT = 80.0
 THROTTLE_WINDOW = 300.0  # seconds of decisions behind average_throttle_factor
+USAGE_EVENT = "usage"
+USAGE_INTERVAL = 1.0  # seconds between two usage events (at most)
+USAGE_ROWS = 500  # rows per usage event; more changes set "truncated"
 
 
 class Figures:
@@ -35,16 +51,20 @@ class Figures:
         self.users_at_start = 0
         self.max_user_id_at_start = 0
         self.new_users: set[int] = set()  # created since start-up
-        self.active: set[int] = set()
+        self.active = 0  # users with a command today
+        self.high = 0  # users at >= HIGH_PERCENT of a daily limit today
         self.commands = 0
         self.violations = 0
-        self.high: set[int] = set()
+        self.recounting = False  # a recount of active/high is running
+        self.dirty = False  # ... and another one is wanted after it
+        self.changed: dict[tuple[int, str], dict[str, Any]] = {}  # for the next usage event
+        self.truncated = False
         self.factors: deque[tuple[float, float]] = deque()
         self.factor_sum = 0.0
 
     def new_day(self, day_key: int) -> None:
         self.day_key = day_key
-        self.active, self.high = set(), set()
+        self.active = self.high = 0
         self.commands = self.violations = 0
 
     @property
@@ -82,26 +102,16 @@ def _today(app: Any) -> Any:
     return app.quota.calendar.window("daily", app.clock())
 
 
-def _high_users(app: Any, today: Any) -> tuple[set[int], set[int]]:
-    """Users active today, and those at >= 80% of a daily limit (one pass, rules in bulk)."""
-    rules = Rules()  # every rule in one query
-    active: set[int] = set()
-    high: set[int] = set()
-    rows = Usage.select(Usage.user, Usage.command_type, Usage.used).where(
-        (Usage.period == "daily") & (Usage.window_start == today.key) & (Usage.used > 0)
-    )
-    for user_id, command_type, used in rows.tuples():
-        active.add(user_id)
-        limit = rules.limit(user_id, command_type, "daily")
-        if limit and used >= HIGH_UTILIZATION * limit:
-            high.add(user_id)
-    return active, high
+def _peak_counts(day_key: int) -> tuple[int, int]:
+    """Users active today, and those at >= 80% of a daily limit (index range counts)."""
+    today = DailyPeak.select().where(DailyPeak.day == day_key)
+    return today.count(), today.where(DailyPeak.rank <= -HIGH_PERCENT).count()
 
 
 def _rebuild(app: Any) -> dict[str, Any]:
-    """Today's figures from the database (runs on a database thread, at start-up)."""
+    """Today's figures from the database (runs on a reader, at start-up)."""
     today = _today(app)
-    active, high = _high_users(app, today)
+    active, high = _peak_counts(today.key)
     # Activity counts what was admitted and refused, so a later usage reset does not
     # make today's commands disappear from the stats.
     totals = Activity.select(fn.SUM(Activity.commands), fn.SUM(Activity.violations)).where(
@@ -129,6 +139,45 @@ async def rebuild(app: Any) -> None:
     fig.commands, fig.violations = data["commands"], data["violations"]
 
 
+def request_recount(app: Any) -> None:
+    """Recount active and high-utilisation users soon (one recount at a time)."""
+    fig = _figures(app)
+    if fig.recounting:
+        fig.dirty = True
+        return
+    fig.recounting = True
+    app.track(_recount(app, fig))
+
+
+async def _recount(app: Any, fig: Figures) -> None:
+    try:
+        while True:
+            fig.dirty = False
+            today = _today(app)
+            try:
+                active, high = await app.store.read(_peak_counts, today.key)
+            except DatabaseError:  # counted in health; the next change asks again
+                return
+            if fig.day_key == today.key:
+                fig.active, fig.high = active, high
+            if not fig.dirty:
+                return
+    finally:
+        fig.recounting = False
+
+
+def _may_change_peaks(decision: Any) -> bool:
+    """Whether an admitted decision can change who is active or high today."""
+    daily = decision.periods.get("daily")
+    if daily is None:
+        return False  # no daily window: no peaks, nobody counted
+    before = daily.used - decision.count
+    if before <= 0:
+        return True  # the user's first command of this type today
+    was, now = utilization(before, daily.limit), utilization(daily.used, daily.limit)
+    return was is not None and now is not None and was < HIGH_PERCENT <= now
+
+
 @hookimpl
 def startup(app: Any) -> Any:
     return rebuild(app)
@@ -144,10 +193,37 @@ def on_decision(app: Any, decision: Any) -> None:
     fig.saw_user(decision.user_id)
     if decision.consumed and decision.user_id is not None:
         fig.commands += decision.count
-        fig.active.add(decision.user_id)
-        daily = decision.periods.get("daily")
-        if daily and daily.limit and daily.used >= HIGH_UTILIZATION * daily.limit:
-            fig.high.add(decision.user_id)
+        if _may_change_peaks(decision):
+            request_recount(app)
+        _note_usage(fig, decision)
+
+
+def _note_usage(fig: Figures, decision: Any) -> None:
+    """Remember the user's daily usage of this command type for the next usage event."""
+    daily = decision.periods.get("daily")
+    if daily is None:
+        return
+    key = (decision.user_id, decision.command_type)
+    if key not in fig.changed and len(fig.changed) >= USAGE_ROWS:
+        fig.truncated = True
+        return
+    fig.changed[key] = {
+        "user_id": decision.user_id,
+        "username": decision.user,
+        "command_type": decision.command_type,
+        "used": daily.used,
+        "limit": daily.limit,
+        "percent": utilization(daily.used, daily.limit),
+    }
+
+
+async def _send_usage(app: Any, emit: Any) -> None:
+    fig = _figures(app)
+    if not fig.changed and not fig.truncated:
+        return
+    rows, truncated = list(fig.changed.values()), fig.truncated
+    fig.changed, fig.truncated = {}, False
+    await emit(USAGE_EVENT, {"users": rows, "truncated": truncated}, durable=False)
 
 
 @hookimpl
@@ -162,25 +238,36 @@ async def on_event(app: Any, message: Any) -> None:
             fig.new_day(day_key)
         if day_key == fig.day_key:
             fig.violations += 1
-    # Limits or usage changed by an admin: only utilisation depends on them. (Counts of
-    # commands and violations stay incremental: recomputing them here would race with
-    # decisions already counted.)
+    # Limits or usage changed by an admin (the peaks were recomputed in its transaction):
+    # only active and high users depend on them. (Counts of commands and violations stay
+    # incremental: recomputing them here would race with decisions already counted.)
     if message.type == "quota_change":
-        today = _today(app)
-        _, high = await app.store.read(_high_users, app, today)
-        fig = _figures(app)
-        if fig.day_key == today.key:
-            fig.high = high
+        request_recount(app)
+        if message.data.get("action") == "usage_reset":
+            # Counts from before the reset must not reach dashboards after it.
+            reset_type = message.data.get("command_type")
+            for key in [k for k in fig.changed if k[0] == message.data.get("user_id")]:
+                if reset_type is None or key[1] == reset_type:
+                    del fig.changed[key]
+
+
+@hookimpl
+def register_event_types() -> list[str]:
+    return [USAGE_EVENT]
 
 
 @hookimpl
 def register_emitters(app: Any) -> list[PeriodicEmitter]:
+    async def send_usage(emit: Any) -> None:
+        await _send_usage(app, emit)
+
+    emitters = [PeriodicEmitter("usage_updates", USAGE_INTERVAL, send_usage)]
     # Several instances share the database: each one's decisions are only part of the
     # picture, so every instance recomputes the figures from it each stats interval.
-    if not app.clustered:
-        return []
-    interval = app.config["realtime.stats_interval"]
-    return [PeriodicEmitter("cluster_figures", interval, lambda: rebuild(app))]
+    if app.clustered:
+        interval = app.config["realtime.stats_interval"]
+        emitters.append(PeriodicEmitter("cluster_figures", interval, lambda: rebuild(app)))
+    return emitters
 
 
 @hookimpl
@@ -192,10 +279,10 @@ def stats_fields(app: Any) -> dict[str, Any]:
         fig.new_day(today.key)
     return {
         "total_users": fig.total_users,
-        "active_users_today": len(fig.active),
+        "active_users_today": fig.active,
         "commands_today": fig.commands,
         "violations_today": fig.violations,
-        "high_utilization_count": len(fig.high),
+        "high_utilization_count": fig.high,
         "average_throttle_factor": fig.average_factor(time.time()),
         "system_load": {
             "instance": app.instance_name,

@@ -3,7 +3,13 @@ recent events. Writes go through ``app.rules`` and ``app.alerts`` (audited and p
 
 Every list is read in one transaction together with the event-log head (``seq``), so a
 page that reloads over REST and then resumes its stream from that ``seq`` neither misses
-nor repeats an event. All database work runs on the store's worker thread.
+nor repeats an event. All database work runs on the store's reader threads.
+
+Every list pages by **keyset**: a response carries ``next_cursor`` (the sort key of its last
+row, encoded as :mod:`quotaserver.ranking` encodes the users list's) and the next request
+passes it back as ``cursor``; a page then costs an index range, however deep it is, and a
+row is returned exactly once even while rows are added or changed (a row whose sort key
+changes moves; see docs/admin-api.md). ``page`` offsets still work for short jumps.
 """
 
 from __future__ import annotations
@@ -13,7 +19,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
-from peewee import JOIN, fn
+from peewee import JOIN, Tuple, fn
 
 from .alerts import alert_json
 from .audit import audit_json
@@ -31,8 +37,8 @@ from .models import (
     aware,
     naive_utc,
 )
-from .ranking import UserRanking, decode_cursor, encode_cursor
-from .standings import utilization
+from .ranking import BadCursor, UserRanking, decode_cursor, encode_cursor
+from .standings import daily_of, utilization
 from .windows import isoformat
 
 if TYPE_CHECKING:
@@ -42,6 +48,7 @@ if TYPE_CHECKING:
 # Utilisation risk levels, highest first: (name, percent at or above which it applies).
 RISK_LEVELS = (("critical", 95.0), ("high", 90.0), ("elevated", 80.0))
 USER_SORTS = ("username", "utilization")
+MAX_ID = 2**62  # ids in cursors stay inside every database's integer range
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,6 +70,27 @@ class PageRequest:
             "pages": pages,
             "seq": seq,
         }
+
+
+def after_id(cursor: str | None) -> int | None:
+    """The id an ``{"id": n}`` cursor continues after (None without a cursor)."""
+    if cursor is None:
+        return None
+    ident = decode_cursor(cursor, {"id": int})["id"]
+    if not 0 < ident <= MAX_ID:
+        raise BadCursor("cursor is not valid")
+    return ident
+
+
+def newest_first(query: Any, id_field: Any, page: PageRequest, after: int | None) -> tuple:
+    """One page of ``query`` by descending id, after the cursor's id or at the page's offset;
+    and the cursor of the next page (None on the last)."""
+    query = query.order_by(id_field.desc())
+    query = query.where(id_field < after) if after is not None else query.offset(page.offset)
+    rows = list(query.limit(page.per_page + 1))
+    more = len(rows) > page.per_page
+    rows = rows[: page.per_page]
+    return rows, encode_cursor({"id": rows[-1].id}) if more else None
 
 
 def risk(percent: float | None) -> str | None:
@@ -92,20 +120,22 @@ class AdminQueries:
     async def user_detail(self, username: str) -> dict[str, Any] | None:
         return await self._read(self._user_detail_sync, username)
 
-    async def overrides(self, username: str | None) -> dict[str, Any]:
-        return await self._read(self._overrides_sync, username)
+    async def overrides(
+        self, username: str | None, per_page: int = 200, cursor: str | None = None
+    ) -> dict[str, Any]:
+        after = None
+        if cursor is not None:
+            key = decode_cursor(cursor, {"s": str, "c": str, "p": str})
+            after = (key["s"], key["c"], key["p"])
+        return await self._read(self._overrides_sync, username, per_page, after)
 
     def _today(self) -> Any:
         return self.quota.calendar.window("daily", self.quota.clock())
 
-    def _daily_usage(self, user_ids: list[int] | None, day_key: int) -> dict[int, dict]:
+    def _daily_usage(self, user_ids: list[int], day_key: int) -> dict[int, dict]:
         query = Usage.select(Usage.user, Usage.command_type, Usage.used).where(
-            (Usage.period == "daily") & (Usage.window_start == day_key)
+            daily_of(user_ids, day_key)
         )
-        if user_ids is not None:
-            query = query.where(Usage.user.in_(user_ids))
-        else:
-            query = query.where(Usage.used > 0)
         used: dict[int, dict[str, int]] = {}
         for row in query:
             used.setdefault(row.user_id, {})[row.command_type] = row.used
@@ -222,15 +252,23 @@ class AdminQueries:
             "seq": last_seq(),
         }
 
-    def _overrides_sync(self, username: str | None) -> dict[str, Any]:
+    def _overrides_sync(
+        self, username: str | None, per_page: int, after: tuple[str, str, str] | None
+    ) -> dict[str, Any]:
+        # By (scope, command type, period): the rules' unique index, so a page is a range.
+        key = (QuotaRule.scope, QuotaRule.command_type, QuotaRule.period)
         query = (
             QuotaRule.select(QuotaRule, User.id, User.username)
             .join(User, on=(QuotaRule.user == User.id))
-            .where(QuotaRule.scope != GLOBAL_SCOPE)
-            .order_by(User.username, QuotaRule.command_type, QuotaRule.period)
+            .where(QuotaRule.scope > GLOBAL_SCOPE)
+            .order_by(*key)
         )
         if username is not None:
             query = query.where(User.username == username)
+        if after is not None:
+            query = query.where(Tuple(*key) > after)
+        rows = list(query.limit(per_page + 1))
+        last = rows[per_page - 1] if len(rows) > per_page else None
         items = [
             {
                 "username": row.user.username,
@@ -240,9 +278,12 @@ class AdminQueries:
                 "limit": row.limit,
                 "updated_at": isoformat(aware(row.updated_at)),
             }
-            for row in query
+            for row in rows[:per_page]
         ]
-        return {"items": items, "seq": last_seq()}
+        cursor = None
+        if last is not None:
+            cursor = encode_cursor({"s": last.scope, "c": last.command_type, "p": last.period})
+        return {"items": items, "next_cursor": cursor, "seq": last_seq()}
 
     # -- violations, alerts, audit, events ---------------------------------------------
     async def violations(
@@ -251,11 +292,18 @@ class AdminQueries:
         user: str | None = None,
         command_type: str | None = None,
         since: datetime | None = None,
+        cursor: str | None = None,
     ) -> dict[str, Any]:
-        return await self._read(self._violations_sync, page, user, command_type, since)
+        after = after_id(cursor)
+        return await self._read(self._violations_sync, page, user, command_type, since, after)
 
     def _violations_sync(
-        self, page: PageRequest, user: str | None, command_type: str | None, since: Any
+        self,
+        page: PageRequest,
+        user: str | None,
+        command_type: str | None,
+        since: Any,
+        after: int | None,
     ) -> dict[str, Any]:
         query = Violation.select(Violation, User.id, User.username).join(User)
         if user is not None:
@@ -265,17 +313,35 @@ class AdminQueries:
         if since is not None:
             query = query.where(Violation.created_at >= naive_utc(since))
         total = query.count()
-        rows = query.order_by(Violation.id.desc()).offset(page.offset).limit(page.per_page)
+        rows, cursor = newest_first(query, Violation.id, page, after)
         items = [violation_json(row, row.user.username) for row in rows]
-        return page.result(items, total, last_seq())
+        return {**page.result(items, total, last_seq()), "next_cursor": cursor}
 
     async def alerts(
-        self, page: PageRequest, statuses: list[str] | None, severity: str | None
+        self,
+        page: PageRequest,
+        statuses: list[str] | None,
+        severity: str | None,
+        cursor: str | None = None,
     ) -> dict[str, Any]:
-        return await self._read(self._alerts_sync, page, statuses, severity)
+        after = None
+        if cursor is not None:
+            key = decode_cursor(cursor, {"u": str, "id": int})
+            try:
+                at = datetime.fromisoformat(key["u"])
+            except ValueError:
+                raise BadCursor("cursor is not valid") from None
+            if at.tzinfo is not None or not 0 < key["id"] <= MAX_ID:
+                raise BadCursor("cursor is not valid")
+            after = (at, key["id"])
+        return await self._read(self._alerts_sync, page, statuses, severity, after)
 
     def _alerts_sync(
-        self, page: PageRequest, statuses: list[str] | None, severity: str | None
+        self,
+        page: PageRequest,
+        statuses: list[str] | None,
+        severity: str | None,
+        after: tuple[datetime, int] | None,
     ) -> dict[str, Any]:
         query = Alert.select(Alert, User.id, User.username).join(
             User, JOIN.LEFT_OUTER, on=(Alert.user == User.id)
@@ -291,31 +357,60 @@ class AdminQueries:
                 Alert.status
             )
         }
-        rows = query.order_by(Alert.updated_at.desc(), Alert.id.desc())
-        rows = rows.offset(page.offset).limit(page.per_page)
+        # Most recently changed first: an alert that changes while a client pages moves to
+        # the top (the stream tells the client: an ``alert`` event).
+        query = query.order_by(Alert.updated_at.desc(), Alert.id.desc())
+        if after is not None:
+            at, ident = after
+            query = query.where(
+                (Alert.updated_at < at) | ((Alert.updated_at == at) & (Alert.id < ident))
+            )
+        else:
+            query = query.offset(page.offset)
+        rows = list(query.limit(page.per_page + 1))
+        last = rows[page.per_page - 1] if len(rows) > page.per_page else None
+        rows = rows[: page.per_page]
         items = [alert_json(row, row.user.username if row.user_id else None) for row in rows]
         result = page.result(items, total, last_seq())
+        result["next_cursor"] = (
+            encode_cursor({"u": last.updated_at.isoformat(), "id": last.id}) if last else None
+        )
         result["counts"] = {s: counts.get(s, 0) for s in ("open", "acknowledged", "resolved")}
         return result
 
     async def audit(
-        self, page: PageRequest, action: str | None, actor: str | None
+        self,
+        page: PageRequest,
+        action: str | None,
+        actor: str | None,
+        cursor: str | None = None,
     ) -> dict[str, Any]:
-        return await self._read(self._audit_sync, page, action, actor)
+        return await self._read(self._audit_sync, page, action, actor, after_id(cursor))
 
-    def _audit_sync(self, page: PageRequest, action: str | None, actor: str | None) -> dict:
+    def _audit_sync(
+        self, page: PageRequest, action: str | None, actor: str | None, after: int | None
+    ) -> dict:
         query = AuditLog.select()
         if action is not None:
             query = query.where(AuditLog.action == action)
         if actor is not None:
             query = query.where(AuditLog.actor == actor)
         total = query.count()
-        rows = query.order_by(AuditLog.id.desc()).offset(page.offset).limit(page.per_page)
-        return page.result([audit_json(r) for r in rows], total, last_seq())
+        rows, cursor = newest_first(query, AuditLog.id, page, after)
+        return {**page.result([audit_json(r) for r in rows], total, last_seq()),
+                "next_cursor": cursor}  # fmt: skip
 
     async def events(
-        self, types: frozenset[str] | None, limit: int, before: int | None
+        self,
+        types: frozenset[str] | None,
+        limit: int,
+        before: int | None,
+        cursor: str | None = None,
     ) -> dict[str, Any]:
+        """Newest first; ``cursor`` (or the older ``before`` seq) continues a listing."""
+        after = after_id(cursor)
+        if after is not None:
+            before = after if before is None else min(before, after)
         return await self._read(self._events_sync, types, limit, before)
 
     def _events_sync(self, types: frozenset[str] | None, limit: int, before: int | None) -> dict:
@@ -324,7 +419,9 @@ class AdminQueries:
             query = query.where(Event.type.in_(sorted(types)))
         if before is not None:
             query = query.where(Event.id < before)
-        rows = query.order_by(Event.id.desc()).limit(limit)
+        rows = list(query.order_by(Event.id.desc()).limit(limit + 1))
+        more = len(rows) > limit
+        rows = rows[:limit]
         items = [
             {
                 "type": r.type,
@@ -334,7 +431,8 @@ class AdminQueries:
             }
             for r in rows
         ]
-        return {"items": items, "seq": last_seq()}
+        cursor = encode_cursor({"id": rows[-1].id}) if more else None
+        return {"items": items, "next_cursor": cursor, "seq": last_seq()}
 
 
 def violation_json(row: Violation, username: str) -> dict[str, Any]:

@@ -132,6 +132,14 @@ def _migration_3(db: Database) -> None:
         db.execute_sql(sql)
 
 
+def _migration_4(db: Database) -> None:
+    """Index for the alerts list's keyset order (most recently changed first)."""
+    alert = models.Alert._meta.table_name
+    db.execute_sql(
+        f'CREATE INDEX IF NOT EXISTS "{alert}_updated" ON "{alert}" ("updated_at", "id")'
+    )
+
+
 # Append-only: (version, function). Never edit a released migration; add a new one.
 # Migrations 1 and 2 create tables from the models as they are today. The first change to
 # an existing model must therefore come with an explicit ALTER migration (playhouse.migrate)
@@ -140,6 +148,7 @@ MIGRATIONS: tuple[tuple[int, Callable[[Database], None]], ...] = (
     (1, _migration_1),
     (2, _migration_2),
     (3, _migration_3),
+    (4, _migration_4),
 )
 
 

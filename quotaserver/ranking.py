@@ -19,10 +19,38 @@ from __future__ import annotations
 import base64
 import json
 from typing import Any
+from weakref import WeakKeyDictionary
 
-from peewee import SQL, Database, PostgresqlDatabase, Tuple, fn
+from peewee import SQL, Database, PostgresqlDatabase, Tuple, Value, fn
 
 from .models import DailyPeak, User
+
+FEW_MATCHES = 2000  # a search matching at most this many users ranks them by key lookups
+
+
+REBASE_AFTER = 10_000  # users created since the last full count before counting again
+_counted: WeakKeyDictionary[Database, tuple[int, int]] = WeakKeyDictionary()
+
+
+def _all_users(db: Database) -> int:
+    """How many users there are, on SQLite without counting them all each time.
+
+    A full count (about 40 ms at a million users) is remembered with the highest id it saw;
+    later calls add the users with a higher id (an index range). Exact because users are
+    never deleted and SQLite hands out ids in commit order (one writer at a time), so a
+    read snapshot holds exactly the ids up to some point. PostgreSQL counts every time
+    (its ids may commit out of order).
+    """
+    base = _counted.get(db)
+    # A snapshot older than the remembered count's (another reader's) counts in full.
+    if base is not None and (User.select(fn.MAX(User.id)).scalar() or 0) >= base[0]:
+        top, count = base
+        newer = User.select().where(User.id > top).count()
+        if newer <= REBASE_AFTER:
+            return count + newer
+    top, count = User.select(fn.MAX(User.id), fn.COUNT(User.id)).tuples().first()
+    _counted[db] = (top or 0, count)
+    return count
 
 
 class BadCursor(ValueError):
@@ -34,7 +62,9 @@ def encode_cursor(key: dict[str, Any]) -> str:
     return base64.urlsafe_b64encode(raw).decode().rstrip("=")
 
 
-def decode_cursor(text: str) -> dict[str, Any]:
+def decode_cursor(text: str, fields: dict[str, type | tuple[type, ...]] | None = None) -> dict:
+    """The key an :func:`encode_cursor` produced; ``fields`` names the keys it must hold and
+    their types (default: the users list's ``{"n": str}``). Raises :class:`BadCursor`."""
     try:
         raw = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
         key = json.loads(raw)
@@ -42,8 +72,10 @@ def decode_cursor(text: str) -> dict[str, Any]:
         raise BadCursor("cursor is not valid") from None
     if not isinstance(key, dict) or not all(isinstance(v, str | int | float) for v in key.values()):
         raise BadCursor("cursor is not valid")
-    if "n" not in key or not isinstance(key["n"], str):
-        raise BadCursor("cursor is not valid")
+    for name, kind in (fields or {"n": str}).items():
+        value = key.get(name)
+        if not isinstance(value, kind) or isinstance(value, bool):
+            raise BadCursor("cursor is not valid")
     return key
 
 
@@ -59,6 +91,7 @@ class UserRanking:
         self.search = search.lower()
         self.day = day
         self.collate = isinstance(db, PostgresqlDatabase)
+        self.db = db
 
     # -- filters -------------------------------------------------------------------------
     def _lower(self, field: Any) -> Any:
@@ -72,6 +105,21 @@ class UserRanking:
         low = self._lower(field)
         return (low >= self.search) & (low < _upper_bound(self.search))
 
+    def _active_today(self) -> Any:
+        """Today's peaks of the matching users, by the cheaper of two index paths.
+
+        Walking today's ranking and filtering by name costs about ``page x active /
+        matching`` rows: fine for a common prefix, a scan of the day for a rare one. A rare
+        prefix (few matches, counted on the name index up to FEW_MATCHES) instead reads
+        its users from the name index and their peaks by key, then sorts those few.
+        """
+        if self.search:
+            matching = User.select(User.id).where(self._match(User.username))
+            if matching.limit(FEW_MATCHES + 1).count() <= FEW_MATCHES:
+                # "day + 0": not the (day, rank) index, the user key for each match.
+                return DailyPeak.user.in_(matching) & ((DailyPeak.day + 0) == self.day)
+        return (DailyPeak.day == self.day) & self._match(DailyPeak.username)
+
     def _idle(self) -> Any:
         today = DailyPeak.select(DailyPeak.user).where(
             (DailyPeak.user == User.id) & (DailyPeak.day == self.day)
@@ -79,14 +127,23 @@ class UserRanking:
         return ~fn.EXISTS(today)
 
     def total(self) -> int:
-        return User.select().where(self._match(User.username)).count()
+        if self.search or self.collate:
+            return User.select().where(self._match(User.username)).count()
+        return _all_users(self.db)
 
     # -- by name -------------------------------------------------------------------------
     def _name_order(self, query: Any, after: dict | None) -> Any:
         """Case-insensitive alphabetical order (then exact name), from the expression index."""
         if after is not None:
-            key = Tuple(self._lower(User.username), User.username)
-            query = query.where(key > (after["n"].lower(), after["n"]))
+            low = self._lower(User.username)
+            # The plain bound lets SQLite start the index range there (a row value on an
+            # expression index alone makes it scan from the start: O(depth)).
+            query = query.where(
+                # lower() of the database on both sides: Python's str.lower() differs
+                # beyond ASCII (SQLite's leaves "É" as it is) and would skip names.
+                (low >= self._lower(Value(after["n"])))
+                & (Tuple(low, User.username) > Tuple(self._lower(Value(after["n"])), after["n"]))
+            )
         return query.order_by(self._lower(User.username), User.username)
 
     def by_name(self, page: Any, after: dict | None) -> tuple[list[User], dict | None]:
@@ -105,7 +162,7 @@ class UserRanking:
         if after is None or "r" in after:
             active = (
                 DailyPeak.select(DailyPeak.user, DailyPeak.rank, DailyPeak.username)
-                .where((DailyPeak.day == self.day) & self._match(DailyPeak.username))
+                .where(self._active_today())
                 .order_by(DailyPeak.rank, DailyPeak.username)
             )
             if after is not None:

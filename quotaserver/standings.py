@@ -9,7 +9,7 @@ maintained values with a recount from the usage table after mixed workloads.
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from .limits import Rules
 from .models import DailyPeak, Usage, User
@@ -29,16 +29,28 @@ def utilization(used: int, limit: int | None) -> float | None:
     return round(100.0 * used / limit, 1)
 
 
+def daily_of(user_ids: list[int], day_key: int) -> Any:
+    """The condition "today's daily windows of ``user_ids``", looked up **by user**.
+
+    The day's terms are written so that no index can serve them (``period || ''``,
+    ``window_start + 0``): the planner must take the per-user index (a few rows per user)
+    instead of the day's range over every active user, which SQLite picks without
+    statistics (0.8 s for 25 users at a million).
+    """
+    return (
+        Usage.user.in_(user_ids)
+        & (Usage.period.concat("") == "daily")
+        & ((Usage.window_start + 0) == day_key)
+    )
+
+
 def peaks(user_ids: list[int], day: Window) -> dict[int, float | None]:
     """Recount: each user's highest daily utilisation today from the usage table (users
     with no command today are left out; None: only unlimited command types used)."""
     rules = Rules(user_ids)
     top: dict[int, float | None] = {}
     rows = Usage.select(Usage.user, Usage.command_type, Usage.used).where(
-        (Usage.period == "daily")
-        & (Usage.window_start == day.key)
-        & (Usage.used > 0)
-        & Usage.user.in_(user_ids)
+        daily_of(user_ids, day.key) & (Usage.used > 0)
     )
     for user_id, command_type, used in rows.tuples():
         percent = utilization(used, rules.limit(user_id, command_type, "daily"))

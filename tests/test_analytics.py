@@ -1,7 +1,7 @@
 """Quota analytics: incremental stats figures, rebuilt from the database at start-up."""
 
 import pytest
-from clients import consume, settle
+from clients import consume, settle, ws_connect
 
 
 @pytest.mark.gen_test(timeout=30)
@@ -36,3 +36,29 @@ async def test_figures_follow_decisions_admin_changes_and_restarts(app_factory):
     stats = again.stats_snapshot()
     assert (stats["total_users"], stats["active_users_today"]) == (2, 1)  # ann was reset
     assert (stats["commands_today"], stats["violations_today"]) == (8, 1)
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_admitted_commands_reach_dashboards_as_one_coalesced_live_usage_event(app_factory):
+    app = await app_factory(plugins={"alert_engine": {"enabled": False}})
+    await app.rules.set_global_limits("code", {"daily": 10}, actor="t")
+    ws = await ws_connect(app, "types=usage")
+    for _ in range(3):
+        await consume(app, "ann", "code", 2)
+    await consume(app, "bob", "shell", 1)
+    await consume(app, "bob", "code", 10)  # refused: no usage change
+    message = await ws.recv_type("usage")
+    assert "seq" not in message  # live only, never replayed
+    rows = {(r["username"], r["command_type"]): r for r in message["data"]["users"]}
+    # The newest figures per (user, command type), in one event.
+    assert rows[("ann", "code")] == {
+        "user_id": rows[("ann", "code")]["user_id"],
+        "username": "ann",
+        "command_type": "code",
+        "used": 6,
+        "limit": 10,
+        "percent": 60.0,
+    }
+    assert rows[("bob", "shell")]["used"] == 1
+    assert message["data"]["truncated"] is False
+    ws.close()

@@ -7,6 +7,7 @@ through ``app.rules`` and ``app.alerts``, which audit, persist and publish them.
 
 from __future__ import annotations
 
+from collections.abc import Awaitable
 from typing import TYPE_CHECKING, Any
 
 from ..admin_queries import USER_SORTS, AdminQueries
@@ -16,7 +17,7 @@ from ..ranking import BadCursor
 from ..windows import isoformat
 from .api import refuse_hidden, validate_username
 from .base import ADMIN, VIEWER, ApiError, BaseHandler
-from .params import choice_arg, int_arg, page_arg, str_arg, time_arg
+from .params import MAX_PER_PAGE, choice_arg, int_arg, page_arg, str_arg, time_arg
 from .streams import parse_types
 
 if TYPE_CHECKING:
@@ -56,6 +57,17 @@ class AdminHandler(BaseHandler):
         if bad:
             raise ApiError(400, "invalid_parameter", f"unknown or untracked period {bad[0]!r}")
         return periods
+
+    def cursor_arg(self) -> str | None:
+        """The ``cursor`` of a keyset page (its content is checked by the query)."""
+        return str_arg(self, "cursor", 1024)
+
+    async def listing(self, call: Awaitable[dict[str, Any]]) -> None:
+        """Send one page of a list; a cursor this server did not issue is a 400."""
+        try:
+            self.send_json(await call)
+        except BadCursor:
+            raise ApiError(400, "invalid_parameter", "cursor is not valid") from None
 
 
 # -- overview -------------------------------------------------------------------------
@@ -114,7 +126,7 @@ class EventsHandler(AdminHandler):
         types = parse_types(self.get_query_argument("types", None))
         limit = int_arg(self, "limit", 50, 1, 500)
         before = int_arg(self, "before", None, 1, 2**62)
-        self.send_json(await self.queries.events(types, limit, before))
+        await self.listing(self.queries.events(types, limit, before, self.cursor_arg()))
 
 
 # -- users ----------------------------------------------------------------------------
@@ -125,9 +137,8 @@ class UsersHandler(AdminHandler):
         search = str_arg(self, "q", self.app.config["quotas.max_username_length"]) or ""
         sort = choice_arg(self, "sort", USER_SORTS, "username")
         page = page_arg(self, per_page=25)
-        cursor = str_arg(self, "cursor", 1024)
         try:
-            result = await self.queries.users(search, sort, page, cursor)
+            result = await self.queries.users(search, sort, page, self.cursor_arg())
         except BadCursor:
             raise ApiError(400, "invalid_parameter", "cursor is not valid") from None
         result["command_types"] = list(self.app.quota.command_types)
@@ -180,11 +191,12 @@ class UserResetHandler(AdminHandler):
 
 
 class OverridesHandler(AdminHandler):
-    """GET /api/admin/quotas/overrides?user=: every per-user override."""
+    """GET /api/admin/quotas/overrides?user=&per_page=&cursor=: per-user overrides."""
 
     async def get(self) -> None:
         user = str_arg(self, "user", self.app.config["quotas.max_username_length"])
-        self.send_json(await self.queries.overrides(user))
+        per_page = int_arg(self, "per_page", MAX_PER_PAGE, 1, MAX_PER_PAGE)
+        await self.listing(self.queries.overrides(user, per_page, self.cursor_arg()))
 
 
 # -- rules ----------------------------------------------------------------------------
@@ -237,18 +249,19 @@ class RuleHandler(AdminHandler):
 
 # -- violations, alerts, audit --------------------------------------------------------
 class ViolationsHandler(AdminHandler):
-    """GET /api/admin/quotas/violations?user=&command_type=&since=&page=&per_page="""
+    """GET /api/admin/quotas/violations?user=&command_type=&since=&page=&per_page=&cursor="""
 
     async def get(self) -> None:
         user = str_arg(self, "user", self.app.config["quotas.max_username_length"])
         command_type = choice_arg(self, "command_type", self.app.quota.command_types)
         since = time_arg(self, "since")
         page = page_arg(self)
-        self.send_json(await self.queries.violations(page, user, command_type, since))
+        cursor = self.cursor_arg()
+        await self.listing(self.queries.violations(page, user, command_type, since, cursor))
 
 
 class AlertsHandler(AdminHandler):
-    """GET /api/admin/quotas/alerts?status=&severity=&page=&per_page="""
+    """GET /api/admin/quotas/alerts?status=&severity=&page=&per_page=&cursor="""
 
     async def get(self) -> None:
         status = choice_arg(self, "status", ALERT_STATUS_FILTERS, "all")
@@ -258,7 +271,7 @@ class AlertsHandler(AdminHandler):
         }.get(status, [status])
         severity = choice_arg(self, "severity", SEVERITIES)
         page = page_arg(self)
-        self.send_json(await self.queries.alerts(page, statuses, severity))
+        await self.listing(self.queries.alerts(page, statuses, severity, self.cursor_arg()))
 
 
 class AlertActionHandler(AdminHandler):
@@ -276,10 +289,10 @@ class AlertActionHandler(AdminHandler):
 
 
 class AuditHandler(AdminHandler):
-    """GET /api/admin/quotas/audit?action=&actor=&page=&per_page="""
+    """GET /api/admin/quotas/audit?action=&actor=&page=&per_page=&cursor="""
 
     async def get(self) -> None:
         action = str_arg(self, "action", 64)
         actor = str_arg(self, "actor", 128)
         page = page_arg(self)
-        self.send_json(await self.queries.audit(page, action, actor))
+        await self.listing(self.queries.audit(page, action, actor, self.cursor_arg()))

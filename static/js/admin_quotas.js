@@ -15,9 +15,6 @@ import { LiveStream, describeStatus } from "./admin/stream.js";
 import { canWrite, reportError, showSignedOut, toast } from "./admin/ui.js";
 import { LimitsDialog, ResetDialog, UsersTable } from "./admin/users.js";
 
-const USERS_REFRESH_MS = 15000;
-const HISTORY_REFRESH_MS = 60000;
-const DAILY_REFRESH_MS = 5 * 60000;
 
 const stats = {};
 const violations = new ViolationFeed();
@@ -86,7 +83,7 @@ function onMessage(msg, info) {
         charts.violation(msg);
         if (replay) replay.count += 1;
         else toast(`${msg.data.username}: ${msg.data.message}`, "warn", 5000, "violation");
-        if (currentTab === "users") users.refreshSoon();
+        users.applyViolation(msg);
       }
       break;
     case "alert":
@@ -95,9 +92,13 @@ function onMessage(msg, info) {
       }
       if (currentTab === "audit") audit.refreshSoon();
       break;
+    case "usage":
+      // Admitted commands, coalesced by the server: the Users tab updates in place.
+      users.applyUsage(msg.data);
+      break;
     case "quota_change":
+      users.applyQuotaChange(msg);
       // Hidden tabs load fresh data when they are opened.
-      if (currentTab === "users") users.refreshSoon();
       if (currentTab === "rules") rules.refreshSoon();
       if (currentTab === "audit") audit.refreshSoon();
       break;
@@ -167,7 +168,7 @@ async function loadStats() {
 
 async function reloadAll(reason) {
   window.quotaDashboard.reloads += 1;
-  toast(`Reloading: ${reason}`, "info", 4000);
+  if (reason) toast(`Reloading: ${reason}`, "info", 4000);
   try {
     await loadFeeds();
   } catch (err) {
@@ -199,6 +200,7 @@ function setupHeader() {
     tab.addEventListener("click", () => showTab(tab.id.replace("tab-", "")));
   }
   byId("reconnect").addEventListener("click", () => stream.reconnectNow());
+  byId("reload").addEventListener("click", () => reloadAll(null));
   byId("logout").addEventListener("click", async () => {
     try {
       await request("POST", "/logout");
@@ -224,15 +226,12 @@ async function main() {
   } catch (err) {
     reportError(err, "Loading the feeds");
   }
+  // Nothing is polled: the stream keeps every view current; reloads happen when asked
+  // (the Reload button, opening a tab) or after the server says `recovered: false`.
   stream.start();
-  setInterval(() => {
-    if (currentTab === "users" && !document.hidden) users.refresh();
-  }, USERS_REFRESH_MS);
-  setInterval(() => charts.loadHistory(), HISTORY_REFRESH_MS);
-  setInterval(() => charts.loadDaily(), DAILY_REFRESH_MS);
 }
 
 // Exposed for tests and debugging: the stream's state, read-only use.
-window.quotaDashboard = { stream, violations, alerts, stats, reloads: 0 };
+window.quotaDashboard = { stream, violations, alerts, stats, users, reloads: 0 };
 
 main();

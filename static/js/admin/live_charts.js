@@ -1,6 +1,7 @@
-// The four charts and their data: history over REST (the truth), live points from the
-// stream in between. Live increments only count events newer than the REST snapshot, and
-// the snapshot is fetched again every minute, so a chart never drifts from the server.
+// The four charts and their data: history over REST when the page loads (or reloads: the
+// Reload button, `recovered: false`), then live points from the stream. Live increments
+// only count events newer than the REST snapshot, so nothing is counted twice; nothing is
+// polled.
 
 import { get } from "./api.js";
 import { byId } from "./dom.js";
@@ -112,9 +113,13 @@ export class LiveCharts {
     }
     if (t > this.dailyAt && this.daily.length) {
       const today = this.daily[this.daily.length - 1];
-      if (t >= today.t && t < today.t + 90000) {
+      if (t >= today.t && t < today.t + 86400) {
         today.violations += 1;
         this.dailyChart.setPoints(this.daily);
+      } else if (t >= today.t + 86400 && !this.dayTurning) {
+        // A new day (in the server's time zone): its bucket comes from the server, once.
+        this.dayTurning = true;
+        this.loadDaily().finally(() => (this.dayTurning = false));
       }
     }
   }

@@ -13,13 +13,27 @@ export class RulesPanel {
 
   async refresh() {
     try {
-      const [rules, overrides] = await Promise.all([get("/rules"), get("/overrides")]);
+      const [rules, overrides] = await Promise.all([get("/rules"), this._allOverrides()]);
       this.render(rules);
-      this._overrides(overrides.items);
+      this._overrides(overrides);
     } catch (err) {
       reportError(err, "Loading rules");
     }
     return this.rules;
+  }
+
+  // Every override, page by page (the list is keyset-paged: follow next_cursor).
+  async _allOverrides() {
+    const items = [];
+    let cursor = null;
+    do {
+      const page = await get("/overrides", cursor ? { cursor } : {});
+      items.push(...page.items);
+      cursor = page.next_cursor;
+    } while (cursor);
+    // The API pages in index order (by user id); people look for a name.
+    const key = (o) => [o.username, o.command_type, o.period].join("\u0000");
+    return items.sort((a, b) => (key(a) < key(b) ? -1 : key(a) > key(b) ? 1 : 0));
   }
 
   render(rules) {

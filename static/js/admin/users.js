@@ -1,5 +1,11 @@
 // The users table (search, sort, pages, utilisation bars, risk badges) and the two
 // dialogs that change a user: edit limits (per-user overrides) and reset usage.
+//
+// The table is loaded over REST when the tab opens (or when asked), then kept current from
+// the stream: `usage` events (admitted commands, coalesced by the server), `quota_change`
+// (limit edits, override removals, usage resets) and `violation`. A user not on the page
+// is added when it sorts into it. Rows that would move across a page boundary are exact
+// again at the next reload (the Reload button, or after `recovered: false`).
 
 import { get, request } from "./api.js";
 import { byId, debounce, el, formatInt, formatLimit, formatPercent, setText, throttle } from "./dom.js";
@@ -11,6 +17,28 @@ const RISK_TITLE = {
   critical: "at or above 95% of a daily limit",
 };
 const PER_PAGE = 25;
+const RISKS = [["critical", 95], ["high", 90], ["elevated", 80]];
+
+/** Percent of limit used, as the server computes it (null: unlimited; 0 limit: 100). */
+function utilization(used, limit) {
+  if (limit === null || limit === undefined) return null;
+  if (limit === 0) return 100;
+  return Math.round((1000 * used) / limit) / 10;
+}
+
+function byName(a, b) {
+  const x = a.username.toLowerCase();
+  const y = b.username.toLowerCase();
+  if (x !== y) return x < y ? -1 : 1;
+  return a.username < b.username ? -1 : a.username > b.username ? 1 : 0;
+}
+
+// The server's utilisation order: limited users by peak (highest first), then users of
+// unlimited types only, then idle users; by name within each.
+function utilizationKey(u) {
+  if (u.max_percent !== null) return -u.max_percent;
+  return Object.values(u.usage).some((x) => x.used > 0) ? 1 : 2;
+}
 
 function meter(percent) {
   // <meter> colours itself from low/high/optimum: no inline style needed under the CSP.
@@ -37,6 +65,9 @@ export class UsersTable {
     this.onEdit = onEdit;
     this.onReset = onReset;
     this.loading = null;
+    this.items = [];
+    this.hasMore = false;
+    this.seq = 0;
     const search = byId("users-search");
     const searchLater = debounce(() => {
       this.q = search.value.trim();
@@ -79,6 +110,15 @@ export class UsersTable {
   render(response) {
     this.commandTypes = response.command_types;
     this.pages = response.pages;
+    this.items = response.items;
+    this.seq = response.seq; // events up to this seq are already in the rows
+    this.hasMore = Boolean(response.next_cursor);
+    this.total = response.total;
+    this.shownPage = response.page;
+    this._draw();
+  }
+
+  _draw() {
     const head = byId("users-head");
     head.replaceChildren(
       el("th", { text: "User" }),
@@ -87,16 +127,145 @@ export class UsersTable {
       el("th", { text: "Violations today", class: "num" }),
       canWrite ? el("th", { text: "Actions" }) : null,
     );
-    const rows = response.items.map((u) => this._row(u));
+    const rows = this.items.map((u) => this._row(u));
     if (!rows.length) {
       const span = this.commandTypes.length + (canWrite ? 4 : 3);
       rows.push(el("tr", {}, [el("td", { class: "empty-row", text: "No users match.", attrs: { colspan: span } })]));
     }
     byId("users-body").replaceChildren(...rows);
-    setText("users-page", `page ${response.page} of ${response.pages}`);
-    byId("users-prev").disabled = response.page <= 1;
-    byId("users-next").disabled = response.page >= response.pages;
-    setText("users-summary", `${formatInt(response.total)} users`);
+    setText("users-page", `page ${this.shownPage} of ${this.pages}`);
+    byId("users-prev").disabled = this.shownPage <= 1;
+    byId("users-next").disabled = this.shownPage >= this.pages;
+    setText("users-summary", `${formatInt(this.total)} users`);
+  }
+
+  // -- live updates from the stream ---------------------------------------------------
+  _find(username) {
+    return this.items.find((u) => u.username === username);
+  }
+
+  _recompute(u) {
+    const percents = [];
+    for (const usage of Object.values(u.usage)) {
+      usage.percent = utilization(usage.used, usage.limit);
+      if (usage.percent !== null) percents.push(usage.percent);
+    }
+    u.max_percent = percents.length ? Math.max(...percents) : null;
+    const level = RISKS.find(([, floor]) => u.max_percent !== null && u.max_percent >= floor);
+    u.risk = level ? level[0] : null;
+  }
+
+  // A command type's default daily limit, as a row without an override shows it.
+  _defaultLimit(commandType) {
+    for (const u of this.items) {
+      const usage = u.usage[commandType];
+      if (usage && !usage.overridden) return usage.limit;
+    }
+    return undefined; // not known on this page: shown as "–" until a reload
+  }
+
+  _compare(a, b) {
+    if (this.sort === "utilization") {
+      const d = utilizationKey(a) - utilizationKey(b);
+      if (d !== 0) return d;
+    }
+    return byName(a, b);
+  }
+
+  /** Put ``u`` where the current order places it; false when that is not on this page. */
+  _place(u) {
+    const shown = this.items.includes(u);
+    const rest = this.items.filter((x) => x !== u);
+    let index = rest.findIndex((x) => this._compare(u, x) < 0);
+    if (index === -1) index = rest.length;
+    if (!shown && index === 0 && this.shownPage > 1) return false; // before this page
+    if (!shown && index === rest.length && this.hasMore) return false; // after this page
+    rest.splice(index, 0, u);
+    if (rest.length > PER_PAGE) this.hasMore = true;
+    this.items = rest.slice(0, PER_PAGE);
+    return this.items.includes(u);
+  }
+
+  /** A `usage` event: the daily usage of users whose commands were admitted. */
+  applyUsage(data) {
+    if (!this.commandTypes.length) return; // not loaded yet: opening the tab loads it
+    let changed = false;
+    for (const row of data.users) {
+      let u = this._find(row.username);
+      if (!u) {
+        if (this.q && !row.username.toLowerCase().startsWith(this.q.toLowerCase())) continue;
+        u = { user_id: row.user_id, username: row.username, usage: {}, violations_today: 0, created_at: null };
+        for (const c of this.commandTypes) {
+          u.usage[c] = { used: 0, limit: this._defaultLimit(c), percent: null, overridden: false };
+        }
+        u.isNew = true;
+      }
+      const usage = u.usage[row.command_type] || (u.usage[row.command_type] = { overridden: false });
+      // Usage only grows (a reset comes as quota_change): a lower count is older than the
+      // rows loaded over REST meanwhile.
+      if (typeof usage.used === "number" && row.used < usage.used) continue;
+      usage.used = row.used;
+      usage.limit = row.limit;
+      this._recompute(u);
+      if (u.isNew) {
+        delete u.isNew;
+        if (!this._place(u)) continue;
+      } else if (this.sort === "utilization") {
+        this._place(u);
+      }
+      changed = true;
+    }
+    if (data.truncated) this.refreshSoon(); // the server had more changes than one event holds
+    if (changed) this._draw();
+  }
+
+  /** A `quota_change` event: a limit edit, an override removed, or a usage reset. */
+  applyQuotaChange(msg) {
+    if (typeof msg.seq === "number" && msg.seq <= this.seq) return; // already in the rows
+    const data = msg.data;
+    const c = data.command_type;
+    const daily = data.effective ? data.effective.daily : undefined;
+    const touched = [];
+    if (data.action === "limits_updated" && data.limits && "daily" in data.limits) {
+      const targets = data.scope === "global"
+        ? this.items.filter((u) => u.usage[c] && !u.usage[c].overridden)
+        : [this._find(data.username)].filter(Boolean);
+      for (const u of targets) {
+        u.usage[c].limit = daily;
+        if (data.scope === "user") u.usage[c].overridden = true;
+        touched.push(u);
+      }
+    } else if (data.action === "override_removed") {
+      const u = this._find(data.username);
+      if (u && u.usage[c] && (!data.periods || data.periods.includes("daily"))) {
+        u.usage[c].limit = daily;
+        u.usage[c].overridden = false;
+        touched.push(u);
+      }
+    } else if (data.action === "usage_reset") {
+      const u = this._find(data.username);
+      if (u) {
+        for (const [type, usage] of Object.entries(u.usage)) if (!c || type === c) usage.used = 0;
+        touched.push(u);
+      }
+    } else if (data.action !== "limits_updated") {
+      this.refreshSoon(); // a change this page cannot apply itself
+      return;
+    }
+    for (const u of touched) {
+      this._recompute(u);
+      if (this.sort === "utilization") this._place(u);
+    }
+    if (touched.length) this._draw();
+  }
+
+  /** A `violation` event: one more violation today for that user. */
+  applyViolation(msg) {
+    if (typeof msg.seq === "number" && msg.seq <= this.seq) return; // already counted
+    const u = this._find(msg.data.username);
+    if (!u) return;
+    u.violations_today += 1;
+    this._draw();
   }
 
   _row(u) {
@@ -106,7 +275,8 @@ export class UsersTable {
     ]));
     for (const c of this.commandTypes) {
       const usage = u.usage[c] || { used: 0, limit: null, percent: null, overridden: false };
-      const label = `${formatInt(usage.used)} / ${formatLimit(usage.limit)}`;
+        const limitText = usage.limit === undefined ? "–" : formatLimit(usage.limit);
+      const label = `${formatInt(usage.used)} / ${limitText}`;
       const cell = el("td", { class: "usage-cell", attrs: { "data-label": c, "data-type": c } }, [
         el("span", { class: "usage-text", text: label }),
         usage.overridden ? el("span", { class: "override-mark", text: "override", attrs: { title: "per-user limit" } }) : null,

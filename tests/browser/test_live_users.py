@@ -1,0 +1,66 @@
+"""The Users tab follows the stream: no polling, no re-query for usage or limit changes
+(issue 13, item 4)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from .support import WAIT
+
+pytestmark = pytest.mark.browser
+
+
+def test_the_users_tab_shows_new_usage_and_a_limit_change_from_the_stream_alone(
+    server, open_dashboard
+):
+    page = open_dashboard(server)
+    page.click("#tab-users")
+    with page.expect_response(lambda r: "/users?q=live-newbie" in r.url, timeout=WAIT):
+        page.fill("#users-search", "live-newbie")
+    page.wait_for_function(
+        "() => document.getElementById('users-summary').textContent === '0 users'"
+        " && document.querySelector('#users-body .empty-row') !== null",
+        timeout=WAIT,
+    )
+    requests: list[str] = []
+
+    def count(request: Any) -> None:
+        if "/api/admin/quotas/users" in request.url:
+            requests.append(request.url)
+
+    page.on("request", count)
+
+    # A user the page has never seen consumes: the row appears from the usage event.
+    assert server.consume("live-newbie", "shell", 3) == 200
+    row = "#users-body tr[data-username='live-newbie']"
+    cell = f"{row} td[data-type=shell] .usage-text"
+    page.wait_for_function(
+        "sel => document.querySelector(sel)?.textContent === '3 / 500'", arg=cell, timeout=WAIT
+    )
+    assert server.consume("live-newbie", "shell", 2) == 200
+    page.wait_for_function(
+        "sel => document.querySelector(sel)?.textContent === '5 / 500'", arg=cell, timeout=WAIT
+    )
+
+    # An admin lowers the user's daily limit elsewhere: the quota_change event updates the
+    # limit, the utilisation and the risk in place.
+    server.set_user_limit("live-newbie", 6)
+    page.wait_for_function(
+        "sel => document.querySelector(sel)?.textContent === '5 / 6'", arg=cell, timeout=WAIT
+    )
+    assert page.locator(f"{row} td[data-type=shell] .override-mark").count() == 1
+    assert page.inner_text(f"{row} .risk") == "elevated"  # 83.3 %
+
+    page.wait_for_timeout(1500)  # time for any poll or refresh that would be made
+    assert requests == [], requests
+    assert page.errors == []
+
+    # Asked for, the page reloads over REST and shows the same.
+    with page.expect_request(lambda r: "/api/admin/quotas/users" in r.url, timeout=WAIT):
+        page.click("#reload")
+    assert page.evaluate("window.quotaDashboard.reloads") == 1
+    page.wait_for_function(
+        "sel => document.querySelector(sel)?.textContent === '5 / 6'", arg=cell, timeout=WAIT
+    )
