@@ -158,6 +158,9 @@ class QuotaApp:
             for emitter in emitters:
                 self.scheduler.add(emitter, plugin)  # a clash stops start-up (PluginError)
         self.hooks.stats(self, self.scheduler.stats_claims, strict=True)
+        # Every type a plugin declared (hook or emitters): the welcome lists them, so a client
+        # (an EventSource needs a listener per named event) knows what may arrive.
+        self.hub.plugin_types = tuple(sorted(self.hooks.event_types))
         await self.scheduler.start(timeout=self.config["plugin_timeout"])
         cfg = self.config
         self._timers = [

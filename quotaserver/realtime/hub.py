@@ -108,6 +108,7 @@ class Hub:
         self.client_queue_bytes = client_queue_bytes
         self.replay_limit = replay_limit
         self.intervals = intervals or {}
+        self.plugin_types: tuple[str, ...] = ()  # event types plugins declared (welcome)
         self.clients: set[Client] = set()
         # Live connections per identity, kept with the set: a handshake checks its cap in
         # O(1) (counting the set made connecting N clients O(N^2)).
@@ -243,6 +244,7 @@ class Hub:
                 "seq": self.last_seq,
                 "intervals": self.intervals,
                 "types": sorted(client.types) if client.types is not None else None,
+                "plugin_types": self.plugin_types,
             },
         )
 

@@ -12,10 +12,18 @@ from .support import WAIT
 pytestmark = pytest.mark.browser
 
 
+@pytest.mark.parametrize("transport", ["websocket", "sse"])
 def test_the_users_tab_shows_new_usage_and_a_limit_change_from_the_stream_alone(
-    server, open_dashboard
+    server, open_dashboard, transport
 ):
-    page = open_dashboard(server)
+    # Over SSE the usage event (a type the analytics plugin declares) arrives only because
+    # the page listens to the plugin types the welcome lists.
+    page = open_dashboard(server, block_websocket=transport == "sse")
+    expected = "via SSE" if transport == "sse" else "via WebSocket"
+    page.wait_for_function(
+        "text => document.getElementById('conn-transport').textContent === text",
+        arg=expected, timeout=WAIT,
+    )  # fmt: skip
     page.click("#tab-users")
     with page.expect_response(lambda r: "/users?q=live-newbie" in r.url, timeout=WAIT):
         page.fill("#users-search", "live-newbie")

@@ -141,9 +141,19 @@ export class LiveStream {
         this._lost(msg.data && msg.data.code);
         return;
       }
+      if (msg.type === "welcome") {
+        // An EventSource hears only the named events it listens to: add the plugins' types.
+        for (const type of msg.data.plugin_types || []) {
+          if (!listening.has(type)) {
+            listening.add(type);
+            es.addEventListener(type, handle);
+          }
+        }
+      }
       this._receive(entry, msg);
     };
-    for (const type of SSE_TYPES) es.addEventListener(type, handle);
+    const listening = new Set(SSE_TYPES);
+    for (const type of listening) es.addEventListener(type, handle);
     es.onmessage = handle;
     es.addEventListener("error", (event) => {
       if (this.current !== entry) return;
