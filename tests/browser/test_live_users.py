@@ -24,9 +24,10 @@ def test_the_users_tab_shows_new_usage_and_a_limit_change_from_the_stream_alone(
         "text => document.getElementById('conn-transport').textContent === text",
         arg=expected, timeout=WAIT,
     )  # fmt: skip
+    name = f"live-newbie-{transport}"  # the module shares one server
     page.click("#tab-users")
-    with page.expect_response(lambda r: "/users?q=live-newbie" in r.url, timeout=WAIT):
-        page.fill("#users-search", "live-newbie")
+    with page.expect_response(lambda r: f"/users?q={name}" in r.url, timeout=WAIT):
+        page.fill("#users-search", name)
     page.wait_for_function(
         "() => document.getElementById('users-summary').textContent === '0 users'"
         " && document.querySelector('#users-body .empty-row') !== null",
@@ -41,20 +42,20 @@ def test_the_users_tab_shows_new_usage_and_a_limit_change_from_the_stream_alone(
     page.on("request", count)
 
     # A user the page has never seen consumes: the row appears from the usage event.
-    assert server.consume("live-newbie", "shell", 3) == 200
-    row = "#users-body tr[data-username='live-newbie']"
+    assert server.consume(name, "shell", 3) == 200
+    row = f"#users-body tr[data-username='{name}']"
     cell = f"{row} td[data-type=shell] .usage-text"
     page.wait_for_function(
         "sel => document.querySelector(sel)?.textContent === '3 / 500'", arg=cell, timeout=WAIT
     )
-    assert server.consume("live-newbie", "shell", 2) == 200
+    assert server.consume(name, "shell", 2) == 200
     page.wait_for_function(
         "sel => document.querySelector(sel)?.textContent === '5 / 500'", arg=cell, timeout=WAIT
     )
 
     # An admin lowers the user's daily limit elsewhere: the quota_change event updates the
     # limit, the utilisation and the risk in place.
-    server.set_user_limit("live-newbie", 6)
+    server.set_user_limit(name, 6)
     page.wait_for_function(
         "sel => document.querySelector(sel)?.textContent === '5 / 6'", arg=cell, timeout=WAIT
     )
@@ -72,3 +73,36 @@ def test_the_users_tab_shows_new_usage_and_a_limit_change_from_the_stream_alone(
     page.wait_for_function(
         "sel => document.querySelector(sel)?.textContent === '5 / 6'", arg=cell, timeout=WAIT
     )
+
+
+def test_an_event_newer_than_a_slow_users_answer_is_applied_to_its_rows(server, open_dashboard):
+    """The Users tab asks for a page; a limit change commits after the server read that page
+    but before the answer reaches the browser. The event was applied to the rows the answer
+    replaces, so the page applies it again to the answer's rows (they predate it)."""
+    assert server.consume("slow-sam", "shell", 2) == 200
+    page = open_dashboard(server)
+    page.click("#tab-users")
+    page.wait_for_selector("#users-body tr", timeout=WAIT)
+    held: list[tuple[Any, Any]] = []
+
+    def hold(route: Any) -> None:
+        held.append((route, route.fetch()))  # the server's answer, read now, delivered later
+
+    page.route("**/api/admin/quotas/users?q=slow-sam*", hold)
+    page.fill("#users-search", "slow-sam")
+    for _ in range(200):
+        if held:
+            break
+        page.wait_for_timeout(50)
+    assert held, "the search was never sent"
+    server.set_user_limit("slow-sam", 4)  # after the snapshot, before the answer arrives
+    page.wait_for_timeout(500)  # the quota_change event reaches the page first
+    route, answer = held[0]
+    assert answer.json()["items"][0]["usage"]["shell"]["limit"] == 500  # read before it
+    route.fulfill(response=answer)
+    cell = "#users-body tr[data-username='slow-sam'] td[data-type=shell] .usage-text"
+    page.wait_for_function(
+        "sel => document.querySelector(sel)?.textContent === '2 / 4'", arg=cell, timeout=WAIT
+    )
+    page.unroute("**/api/admin/quotas/users?q=slow-sam*")
+    assert page.errors == []

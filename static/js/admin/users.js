@@ -17,6 +17,8 @@ const RISK_TITLE = {
   critical: "at or above 95% of a daily limit",
 };
 const PER_PAGE = 25;
+// Durable events kept to re-apply over a REST answer read before them (see render).
+const RECENT_EVENTS = 500;
 const RISKS = [["critical", 95], ["high", 90], ["elevated", 80]];
 
 /** Percent of limit used, as the server computes it (null: unlimited; 0 limit: 100). */
@@ -68,6 +70,7 @@ export class UsersTable {
     this.items = [];
     this.hasMore = false;
     this.seq = 0;
+    this.recent = []; // [apply, msg] of the last durable events, oldest first
     const search = byId("users-search");
     const searchLater = debounce(() => {
       this.q = search.value.trim();
@@ -115,7 +118,16 @@ export class UsersTable {
     this.hasMore = Boolean(response.next_cursor);
     this.total = response.total;
     this.shownPage = response.page;
+    // Events that arrived while the request was out but are newer than its snapshot were
+    // applied to the rows it replaces: apply them again to these.
+    for (const [apply, msg] of this.recent) if (msg.seq > this.seq) apply.call(this, msg);
     this._draw();
+  }
+
+  _remember(apply, msg) {
+    if (typeof msg.seq !== "number") return;
+    this.recent.push([apply, msg]);
+    if (this.recent.length > RECENT_EVENTS) this.recent.shift();
   }
 
   _draw() {
@@ -221,6 +233,11 @@ export class UsersTable {
 
   /** A `quota_change` event: a limit edit, an override removed, or a usage reset. */
   applyQuotaChange(msg) {
+    this._remember(this._quotaChange, msg);
+    this._quotaChange(msg);
+  }
+
+  _quotaChange(msg) {
     if (typeof msg.seq === "number" && msg.seq <= this.seq) return; // already in the rows
     const data = msg.data;
     const c = data.command_type;
@@ -261,6 +278,11 @@ export class UsersTable {
 
   /** A `violation` event: one more violation today for that user. */
   applyViolation(msg) {
+    this._remember(this._violation, msg);
+    this._violation(msg);
+  }
+
+  _violation(msg) {
     if (typeof msg.seq === "number" && msg.seq <= this.seq) return; // already counted
     const u = this._find(msg.data.username);
     if (!u) return;
