@@ -43,6 +43,10 @@ BUILTIN_PLUGINS = tuple(
     f"{BUILTIN_PACKAGE}.{name}" for name in ("system_metrics", "quota_analytics", "alert_engine")
 )
 #: Event types only the core publishes: a plugin emitting one could forge a violation.
+# Built-in plugins that became part of the core: their settings blocks say where they went.
+RETIRED_PLUGINS = {
+    "load_history": "the load history is part of the core now (throttle); remove this block",
+}
 RESERVED_TYPES = DURABLE_TYPES | CONTROL_TYPES | CLIENT_TYPES | {"stats", "subscribed"}
 SOURCES = ("built-in", "entry point", "file")
 
@@ -234,7 +238,8 @@ def get_plugin_manager(config: Config | None = None) -> PluginManager:
         source = f" (in {config.source})" if config.source else ""
         for name in config.plugins:
             if name not in names:
-                raise ConfigError(f"plugins.{name}: no such plugin{source}")
+                retired = f": {RETIRED_PLUGINS[name]}" if name in RETIRED_PLUGINS else ""
+                raise ConfigError(f"plugins.{name}: no such plugin{retired}{source}")
         for impl in reversed(pm.hook.validate_config.get_hookimpls()):
             try:
                 errors = impl.function(config=config) or []

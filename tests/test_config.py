@@ -82,6 +82,7 @@ def test_environment_and_flags_override_yaml(tmp_path):
         ("- just\n- a list\n", {}, "top level must be a mapping"),
         ("server:\n  port: [unclosed\n", {}, "invalid YAML at line"),
         ("plugins:\n  no_such_plugin: {}\n", {}, "plugins.no_such_plugin: no such plugin"),
+        ("plugins:\n  load_history: {}\n", {}, "load history is part of the core now"),
         ("plugins:\n  alert_engine: {enabled: maybe}\n", {}, "plugins.alert_engine.enabled"),
         ("plugins:\n  alert_engine:\n    rules: {bogus: {}}\n", {}, "unknown rule 'bogus'"),
         (
