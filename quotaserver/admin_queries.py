@@ -38,6 +38,7 @@ from .models import (
     naive_utc,
 )
 from .ranking import BadCursor, decode_cursor, encode_cursor
+from .read_gate import gate_of
 from .standings import utilization
 from .users_page import FastRanking
 from .windows import isoformat
@@ -109,8 +110,9 @@ class AdminQueries:
         self.store = app.store
 
     async def _read(self, fn: Any, *args: Any) -> Any:
-        # One snapshot for the rows and the seq, on a reader (never the writer's queue).
-        return await self.store.read(fn, *args)
+        # One snapshot for the rows and the seq, on a reader (never the writer's queue),
+        # one admin read at a time with a rest after it (quotaserver.read_gate).
+        return await gate_of(self.app).run(lambda: self.store.read(fn, *args))
 
     # -- users -------------------------------------------------------------------------
     async def users(
