@@ -23,6 +23,7 @@ from peewee import JOIN, Tuple, fn
 
 from .alerts import alert_json
 from .audit import audit_json
+from .db import DatabaseUnavailable
 from .events import last_seq
 from .limits import Rules
 from .models import (
@@ -38,7 +39,7 @@ from .models import (
     naive_utc,
 )
 from .ranking import BadCursor, decode_cursor, encode_cursor
-from .read_gate import gate_of
+from .read_gate import GateTimeout, gate_of
 from .standings import utilization
 from .users_page import FastRanking
 from .windows import isoformat
@@ -112,7 +113,13 @@ class AdminQueries:
     async def _read(self, fn: Any, *args: Any) -> Any:
         # One snapshot for the rows and the seq, on a reader (never the writer's queue),
         # one admin read at a time with a rest after it (quotaserver.read_gate).
-        return await gate_of(self.app).run(lambda: self.store.read(fn, *args))
+        try:
+            return await gate_of(self.app).run(
+                lambda: self.store.read(fn, *args), wait=self.store.call_timeout
+            )
+        except GateTimeout:
+            # Queued behind an admin read that did not finish: answer 503, do not pile up.
+            raise DatabaseUnavailable("an earlier admin read did not finish; retry") from None
 
     # -- users -------------------------------------------------------------------------
     async def users(

@@ -7,8 +7,8 @@ reader thread at once and saturate the process: consume p99 grew 3.5x (docs/benc
 ``t``, keeps the next one waiting another ``rest x t``: admin reads use at most
 ``1 / (1 + rest)`` of one thread however many admins page, and a lone read is never
 delayed (only the one after it waits; a failed read rests none, and no rest exceeds
-``MAX_REST``). Reads for the stream (replay, history) and the
-consume path do not pass through it.
+``MAX_REST``). Reads for the stream (replay, history) and the consume path do not pass
+through it.
 """
 
 from __future__ import annotations
@@ -26,13 +26,23 @@ REST = 1.0  # after a read of t seconds, the next one starts t x REST later
 MAX_REST = 0.05  # seconds: a slow read (or a failing database) never parks the admin pages
 
 
+class GateTimeout(Exception):
+    """A read's turn did not come in time (a read ahead of it hangs)."""
+
+
 class ReadGate:
     def __init__(self, concurrent: int = CONCURRENT, rest: float = REST):
         self.rest = rest
         self._slots = asyncio.Semaphore(concurrent)
 
-    async def run(self, read: Callable[[], Awaitable[T]]) -> T:
-        await self._slots.acquire()
+    async def run(self, read: Callable[[], Awaitable[T]], wait: float | None = None) -> T:
+        """``read()`` when its turn comes; :class:`GateTimeout` if it has not come within
+        ``wait`` seconds (a read ahead of it hangs: the caller answers instead of queueing)."""
+        try:
+            async with asyncio.timeout(wait):
+                await self._slots.acquire()
+        except TimeoutError:
+            raise GateTimeout(f"no turn within {wait:g} s") from None
         started = time.perf_counter()
         try:
             result = await read()

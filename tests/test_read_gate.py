@@ -10,7 +10,7 @@ import pytest
 from clients import call, consume
 
 from quotaserver.admin_queries import AdminQueries
-from quotaserver.read_gate import ReadGate
+from quotaserver.read_gate import GateTimeout, ReadGate
 
 API = "/api/admin/quotas"
 
@@ -64,3 +64,24 @@ async def test_a_failed_read_frees_the_gate_and_the_next_read_runs():
     assert await gate.run(works) == "ok"
     results = await asyncio.gather(gate.run(works), gate.run(works))
     assert results == ["ok", "ok"] and order == ["fails", "works", "works", "works"]
+
+
+@pytest.mark.gen_test
+async def test_a_read_queued_behind_a_hung_one_gives_up_instead_of_piling_up():
+    gate = ReadGate()
+    release = asyncio.Event()
+
+    async def hangs() -> str:
+        await release.wait()
+        return "late"
+
+    async def quick() -> str:
+        return "ok"
+
+    first = asyncio.ensure_future(gate.run(hangs))
+    await asyncio.sleep(0)  # the hung read holds the turn
+    with pytest.raises(GateTimeout):
+        await gate.run(quick, wait=0.05)
+    release.set()
+    assert await first == "late"
+    assert await gate.run(quick, wait=5) == "ok"  # the turn comes back after the rest
