@@ -21,7 +21,7 @@ import json
 from typing import Any
 from weakref import WeakKeyDictionary
 
-from peewee import SQL, Database, PostgresqlDatabase, Tuple, Value, fn
+from peewee import SQL, Cast, Database, PostgresqlDatabase, Tuple, Value, fn
 
 from .models import DailyPeak, User
 
@@ -172,7 +172,10 @@ class UserRanking:
             )
             if after is not None:
                 active = active.where(
-                    Tuple(DailyPeak.rank, DailyPeak.username) > (after["r"], after["n"])
+                    # As the column's type (4-byte REAL on PostgreSQL): else the row
+                    # of the cursor compares above its own rank and repeats.
+                    Tuple(DailyPeak.rank, DailyPeak.username)
+                    > Tuple(Cast(Value(after["r"]), "REAL"), after["n"])
                 )
             rows = list(active.offset(skip).limit(want).tuples())
             if skip and not rows:  # the offset lies beyond the active users

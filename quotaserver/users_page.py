@@ -62,7 +62,9 @@ def _dialect(param: str, collate: bool) -> dict[str, str]:
             'AND ("t1"."day" + 0) = ?'
         ),
         "by_day": '"t1"."day" = ?',
-        "after_rank": '("t1"."rank", "t1"."username") > (?, ?)',
+        # The cursor's rank as the column's type: PostgreSQL keeps ranks as 4-byte REAL,
+        # and -76.7 as a double is below the stored -76.69999..., so the row would repeat.
+        "after_rank": '("t1"."rank", "t1"."username") > (CAST(? AS REAL), ?)',
         "rank_order": ' ORDER BY "t1"."rank", "t1"."username"',
         "usage": (
             'SELECT "user_id", "command_type", "used" FROM '

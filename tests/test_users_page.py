@@ -10,6 +10,7 @@ import pytest
 from clients import call, consume
 from conftest import FakeClock
 from peewee import fn
+from test_postgres import INITDB, pg_app, pg_url  # noqa: F401, F811  (fixtures)
 
 from quotaserver import ranking
 from quotaserver.admin_queries import AdminQueries, PageRequest
@@ -60,7 +61,16 @@ def orm_page(
 
 @pytest.mark.gen_test(timeout=180)
 async def test_the_sql_users_page_equals_the_orm_page_on_a_mixed_dataset(app_factory, monkeypatch):
-    app = await app_factory(clock=FakeClock())
+    await compare_pages(await app_factory(clock=FakeClock()), monkeypatch)
+
+
+@pytest.mark.skipif(INITDB is None, reason="PostgreSQL server binaries not installed")
+@pytest.mark.gen_test(timeout=60)
+async def test_the_sql_users_page_equals_the_orm_page_on_postgresql(pg_app, monkeypatch):  # noqa: F811
+    await compare_pages(await pg_app(clock=FakeClock()), monkeypatch)
+
+
+async def compare_pages(app: Any, monkeypatch: Any) -> None:
     rng = random.Random(11)
     await app.rules.set_global_limits("shell", {"daily": 30}, actor="t")
     await app.rules.set_global_limits("test", {"daily": None}, actor="t")  # unlimited
