@@ -23,6 +23,7 @@ from peewee import JOIN, Tuple, fn
 
 from .alerts import alert_json
 from .audit import audit_json
+from .db import DatabaseUnavailable
 from .events import last_seq
 from .limits import Rules
 from .models import (
@@ -37,8 +38,10 @@ from .models import (
     aware,
     naive_utc,
 )
-from .ranking import BadCursor, UserRanking, decode_cursor, encode_cursor
-from .standings import daily_of, utilization
+from .ranking import BadCursor, decode_cursor, encode_cursor
+from .read_gate import GateTimeout, gate_of
+from .standings import utilization
+from .users_page import FastRanking
 from .windows import isoformat
 
 if TYPE_CHECKING:
@@ -108,8 +111,15 @@ class AdminQueries:
         self.store = app.store
 
     async def _read(self, fn: Any, *args: Any) -> Any:
-        # One snapshot for the rows and the seq, on a reader (never the writer's queue).
-        return await self.store.read(fn, *args)
+        # One snapshot for the rows and the seq, on a reader (never the writer's queue),
+        # one admin read at a time with a rest after it (quotaserver.read_gate).
+        try:
+            return await gate_of(self.app).run(
+                lambda: self.store.read(fn, *args), wait=self.store.call_timeout
+            )
+        except GateTimeout:
+            # Queued behind an admin read that did not finish: answer 503, do not pile up.
+            raise DatabaseUnavailable("an earlier admin read did not finish; retry") from None
 
     # -- users -------------------------------------------------------------------------
     async def users(
@@ -132,16 +142,7 @@ class AdminQueries:
     def _today(self) -> Any:
         return self.quota.calendar.window("daily", self.quota.clock())
 
-    def _daily_usage(self, user_ids: list[int], day_key: int) -> dict[int, dict]:
-        query = Usage.select(Usage.user, Usage.command_type, Usage.used).where(
-            daily_of(user_ids, day_key)
-        )
-        used: dict[int, dict[str, int]] = {}
-        for row in query:
-            used.setdefault(row.user_id, {})[row.command_type] = row.used
-        return used
-
-    def _user_json(self, user: User, used: dict[str, int], rules: Rules, violations: int) -> dict:
+    def _user_json(self, user: Any, used: dict[str, int], rules: Rules, violations: int) -> dict:
         usage = {}
         percents = []
         for command_type in self.quota.command_types:
@@ -180,20 +181,22 @@ class AdminQueries:
     def _users_sync(
         self, search: str, sort: str, page: PageRequest, cursor: str | None
     ) -> dict[str, Any]:
+        # Plain SQL and tuples (see quotaserver.users_page): the ORM's Python work per page
+        # held the GIL long enough to slow consumes while admins paged.
         today = self._today()
-        ranking = UserRanking(self.store.db, search, today.key)
+        ranking = FastRanking(self.store.db, search, today.key)
         after = decode_cursor(cursor) if cursor else None
         if sort == "utilization":
             users, last = ranking.by_utilization(page, after)
         else:
             users, last = ranking.by_name(page, after)
         ids = [u.id for u in users]
-        rules = Rules(ids)
-        used = self._daily_usage(ids, today.key)
-        violations = self._violations_today(ids, today.start)
+        rules = ranking.rules(ids)
+        used = ranking.daily_usage(ids)
+        violations = ranking.violations_today(ids, today.start)
         items = [self._user_json(u, used.get(u.id, {}), rules, violations.get(u.id, 0))
                  for u in users]  # fmt: skip
-        result = page.result(items, ranking.total(), last_seq())
+        result = page.result(items, ranking.total(), ranking.seq())
         result["next_cursor"] = encode_cursor(last) if last is not None else None
         return result
 

@@ -75,6 +75,20 @@ class Rules:
                 target = self.overrides.setdefault(row.user_id, {})
             target.setdefault(row.command_type, {})[row.period] = row.limit
 
+    @classmethod
+    def from_rows(cls, rows: Iterable[tuple[str, int | None, str, str, int | None]]) -> Rules:
+        """Rules from ``(scope, user_id, command_type, period, limit)`` rows read elsewhere
+        (the users page reads them as plain tuples)."""
+        rules = cls.__new__(cls)
+        rules.defaults, rules.overrides = {}, {}
+        for scope, user_id, command_type, period, limit in rows:
+            if scope == GLOBAL_SCOPE:
+                target = rules.defaults
+            else:
+                target = rules.overrides.setdefault(user_id, {})
+            target.setdefault(command_type, {})[period] = limit
+        return rules
+
     def limit(self, user_id: int, command_type: str, period: str) -> int | None:
         own = self.overrides.get(user_id, {}).get(command_type, {})
         return pick(own, self.defaults.get(command_type, {}), period)

@@ -21,7 +21,7 @@ import json
 from typing import Any
 from weakref import WeakKeyDictionary
 
-from peewee import SQL, Database, PostgresqlDatabase, Tuple, Value, fn
+from peewee import SQL, Cast, Database, PostgresqlDatabase, Tuple, Value, fn
 
 from .models import DailyPeak, User
 
@@ -42,15 +42,20 @@ def _all_users(db: Database) -> int:
     (its ids may commit out of order).
     """
     base = _counted.get(db)
-    # A snapshot older than the remembered count's (another reader's) counts in full.
-    if base is not None and (User.select(fn.MAX(User.id)).scalar() or 0) >= base[0]:
+    table = f'"{User._meta.table_name}"'
+    # Plain statements (no ORM query to compose and render): every users page runs these.
+    if base is not None and (_scalar(db, f'SELECT MAX("id") FROM {table}') or 0) >= base[0]:
         top, count = base
-        newer = User.select().where(User.id > top).count()
+        newer = _scalar(db, f'SELECT COUNT(*) FROM {table} WHERE "id" > {db.param}', top)
         if newer <= REBASE_AFTER:
             return count + newer
-    top, count = User.select(fn.MAX(User.id), fn.COUNT(User.id)).tuples().first()
+    top, count = db.execute_sql(f'SELECT MAX("id"), COUNT("id") FROM {table}').fetchone()
     _counted[db] = (top or 0, count)
     return count
+
+
+def _scalar(db: Database, sql: str, *params: Any) -> Any:
+    return db.execute_sql(sql, params).fetchone()[0]
 
 
 class BadCursor(ValueError):
@@ -167,7 +172,10 @@ class UserRanking:
             )
             if after is not None:
                 active = active.where(
-                    Tuple(DailyPeak.rank, DailyPeak.username) > (after["r"], after["n"])
+                    # As the column's type (4-byte REAL on PostgreSQL): else the row
+                    # of the cursor compares above its own rank and repeats.
+                    Tuple(DailyPeak.rank, DailyPeak.username)
+                    > Tuple(Cast(Value(after["r"]), "REAL"), after["n"])
                 )
             rows = list(active.offset(skip).limit(want).tuples())
             if skip and not rows:  # the offset lies beyond the active users
