@@ -19,44 +19,21 @@ import time
 import psutil
 import pytest
 from clients import ADMIN, consume, ws_connect
+from services import Server, start_server
 from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest
 
 from quotaserver.realtime.messages import CLOSE_RESTART, CLOSE_SLOW_CONSUMER
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-async def start_process(cwd, port: int, **settings: str):
+async def start_process(cwd, **settings: str) -> Server:
     """run.py in ``cwd``: its own SQLite file (synchronous=full, the default)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("QUOTASERVER_")}
-    env.update(
-        {
-            "QUOTASERVER_ADMIN_TOKEN": ADMIN,
-            "QUOTASERVER_THROTTLE_SOURCE": "off",
-            "QUOTASERVER_SERVER_LOG_LEVEL": "warning",
-            **settings,
-        }
-    )
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, os.path.join(ROOT, "run.py"), "--port", str(port),
-        cwd=str(cwd), env=env,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
-    )  # fmt: skip
-    out = []
-    while True:
-        line = (await asyncio.wait_for(proc.stdout.readline(), 30)).decode()
-        assert line, "".join(out)
-        out.append(line)
-        if "listening on" in line:
-            break
-    proc.url = f"http://127.0.0.1:{port}"
-    return proc
+    env = {
+        "QUOTASERVER_ADMIN_TOKEN": ADMIN,
+        "QUOTASERVER_THROTTLE_SOURCE": "off",
+        "QUOTASERVER_SERVER_LOG_LEVEL": "warning",
+        **settings,
+    }
+    return await start_server(str(cwd), {}, env=env)
 
 
 async def until(condition, what: str, timeout: float = 30.0) -> None:
@@ -74,8 +51,7 @@ def report(row: str, **figures) -> None:
 # -- kill -9 during a burst of consumes ----------------------------------------------------
 @pytest.mark.gen_test(timeout=120)
 async def test_kill_9_during_a_burst_loses_nothing_acknowledged(tmp_path):
-    port = free_port()
-    proc = await start_process(tmp_path, port)
+    proc = await start_process(tmp_path)
     workers, acked, sent = 8, {}, {}
     http = AsyncHTTPClient()
 
@@ -113,7 +89,7 @@ async def test_kill_9_during_a_burst_loses_nothing_acknowledged(tmp_path):
                 "WHERE c.period = 'daily' GROUP BY u.username"
             ).fetchall()
         )
-    restarted = await start_process(tmp_path, free_port())
+    restarted = await start_process(tmp_path)
     try:
         lost_in_flight = 0
         for user in acked:
@@ -122,8 +98,7 @@ async def test_kill_9_during_a_burst_loses_nothing_acknowledged(tmp_path):
             assert resp.json["periods"]["daily"]["used"] == used.get(user, 0) + 1
             lost_in_flight += sent[user] - used.get(user, 0)
     finally:
-        restarted.terminate()
-        await restarted.wait()
+        await restarted.stop()
     report(
         "kill -9 during a burst",
         acknowledged=sum(acked.values()),
@@ -137,10 +112,8 @@ async def test_kill_9_during_a_burst_loses_nothing_acknowledged(tmp_path):
 # -- SIGTERM with hundreds of dashboards ---------------------------------------------------
 @pytest.mark.gen_test(timeout=180)
 async def test_sigterm_with_300_dashboards_closes_all_with_1012_within_the_budget(tmp_path):
-    port = free_port()
     proc = await start_process(
         tmp_path,
-        port,
         QUOTASERVER_AUTH_CONNECT_ATTEMPTS_PER_IP="100000",
         QUOTASERVER_SERVER_MAX_CONNECTIONS_PER_IP="100000",
         QUOTASERVER_AUTH_MAX_CONNECTIONS_PER_IDENTITY="100000",
