@@ -329,7 +329,9 @@ async def test_enabled_false_turns_off_a_builtin(app_factory):
 @pytest.mark.gen_test(timeout=30)
 async def test_third_party_entry_point_plugin_disk_usage(app_factory, tmp_path):
     pytest.importorskip("quotaserver_disk_usage", reason="install plugins/example_disk_usage")
-    app = await app_factory(plugins={"disk_usage": {"path": str(tmp_path), "interval": 0.1}})
+    # A long interval: the scheduler samples once at start, the test runs the next one (a
+    # short interval made run_once collide with a scheduled run still in progress).
+    app = await app_factory(plugins={"disk_usage": {"path": str(tmp_path), "interval": 3600}})
     listed = await call(app, "GET", "/api/plugins", token=VIEWER)
     disk = [p for p in listed.json["plugins"] if p["name"] == "disk_usage"]
     assert (
@@ -337,7 +339,9 @@ async def test_third_party_entry_point_plugin_disk_usage(app_factory, tmp_path):
         and disk[0]["version"] == "0.1.0"
         and disk[0]["hooks"] == ["register_emitters", "validate_config"]
     )
+    await wait_until(lambda: app.scheduler.sources["disk_usage"].runs == 1, "the first sample")
     value = await app.scheduler.run_once("disk_usage")
+    assert app.scheduler.sources["disk_usage"].runs == 2
     assert value["path"] == str(tmp_path) and 0 <= value["percent"] <= 100
     assert app.stats_snapshot()["disk"] == value
 
