@@ -6,7 +6,7 @@ from http.cookies import SimpleCookie
 from urllib.parse import quote
 
 import pytest
-from clients import ADMIN, SERVICE, VIEWER, call, consume, ws_connect
+from clients import ADMIN, SERVICE, VIEWER, call, consume, settle, ws_connect
 from conftest import FakeClock
 
 from quotaserver.models import QuotaRule
@@ -103,6 +103,8 @@ async def test_stats_are_the_snapshot_the_stream_sends(app_factory):
     app = await quiet_app(app_factory)
     await consume(app, "alice", "shell", 3)
     await consume(app, "bob", "code", 2)
+    # Active and high-utilisation users are recounted in the background after a decision.
+    await settle(app)
     resp = await call(app, "GET", f"{API}/stats", token=VIEWER)
     assert resp.code == 200
     stats = resp.json["stats"]
