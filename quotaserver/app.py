@@ -64,6 +64,10 @@ class QuotaApp:
     ):
         self.config = config
         self.clock = clock
+        # Plugins load first: one that cannot load stops start-up (exit 2) before the
+        # database file or directory is created.
+        self.pm = plugin_manager or get_plugin_manager(config)
+        self.hooks = Hooks(self.pm, timeout=config["plugin_timeout"])
         private_database_files(config["database.url"])
         self.store = Store.from_config(config)
         self.load = SystemLoad.from_config(config)
@@ -81,8 +85,6 @@ class QuotaApp:
             },
         )
         self.backplane = make_backplane(config["backplane.url"], config["backplane.channel"])
-        self.pm = plugin_manager or get_plugin_manager(config)
-        self.hooks = Hooks(self.pm, timeout=config["plugin_timeout"])
         # Plugin threads: a bounded pool per plugin, installed as the loop's default
         # executor at start so even asyncio.to_thread in a plugin cannot starve the others.
         self.threads = PluginThreads()

@@ -64,6 +64,7 @@ def test_a_plugin_file_that_fails_to_import_stops_with_exit_2(tmp_path, command)
         "failed to import: ModuleNotFoundError: No module named 'no_such_module_q8'"
     )
     assert "listening" not in out
+    assert not (tmp_path / "data").exists()  # stopped before creating the database
 
 
 @pytest.mark.parametrize("command", COMMANDS)
