@@ -26,6 +26,8 @@ class DashboardHandler(BaseHandler):
             actor=identity.name if identity else "anonymous",
             role=identity.role if identity else "admin",
             session=bool(identity and identity.session_id),
+            # The event types plugins declared: the page's plugin events feed loads them.
+            plugin_types=self.app.hub.plugin_types,
         )
 
 

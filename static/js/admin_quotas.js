@@ -10,6 +10,7 @@ import { get, request, setUnauthorizedHandler } from "./admin/api.js";
 import { byId, formatInt, formatPercent, setText } from "./admin/dom.js";
 import { AlertFeed, ViolationFeed } from "./admin/feeds.js";
 import { LiveCharts } from "./admin/live_charts.js";
+import { PluginPanel } from "./admin/plugin_panel.js";
 import { AuditPanel, RulesPanel } from "./admin/settings.js";
 import { LiveStream, describeStatus } from "./admin/stream.js";
 import { canWrite, reportError, showSignedOut, toast } from "./admin/ui.js";
@@ -22,6 +23,7 @@ const alerts = new AlertFeed();
 const charts = new LiveCharts();
 const rules = new RulesPanel();
 const audit = new AuditPanel();
+const plugins = new PluginPanel((document.body.dataset.pluginTypes || "").split(",").filter(Boolean));
 const limitsDialog = new LimitsDialog();
 const resetDialog = new ResetDialog();
 const users = new UsersTable({
@@ -62,6 +64,7 @@ function applyStats(data) {
     setText("stat-throttle-sub", `${load.throttle_active ? "ACTIVE" : "inactive"}${tail}`);
     byId("stat-throttle").closest(".card").classList.toggle("card-alert", load.throttle_active);
   }
+  plugins.figures(stats);
 }
 
 // -- the stream ------------------------------------------------------------------------
@@ -116,6 +119,7 @@ function onMessage(msg, info) {
         if (fresh) {
           violations.reset();
           alerts.reset();
+          plugins.reset();
         }
         reloadAll("the server could not replay everything missed");
       } else if (replay && replay.report && replay.count) {
@@ -124,6 +128,7 @@ function onMessage(msg, info) {
       replay = null;
       break;
     default:
+      if (plugins.shows(msg.type)) plugins.add(msg);
       break;
   }
 }
@@ -146,14 +151,17 @@ const stream = new LiveStream({
 
 // -- loading over REST -----------------------------------------------------------------
 async function loadFeeds() {
-  const [feed, alertList] = await Promise.all([
+  const pluginQuery = plugins.query();
+  const [feed, alertList, pluginFeed] = await Promise.all([
     get("/events", { types: "violation", limit: 100 }),
     alerts.reload(),
+    pluginQuery ? get("/events", pluginQuery) : null,
   ]);
   violations.load(feed);
-  // Resume from the older of the two snapshots: nothing in between can be missed, and
-  // what both already hold is recognised by its seq.
-  return Math.min(feed.seq, alertList.seq);
+  if (pluginFeed) plugins.load(pluginFeed);
+  // Resume from the oldest of the snapshots: nothing in between can be missed, and
+  // what they already hold is recognised by its seq.
+  return Math.min(feed.seq, alertList.seq, pluginFeed ? pluginFeed.seq : Infinity);
 }
 
 async function loadStats() {
@@ -232,6 +240,6 @@ async function main() {
 }
 
 // Exposed for tests and debugging: the stream's state, read-only use.
-window.quotaDashboard = { stream, violations, alerts, stats, users, reloads: 0 };
+window.quotaDashboard = { stream, violations, alerts, stats, users, plugins, reloads: 0 };
 
 main();

@@ -3,7 +3,9 @@
     .venv/bin/python tests/browser/capture_screenshots.py [--warmup SECONDS]
 
 Starts the real server with demo traffic on a fresh database, lets it run so the charts
-have data, then photographs the main views at 1280x800 and at phone width (390x844).
+have data, then photographs the main views at 1280x800 and at phone width (390x844); then
+a second server with a small third-party plugin (a stats field and an event type) for the
+plugin figures and the plugin events feed.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import os
 import sqlite3
 import sys
 import tempfile
+import textwrap
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -20,6 +23,25 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from support import ADMIN, API, CHROMIUM, CHROMIUM_ARGS, ROOT, WAIT, Server  # noqa: E402
 
 OUT = os.path.join(ROOT, "docs", "screenshots")
+# The plugin of docs/plugins.md's screenshot: a queue-depth figure and a queue_alarm event.
+QUEUE_PLUGIN = """
+from quotaserver import PeriodicEmitter, hookimpl
+
+@hookimpl
+def register_event_types():
+    return ["queue_alarm"]
+
+@hookimpl
+def register_emitters(app):
+    figures = {"depth": 7, "oldest_seconds": 3.5, "spool_bytes": 3 * 1024 * 1024}
+    return [PeriodicEmitter("queue", 1.0, lambda: figures, stats_field="queue")]
+
+@hookimpl
+async def on_violation(app, violation):
+    await app.publish_event(
+        "queue_alarm", {"message": f"job queue for {violation['username']} above 5 (7 waiting)"}
+    )
+"""
 DESKTOP = {"width": 1280, "height": 800}
 PHONE = {"width": 390, "height": 844}
 
@@ -47,6 +69,7 @@ def main() -> int:
                 browser.close()
         finally:
             server.stop()
+        plugin_view(tmp)
     print(f"screenshots in {OUT}")
     return 0
 
@@ -81,6 +104,32 @@ def shoot(browser, server: Server, viewport: dict, label: str) -> None:
     context.close()
 
 
+def plugin_view(tmp: str) -> None:
+    """The Live tab of a server with a third-party plugin: its card and its events."""
+    from playwright.sync_api import sync_playwright
+
+    directory = os.path.join(tmp, "with-plugin")
+    os.makedirs(os.path.join(directory, "plugins"))
+    with open(os.path.join(directory, "plugins", "queue.py"), "w", encoding="utf-8") as fh:
+        fh.write(textwrap.dedent(QUEUE_PLUGIN))
+    server = Server(directory, demo=True, plugins_dir=os.path.join(directory, "plugins"))
+    server.start()
+    try:
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+            context = browser.new_context(viewport=DESKTOP, device_scale_factor=1)
+            page = context.new_page()
+            page.goto(f"{server.url}/login")
+            page.fill("#token", ADMIN)
+            page.click("button[type=submit]")
+            page.wait_for_selector("#plugin-events-feed li", timeout=60_000)
+            time.sleep(3)
+            save(page, "plugins-desktop", full_page=True)  # the cards and the feed
+            browser.close()
+    finally:
+        server.stop()
+
+
 def database_unavailable(page, server: Server) -> None:
     """Another process holds SQLite's write lock: the banner the dashboard shows, then gone."""
     holder = sqlite3.connect(server.db_path, isolation_level=None, timeout=0)
@@ -94,9 +143,9 @@ def database_unavailable(page, server: Server) -> None:
     page.wait_for_selector("#db-banner", state="hidden", timeout=WAIT)
 
 
-def save(page, name: str) -> None:
+def save(page, name: str, full_page: bool = False) -> None:
     path = os.path.join(OUT, f"{name}.png")
-    page.screenshot(path=path)
+    page.screenshot(path=path, full_page=full_page)
     print("  ", os.path.relpath(path, ROOT))
 
 

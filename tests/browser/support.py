@@ -76,9 +76,12 @@ class Server:
             },
             "plugins": {"system_metrics": {"interval": 1.0}},
         }
-        for key, value in settings.items():
+        for key, value in settings.items():  # section__name=value, or a top-level key
             section, _, name = key.partition("__")
-            config.setdefault(section, {})[name] = value
+            if name:
+                config.setdefault(section, {})[name] = value
+            else:
+                config[section] = value
         self.config_path = os.path.join(directory, "quotaserver.yaml")
         with open(self.config_path, "w", encoding="utf-8") as fh:
             yaml.safe_dump(config, fh)

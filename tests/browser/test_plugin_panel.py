@@ -1,0 +1,108 @@
+"""What a third-party plugin adds reaches the dashboard: its stats field as a figure card
+and its declared event types as a live feed (loaded over REST, then from the stream)."""
+
+from __future__ import annotations
+
+import textwrap
+from typing import Any
+
+import pytest
+
+from .support import WAIT, Server
+
+pytestmark = pytest.mark.browser
+
+QUEUE_PLUGIN = """
+from quotaserver import PeriodicEmitter, hookimpl
+
+
+@hookimpl
+def register_event_types():
+    return ["queue_alarm"]
+
+
+@hookimpl
+def register_emitters(app):
+    figures = {"depth": 7, "oldest_seconds": 3.5, "spool_bytes": 3 * 1024 * 1024}
+    return [PeriodicEmitter("queue", 0.2, lambda: figures, stats_field="queue")]
+
+
+@hookimpl
+async def on_violation(app, violation):
+    # Markup in plugin data must reach the page as text.
+    name = violation["username"]
+    await app.publish_event("queue_alarm", {"message": f"<b>{name}</b> queue backed up"})
+"""
+
+
+@pytest.fixture(scope="module")
+def plugin_server(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    directory = tmp_path_factory.mktemp("plugin-server")
+    plugins = directory / "plugins"
+    plugins.mkdir()
+    (plugins / "queue.py").write_text(textwrap.dedent(QUEUE_PLUGIN))
+    srv = Server(str(directory), plugins_dir=str(plugins))
+    srv.start()
+    yield srv
+    srv.stop()
+
+
+def violate(server: Server, user: str) -> None:
+    server.set_user_limit(user, 1)
+    assert server.consume(user, "shell", 2) == 429
+
+
+def feed_texts(page: Any) -> list[str]:
+    return page.eval_on_selector_all(
+        "#plugin-events-feed .plugin-event .p-text", "nodes => nodes.map(n => n.textContent)"
+    )
+
+
+@pytest.mark.parametrize("transport", ["websocket", "sse"])
+def test_plugin_figures_and_events_reach_the_dashboard(plugin_server, open_dashboard, transport):
+    before = f"before-{transport}"
+    violate(plugin_server, before)  # a durable plugin event before the page opens
+    page = open_dashboard(plugin_server, block_websocket=transport == "sse")
+    expected = "via SSE" if transport == "sse" else "via WebSocket"
+    page.wait_for_function(
+        "text => document.getElementById('conn-transport').textContent === text",
+        arg=expected, timeout=WAIT,
+    )  # fmt: skip
+
+    # The stats field becomes a card, its values formatted by their names.
+    card = "#plugin-figures .plugin-card[data-field=queue]"
+    page.wait_for_selector(card, timeout=WAIT)
+    assert page.inner_text(f"{card} dd[data-key=depth]") == "7"
+    assert page.inner_text(f"{card} dd[data-key=oldest_seconds]") == "3.5"
+    assert page.inner_text(f"{card} dd[data-key=spool_bytes]") == "3 MiB"
+    # The core figures keep their own cards; the example disk plugin (installed for the
+    # tests) is a plugin like any other.
+    fields = page.eval_on_selector_all(
+        "#plugin-figures .plugin-card", "nodes => nodes.map(n => n.dataset.field)"
+    )
+    assert "queue" in fields and "total_users" not in fields and "system_load" not in fields
+
+    # The event from before the page opened came with the first REST load.
+    assert page.is_visible("#plugin-events")
+    assert f"<b>{before}</b> queue backed up" in feed_texts(page)
+
+    # A new one arrives from the stream alone, newest first, as text.
+    after = f"after-{transport}"
+    violate(plugin_server, after)
+    page.wait_for_function(
+        "text => document.querySelector('#plugin-events-feed .p-text')?.textContent === text",
+        arg=f"<b>{after}</b> queue backed up", timeout=WAIT,
+    )  # fmt: skip
+    assert page.locator("#plugin-events-feed b").count() == 0
+    texts = feed_texts(page)
+    assert len(texts) == len(set(texts))  # each event once (REST and stream overlap)
+    assert page.inner_text("#plugin-events-count") == str(len(texts))
+    assert page.errors == []
+
+
+def test_without_plugin_event_types_the_feed_stays_hidden(server, open_dashboard):
+    # The shared server runs the built-in plugins only (their `usage` type is shown in the
+    # Users tab, not in this feed).
+    page = open_dashboard(server)
+    assert page.is_hidden("#plugin-events")
+    assert page.errors == []
