@@ -153,7 +153,7 @@ class QuotaApp:
         await self.auth.load(self.store, self.clock)
         await self.store.run(self.quota.seed_defaults)
         self.hub.last_seq = await self.store.run(last_seq)
-        await self.backplane.start(self._remote_event, self._resync)
+        await self.backplane.start(self._remote_event, self._resync, self._remote_live)
         await self.hooks.call_async("startup", app=self)
         self.scheduler.add(retention.emitter(self), "quotaserver")
         for plugin, emitters in self.hooks.call("register_emitters", app=self):
@@ -279,6 +279,7 @@ class QuotaApp:
         if not durable:
             message = Message(type, data, timestamp=self.clock())
             self.hub.publish(message)
+            self.backplane.publish_live(message)  # best effort: no seq, no backfill
             return message
 
         def work() -> Change[Message]:
@@ -290,6 +291,10 @@ class QuotaApp:
 
     def _remote_event(self, message: Message) -> None:
         """A durable event committed by another instance (plugins ran there)."""
+        self.hub.publish(message)
+
+    def _remote_live(self, message: Message) -> None:
+        """A live-only event another instance published (its clients have it already)."""
         self.hub.publish(message)
 
     def _resync(self) -> None:

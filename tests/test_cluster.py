@@ -139,6 +139,36 @@ async def test_a_violation_on_one_instance_reaches_ws_and_sse_clients_on_another
     assert health["backplane"]["received"] >= 1 and health["status"] == "ok"
 
 
+@pytest.mark.gen_test(timeout=120)
+async def test_a_live_only_event_reaches_every_instance_once(cluster):
+    """The analytics' `usage` events are live-only (no seq, never stored): they travel on the
+    backplane's live channel, and the sending instance does not deliver its own twice."""
+    a, b = await cluster(2)
+    ws_a, ws_b = await ws_connect(a, "types=usage"), await ws_connect(b, "types=usage")
+    for ws in (ws_a, ws_b):
+        await ws.recv_type("welcome")
+
+    def rows(message):
+        return [(r["username"], r["command_type"], r["used"]) for r in message["data"]["users"]]
+
+    assert (await consume(a, "livia", "shell", 3)).code == 200
+    on_b = await ws_b.recv_type("usage", timeout=15)
+    on_a = await ws_a.recv_type("usage", timeout=15)
+    assert rows(on_b) == rows(on_a) == [("livia", "shell", 3)]
+    assert "seq" not in on_b and on_b["timestamp"] == on_a["timestamp"]
+
+    # And the other way. Redis keeps one channel's order for a subscriber: an echo of A's
+    # own event would have reached A before B's.
+    assert (await consume(b, "bruno", "shell", 2)).code == 200
+    while True:
+        message = await ws_a.recv_type("usage", timeout=15)
+        if ("bruno", "shell", 2) in rows(message):
+            break
+    seen = [row for m in ws_a.messages if m["type"] == "usage" for row in rows(m)]
+    assert seen.count(("livia", "shell", 3)) == 1, seen
+    assert ("bruno", "shell", 2) in rows(await ws_b.recv_type("usage", timeout=15))
+
+
 @pytest.mark.gen_test(timeout=180)
 async def test_300_consumes_across_two_instances_admit_exactly_the_limit(cluster):
     a, b = await cluster(2)

@@ -6,6 +6,11 @@ every instance hands what arrives to its :class:`~.sequencer.Sequencer`, which d
 each seq once and in order, and backfills from the event log whatever Redis did not bring
 (a message lost while disconnected, or never published). So Redis is never on the
 consume path: publishing only queues, and an outage costs live latency, never events.
+
+Live-only events (``durable=False``: a plugin's ``usage`` updates, say) have no seq and no
+log to backfill from: they travel best effort on a second channel (``<channel>:live``),
+tagged with the sending process so it does not deliver its own twice, and are lost while
+Redis is unreachable, as they would be for a client that is not connected.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import json
 import logging
 import random
 import time
+import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
@@ -43,13 +49,19 @@ class Backplane(abc.ABC):
         self.dropped = 0
 
     @abc.abstractmethod
-    async def start(self, deliver: Deliver, resync: Resync) -> None:
-        """Begin delivering remote events to ``deliver``; call ``resync`` after each
-        (re)connection so the caller can backfill what it missed."""
+    async def start(
+        self, deliver: Deliver, resync: Resync, deliver_live: Deliver | None = None
+    ) -> None:
+        """Begin delivering remote events to ``deliver`` (live-only ones to
+        ``deliver_live``); call ``resync`` after each (re)connection so the caller can
+        backfill what it missed."""
 
     @abc.abstractmethod
     def publish(self, message: Message) -> None:
         """Queue a committed event for the other instances; never blocks, never raises."""
+
+    def publish_live(self, message: Message) -> None:  # noqa: B027 - nobody else to tell
+        """Queue a live-only event (no seq) for the other instances, best effort."""
 
     async def stop(self) -> None:  # noqa: B027 - optional: nothing to release by default
         """Stop delivering and release connections."""
@@ -81,7 +93,9 @@ class LocalBackplane(Backplane):
         super().__init__()
         self.connected = True
 
-    async def start(self, deliver: Deliver, resync: Resync) -> None:
+    async def start(
+        self, deliver: Deliver, resync: Resync, deliver_live: Deliver | None = None
+    ) -> None:
         return None
 
     def publish(self, message: Message) -> None:
@@ -95,6 +109,22 @@ def decode(raw: bytes | str) -> Message:
     if not isinstance(seq, int) or isinstance(seq, bool):
         raise ValueError("seq must be an integer")
     return Message(envelope["type"], envelope["data"], seq=seq, timestamp=envelope["timestamp"])
+
+
+def encode_live(origin: str, message: Message) -> str:
+    """A live-only message for the live channel: the sender and the client envelope."""
+    return f'{{"from":{json.dumps(origin)},"message":{message.text}}}'
+
+
+def decode_live(raw: bytes | str) -> tuple[str, Message]:
+    """``(sender, message)`` of :func:`encode_live`'s text; the message has no seq."""
+    outer = json.loads(raw)
+    origin, envelope = outer["from"], outer["message"]
+    if not isinstance(origin, str) or "seq" in envelope:
+        raise ValueError("not a live-only message")
+    if not isinstance(envelope["type"], str) or not isinstance(envelope["data"], dict):
+        raise ValueError("malformed envelope")
+    return origin, Message(envelope["type"], envelope["data"], timestamp=envelope["timestamp"])
 
 
 def _lag(message: Message) -> float | None:
@@ -117,10 +147,13 @@ class RedisBackplane(Backplane):
         super().__init__()
         self.url = url
         self.channel = channel
+        self.live_channel = f"{channel}:live"
+        self.origin = uuid.uuid4().hex  # this process, on the live channel
         self.max_backoff = max_backoff
-        self._queue: asyncio.Queue[str] = asyncio.Queue(self.max_queue)
+        self._queue: asyncio.Queue[tuple[str, str]] = asyncio.Queue(self.max_queue)
         self._tasks: list[asyncio.Task] = []
         self._deliver: Deliver | None = None
+        self._deliver_live: Deliver | None = None
         self._resync: Resync | None = None
 
     def _client(self) -> Any:
@@ -131,16 +164,24 @@ class RedisBackplane(Backplane):
             self.url, socket_connect_timeout=2, socket_timeout=5, health_check_interval=5
         )
 
-    async def start(self, deliver: Deliver, resync: Resync) -> None:
-        self._deliver, self._resync = deliver, resync
+    async def start(
+        self, deliver: Deliver, resync: Resync, deliver_live: Deliver | None = None
+    ) -> None:
+        self._deliver, self._resync, self._deliver_live = deliver, resync, deliver_live
         self._tasks = [
             asyncio.create_task(self._subscribe_forever(), name="backplane-subscribe"),
             asyncio.create_task(self._publish_forever(), name="backplane-publish"),
         ]
 
     def publish(self, message: Message) -> None:
+        self._put(self.channel, message.text)
+
+    def publish_live(self, message: Message) -> None:
+        self._put(self.live_channel, encode_live(self.origin, message))
+
+    def _put(self, channel: str, text: str) -> None:
         try:
-            self._queue.put_nowait(message.text)
+            self._queue.put_nowait((channel, text))
         except asyncio.QueueFull:
             self.dropped += 1
 
@@ -163,12 +204,13 @@ class RedisBackplane(Backplane):
         await asyncio.sleep(delay * random.uniform(0.5, 1.0))
 
     async def _subscribe_forever(self) -> None:
+        live = self.live_channel.encode()
         attempt = 0
         while True:
             client = self._client()
             pubsub = client.pubsub(ignore_subscribe_messages=True)
             try:
-                await pubsub.subscribe(self.channel)
+                await pubsub.subscribe(self.channel, self.live_channel)
                 if not self.connected:
                     log.info("backplane connected to %s", self.channel)
                 self.connected, attempt = True, 0
@@ -177,7 +219,10 @@ class RedisBackplane(Backplane):
                 while True:
                     item = await pubsub.get_message(timeout=1.0)
                     if item is not None and item.get("type") == "message":
-                        self._received(item["data"])
+                        if item.get("channel") in (live, self.live_channel):
+                            self._received_live(item["data"])
+                        else:
+                            self._received(item["data"])
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # noqa: BLE001 - any fault: reconnect
@@ -198,14 +243,23 @@ class RedisBackplane(Backplane):
         assert self._deliver is not None
         self._deliver(message)
 
+    def _received_live(self, raw: bytes) -> None:
+        try:
+            origin, message = decode_live(raw)
+        except (ValueError, KeyError, TypeError):
+            log.warning("backplane: ignored a malformed live message")
+            return
+        if origin != self.origin and self._deliver_live is not None:
+            self._deliver_live(message)
+
     async def _publish_forever(self) -> None:
         client = self._client()
         attempt = 0
         try:
             while True:
-                text = await self._queue.get()
+                channel, text = await self._queue.get()
                 try:
-                    await client.publish(self.channel, text)
+                    await client.publish(channel, text)
                     attempt = 0
                 except asyncio.CancelledError:
                     raise
