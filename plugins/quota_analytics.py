@@ -13,7 +13,10 @@ high-utilisation users from the maintained ``daily_peak`` table. Afterwards:
   counts on a reader) when something may have changed them: a user's first command of a
   type today, a type's daily utilisation crossing 80%, an admin change to limits or usage,
   a new day. Requests that arrive while a recount runs are served by one more recount, so
-  the figures are exact once the last one has finished. A user is "high" at a peak of
+  the figures are exact once the last one has finished. Recounts are paced: the next starts
+  at least ``RECOUNT_GAP`` seconds (and ``RECOUNT_REST`` times its cost) after the previous
+  one, so a stream of new users costs a recount a second, not one per consume (the stats
+  tick that shows them comes every few seconds anyway). A user is "high" at a peak of
   80.0% or more of a daily limit (the percent the users page shows).
 
 It also tells live dashboards whose usage changed: admitted commands are collected per
@@ -24,6 +27,7 @@ seq, never replayed: a dashboard that missed some reloads over REST after
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections import deque
 from datetime import datetime
@@ -43,6 +47,8 @@ THROTTLE_WINDOW = 300.0  # seconds of decisions behind average_throttle_factor
 USAGE_EVENT = "usage"
 USAGE_INTERVAL = 1.0  # seconds between two usage events (at most)
 USAGE_ROWS = 500  # rows per usage event; more changes set "truncated"
+RECOUNT_GAP = 1.0  # seconds from one recount of active/high users to the next, at least
+RECOUNT_REST = 10.0  # ... and this many times the last recount's duration
 
 
 class Figures:
@@ -57,10 +63,13 @@ class Figures:
         self.violations = 0
         self.recounting = False  # a recount of active/high is running
         self.dirty = False  # ... and another one is wanted after it
+        self.next_recount = 0.0  # monotonic time before which no recount starts
         self.changed: dict[tuple[int, str], dict[str, Any]] = {}  # for the next usage event
         self.truncated = False
-        self.factors: deque[tuple[float, float]] = deque()
+        # Throttle factors of recent decisions, per second: [second, sum, count].
+        self.factors: deque[list[float]] = deque()
         self.factor_sum = 0.0
+        self.factor_count = 0
 
     def new_day(self, day_key: int) -> None:
         self.day_key = day_key
@@ -76,19 +85,28 @@ class Figures:
             self.new_users.add(user_id)
 
     def add_factor(self, factor: float, now: float) -> None:
-        self.factors.append((now, factor))
+        second = float(int(now))
+        if self.factors and self.factors[-1][0] == second:
+            bucket = self.factors[-1]
+            bucket[1] += factor
+            bucket[2] += 1
+        else:
+            self.factors.append([second, factor, 1])
+            self._expire(now)
         self.factor_sum += factor
-        self._expire(now)
+        self.factor_count += 1
 
     def _expire(self, now: float) -> None:
         while self.factors and self.factors[0][0] < now - THROTTLE_WINDOW:
-            self.factor_sum -= self.factors.popleft()[1]
+            _second, total, count = self.factors.popleft()
+            self.factor_sum -= total
+            self.factor_count -= int(count)
 
     def average_factor(self, now: float) -> float | None:
         self._expire(now)
-        if not self.factors:
+        if not self.factor_count:
             return None
-        return round(self.factor_sum / len(self.factors), 3)
+        return round(self.factor_sum / self.factor_count, 3)
 
 
 def _figures(app: Any) -> Figures:
@@ -152,12 +170,19 @@ def request_recount(app: Any) -> None:
 async def _recount(app: Any, fig: Figures) -> None:
     try:
         while True:
+            wait = fig.next_recount - time.monotonic()
+            if wait > 0:
+                await asyncio.sleep(wait)  # paced (see the module doc); changes meanwhile join
             fig.dirty = False
             today = _today(app)
+            started = time.monotonic()
             try:
                 active, high = await app.store.read(_peak_counts, today.key)
             except DatabaseError:  # counted in health; the next change asks again
                 return
+            finally:
+                cost = time.monotonic() - started
+                fig.next_recount = time.monotonic() + max(RECOUNT_GAP, RECOUNT_REST * cost)
             if fig.day_key == today.key:
                 fig.active, fig.high = active, high
             if not fig.dirty:

@@ -256,9 +256,9 @@ class QuotaApp:
                 self.backplane.publish(message)
             self.metrics.published(message)
         for message in messages:
-            self.track(self.hooks.call_async("on_event", app=self, message=message))
+            self.react("on_event", message=message)
             if message.type == "violation":
-                self.track(self.hooks.call_async("on_violation", app=self, violation=message.data))
+                self.react("on_violation", violation=message.data)
 
     async def publish_event(
         self, type: str, data: dict[str, Any], durable: bool = True, *, plugin: str | None = None
@@ -333,7 +333,14 @@ class QuotaApp:
 
     def _decided(self, decision: Decision) -> None:
         self.metrics.decided(decision)
-        self.track(self.hooks.call_async("on_decision", app=self, decision=decision))
+        self.react("on_decision", decision=decision)
+
+    def react(self, hook: str, **kwargs: Any) -> None:
+        """Tell the plugins (``hook``), after the fact: what suspends goes on in the
+        background; what does not (most reactions) costs no task."""
+        rest = self.hooks.react(hook, app=self, **kwargs)
+        if rest is not None:
+            self.track(rest)
 
     def _request_finished(self, handler: tornado.web.RequestHandler) -> None:
         log_request(handler)

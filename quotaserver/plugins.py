@@ -17,7 +17,7 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Any
@@ -504,11 +504,35 @@ class Hooks:
     ) -> list[tuple[str, Any]]:
         """Like :meth:`call`, awaiting awaitable results concurrently, each within the timeout."""
         limit = self.timeout if timeout is None else min(timeout, self.timeout)
+        return await self._complete(hook, self._start(hook, kwargs), limit)
+
+    def react(self, hook: str, **kwargs: Any) -> Awaitable[list[tuple[str, Any]]] | None:
+        """Call ``hook``'s implementations now, for a reaction nobody waits on.
+
+        None when every implementation has finished (plain functions, or coroutines that
+        returned without suspending: the common case, and no task is needed for it);
+        otherwise an awaitable that finishes the rest as :meth:`call_async` does, for the
+        caller to run in the background.
+        """
+        calls = self._start(hook, kwargs)
+        for _name, result in calls:
+            if inspect.isawaitable(result):
+                return self._complete(hook, calls, self.timeout)
+        for name, _result in calls:
+            self._succeeded(name, hook)
+        return None
+
+    def _start(self, hook: str, kwargs: dict[str, Any]) -> list[tuple[str, Any]]:
         calls: list[tuple[str, Any]] = []
         for impl in self._impls(hook):
             ok, result = self._invoke(impl, hook, kwargs, awaitable=True)
             if ok:
                 calls.append((impl.plugin_name, result))
+        return calls
+
+    async def _complete(
+        self, hook: str, calls: list[tuple[str, Any]], limit: float
+    ) -> list[tuple[str, Any]]:
         waiting = [i for i, (_n, r) in enumerate(calls) if inspect.isawaitable(r)]
         if len(waiting) == 1 and hook not in self.LIFECYCLE:
             # Nothing to run alongside: await it in place (a task and a wait would cost

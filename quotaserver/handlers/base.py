@@ -136,8 +136,10 @@ def parse_json(raw: bytes | str) -> Any:
     """
     try:
         value = json.loads(raw)
-        # Re-encoding finds unpaired surrogates anywhere in the value.
-        json.dumps(value, ensure_ascii=False).encode("utf-8")
+        # A lone surrogate can only come from a \u escape or from non-ASCII input (json
+        # decodes bytes with surrogatepass); otherwise re-encoding finds it anywhere.
+        if not raw.isascii() or ("\\u" if isinstance(raw, str) else b"\\u") in raw:
+            json.dumps(value, ensure_ascii=False).encode("utf-8")
     except (UnicodeError, RecursionError) as exc:
         raise ValueError(str(exc)) from None
     return value
@@ -146,6 +148,8 @@ def parse_json(raw: bytes | str) -> Any:
 def control_character(value: Any) -> bool:
     """True if a string anywhere in ``value`` (keys included) has a C0 control or DEL."""
     if isinstance(value, str):
+        if value.isascii() and value.isprintable():  # the common case, in C
+            return False
         return any(ord(c) < 32 or ord(c) == 127 for c in value)
     if isinstance(value, dict):
         return any(control_character(k) or control_character(v) for k, v in value.items())
