@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter
+from collections.abc import Awaitable
 from typing import Any
 
 from quotaserver import hookimpl
@@ -152,10 +153,12 @@ async def on_violation(app: Any, violation: dict[str, Any]) -> None:
 
 
 @hookimpl
-async def on_decision(app: Any, decision: Any) -> None:
+def on_decision(app: Any, decision: Any) -> Awaitable[Any] | None:
+    # A plain function that returns the alert's coroutine only on a crossing: the hook
+    # runs on every consume, and an async one would cost a task each time.
     daily = decision.periods.get("daily")
     if not decision.consumed or daily is None or not daily.limit:
-        return
+        return None
     engine = _engine(app)
     before = (daily.used - decision.count) / daily.limit
     after = daily.used / daily.limit
@@ -169,7 +172,8 @@ async def on_decision(app: Any, decision: Any) -> None:
             continue
         percent = round(after * 100)
         _, day = _day(app)  # only here: a calendar lookup per decision cost 3% of consume
-        await app.alerts.raise_alert(
+        # approaching_limit implies high_utilization: one alert per crossing
+        return app.alerts.raise_alert(
             name,
             rule["severity"],
             f"{decision.user} at {percent}% of the daily {decision.command_type} limit "
@@ -178,7 +182,7 @@ async def on_decision(app: Any, decision: Any) -> None:
             action=action,
             dedupe_day=day,
         )
-        break  # approaching_limit implies high_utilization: one alert per crossing
+    return None
 
 
 @hookimpl
