@@ -11,6 +11,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import sqlite3
 import stat
 import subprocess
@@ -467,6 +468,24 @@ async def test_idle_keep_alive_connections_close_after_idle_timeout_not_header_t
     reader, writer = await asyncio.open_connection("127.0.0.1", app.port)
     writer.write(b"GET /api/health HTTP/1.1\r\nHost: 127.0.0.1\r\n")
     assert await read_until_closed(reader, 30) == b""
+    writer.close()
+    # So is a body that never finishes (the header timeout applies to the body too).
+    reader, writer = await asyncio.open_connection("127.0.0.1", app.port)
+    writer.write(
+        b"POST /api/quotas/check HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        b'Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{"user":'
+    )
+    assert await read_until_closed(reader, 30) == b""
+    writer.close()
+    # A keep-alive connection that goes on sending is served past either timeout.
+    reader, writer = await asyncio.open_connection("127.0.0.1", app.port)
+    for _ in range(4):
+        writer.write(b"GET /api/health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        head = await reader.readuntil(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200"), head
+        length = int(re.search(rb"Content-Length: (\d+)", head).group(1))
+        await reader.readexactly(length)
+        await asyncio.sleep(0.3)
     writer.close()
 
 
