@@ -61,6 +61,9 @@ def configure(config: Config) -> None:
     root.setLevel(config["server.log_level"].upper())
 
 
+ACCESS_LOG = logging.getLogger("tornado.access")
+
+
 def log_request(handler: tornado.web.RequestHandler) -> None:
     """Access log without query strings (a login URL carries a token).
 
@@ -78,8 +81,10 @@ def log_request(handler: tornado.web.RequestHandler) -> None:
             level = logging.WARNING
         else:
             level = logging.DEBUG
+    if not ACCESS_LOG.isEnabledFor(level):
+        return  # most requests at the default level: no line, no formatting
     request = handler.request
-    logging.getLogger("tornado.access").log(
+    ACCESS_LOG.log(
         level,
         "%d %s %s (%s) %.1fms",
         status,
