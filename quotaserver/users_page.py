@@ -113,9 +113,9 @@ class FastRanking:
         return self.sql[key], [self.search, _upper_bound(self.search)]
 
     def total(self) -> int:
-        if self.search or self.collate:
+        if self.search:
             cond, params = self._match()
-            return self._rows(self.sql["count"].format(cond or "1 = 1"), params)[0][0]
+            return self._rows(self.sql["count"].format(cond), params)[0][0]
         return _all_users(self.db)
 
     def seq(self) -> int:

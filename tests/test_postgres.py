@@ -208,3 +208,38 @@ async def test_an_unexpected_error_is_the_500_envelope_without_a_traceback(pg_ap
     assert failed.code == 500
     assert failed.json == {"error": {"code": "internal_error", "message": "internal server error"}}
     assert b"Traceback" not in failed.body and b"a bug" not in failed.body
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_the_users_total_takes_an_id_that_committed_out_of_order_at_the_next_count(
+    pg_app, pg_url, monkeypatch
+):
+    """The unsearched users total is a remembered full count plus the users above its highest
+    id (a users page never counts a million rows). PostgreSQL may commit ids out of order:
+    one drawn before the count and committed after it is taken in by the next full count,
+    ``RECOUNT_AFTER`` seconds later (docs/admin-api.md)."""
+    import psycopg2
+
+    from quotaserver import ranking
+
+    app = await pg_app()
+    assert (await consume(app, "ann")).code == 200
+    late = psycopg2.connect(pg_url)  # draws the next id and holds it uncommitted
+    try:
+        with late.cursor() as cur:
+            cur.execute('INSERT INTO "user" (username, created_at) VALUES (%s, now())', ("late",))
+        assert (await consume(app, "bob")).code == 200  # a higher id, committed first
+
+        async def total() -> int:
+            resp = await call(app, "GET", "/api/admin/quotas/users?per_page=5")
+            assert resp.code == 200, resp.json
+            return resp.json["total"]
+
+        assert await total() == 2  # ann and bob: the full count taken now
+        late.commit()
+        assert (await consume(app, "carl")).code == 200  # above the count: counted at once
+        assert await total() == 3  # late's id is below the count's highest: not yet
+        monkeypatch.setattr(ranking, "RECOUNT_AFTER", 0.0)
+        assert await total() == 4  # the next full count has it
+    finally:
+        late.close()
