@@ -15,33 +15,22 @@ import os
 import sqlite3
 import sys
 import tempfile
-import textwrap
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from support import ADMIN, API, CHROMIUM, CHROMIUM_ARGS, ROOT, WAIT, Server  # noqa: E402
+from support import (  # noqa: E402
+    ADMIN,
+    API,
+    CHROMIUM,
+    CHROMIUM_ARGS,
+    ROOT,
+    WAIT,
+    Server,
+    write_queue_plugin,
+)
 
 OUT = os.path.join(ROOT, "docs", "screenshots")
-# The plugin of docs/plugins.md's screenshot: a queue-depth figure and a queue_alarm event.
-QUEUE_PLUGIN = """
-from quotaserver import PeriodicEmitter, hookimpl
-
-@hookimpl
-def register_event_types():
-    return ["queue_alarm"]
-
-@hookimpl
-def register_emitters(app):
-    figures = {"depth": 7, "oldest_seconds": 3.5, "spool_bytes": 3 * 1024 * 1024}
-    return [PeriodicEmitter("queue", 1.0, lambda: figures, stats_field="queue")]
-
-@hookimpl
-async def on_violation(app, violation):
-    await app.publish_event(
-        "queue_alarm", {"message": f"job queue for {violation['username']} above 5 (7 waiting)"}
-    )
-"""
 DESKTOP = {"width": 1280, "height": 800}
 PHONE = {"width": 390, "height": 844}
 
@@ -109,10 +98,8 @@ def plugin_view(tmp: str) -> None:
     from playwright.sync_api import sync_playwright
 
     directory = os.path.join(tmp, "with-plugin")
-    os.makedirs(os.path.join(directory, "plugins"))
-    with open(os.path.join(directory, "plugins", "queue.py"), "w", encoding="utf-8") as fh:
-        fh.write(textwrap.dedent(QUEUE_PLUGIN))
-    server = Server(directory, demo=True, plugins_dir=os.path.join(directory, "plugins"))
+    message = "f\"job queue for {violation['username']} above 5 (7 waiting)\""
+    server = Server(directory, demo=True, plugins_dir=write_queue_plugin(directory, message))
     server.start()
     try:
         with sync_playwright() as p:

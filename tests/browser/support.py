@@ -158,3 +158,36 @@ class Server:
             if time.monotonic() > deadline:
                 raise AssertionError(f"no open alert about {user} after {timeout} s")
             time.sleep(0.05)
+
+
+# A third-party plugin for the dashboard's plugin figures and events: a queue-depth stats
+# field and a queue_alarm event on every violation, whose message is MESSAGE (a Python
+# expression over ``violation``).
+QUEUE_PLUGIN = """
+from quotaserver import PeriodicEmitter, hookimpl
+
+
+@hookimpl
+def register_event_types():
+    return ["queue_alarm"]
+
+
+@hookimpl
+def register_emitters(app):
+    figures = {"depth": 7, "oldest_seconds": 3.5, "spool_bytes": 3 * 1024 * 1024}
+    return [PeriodicEmitter("queue", 0.2, lambda: figures, stats_field="queue")]
+
+
+@hookimpl
+async def on_violation(app, violation):
+    await app.publish_event("queue_alarm", {"message": MESSAGE})
+"""
+
+
+def write_queue_plugin(directory: str, message: str) -> str:
+    """The queue plugin in ``directory``/plugins (created); returns that plugins_dir."""
+    plugins = os.path.join(directory, "plugins")
+    os.makedirs(plugins, exist_ok=True)
+    with open(os.path.join(plugins, "queue.py"), "w", encoding="utf-8") as fh:
+        fh.write(QUEUE_PLUGIN.replace("MESSAGE", message))
+    return plugins

@@ -3,45 +3,21 @@ and its declared event types as a live feed (loaded over REST, then from the str
 
 from __future__ import annotations
 
-import textwrap
 from typing import Any
 
 import pytest
 
-from .support import WAIT, Server
+from .support import WAIT, Server, write_queue_plugin
 
 pytestmark = pytest.mark.browser
-
-QUEUE_PLUGIN = """
-from quotaserver import PeriodicEmitter, hookimpl
-
-
-@hookimpl
-def register_event_types():
-    return ["queue_alarm"]
-
-
-@hookimpl
-def register_emitters(app):
-    figures = {"depth": 7, "oldest_seconds": 3.5, "spool_bytes": 3 * 1024 * 1024}
-    return [PeriodicEmitter("queue", 0.2, lambda: figures, stats_field="queue")]
-
-
-@hookimpl
-async def on_violation(app, violation):
-    # Markup in plugin data must reach the page as text.
-    name = violation["username"]
-    await app.publish_event("queue_alarm", {"message": f"<b>{name}</b> queue backed up"})
-"""
 
 
 @pytest.fixture(scope="module")
 def plugin_server(tmp_path_factory: pytest.TempPathFactory) -> Any:
-    directory = tmp_path_factory.mktemp("plugin-server")
-    plugins = directory / "plugins"
-    plugins.mkdir()
-    (plugins / "queue.py").write_text(textwrap.dedent(QUEUE_PLUGIN))
-    srv = Server(str(directory), plugins_dir=str(plugins))
+    directory = str(tmp_path_factory.mktemp("plugin-server"))
+    # Markup in plugin data must reach the page as text.
+    plugins = write_queue_plugin(directory, "f\"<b>{violation['username']}</b> queue backed up\"")
+    srv = Server(directory, plugins_dir=plugins)
     srv.start()
     yield srv
     srv.stop()
