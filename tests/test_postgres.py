@@ -7,57 +7,27 @@ installs them so CI always runs this module.
 from __future__ import annotations
 
 import asyncio
-import glob
-import os
-import shutil
-import socket
-import subprocess
-import tempfile
 
 import pytest
 from clients import SERVICE, call, consume, ws_connect
+from services import INITDB, Postgres
 
 from quotaserver.models import Alert, Usage, User, Violation
-
-BINDIRS = sorted(glob.glob("/usr/lib/postgresql/*/bin"), reverse=True)
-INITDB = next((os.path.join(d, "initdb") for d in BINDIRS if os.path.exists(f"{d}/initdb")), None)
 
 pytestmark = pytest.mark.skipif(
     INITDB is None, reason="PostgreSQL server binaries not installed (apt-get install postgresql)"
 )
 
 
-def _as_postgres(args: list[str]) -> list[str]:
-    # initdb and postgres refuse to run as root.
-    return ["runuser", "-u", "postgres", "--", *args] if os.geteuid() == 0 else args
-
-
 @pytest.fixture(scope="module")
 def pg_url():
     pytest.importorskip("psycopg2", reason="pip install psycopg2-binary (the test extras do)")
-    bindir = os.path.dirname(INITDB)
-    workdir = tempfile.mkdtemp(prefix="qs-pg-")
-    data = os.path.join(workdir, "data")
-    if os.geteuid() == 0:
-        shutil.chown(workdir, "postgres", "postgres")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    run = lambda args: subprocess.run(_as_postgres(args), check=True, capture_output=True)  # noqa: E731
-    run([INITDB, "-D", data, "-A", "trust", "-U", "postgres"])
-    run(
-        [
-            f"{bindir}/pg_ctl", "-D", data, "-w", "-l", os.path.join(workdir, "log"),
-            "-o", f"-p {port} -k {workdir} -c listen_addresses=127.0.0.1 -c fsync=off",
-            "start",
-        ]
-    )  # fmt: skip
+    server = Postgres()
+    server.start()
     try:
-        run([f"{bindir}/createdb", "-h", "127.0.0.1", "-p", str(port), "-U", "postgres", "qs"])
-        yield f"postgresql://postgres@127.0.0.1:{port}/qs"
+        yield server.create_database()
     finally:
-        run([f"{bindir}/pg_ctl", "-D", data, "-m", "immediate", "stop"])
-        shutil.rmtree(workdir, ignore_errors=True)
+        server.destroy()
 
 
 def _reset() -> None:
