@@ -42,12 +42,18 @@ class Server:
         return psutil.Process(self.proc.pid)
 
     def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(15)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
+        stop_process(self.proc)
         self.workdir.cleanup()
+
+
+def stop_process(proc: subprocess.Popen, grace: float = 15.0) -> None:
+    """SIGTERM, then SIGKILL if it has not exited within ``grace`` seconds."""
+    proc.terminate()
+    try:
+        proc.wait(grace)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 def start_server(**settings: str) -> Server:
@@ -82,11 +88,14 @@ def start_server(**settings: str) -> Server:
 class HttpClient:
     """A keep-alive HTTP/1.1 client on one connection (lean, for load generation)."""
 
-    def __init__(self, port: int):
+    def __init__(self, port: int, local_addr: tuple[str, int] | None = None):
         self.port = port
+        self.local_addr = local_addr  # e.g. ("127.0.0.7", 0): spread clients over addresses
 
     async def open(self) -> None:
-        self.reader, self.writer = await asyncio.open_connection("127.0.0.1", self.port)
+        self.reader, self.writer = await asyncio.open_connection(
+            "127.0.0.1", self.port, local_addr=self.local_addr
+        )
 
     async def post(self, path: str, body: bytes) -> tuple[int, bytes]:
         self.writer.write(
@@ -98,7 +107,7 @@ class HttpClient:
         )
         head = await self.reader.readuntil(b"\r\n\r\n")
         status = int(head[9:12])
-        length = int(re.search(rb"(?i)content-length: (\d+)", head).group(1))
+        length = int(re.search(rb"(?i)content-length: *(\d+)", head).group(1))
         return status, await self.reader.readexactly(length)
 
     def close(self) -> None:

@@ -40,7 +40,7 @@ import psutil
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from common import TOKEN, HttpClient, free_port, machine, percentile  # noqa: E402
+from common import TOKEN, HttpClient, free_port, machine, percentile, stop_process  # noqa: E402
 
 from quotaserver.config import load_config  # noqa: E402
 from quotaserver.db import Store  # noqa: E402
@@ -165,12 +165,7 @@ class RunningServer:
         return {**result, "server_cpu_percent": round(100 * cpu)}
 
     def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(15)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        stop_process(self.proc)
 
 
 class Client(HttpClient):

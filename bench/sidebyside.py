@@ -40,7 +40,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import psutil
-from common import ROOT, TOKEN, free_port, percentile
+from common import ROOT, TOKEN, HttpClient, free_port, percentile
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SERVERS = ("quotaserver", "tornado", "websockets")
@@ -391,30 +391,6 @@ async def connect_clients(
     return clients
 
 
-class Http:
-    """A keep-alive HTTP/1.1 client on one connection."""
-
-    async def open(self, port: int, index: int = 0) -> None:
-        self.reader, self.writer = await asyncio.open_connection(
-            "127.0.0.1", port, local_addr=source_address(index)
-        )
-
-    async def post(self, path: str, body: bytes) -> tuple[int, bytes]:
-        self.writer.write(
-            (
-                f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {TOKEN}\r\n"
-                f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
-            ).encode()
-            + body
-        )
-        head = await self.reader.readuntil(b"\r\n\r\n")
-        length = int(re.search(rb"(?i)content-length: *(\d+)", head).group(1))
-        return int(head[9:12]), await self.reader.readexactly(length)
-
-    def close(self) -> None:
-        self.writer.close()
-
-
 def own_cpu() -> float:
     t = os.times()
     return t.user + t.system
@@ -446,8 +422,8 @@ async def fanout(
             )
             connect_s = time.perf_counter() - began
             # A fresh trigger connection: connecting thousands can outlast an idle timeout.
-            http = Http()
-            await http.open(trigger_port, 0)
+            http = HttpClient(trigger_port, source_address(0))
+            await http.open()
             await asyncio.sleep(1.0 + size / 5000)  # welcome and snapshot writes settle
             rss = server.rss()
             tracker.target = size
@@ -524,8 +500,8 @@ async def consume(
 
         async def worker(index: int, stop_at: float) -> None:
             rng = random.Random(index)
-            http = Http()
-            await http.open(server.port, index)
+            http = HttpClient(server.port, source_address(index))
+            await http.open()
             while time.perf_counter() < stop_at:
                 body = json.dumps(
                     {"user": f"user{rng.randrange(5000)}", "command_type": rng.choice(COMMANDS)}
