@@ -1,14 +1,14 @@
 """Browser sessions: signed cookies that name the token they came from, and logout.
 
 A session names its token (by token id), so revoking a token ends its sessions; logging out
-records the session as revoked (in the database too, so a restart does not bring it back),
-written and audited first, refused in memory after the COMMIT. The app closes the live
-connections of a revoked identity with 1008.
+records the session as revoked (in the database too, so a restart does not bring it back,
+and every other process reloads it: :mod:`quotaserver.credential_sync`), written and
+audited first, refused in memory after the COMMIT. The app closes the live connections of a
+revoked identity with 1008.
 """
 
 from __future__ import annotations
 
-import asyncio
 import secrets
 import time
 from collections.abc import Callable
@@ -16,6 +16,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from .audit import record_audit
+from .credential_sync import bump_version
 from .models import RevokedSession, aware
 from .tokens import Identity, TokenRegistry, write_security
 from .windows import utc_now
@@ -33,7 +34,6 @@ class Sessions:
         self.registry = registry
         self.lifetime = lifetime
         self.revoked: dict[str, float] = {}  # session id -> expiry (epoch s)
-        self._changing = asyncio.Lock()
         self._store: Store | None = None
         self._clock: Callable[[], datetime] = utc_now
 
@@ -78,7 +78,7 @@ class Sessions:
         store = self._store
         now = time.time()
         expires = now + self.lifetime
-        async with self._changing:
+        async with self.registry.changing:
             await write_security(
                 store, _record_session_end, store, identity, expires, self._clock()
             )
@@ -89,11 +89,18 @@ class Sessions:
 # -- storage (runs on a database worker thread) ------------------------------------------
 def _load_revoked(now: float) -> dict[str, float]:
     RevokedSession.delete().where(RevokedSession.expires_at < _from_epoch(now)).execute()
-    return {row.session_id: aware(row.expires_at).timestamp() for row in RevokedSession.select()}
+    return revoked_sessions(now)
+
+
+def revoked_sessions(now: float) -> dict[str, float]:
+    """Logged-out sessions that have not expired: session id -> expiry (epoch s)."""
+    query = RevokedSession.select().where(RevokedSession.expires_at >= _from_epoch(now))
+    return {row.session_id: aware(row.expires_at).timestamp() for row in query}
 
 
 def _record_session_end(store: Store, identity: Identity, expires: float, now: datetime) -> None:
     with store.db.atomic():
+        bump_version()
         RevokedSession.insert(
             session_id=identity.session_id, expires_at=_from_epoch(expires)
         ).on_conflict(

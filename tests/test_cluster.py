@@ -22,6 +22,7 @@ pytestmark = pytest.mark.skipif(
 )
 
 LIMIT = 200
+SECRET = "cluster-test-secret-0123456789abcdef"  # backplane.secret of every instance
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +57,11 @@ def cluster(pg, redis_server, tmp_path, io_loop):
                 "connect_timeout": 1.0,
                 "statement_timeout": 2.0,
             },
-            "backplane": {"url": redis_server.url, "channel": f"qs-{os.path.basename(db_url)}"},
+            "backplane": {
+                "url": redis_server.url,
+                "channel": f"qs-{os.path.basename(db_url)}",
+                "secret": SECRET,
+            },
             "auth": {"tokens": TOKENS, "token_file": str(tmp_path / "admin_token")},
             "realtime": {"stats_interval": 0.2, "heartbeat_interval": 1.0},
             # The real processes sample this machine: a busy test machine must not throttle.

@@ -16,6 +16,7 @@ import sqlite3
 import stat
 import subprocess
 import sys
+import time
 from typing import Any
 from urllib.parse import quote
 
@@ -168,7 +169,7 @@ async def test_logout_under_a_locked_database_changes_nothing_then_applies_whole
 async def test_login_by_url_makes_no_session_and_codes_work_once_then_expire(app_factory):
     app = await app_factory(auth__tokens=[])  # no admin configured: the first-run token
     assert app.auth.first_run_token
-    code = app.auth.issue_login_code()
+    code = await app.auth.issue_login_code()
     for query in (f"token={quote(app.auth.first_run_token)}", f"code={code}"):
         resp = await call(app, "GET", f"/login?{query}", token=None)
         assert resp.code == 200 and SESSION_COOKIE not in cookies_of(resp), query
@@ -178,10 +179,10 @@ async def test_login_by_url_makes_no_session_and_codes_work_once_then_expire(app
     again, _ = await login(app, "code", code)
     assert again.code == 401 and SESSION_COOKIE not in cookies_of(again)
 
-    # A code expires: the login codes run on an injectable monotonic clock.
-    now = [1000.0]
+    # A code expires: the login codes run on an injectable wall clock.
+    now = [time.time()]
     app.auth.login_codes.clock = lambda: now[0]
-    late = app.auth.issue_login_code()
+    late = await app.auth.issue_login_code()
     now[0] += app.config["auth.login_code_lifetime"] + 1
     resp, _ = await login(app, "code", late)
     assert resp.code == 401 and SESSION_COOKIE not in cookies_of(resp)
