@@ -166,6 +166,28 @@ async def prepare(config: Config, plugin_manager: pluggy.PluginManager | None) -
         await asyncio.get_running_loop().run_in_executor(None, app.store.close)
 
 
+def run_migrations(config: Config, plugin_manager: pluggy.PluginManager | None) -> int:
+    """``quotaserver migrate``: apply the migrations and seed the default limits, alone
+    (a release step before new versions serve), then exit. Safe beside running servers
+    and other migrators: they take turns on the same lock."""
+    from .app import QuotaApp
+
+    async def run() -> int:
+        app = QuotaApp(config, plugin_manager=plugin_manager)
+        try:
+            return await app.store.run(app.store.migrate, app.quota.seed_defaults)
+        finally:
+            await asyncio.get_running_loop().run_in_executor(None, app.store.close)
+
+    try:
+        version = asyncio.run(run())
+    except (peewee.OperationalError, DatabaseError) as exc:
+        print(f"quotaserver: cannot use the database: {exc}".strip(), file=sys.stderr)
+        return 1
+    print(f"quotaserver {__version__}: the database is at schema version {version}")
+    return 0
+
+
 def _reserve_port(host: str, port: int) -> socket.socket:
     """A bound, non-listening SO_REUSEPORT socket: it fixes the port (a free one for 0) that
     every worker then listens on with its own socket, and accepts no connection itself."""

@@ -21,46 +21,31 @@ from typing import Any
 from urllib.parse import quote
 
 import pytest
-from clients import ADMIN, SERVICE, VIEWER, call, consume, sse_connect, ws_connect
+from clients import (
+    ADMIN,
+    FORM,
+    SERVICE,
+    VIEWER,
+    call,
+    consume,
+    cookies_of,
+    login,
+    session_headers,
+    sse_connect,
+    ws_connect,
+)
 from tornado.httpclient import HTTPClientError
 
 from quotaserver.auth import SESSION_COOKIE
 from quotaserver.config import ConfigError, load_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FORM = "application/x-www-form-urlencoded"
 API = "/api/admin/quotas"
-
-
-def cookies_of(resp: Any) -> dict[str, str]:
-    jar = {}
-    for header in resp.headers.get_list("Set-Cookie"):
-        name, _, value = header.split(";", 1)[0].partition("=")
-        jar[name.strip()] = value.strip().strip('"')
-    return jar
 
 
 def set_cookie_flags(resp: Any, name: str) -> list[str]:
     header = next(c for c in resp.headers.get_list("Set-Cookie") if c.startswith(name + "="))
     return [f.strip().lower() for f in header.split(";")[1:]]
-
-
-async def login(
-    app: Any, field: str, value: str, headers: dict[str, str] | None = None
-) -> tuple[Any, str]:
-    """The login form as a browser uses it: GET (XSRF cookie), then POST ``field``."""
-    form = await call(app, "GET", "/login", token=None)
-    xsrf = cookies_of(form)["_xsrf"]
-    body = f"{field}={quote(value)}&_xsrf={xsrf}"
-    hdrs = {"Cookie": f"_xsrf={xsrf}", "Content-Type": FORM, **(headers or {})}
-    return await call(app, "POST", "/login", raw=body, token=None, headers=hdrs), xsrf
-
-
-async def session_headers(app: Any, token: str) -> dict[str, str]:
-    resp, xsrf = await login(app, "token", token)
-    assert resp.code == 302, resp
-    jar = f"{SESSION_COOKIE}={cookies_of(resp)[SESSION_COOKIE]}; _xsrf={xsrf}"
-    return {"Cookie": jar, "X-XSRFToken": xsrf}
 
 
 def audit(tmp_path: Any, action: str) -> list[tuple]:
