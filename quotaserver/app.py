@@ -30,7 +30,8 @@ from .netguard import make_http_server
 from .origins import HostGuard
 from .plugins import Hooks, PluginEventError, get_plugin_manager
 from .quota import Decision, QuotaService
-from .realtime.backplane import make_backplane
+from .realtime.backplane import RedisBackplane, make_backplane
+from .realtime.cluster_counts import ClusterCounts
 from .realtime.emitters import Scheduler
 from .realtime.hub import Hub
 from .realtime.limits import ConnectionLimiter
@@ -102,6 +103,17 @@ class QuotaApp:
         )
         self.auth = Auth(config, env)
         self.limiter = ConnectionLimiter.from_config(config)
+        # With Redis, the limits that protect the cluster count the cluster.
+        self.cluster_counts: ClusterCounts | None = None
+        if isinstance(self.backplane, RedisBackplane):
+            backplane = self.backplane
+            self.cluster_counts = ClusterCounts(
+                backplane.client, backplane.channel, backplane.origin
+            )
+            self.auth.failures.share = self.cluster_counts.count_failure
+            self.auth.failures.on_block = lambda address, seconds: backplane.publish_control(
+                {"blocked": address, "seconds": seconds}
+            )
         self.metrics = Metrics(self)
         # database_busy -> "busy", database_unavailable -> "unavailable"
         self.store.on_error = lambda exc: self.metrics.db_error(exc.code.removeprefix("database_"))
@@ -162,6 +174,8 @@ class QuotaApp:
         )
         assert self.auth.sync is not None
         self.auth.sync.start()
+        if self.cluster_counts is not None:
+            self.cluster_counts.start(lambda: self.hub.per_identity)
         await self.hooks.call_async("startup", app=self)
         self.scheduler.add(retention.emitter(self), "quotaserver")
         for plugin, emitters in self.hooks.call("register_emitters", app=self):
@@ -223,6 +237,8 @@ class QuotaApp:
         await self.scheduler.stop(timeout=3)
         if self.auth.sync is not None:
             await self.auth.sync.stop()
+        if self.cluster_counts is not None:
+            await self.cluster_counts.stop()
         await self.backplane.stop()
         await self.hub.sequencer.stop()
         if self._tasks:
@@ -308,9 +324,13 @@ class QuotaApp:
         self.hub.publish(message)
 
     def _control(self, data: dict[str, Any]) -> None:
-        """A nudge from another instance: its credentials changed, so re-read ours now."""
+        """A nudge from another instance: its credentials changed (re-read ours now), or
+        an address reached the failed-authentication limit there (refuse it here too)."""
         if data.get("credentials") and self.auth.sync is not None:
             self.auth.sync.poke()
+        blocked, seconds = data.get("blocked"), data.get("seconds")
+        if isinstance(blocked, str) and isinstance(seconds, int | float):
+            self.auth.failures.block(blocked, float(seconds))
 
     def _resync(self) -> None:
         self.track(self._sync())
@@ -381,8 +401,12 @@ class QuotaApp:
         return self._plugin_state.setdefault(name, {})
 
     def connection_refusal(self, identity: Identity) -> str | None:
-        """Why one more live connection for ``identity`` is refused now, or None."""
-        return self.limiter.identity_refusal(self.hub.per_identity[identity.key])
+        """Why one more live connection for ``identity`` is refused now, or None (with
+        Redis: this instance's connections and the others' last reported ones)."""
+        live = self.hub.per_identity[identity.key]
+        if self.cluster_counts is not None:
+            live += self.cluster_counts.remote_connections[identity.key]
+        return self.limiter.identity_refusal(live)
 
     def end_revoked(self) -> int:
         """Close, with 1008, every live connection whose credentials are no longer valid

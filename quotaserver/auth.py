@@ -150,8 +150,8 @@ class Auth:
     def session_identity(self, payload: dict[str, Any] | None) -> Identity | None:
         return self.sessions.identity(payload)
 
-    def new_session(self, identity: Identity) -> dict[str, Any]:
-        return self.sessions.new_session(identity)
+    def new_session(self, identity: Identity, xsrf: str) -> dict[str, Any]:
+        return self.sessions.new_session(identity, xsrf)
 
     async def end_session(self, identity: Identity) -> None:
         await self.sessions.end(identity)

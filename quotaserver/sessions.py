@@ -41,13 +41,16 @@ class Sessions:
         self._store, self._clock = store, clock
         self.revoked = await store.run(_load_revoked, time.time())
 
-    def new_session(self, identity: Identity) -> dict[str, Any]:
+    def new_session(self, identity: Identity, xsrf: str) -> dict[str, Any]:
+        """The payload of a new session cookie; ``xsrf`` (the sign-in form's XSRF token,
+        hex) is bound to it: a state-changing request of this session must carry it."""
         return {
             "n": identity.name,
             "r": identity.role,
             "t": identity.token_id,
             "s": secrets.token_hex(8),
             "e": int(time.time() + self.lifetime),
+            "x": xsrf,
         }
 
     def identity(self, payload: dict[str, Any] | None) -> Identity | None:
@@ -57,6 +60,7 @@ class Sessions:
         try:
             token_id, session_id = str(payload["t"]), str(payload["s"])
             expires = float(payload["e"])
+            xsrf = str(payload["x"])  # a session signed before XSRF binding: sign in again
         except (KeyError, TypeError, ValueError):
             return None
         if not expires > time.time() or session_id in self.revoked:
@@ -64,7 +68,7 @@ class Sessions:
         info = self.registry.by_id(token_id)
         if info is None:  # the token was revoked: so are its sessions
             return None
-        return Identity(info.name, info.role, token_id, session_id)
+        return Identity(info.name, info.role, token_id, session_id, xsrf)
 
     async def end(self, identity: Identity) -> None:
         """Log out: the session's cookie is refused from now on, across restarts too.

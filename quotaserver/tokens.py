@@ -63,6 +63,7 @@ class Identity:
     role: str
     token_id: str  # first 16 hex digits of the token digest: ties sessions to tokens
     session_id: str | None = None  # set for browser sessions
+    xsrf: str | None = None  # a session's XSRF token (hex), bound to it at sign-in
 
     def allowed(self, roles: frozenset[str]) -> bool:
         return self.role == "admin" or self.role in roles

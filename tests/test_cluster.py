@@ -700,3 +700,50 @@ async def test_three_instances_started_together_on_an_empty_database_all_come_up
     assert refused.returncode == 2, refused.stderr
     assert "schema is version 999" in refused.stderr and "schema version 6" in refused.stderr
     assert "Traceback" not in refused.stderr
+
+
+@pytest.mark.gen_test(timeout=120)
+async def test_failed_authentications_are_limited_for_the_cluster_not_per_instance(cluster):
+    a, b = await cluster(2, auth={"failed_attempts_per_ip": 40})
+    answers = []
+    for i in range(100):  # alternating, as a guesser spreading over instances would
+        answers.append(await status((a, b)[i % 2], f"guess-{i}-0123456789abcdef"))
+    refused_as_wrong = answers.count(401)
+    # 40, plus at most one per other instance while its cluster count is in flight; one
+    # process counting alone would let 2 x 40 through.
+    assert 40 <= refused_as_wrong <= 41, answers
+    assert answers[-10:] == [429] * 10
+    assert await status(a, ADMIN) == 429 and await status(b, ADMIN) == 429  # the address
+
+
+@pytest.mark.gen_test(timeout=120)
+async def test_the_connection_cap_per_identity_counts_every_instance(cluster):
+    a, b = await cluster(2, auth={"max_connections_per_identity": 3})
+    held = []
+    for _ in range(3):
+        ws = await ws_connect(a, "types=violation", token=VIEWER)
+        await ws.recv_type("welcome")
+        held.append(ws)
+
+    async def refused_on_b():  # B hears A's counts within a second
+        try:
+            ws = await ws_connect(b, "types=violation", token=VIEWER)
+        except Exception as exc:  # the 429 before the upgrade
+            return getattr(exc, "code", None) == 429
+        ws.close()
+        return False
+
+    await wait_for(refused_on_b, "B to count A's connections of the same identity")
+    for ws in held:
+        ws.close()
+    await wait_for(lambda: _admitted(b), "B to admit the identity again once A's are closed")
+
+
+async def _admitted(server) -> bool:
+    try:
+        ws = await ws_connect(server, "types=violation", token=VIEWER)
+    except Exception:  # noqa: BLE001 - still refused
+        return False
+    await ws.recv_type("welcome")
+    ws.close()
+    return True

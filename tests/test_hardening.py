@@ -428,6 +428,76 @@ def test_weak_or_readable_secret_files_stop_start_up_with_exit_2(
         assert content.strip() not in done.stderr + done.stdout
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="giving a file to another user needs root (CI is)")
+@pytest.mark.parametrize(
+    ("case", "key", "why"),
+    [
+        ("owner", "auth.token_file: data/admin_token", "owned by uid 65534"),
+        # The cookie secret is the first file the server reads or writes there.
+        ("directory", "auth.cookie_secret: data/cookie_secret", "which other users can write"),
+    ],
+)
+def test_secret_files_of_another_user_or_in_a_shared_directory_stop_start_up(
+    tmp_path, case, key, why
+):
+    data = tmp_path / "data"
+    data.mkdir()
+    path = data / "admin_token"
+    path.write_text("a-long-enough-token-0123456789\n")
+    os.chmod(path, 0o600)
+    if case == "owner":
+        os.chown(path, 65534, 65534)  # nobody: they could have chosen our admin token
+    else:
+        os.chmod(data, 0o777)  # anyone could swap the file for one of theirs
+    done = run_server_until_exit(tmp_path)
+    assert done.returncode == 2, done.stderr
+    line = done.stderr.strip().splitlines()[-1]
+    assert line.startswith(f"quotaserver: configuration error: {key} "), line
+    assert why in line, line
+    assert "Traceback" not in done.stderr
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_a_symlink_planted_at_a_secret_path_is_replaced_not_written_through(
+    app_factory, tmp_path
+):
+    target = tmp_path / "somewhere-else"
+    link = tmp_path / "admin_token"
+    link.symlink_to(target)  # dangling: an attacker waiting for the server to write there
+    app = await app_factory(auth__tokens=[], auth__token_file=str(link))
+    assert app.auth.first_run_token
+    assert not target.exists() and not link.is_symlink()
+    assert link.read_text().strip() == app.auth.first_run_token
+    assert stat.S_IMODE(link.stat().st_mode) == 0o600
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_the_xsrf_token_is_bound_to_its_session(app_factory):
+    app = await app_factory()
+    mine = await session_headers(app, ADMIN)
+    body = {"name": "bound", "role": "viewer"}
+    ok = await call(app, "POST", "/api/admin/tokens", body, token=None, headers=mine)
+    assert ok.code == 201, ok
+    # Another XSRF token, valid as a pair (cookie = header) but issued to no session of ours:
+    # what a cookie planted from a sibling domain would give.
+    planted = cookies_of(await call(app, "GET", "/login", token=None))["_xsrf"]
+    session = mine["Cookie"].split(";")[0]
+    forged = {"Cookie": f"{session}; _xsrf={planted}", "X-XSRFToken": planted}
+    body = {"name": "forged", "role": "admin"}
+    refused = await call(app, "POST", "/api/admin/tokens", body, token=None, headers=forged)
+    assert refused.code == 403 and refused.json["error"]["code"] == "xsrf", refused
+    names = {t["name"] for t in (await call(app, "GET", "/api/admin/tokens")).json["tokens"]}
+    assert "bound" in names and "forged" not in names
+    # The dashboard hands a browser that lost its _xsrf cookie the session's token again.
+    page = await call(app, "GET", "/admin/quotas", token=None, headers={"Cookie": session})
+    restored = cookies_of(page)["_xsrf"]
+    again = {"Cookie": f"{session}; _xsrf={restored}", "X-XSRFToken": restored}
+    body = {"name": "restored", "role": "viewer"}
+    assert (
+        await call(app, "POST", "/api/admin/tokens", body, token=None, headers=again)
+    ).code == 201
+
+
 # -- 3. connection hygiene (in process; the fd-limit attack is in test_hardening_net.py) --
 async def read_until_closed(reader: asyncio.StreamReader, timeout: float) -> bytes:
     """Everything the server sends until it closes the connection."""

@@ -70,7 +70,9 @@ class LoginHandler(BaseHandler):
         self._form(message)
 
     def _sign_in(self, identity: Identity) -> None:
-        session = self.app.auth.new_session(identity)
+        # The form's XSRF token (checked above) becomes the session's own.
+        _version, raw_xsrf, _when = self._get_raw_xsrf_token()
+        session = self.app.auth.new_session(identity, raw_xsrf.hex())
         self.set_signed_cookie(
             SESSION_COOKIE,
             json.dumps(session, separators=(",", ":")),

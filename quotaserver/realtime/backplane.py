@@ -202,7 +202,8 @@ class RedisBackplane(Backplane):
         self._control: Control | None = None
         self._resync: Resync | None = None
 
-    def _client(self) -> Any:
+    def client(self) -> Any:
+        """A new redis.asyncio client for this backplane's Redis."""
         import redis.asyncio as redis
 
         # Bounded waits: a dead or hung Redis is noticed within seconds.
@@ -266,7 +267,7 @@ class RedisBackplane(Backplane):
         handlers.update({name.encode(): fn for name, fn in list(handlers.items())})
         attempt = 0
         while True:
-            client = self._client()
+            client = self.client()
             pubsub = client.pubsub(ignore_subscribe_messages=True)
             try:
                 await pubsub.subscribe(self.channel, self.live_channel, self.control_channel)
@@ -338,7 +339,7 @@ class RedisBackplane(Backplane):
             self._deliver_live(message)
 
     async def _publish_forever(self) -> None:
-        client = self._client()
+        client = self.client()
         attempt = 0
         try:
             while True:
