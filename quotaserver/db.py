@@ -140,6 +140,28 @@ def _migration_4(db: Database) -> None:
     )
 
 
+def _migration_7(db: Database) -> None:
+    """Idempotency keys: the stored answer and effect of each keyed consume, per token."""
+    # Explicit: this table and its two indexes, whatever later versions of the model add.
+    table = models.IdempotencyKey._meta.table_name
+    text = "TEXT"
+    serial = "SERIAL PRIMARY KEY" if isinstance(db, PostgresqlDatabase) else "INTEGER PRIMARY KEY"
+    stamp = "TIMESTAMP" if isinstance(db, PostgresqlDatabase) else "DATETIME"
+    db.execute_sql(
+        f'CREATE TABLE IF NOT EXISTS "{table}" ("id" {serial}, '
+        f'"owner" VARCHAR(32) NOT NULL, "key" VARCHAR(255) NOT NULL, '
+        f'"fingerprint" VARCHAR(64) NOT NULL, "status" INTEGER NOT NULL, '
+        f'"response" {text} NOT NULL, "username" VARCHAR(255) NOT NULL, '
+        f'"command_type" VARCHAR(64) NOT NULL, "counted" BIGINT NOT NULL DEFAULT 0, '
+        f'"windows" {text} NOT NULL DEFAULT \'{{}}\', "refund" {text}, '
+        f'"created_at" {stamp} NOT NULL, "expires_at" {stamp} NOT NULL)'
+    )
+    db.execute_sql(
+        f'CREATE UNIQUE INDEX IF NOT EXISTS "{table}_owner_key" ON "{table}" ("owner", "key")'
+    )
+    db.execute_sql(f'CREATE INDEX IF NOT EXISTS "{table}_expires_at" ON "{table}" ("expires_at")')
+
+
 # Append-only: (version, function). Never edit a released migration; add a new one.
 # Migrations 1 and 2 create tables from the models as they are today. The first change to
 # an existing model must therefore come with an explicit ALTER migration (playhouse.migrate)
@@ -149,6 +171,7 @@ MIGRATIONS: tuple[tuple[int, Callable[[Database], None]], ...] = (
     (2, _migration_2),
     (3, _migration_3),
     (4, _migration_4),
+    (7, _migration_7),  # 5 and 6 are taken by work merged separately
 )
 
 

@@ -14,6 +14,7 @@ ROUTES: list[tuple[str, type]] = [
     (r"/api/health", api.HealthHandler),
     (r"/api/quotas/check", api.CheckHandler),
     (r"/api/quotas/consume", api.ConsumeHandler),
+    (r"/api/quotas/refund", api.RefundHandler),
     (r"/api/quotas/users/([^/]+)", api.UserStatusHandler),
     (r"/api/ws/health", health.StreamHealthHandler),
     (r"/api/plugins", health.PluginsHandler),
