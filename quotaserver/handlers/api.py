@@ -9,6 +9,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from ..idempotency import HEADER, Replay, RequestKey, parse_key
+from ..limits import whole_number
 from ..quota import Decision, PeriodStatus, tightest
 from ..text import hidden_character, name_problem, normalize_name
 from .base import SERVICE, ApiError, BaseHandler
@@ -49,6 +50,7 @@ def refuse_hidden(value: str, field: str) -> None:
 
 
 def validate_count(value: Any, max_count: int) -> int:
+    value = whole_number(value)
     if not isinstance(value, int) or isinstance(value, bool):
         raise ApiError(400, "invalid_field", "count must be an integer")
     if value <= 0:
