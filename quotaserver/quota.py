@@ -126,7 +126,12 @@ class Decision:
 def tightest(periods: dict[str, PeriodStatus]) -> tuple[str, PeriodStatus] | None:
     """The limited window with the least remaining, the sooner reset first on a tie."""
     limited = [(p, s) for p, s in periods.items() if s.limit is not None]
-    return min(limited, key=lambda ps: (ps[1].remaining, ps[1].resets_at)) if limited else None
+    return tightest_of(limited) if limited else None
+
+
+def tightest_of(limited: list[tuple[str, PeriodStatus]]) -> tuple[str, PeriodStatus]:
+    """:func:`tightest` of a non-empty list of limited windows."""
+    return min(limited, key=lambda ps: (ps[1].remaining, ps[1].resets_at))
 
 
 class QuotaService:

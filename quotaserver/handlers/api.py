@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from collections.abc import Mapping
@@ -10,7 +11,7 @@ from typing import Any
 
 from ..idempotency import HEADER, Replay, RequestKey, parse_key
 from ..limits import whole_number
-from ..quota import Decision, PeriodStatus, tightest
+from ..quota import Decision, PeriodStatus, tightest_of
 from ..text import hidden_character, name_problem, normalize_name
 from .base import SERVICE, ApiError, BaseHandler
 
@@ -70,29 +71,30 @@ def rate_limit_headers(
     ``RateLimit`` and the trio describe the window that refused, else the one with the least
     remaining; a refusal adds ``Retry-After``, never earlier than that window's reset.
     """
-    limited = {p: s for p, s in periods.items() if s.limit is not None}
-    if refused is not None:
-        watched: tuple[str, PeriodStatus] | None = (refused, periods[refused])
-    else:
-        watched = tightest(limited)
-    if watched is None:
+    limited = [(p, s) for p, s in periods.items() if s.limit is not None]
+    if not limited:
         return []  # nothing is limited: no policy to state
-    period, status = watched
+    period, status = (refused, periods[refused]) if refused is not None else tightest_of(limited)
     reset = math.ceil((status.resets_at - now).total_seconds())
     reset = max(1, reset) if refused is not None else max(0, reset)
+    remaining = str(status.remaining)
     headers = [
-        (
-            "RateLimit-Policy",
-            ", ".join(f'"{p}";q={s.limit};w={s.seconds}' for p, s in limited.items()),
-        ),
-        ("RateLimit", f'"{period}";r={status.remaining};t={reset}'),
+        ("RateLimit-Policy", _policy(tuple((p, s.limit, s.seconds) for p, s in limited))),
+        ("RateLimit", f'"{period}";r={remaining};t={reset}'),
         ("RateLimit-Limit", str(status.limit)),
-        ("RateLimit-Remaining", str(status.remaining)),
+        ("RateLimit-Remaining", remaining),
         ("RateLimit-Reset", str(reset)),
     ]
     if refused is not None:
         headers.append(("Retry-After", str(reset)))
     return headers
+
+
+@functools.lru_cache(maxsize=1024)
+def _policy(windows: tuple[tuple[str, int, int], ...]) -> str:
+    """The RateLimit-Policy value of (period, limit, seconds) windows: the same few shapes
+    recur on every consume, so each is formatted once."""
+    return ", ".join(f'"{p}";q={limit};w={seconds}' for p, limit, seconds in windows)
 
 
 class QuotaRequestHandler(BaseHandler):
