@@ -12,7 +12,15 @@ from conftest import FakeClock
 from waits import wait_until
 
 from quotaserver import retention
-from quotaserver.models import AuditLog, Event, IdempotencyKey, Usage, User, Violation
+from quotaserver.models import (
+    AuditLog,
+    Event,
+    IdempotencyKey,
+    SchemaVersion,
+    Usage,
+    User,
+    Violation,
+)
 
 
 async def keyed(app, key, user="alice", command_type="shell", count=1, token=SERVICE):
@@ -258,3 +266,23 @@ async def test_refund_gives_back_only_in_open_windows_and_never_below_zero(app_f
     resp = await refund(app, "k")
     assert resp.code == 200 and resp.json["periods"]["daily"]["used"] == 0
     assert await used(app, "alice") == 0
+
+
+@pytest.mark.gen_test
+async def test_a_database_from_before_migration_7_gets_the_key_table(app_factory, tmp_path):
+    app = await app_factory()
+    assert (await keyed(app, "old")).code == 200
+
+    def downgrade() -> None:  # back to what version 4 left: no key table, no row 7
+        db = app.store.db
+        db.execute_sql(f'DROP TABLE "{IdempotencyKey._meta.table_name}"')
+        SchemaVersion.delete().where(SchemaVersion.version == 7).execute()
+
+    await app.store.run(downgrade)
+    await app.stop()
+    upgraded = await app_factory()
+    versions = await upgraded.store.run(lambda: [v.version for v in SchemaVersion.select()])
+    assert 7 in versions
+    assert (await keyed(upgraded, "new")).code == 200
+    assert (await keyed(upgraded, "new")).headers["Idempotent-Replayed"] == "true"
+    assert await used(upgraded, "alice") == 2
