@@ -107,6 +107,11 @@ async def test_one_user_per_name_nfc_and_the_refused_names(app_factory):
     assert second.json["periods"]["daily"]["used"] == 2
     status = await call(app, "GET", "/api/quotas/users/zoe%CC%88", token=SERVICE)  # NFD in a URL
     assert status.code == 200 and status.json["user"] == "zo\u00eb"
+    # The admin API's searches and filters normalise the same way.
+    found = await call(app, "GET", "/api/admin/quotas/users?q=zoe%CC%88")
+    assert [u["username"] for u in found.json["items"]] == ["zo\u00eb"]
+    admin = await call(app, "GET", "/api/admin/quotas/users/zoe%CC%88")
+    assert admin.code == 200
     for bad in ("alice ", " alice", "\u00a0alice", ".", "..", "x" + "\u0301" * 5):
         resp = await consume(app, bad)
         assert resp.code == 400, (bad, resp)

@@ -88,6 +88,17 @@ REFUND = {
         "periods": PERIODS,
     },
 }
+USER_STATUS = {
+    "type": "object",
+    "required": ["user", "user_id", "created_at", "throttle_factor", "command_types"],
+    "properties": {
+        "user": {"type": "string"},
+        "user_id": {"type": "integer"},
+        "created_at": {"type": "string", "format": "date-time"},
+        "throttle_factor": {"type": "number"},
+        "command_types": {"type": "object", "additionalProperties": PERIODS},
+    },
+}
 HEALTH = {
     "type": "object",
     "required": ["status", "database"],
@@ -227,6 +238,12 @@ def _declared(config: Any) -> dict[tuple[type, str], dict[str, Any]]:
                 "200": _json(_ref("Refund"), "Given back (or the stored answer).", REPLAYED),
                 "404": _json(_ref("Error"), "No consume was counted with that key."),
             },
+        },
+        (api.UserStatusHandler, "get"): {
+            "responses": {
+                "200": _json(_ref("UserStatus"), "Per command type and period."),
+                "404": _json(_ref("Error"), "A user never seen."),
+            }
         },
         (api.HealthHandler, "get"): {
             "responses": {
@@ -381,6 +398,7 @@ def build(app: QuotaApp) -> dict[str, Any]:
                 "Period": PERIOD,
                 "Decision": DECISION,
                 "Refund": REFUND,
+                "UserStatus": USER_STATUS,
                 "Health": HEALTH,
             },
             "securitySchemes": {
