@@ -3,7 +3,9 @@
 A consume runs in one transaction: make sure the user and its window counters exist, then
 ``UPDATE usage SET used = used + n WHERE ... AND used + n <= limit`` for each window inside
 a savepoint. If any window refuses, the savepoint rolls back (no counter changes) and the
-violation and its event row are written in the same outer transaction.
+violation and its event row are written in the same outer transaction. A consume with an
+``Idempotency-Key`` writes the key's row with its answer in that same transaction
+(quotaserver.idempotency), so a retry finds the answer exactly when the count exists.
 """
 
 from __future__ import annotations
@@ -261,6 +263,7 @@ class QuotaService:
         return self.sql.limits(user_id, command_type, self.periods)
 
     def statuses(self, limits: dict, used: dict, windows: dict[str, Window]) -> dict:
+        """Each period's limit, use and reset, as answers show them (refunds use it too)."""
         return {
             p: PeriodStatus(
                 limits[p], used[p], windows[p].end, windows[p].end_text, windows[p].seconds
