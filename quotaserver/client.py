@@ -28,6 +28,7 @@ Only the standard library (blocking) and Tornado (async, already a dependency) a
 from __future__ import annotations
 
 import asyncio
+import http.client
 import json
 import random
 import time
@@ -278,7 +279,7 @@ class QuotaClient:
         except urllib.error.HTTPError as exc:
             with exc:
                 return _Answer(exc.code, _lower(exc.headers), exc.read())
-        except (OSError, urllib.error.URLError) as exc:  # refused, reset, timed out
+        except (OSError, http.client.HTTPException) as exc:  # refused, reset, cut, timed out
             return _Answer(0, {}, b"", error=repr(exc))
 
 

@@ -6,11 +6,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
+import threading
 
 import pytest
 from clients import ADMIN, SERVICE, call
 from conftest import TOKENS
 from services import start_server
+from waits import wait_until
 
 from quotaserver.client import (
     AsyncQuotaClient,
@@ -157,3 +159,29 @@ async def test_the_deadline_bounds_the_retries(tmp_path):
         assert gave_up.value.attempts > 1 and proxy.connections == gave_up.value.attempts
     finally:
         await proxy.stop()
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_the_blocking_client_retries_a_lost_answer_and_counts_once(tmp_path):
+    server = await start(tmp_path)
+    proxy = LossyProxy(server.port)
+    url = await proxy.start()
+    outcome: list = []
+    try:
+        proxy.lose_next = True
+        client = QuotaClient(url, token=SERVICE, retry=RetryPolicy(deadline=30))
+        # Its own thread: the proxy runs on this loop, which a blocking call would stop.
+        thread = threading.Thread(target=lambda: outcome.append(client.consume("dan", "code", 4)))
+        thread.start()
+        await asyncio.wait_for(proxy.lost.wait(), 20)
+        proxy.down = False  # the server never went away: only the answer was lost
+        await wait_until(lambda: not thread.is_alive(), "the client's retries to finish")
+        thread.join()
+        (result,) = outcome
+        assert result.allowed and result.replayed and result.periods["daily"].used == 4
+        status = await call(server, "GET", "/api/quotas/users/dan", token=SERVICE)
+        assert status.json["command_types"]["code"]["daily"]["used"] == 4
+    finally:
+        await proxy.stop()
+        server.kill()
+        await server.wait()
