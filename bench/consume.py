@@ -20,19 +20,31 @@ from common import HttpClient, LeanWebSocket, machine, percentile, start_server
 COMMANDS = ["shell", "code", "test", "review", "refactor"]
 
 
+def decision(rng: random.Random) -> dict:
+    return {"user": f"user{rng.randrange(200)}", "command_type": rng.choice(COMMANDS)}
+
+
 async def worker(
-    port: int, stop_at: float, latencies: list, codes: dict, seed: int, keyed: bool
+    port: int,
+    stop_at: float,
+    latencies: list,
+    codes: dict,
+    seed: int,
+    keyed: bool,
+    batch: int = 0,
 ) -> None:
     rng = random.Random(seed)
     http = HttpClient(port)
     await http.open()
+    path = "/api/quotas/consume/batch" if batch else "/api/quotas/consume"
     while time.perf_counter() < stop_at:
-        body = json.dumps(
-            {"user": f"user{rng.randrange(200)}", "command_type": rng.choice(COMMANDS)}
-        ).encode()
+        if batch:
+            body = json.dumps({"decisions": [decision(rng) for _ in range(batch)]}).encode()
+        else:
+            body = json.dumps(decision(rng)).encode()
         extra = f"Idempotency-Key: {seed}-{len(latencies)}-{rng.random()}\r\n" if keyed else ""
         t0 = time.perf_counter()
-        status, _ = await http.post("/api/quotas/consume", body, extra)
+        status, _ = await http.post(path, body, extra)
         latencies.append(time.perf_counter() - t0)
         codes[status] = codes.get(status, 0) + 1
     http.close()
@@ -64,7 +76,9 @@ async def heartbeat_gaps(port: int, interval: float, stop_at: float) -> list[flo
     return gaps
 
 
-async def run(concurrency: int, seconds: float, synchronous: str, keyed: bool = False) -> dict:
+async def run(
+    concurrency: int, seconds: float, synchronous: str, keyed: bool = False, batch: int = 0
+) -> dict:
     interval = 1.0
     server = start_server(
         realtime_heartbeat_interval=interval,
@@ -78,7 +92,10 @@ async def run(concurrency: int, seconds: float, synchronous: str, keyed: bool = 
         started = time.perf_counter()
         results = await asyncio.gather(
             heartbeat_gaps(server.port, interval, stop_at),
-            *(worker(server.port, stop_at, latencies, codes, i, keyed) for i in range(concurrency)),
+            *(
+                worker(server.port, stop_at, latencies, codes, i, keyed, batch)
+                for i in range(concurrency)
+            ),
         )
         elapsed = time.perf_counter() - started
         cpu_used = sum(server.ps.cpu_times()[:2]) - cpu_before
@@ -90,6 +107,8 @@ async def run(concurrency: int, seconds: float, synchronous: str, keyed: bool = 
             "idempotency_keys": keyed,
             "requests": len(latencies),
             "requests_per_s": round(len(latencies) / elapsed, 1),
+            "batch": batch or None,
+            "decisions_per_s": round(len(latencies) * max(batch, 1) / elapsed, 1),
             "status_counts": codes,
             "latency_ms_p50": round(percentile(latencies, 0.50) * 1000, 2),
             "latency_ms_p99": round(percentile(latencies, 0.99) * 1000, 2),
@@ -108,9 +127,12 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--synchronous", default="full", choices=["full", "normal"])
     parser.add_argument("--keyed", action="store_true", help="an Idempotency-Key per consume")
+    parser.add_argument("--batch", type=int, default=0, help="decisions per batch request")
     args = parser.parse_args()
     print(f"# machine: {machine()}")
-    result = asyncio.run(run(args.concurrency, args.seconds, args.synchronous, args.keyed))
+    result = asyncio.run(
+        run(args.concurrency, args.seconds, args.synchronous, args.keyed, args.batch)
+    )
     print(json.dumps(result))
 
 

@@ -125,6 +125,27 @@ class Decision:
         return tightest(self.periods)
 
 
+@dataclass(frozen=True, slots=True)
+class BatchItem:
+    """One decision of a batch (validated), with its own Idempotency-Key if it has one."""
+
+    user: str
+    command_type: str
+    count: int = 1
+    key: RequestKey | None = None
+
+
+#: A batch item's outcome: decided now, the stored answer of its key, or its key's refusal.
+BatchResult = Decision | Replay | DomainError
+
+
+def _replayed(stored: Any, key: RequestKey, now: datetime) -> Replay | DomainError:
+    try:
+        return replay(stored, key, now)
+    except DomainError as exc:  # reused with another body (422), or vanished (409)
+        return exc
+
+
 def tightest(periods: dict[str, PeriodStatus]) -> tuple[str, PeriodStatus] | None:
     """The limited window with the least remaining, the sooner reset first on a tie."""
     limited = [(p, s) for p, s in periods.items() if s.limit is not None]
@@ -326,18 +347,72 @@ class QuotaService:
         with nullcontext() if self.db.in_transaction() else self.db.atomic():
             decision = self._decide(user, command_type, count, factor, now, windows)
             if key is not None:
-                # In the counters' transaction: the key exists exactly when the effect does.
-                consumed = decision.consumed
-                self.keys.store(
-                    key,
-                    decision.status,
-                    json.dumps(decision.to_json(), separators=(",", ":")),
-                    (user, command_type, count if consumed else 0),
-                    {p: w.key for p, w in windows.items()} if consumed else {},
-                    now,
-                    self.key_ttl,
-                )
+                self._store_key(key, decision, windows, now)
             return decision
+
+    def _store_key(
+        self, key: RequestKey, decision: Decision, windows: dict[str, Window], now: datetime
+    ) -> None:
+        """In the counters' transaction: the key exists exactly when the effect does."""
+        consumed = decision.consumed
+        self.keys.store(
+            key,
+            decision.status,
+            json.dumps(decision.to_json(), separators=(",", ":")),
+            (decision.user, decision.command_type, decision.count if consumed else 0),
+            {p: w.key for p, w in windows.items()} if consumed else {},
+            now,
+            self.key_ttl,
+        )
+
+    # -- batches ----------------------------------------------------------------------
+    async def consume_batch(self, items: list[BatchItem]) -> list[BatchResult]:
+        """Decide every item in one transaction, in order, each exactly as a single consume
+        would (its own windows, violation, event and Idempotency-Key), and publish the
+        violations after the COMMIT. Items are validated by the caller; an unknown command
+        type refuses the whole batch before anything is written."""
+        for item in items:
+            self.validate_command_type(item.command_type)
+        factor = self.load.factor
+
+        def run() -> Change[list[BatchResult]]:
+            now = self.clock()
+            windows = self.calendar.windows(self.periods, now)
+            with nullcontext() if self.db.in_transaction() else self.db.atomic():
+                results = [self._batch_item(item, factor, now, windows) for item in items]
+            events = [m for r in results if isinstance(r, Decision) for m in r.events]
+            return Change(results, events)
+
+        def decided(change: Change[list[BatchResult]]) -> None:
+            for result in change.payload:
+                if isinstance(result, Decision):
+                    self.on_decision(result)
+
+        return await commit(self.store, run, self.publish, decided)
+
+    def _batch_item(
+        self, item: BatchItem, factor: float, now: datetime, windows: dict[str, Window]
+    ) -> BatchResult:
+        key = item.key
+        if key is not None:
+            stored = self.keys.find(key.owner, key.key, now)
+            if stored is not None:  # a retried item: its first answer, nothing counted
+                return _replayed(stored, key, now)
+        if factor <= 0.0:  # shedding load counts nothing and stores no key
+            decision = self._check_sync(item.user, item.command_type, item.count, factor)
+            decision.allowed, decision.reason = False, "system_overloaded"
+            return decision
+        if key is None:
+            return self._decide(item.user, item.command_type, item.count, factor, now, windows)
+        try:
+            with self.db.atomic():  # a savepoint: a key taken meanwhile undoes this item only
+                decision = self._decide(
+                    item.user, item.command_type, item.count, factor, now, windows
+                )
+                self._store_key(key, decision, windows, now)
+            return decision
+        except KeyTaken:  # the same key earlier in this batch, or committed just now
+            return _replayed(self.keys.find(key.owner, key.key, now), key, now)
 
     def _decide(
         self,

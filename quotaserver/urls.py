@@ -27,6 +27,7 @@ ROUTES: list[tuple[str, type]] = [
     (r"/api/openapi.json", openapi.OpenApiHandler),
     (r"/api/quotas/check", api.CheckHandler),
     (r"/api/quotas/consume", api.ConsumeHandler),
+    (r"/api/quotas/consume/batch", api.BatchConsumeHandler),
     (r"/api/quotas/refund", api.RefundHandler),
     (r"/api/quotas/users/([^/]+)", api.UserStatusHandler),
     (r"/api/ws/health", health.StreamHealthHandler),

@@ -185,3 +185,39 @@ async def test_the_blocking_client_retries_a_lost_answer_and_counts_once(tmp_pat
         await proxy.stop()
         server.kill()
         await server.wait()
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_a_batch_whose_answer_is_lost_is_retried_and_counts_each_item_once(tmp_path):
+    server = await start(tmp_path)
+    proxy = LossyProxy(server.port)
+    url = await proxy.start()
+    try:
+        client = AsyncQuotaClient(url, token=SERVICE, retry=RetryPolicy(deadline=30))
+        proxy.lose_next = True
+        pending = asyncio.ensure_future(
+            client.consume_batch(
+                [
+                    {"user": "dora", "command_type": "shell", "count": 2},
+                    {"user": "dora", "command_type": "shell", "count": 2},  # 4 > 3: refused
+                    {"user": "ed", "command_type": "code"},
+                ]
+            )
+        )
+        await asyncio.wait_for(proxy.lost.wait(), 20)  # decided and committed, answer gone
+        proxy.down = False
+        first, second, third = await asyncio.wait_for(pending, 30)
+        assert first.allowed and first.replayed and first.periods["daily"].used == 2
+        assert not second.allowed and second.reason == "quota_exceeded" and second.replayed
+        assert second.retry_after is not None and second.retry_after > 0
+        assert third.allowed and third.key and third.key != first.key
+        status = await call(server, "GET", "/api/quotas/users/dora", token=SERVICE)
+        assert status.json["command_types"]["shell"]["daily"]["used"] == 2  # counted once
+        sync = QuotaClient(server.url, token=SERVICE)
+        (again,) = sync.consume_batch([{"user": "dora", "command_type": "shell", "key": first.key}])
+        assert isinstance(again, QuotaRequestError) and again.status == 422  # another count
+    finally:
+        await proxy.stop()
+        server.kill()
+        with contextlib.suppress(Exception):
+            await server.wait()

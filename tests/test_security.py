@@ -58,6 +58,7 @@ PUBLIC = {"/api/health", "/api/openapi.json", "/login", "/"}
 SERVICE_ROUTES = {
     "/api/quotas/check",
     "/api/quotas/consume",
+    "/api/quotas/consume/batch",
     "/api/quotas/refund",
     "/api/quotas/users/([^/]+)",
 }

@@ -9,14 +9,18 @@ from collections.abc import Mapping
 from datetime import datetime, timedelta
 from typing import Any
 
+from ..errors import DomainError
 from ..idempotency import HEADER, Replay, RequestKey, parse_key
 from ..limits import whole_number
-from ..quota import Decision, PeriodStatus, tightest_of
+from ..quota import BatchItem, BatchResult, Decision, PeriodStatus, tightest_of
 from ..text import hidden_character, name_problem, normalize_name
-from .base import SERVICE, ApiError, BaseHandler
+from .base import SERVICE, ApiError, BaseHandler, json_body
 
 REQUEST_FIELDS = {"user", "command_type", "count"}
 REFUND_FIELDS = {"user", "command_type", "key"}
+BATCH_FIELDS = {"decisions"}
+BATCH_ITEM_FIELDS = REQUEST_FIELDS | {"key"}  # key: the item's own Idempotency-Key
+MAX_BATCH = 500
 
 
 def validate_username(value: Any, max_length: int, field: str = "user") -> str:
@@ -178,6 +182,69 @@ class ConsumeHandler(QuotaRequestHandler):
     """POST /api/quotas/consume: admit and count, or deny and record a violation."""
 
     consume = True
+
+
+class BatchConsumeHandler(BaseHandler):
+    """POST /api/quotas/consume/batch: up to 500 consumes decided in one transaction.
+
+    ``{"decisions": [{"user", "command_type", "count"?, "key"?}, ...]}`` answers 200 with
+    ``{"results": [...]}`` in the same order: each result is the single consume's answer
+    with its ``status`` (200, 429, 503), ``replayed: true`` for an item whose ``key`` was
+    seen before, or ``{"status": 422, "error": ...}`` for a key reused with another item.
+    A bad item refuses the whole batch (400, naming it) before anything is counted.
+    """
+
+    roles = SERVICE
+
+    async def post(self) -> None:
+        body = self.json_body(BATCH_FIELDS, required=("decisions",))
+        decisions = body["decisions"]
+        if not isinstance(decisions, list) or not decisions:
+            raise ApiError(400, "invalid_field", "decisions must be a non-empty list")
+        if len(decisions) > MAX_BATCH:
+            raise ApiError(400, "invalid_field", f"decisions holds at most {MAX_BATCH} items")
+        items = [self._item(i, d) for i, d in enumerate(decisions)]
+        results = await self.app.quota.consume_batch(items)
+        self.send_json({"results": [_batch_result(r) for r in results]})
+
+    def _item(self, index: int, raw: Any) -> BatchItem:
+        try:
+            if not isinstance(raw, dict):
+                raise ApiError(400, "invalid_field", "each decision must be a JSON object")
+            body = json_item(raw)
+            config = self.app.config
+            user = validate_username(body["user"], config["quotas.max_username_length"])
+            command_type = validate_command_type(body["command_type"])
+            self.app.quota.validate_command_type(command_type)
+            count = validate_count(body.get("count", 1), config["quotas.max_count"])
+            key = None
+            if "key" in body:
+                if not isinstance(body["key"], str):
+                    raise ApiError(400, "invalid_field", "key must be a string")
+                key = RequestKey.of(
+                    self.identity.token_id,
+                    parse_key(body["key"]),
+                    "consume",
+                    user,
+                    command_type,
+                    count,
+                )
+        except DomainError as exc:  # the item's refusal, named, refuses the batch
+            raise ApiError(exc.status, exc.code, f"decisions[{index}]: {exc.message}") from None
+        return BatchItem(user, command_type, count, key)
+
+
+def json_item(raw: Any) -> dict[str, Any]:
+    """A batch item: an object with the single consume's fields and ``key``."""
+    return json_body(raw, BATCH_ITEM_FIELDS, required=("user", "command_type"))
+
+
+def _batch_result(result: BatchResult) -> dict[str, Any]:
+    if isinstance(result, Decision):
+        return {"status": result.status, **result.to_json()}
+    if isinstance(result, Replay):
+        return {"status": result.status, "replayed": True, **result.body}
+    return {"status": result.status, "error": {"code": result.code, "message": result.message}}
 
 
 class RefundHandler(BaseHandler):

@@ -232,6 +232,32 @@ def _declared(config: Any) -> dict[tuple[type, str], dict[str, Any]]:
             "requestBody": _body(request),
             "responses": consumed,
         },
+        (api.BatchConsumeHandler, "post"): {
+            "requestBody": _body(
+                _object(
+                    {
+                        "decisions": {
+                            "type": "array",
+                            "minItems": 1,
+                            "maxItems": api.MAX_BATCH,
+                            "items": _quota_request(config, api.BATCH_ITEM_FIELDS),
+                        }
+                    },
+                    ["decisions"],
+                )
+            ),
+            "responses": {
+                "200": _json(
+                    _object(
+                        {"results": {"type": "array", "items": {"type": "object"}}},
+                        ["results"],
+                    ),
+                    "Every item's answer, in order: the single consume's body with its "
+                    "status (200, 429, 503), replayed: true for a retried key, or an error.",
+                ),
+                "400": _json(_ref("Error"), "A bad item (named): nothing was counted."),
+            },
+        },
         (api.RefundHandler, "post"): {
             "requestBody": _body(_quota_request(config, api.REFUND_FIELDS, key_field=True)),
             "responses": {

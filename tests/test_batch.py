@@ -1,0 +1,137 @@
+"""POST /api/quotas/consume/batch over real HTTP against a real SQLite file: many decisions in
+one transaction, each answered as its single consume would be."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from clients import SERVICE, call, consume, ws_connect
+
+from quotaserver.models import Event, Usage, Violation
+
+BATCH = "/api/quotas/consume/batch"
+LIMITS = {"shell": {"daily": 50, "weekly": 1000, "monthly": 1000}}
+
+
+async def batch(app, decisions, token=SERVICE):
+    return await call(app, "POST", BATCH, {"decisions": decisions}, token=token)
+
+
+async def rows(app, model, *where) -> int:
+    def count():
+        query = model.select()
+        return (query.where(*where) if where else query).count()
+
+    return await app.store.run(count)
+
+
+async def daily_used(app) -> int:
+    def total():
+        return sum(u.used for u in Usage.select().where(Usage.period == "daily"))
+
+    return await app.store.run(total)
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_concurrent_batches_admit_exactly_the_limit_and_record_every_refusal(app_factory):
+    app = await app_factory(quotas__defaults=LIMITS)
+    watcher = await ws_connect(app, "types=violation")
+    await watcher.recv_type("welcome")
+    decisions = [{"user": "carol", "command_type": "shell"}] * 20
+    answers = await asyncio.gather(*(batch(app, decisions) for _ in range(10)))
+    assert {a.code for a in answers} == {200}
+    results = [r for a in answers for r in a.json["results"]]
+    assert len(results) == 200
+    admitted = [r for r in results if r["allowed"]]
+    refused = [r for r in results if not r["allowed"]]
+    assert len(admitted) == 50 and len(refused) == 150
+    assert {r["status"] for r in admitted} == {200} and {r["status"] for r in refused} == {429}
+    assert all(r["violation"]["period"] == "daily" for r in refused)
+    assert await daily_used(app) == 50
+    assert await rows(app, Violation) == 150
+    assert await rows(app, Event, Event.type == "violation") == 150
+    # Every refusal is published once the batch has committed, in seq order.
+    seqs = [(await watcher.recv_type("violation", timeout=15))["seq"] for _ in range(150)]
+    assert seqs == sorted(seqs) and len(set(seqs)) == 150
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_each_item_gets_its_own_answer_in_order(app_factory):
+    app = await app_factory(quotas__defaults=LIMITS)
+    assert (await consume(app, "dave", "shell", 49)).code == 200
+    answer = await batch(
+        app,
+        [
+            {"user": "erin", "command_type": "shell", "count": 3},
+            {"user": "dave", "command_type": "shell", "count": 2},  # 51 > 50: refused
+            {"user": "dave", "command_type": "shell"},  # 50: fits
+            {"user": "frank", "command_type": "code"},
+        ],
+    )
+    assert answer.code == 200, answer
+    erin, dave_over, dave_fits, frank = answer.json["results"]
+    assert (erin["user"], erin["status"], erin["periods"]["daily"]["used"]) == ("erin", 200, 3)
+    assert dave_over["status"] == 429 and dave_over["reason"] == "quota_exceeded"
+    assert dave_over["violation"]["attempted"] == 51
+    assert dave_fits["status"] == 200 and dave_fits["periods"]["daily"]["remaining"] == 0
+    assert frank["command_type"] == "code" and frank["allowed"] is True
+    # The same answers as single consumes: the next single one for dave is refused.
+    assert (await consume(app, "dave", "shell")).code == 429
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_items_with_keys_count_once_across_retries_and_single_consumes(app_factory):
+    app = await app_factory(quotas__defaults=LIMITS)
+    decisions = [
+        {"user": "gina", "command_type": "shell", "count": 2, "key": "job-1"},
+        {"user": "gina", "command_type": "shell", "count": 3, "key": "job-2"},
+    ]
+    first = await batch(app, decisions)
+    again = await batch(app, decisions)  # the retry of a batch whose answer was lost
+    assert [r["periods"]["daily"]["used"] for r in first.json["results"]] == [2, 5]
+    assert all(r.get("replayed") for r in again.json["results"])
+    assert [r["periods"]["daily"]["used"] for r in again.json["results"]] == [2, 5]
+    assert await daily_used(app) == 5
+    # A single consume retried with an item's key gets the item's answer.
+    single = await call(
+        app, "POST", "/api/quotas/consume",
+        {"user": "gina", "command_type": "shell", "count": 2},
+        token=SERVICE, headers={"Idempotency-Key": "job-1"},
+    )  # fmt: skip
+    assert single.code == 200 and single.headers["Idempotent-Replayed"] == "true"
+    # A key reused for another item is that item's 422; the rest of the batch is decided.
+    mixed = await batch(
+        app,
+        [
+            {"user": "gina", "command_type": "shell", "count": 7, "key": "job-2"},
+            {"user": "gina", "command_type": "shell", "count": 1, "key": "job-3"},
+            {"user": "gina", "command_type": "shell", "count": 1, "key": "job-3"},  # a repeat
+        ],
+    )
+    reused, fresh, repeat = mixed.json["results"]
+    assert reused["status"] == 422 and reused["error"]["code"] == "idempotency_key_reused"
+    assert fresh["status"] == 200 and fresh["periods"]["daily"]["used"] == 6
+    assert repeat["replayed"] is True and repeat["periods"]["daily"]["used"] == 6
+    assert await daily_used(app) == 6
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_a_bad_item_refuses_the_whole_batch_and_counts_nothing(app_factory):
+    app = await app_factory(quotas__defaults=LIMITS)
+    good = {"user": "hank", "command_type": "shell"}
+    cases = [
+        ([good, {"user": "", "command_type": "shell"}], 400, "invalid_field", "decisions[1]:"),
+        ([good, {"user": "hank", "command_type": "nope"}], 400, "unknown_command_type", "[1]"),
+        ([good, "hank"], 400, "invalid_field", "decisions[1]: each decision"),
+        ([{"user": "hank", "command_type": "shell", "extra": 1}], 400, "unknown_field", "[0]"),
+        ([good, {**good, "count": 0}], 400, "invalid_field", "decisions[1]: count"),
+        ([good] * 501, 400, "invalid_field", "at most 500"),
+        ([], 400, "invalid_field", "non-empty"),
+    ]
+    for decisions, status, code, words in cases:
+        answer = await batch(app, decisions)
+        assert answer.code == status, (decisions[:3], answer)
+        assert answer.json["error"]["code"] == code and words in answer.json["error"]["message"]
+    assert (await call(app, "POST", BATCH, {"decisions": "x"}, token=SERVICE)).code == 400
+    assert await daily_used(app) == 0 and await rows(app, Violation) == 0
