@@ -140,6 +140,11 @@ def _migration_4(db: Database) -> None:
     )
 
 
+def _migration_8(db: Database) -> None:
+    """Plugin state that outlives a restart (plugin, key, JSON value)."""
+    db.create_tables(list(models.PLUGIN_MODELS))
+
+
 # Append-only: (version, function). Never edit a released migration; add a new one.
 # Migrations 1 and 2 create tables from the models as they are today. The first change to
 # an existing model must therefore come with an explicit ALTER migration (playhouse.migrate)
@@ -149,6 +154,7 @@ MIGRATIONS: tuple[tuple[int, Callable[[Database], None]], ...] = (
     (2, _migration_2),
     (3, _migration_3),
     (4, _migration_4),
+    (8, _migration_8),  # 5-7 are taken by work merged in parallel
 )
 
 

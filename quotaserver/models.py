@@ -14,6 +14,7 @@ from peewee import (
     AutoField,
     BigIntegerField,
     CharField,
+    CompositeKey,
     DatabaseProxy,
     DateTimeField,
     FloatField,
@@ -189,8 +190,23 @@ class DailyPeak(BaseModel):
     username = CharField(max_length=255)
 
 
+class PluginData(BaseModel):
+    """A plugin's small state that outlives a restart (``app.plugin_storage``): a JSON
+    value per (plugin, key), such as the last event a notification target received."""
+
+    plugin = CharField(max_length=64)
+    key = CharField(max_length=128)
+    value = TextField()
+    updated_at = DateTimeField()
+
+    class Meta:
+        primary_key = CompositeKey("plugin", "key")
+
+
 ALL_MODELS = (SchemaVersion, User, QuotaRule, Usage, Violation, Event, Alert, AuditLog, Activity)
 # Added by migration 2 (kept out of ALL_MODELS so that migration 1 stays what it was).
 AUTH_MODELS = (ApiToken, RevokedSession)
 # Added by migration 3.
 SCALE_MODELS = (DailyPeak,)
+# Added by migration 8.
+PLUGIN_MODELS = (PluginData,)
