@@ -41,7 +41,8 @@ ENTRY_POINT_GROUP = "quotaserver"
 #: The package that plugins/ installs as (pyproject: tool.setuptools.package-dir).
 BUILTIN_PACKAGE = "quotaserver.builtin_plugins"
 BUILTIN_PLUGINS = tuple(
-    f"{BUILTIN_PACKAGE}.{name}" for name in ("system_metrics", "quota_analytics", "alert_engine")
+    f"{BUILTIN_PACKAGE}.{name}"
+    for name in ("system_metrics", "quota_analytics", "alert_engine", "notify")
 )
 #: Event types only the core publishes: a plugin emitting one could forge a violation.
 # Built-in plugins that became part of the core: their settings blocks say where they went.
