@@ -430,6 +430,7 @@ async def test_email_over_starttls_one_per_alert_then_a_digest(app_factory, smtp
         assert f"rule_{i}: Problem {i} &amp; &lt;more&gt;" in page  # escaped in HTML
     assert "<more>" not in page
     assert len(box.logins) == 3  # authenticated each time
+    assert set(app.threads.pools) == {"notify"}  # smtplib ran on the plugin's own threads
     assert (await targets(app))["mail"]["delivered"] == 5
 
 
