@@ -31,6 +31,7 @@ import asyncio
 import contextlib
 import ipaddress
 import logging
+import os
 import random
 import re
 from collections import deque
@@ -181,8 +182,59 @@ def _smtp_errors(smtp: Any) -> list[str]:
     return errors
 
 
-def settings_errors(block: dict[str, Any]) -> list[str]:
+#: Settings that may name an environment variable instead (``secret: {env: HOOK_SECRET}``),
+#: so that the YAML need not hold them (a chat webhook's URL is a credential too).
+FROM_ENV = {"targets": ("url", "secret"), "smtp": ("username", "password")}
+
+
+def _from_env(value: Any, key: str, errors: list[str]) -> Any:
+    if not (isinstance(value, dict) and list(value) == ["env"]):
+        return value
+    name = value["env"]
+    if not isinstance(name, str) or name not in os.environ:
+        errors.append(f"{key}: environment variable {name} is not set")
+        return None
+    return os.environ[name]
+
+
+def expand(block: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """``block`` with ``{env: NAME}`` values read from the environment, and the errors."""
+    errors: list[str] = []
+    out = dict(block)
+    if isinstance(out.get("targets"), list):
+        out["targets"] = [
+            {
+                **t,
+                **{
+                    f: _from_env(t[f], f"plugins.{NAME}.targets[{i}].{f}", errors)
+                    for f in FROM_ENV["targets"]
+                    if f in t
+                },
+            }
+            if isinstance(t, dict)
+            else t
+            for i, t in enumerate(out["targets"])
+        ]
+    smtp = out.get("smtp")
+    if isinstance(smtp, dict):
+        out["smtp"] = {
+            **smtp,
+            **{
+                f: _from_env(smtp[f], f"plugins.{NAME}.smtp.{f}", errors)
+                for f in FROM_ENV["smtp"]
+                if f in smtp
+            },
+        }
+    return out, errors
+
+
+def settings_errors(raw: dict[str, Any]) -> list[str]:
     """Every problem with ``plugins.notify``, each naming its key."""
+    block, errors = expand(raw)
+    return errors + _block_errors(block)
+
+
+def _block_errors(block: dict[str, Any]) -> list[str]:
     key = f"plugins.{NAME}"
     errors = [
         f"{key}.{k}: unknown setting"
@@ -278,6 +330,7 @@ class Notifier:
 
     def __init__(self, app: Any, block: dict[str, Any]):
         self.app = app
+        block, _ = expand(block)  # validate_config refused the errors already
         self.max_queue = block.get("max_queue", DEFAULTS["max_queue"])
         self.retry = {**DEFAULTS["retry"], **(block.get("retry") or {})}
         self.smtp = {**SMTP_DEFAULTS, **(block.get("smtp") or {})}

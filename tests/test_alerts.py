@@ -239,6 +239,23 @@ async def test_utilization_alert_ends_when_the_limit_is_raised_above_usage(app_f
 
 
 @pytest.mark.gen_test(timeout=30)
+async def test_utilization_alert_ends_when_the_usage_is_reset(app_factory):
+    app = await app_factory()
+    await app.rules.set_global_limits("code", {"daily": 10}, actor="t")
+    await consume(app, "gus", "code", 8)
+    await consume(app, "hal", "code", 8)
+    await settle(app)
+    assert [a["status"] for a in await alerts(app)] == ["open", "open"]
+    await app.rules.reset_usage("gus", None, actor="t")
+    await settle(app)
+    rows = await alerts(app)  # by id: gus's alert, then hal's (still at 80 %)
+    assert [(a["status"], a["resolved_by"]) for a in rows] == [
+        ("resolved", "system"),
+        ("open", None),
+    ]
+
+
+@pytest.mark.gen_test(timeout=30)
 async def test_daily_alerts_end_at_a_new_day(app_factory):
     clock = FakeClock()
     app = await app_factory(

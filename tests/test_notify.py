@@ -260,12 +260,16 @@ async def test_a_kill_9_mid_queue_loses_nothing_and_repeats_carry_the_same_id(tm
                 "retry": FAST_RETRY,
                 "targets": [
                     {"name": "audit", "kind": "webhook", "url": receiver.url("/hook"),
-                     "secret": OPS_SECRET, "events": ["violation"]},
+                     "secret": {"env": "AUDIT_HOOK_SECRET"}, "events": ["violation"]},
                 ],
             },
         },
     }  # fmt: skip
-    env = {"QUOTASERVER_ADMIN_TOKEN": ADMIN, "QUOTASERVER_THROTTLE_SOURCE": "off"}
+    env = {
+        "QUOTASERVER_ADMIN_TOKEN": ADMIN,
+        "QUOTASERVER_THROTTLE_SOURCE": "off",
+        "AUDIT_HOOK_SECRET": OPS_SECRET,  # the YAML names the variable, not the key
+    }
     receiver.status = 503  # the receiver is down: deliveries queue up
     server = await start_server(str(tmp_path), config, env=env)
     try:
@@ -435,13 +439,14 @@ async def test_email_over_starttls_one_per_alert_then_a_digest(app_factory, smtp
 
 
 # -- configuration -----------------------------------------------------------------------
-def check_config(tmp_path, config: dict) -> subprocess.CompletedProcess:
+def check_config(tmp_path, config: dict, **extra_env: str) -> subprocess.CompletedProcess:
     path = tmp_path / "notify.yaml"
     path.write_text(yaml.safe_dump(config))
     env = {k: v for k, v in os.environ.items() if not k.startswith("QUOTASERVER_")}
+    env.update(PYTHONPATH=ROOT, **extra_env)
     return subprocess.run(
         [sys.executable, "-m", "quotaserver", "check-config", "--config", str(path)],
-        cwd=tmp_path, env={**env, "PYTHONPATH": ROOT}, capture_output=True, text=True, timeout=60,
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60,
     )  # fmt: skip
 
 
@@ -475,6 +480,28 @@ def test_duplicate_names_and_clear_text_passwords_are_refused(tmp_path):
             "from": "a@example.org", "to": ["b@example.org"]}  # fmt: skip
     result = check_config(tmp_path, {"plugins": {"notify": {"smtp": smtp, "targets": []}}})
     assert result.returncode == 2 and "smtp.username: needs starttls: true" in result.stderr
+
+
+def test_secrets_may_come_from_the_environment(tmp_path):
+    target = {"name": "a", "kind": "webhook", "url": {"env": "HOOK_URL"},
+              "secret": {"env": "HOOK_SECRET"}}  # fmt: skip
+    config = {"plugins": {"notify": {"targets": [target]}}}
+    result = check_config(tmp_path, config)
+    assert result.returncode == 2
+    assert "plugins.notify.targets[0].url: environment variable HOOK_URL is not set" in (
+        result.stderr
+    )
+    result = check_config(
+        tmp_path, config, HOOK_URL="https://hooks.example.org/x", HOOK_SECRET="short"
+    )
+    assert result.returncode == 2 and "targets[0].secret: must be a string of at least 16" in (
+        result.stderr
+    )
+    result = check_config(
+        tmp_path, config, HOOK_URL="https://hooks.example.org/x", HOOK_SECRET=OPS_SECRET
+    )
+    assert result.returncode == 0, result.stderr
+    assert OPS_SECRET not in result.stdout
 
 
 def test_the_operations_guide_example_is_accepted_and_its_secrets_redacted(tmp_path):
