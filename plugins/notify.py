@@ -473,6 +473,10 @@ class Notifier:
             except send.Refused as exc:
                 self._failed_attempt(target, str(exc))
                 break
+            except Exception as exc:  # noqa: BLE001 - a message we cannot build: no retry
+                log.exception("notify %s: cannot deliver seq %s", target.name, batch[0].seq)
+                self._failed_attempt(target, f"{type(exc).__name__}: {exc}")
+                break
             target.delivered += len(batch)
             target.failing = False
             target.last_delivered_at = _now(self.app)

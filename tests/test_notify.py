@@ -198,6 +198,12 @@ async def test_each_alert_reaches_each_matching_route_once_signed(app_factory, r
         "pager": (2, 0),
         "chat": (1, 0),
     }
+    # The dashboard's card: a plugin stats field, one line per target.
+    assert app.stats_snapshot()["notifications"] == {
+        "ops": "3 delivered · 0 failed · 0 queued",
+        "pager": "2 delivered · 0 failed · 0 queued",
+        "chat": "1 delivered · 0 failed · 0 queued",
+    }
 
 
 @pytest.mark.gen_test(timeout=60)
