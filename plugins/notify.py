@@ -36,7 +36,7 @@ import random
 import re
 from collections import deque
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from tornado.httpclient import AsyncHTTPClient
@@ -526,7 +526,9 @@ def _event_time(message: Any) -> float:
 
 
 def _now(app: Any) -> str:
-    return app.clock().isoformat().replace("+00:00", "Z")
+    """RFC 3339 UTC with milliseconds, as the event timestamps are written."""
+    now = app.clock().astimezone(UTC)
+    return now.strftime("%Y-%m-%dT%H:%M:%S.") + f"{now.microsecond // 1000:03d}Z"
 
 
 def _notifier(app: Any) -> Notifier:
