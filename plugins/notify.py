@@ -63,6 +63,7 @@ TARGET_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 MIN_SECRET = 16
 READ_BATCH = 200  # events read from the log at a time
 POLL_INTERVAL = 5.0  # seconds a worker waits for a wake-up before it reads the log anyway
+SAVE_INTERVAL = 1.0  # seconds between cursor writes while deliveries follow each other
 DIGEST_MAX = 100  # alerts in one digest email
 DEFAULTS: dict[str, Any] = {
     "max_queue": 1000,
@@ -289,6 +290,8 @@ class Target:
     last_error_at: str | None = None
     last_delivered_at: str | None = None
     digest_sent: deque = field(default_factory=deque)  # event times of single emails
+    saved: int = -1  # the cursor as last saved
+    saved_at: float = 0.0  # loop time of that save
 
     @property
     def name(self) -> str:
@@ -358,6 +361,10 @@ class Notifier:
             task.cancel()  # an undelivered event keeps its place: the cursor did not move
         if self.tasks:
             await asyncio.wait(self.tasks, timeout=1)
+        for target in self.targets:  # what was delivered since the last save
+            if target.cursor != target.saved:
+                with contextlib.suppress(Exception):  # a crash would repeat it, no worse
+                    await asyncio.wait_for(self._save_cursor(target), 1)
         if self.http is not None:
             self.http.close()
 
@@ -375,6 +382,8 @@ class Notifier:
         while True:
             try:
                 if not target.pending and not await self._refill(target):
+                    if target.cursor != target.saved:
+                        await self._save_cursor(target)
                     await self._idle(target)
                     continue
                 batch = await self._next_batch(target)
@@ -382,7 +391,10 @@ class Notifier:
                 for _ in batch:
                     target.pending.popleft()
                 target.cursor = batch[-1].seq
-                await self._save_cursor(target)
+                # Saved at most every SAVE_INTERVAL during a burst (and when it ends): a
+                # crash repeats at most that much, with the same delivery ids.
+                if asyncio.get_running_loop().time() - target.saved_at >= SAVE_INTERVAL:
+                    await self._save_cursor(target)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # noqa: BLE001 - a database hiccup: try again soon
@@ -403,11 +415,13 @@ class Notifier:
             with contextlib.suppress(Exception):  # saved again after the first delivery
                 await self._save_cursor(target)
         else:
-            target.cursor = int(cursor)
+            target.cursor = target.saved = int(cursor)
         target.read_to = target.cursor
 
     async def _save_cursor(self, target: Target) -> None:
-        await self.app.plugin_storage.save(NAME, f"cursor:{target.name}", target.cursor)
+        cursor = target.cursor
+        await self.app.plugin_storage.save(NAME, f"cursor:{target.name}", cursor)
+        target.saved, target.saved_at = cursor, asyncio.get_running_loop().time()
 
     async def _refill(self, target: Target) -> bool:
         """Read wanted events after ``read_to`` into ``pending``; False when none is left."""

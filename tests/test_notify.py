@@ -316,6 +316,39 @@ async def test_a_kill_9_mid_queue_loses_nothing_and_repeats_carry_the_same_id(tm
     assert all(signed_by(OPS_SECRET, r) for r in delivered)
 
 
+@pytest.mark.gen_test(timeout=60)
+async def test_a_clean_restart_repeats_nothing_and_a_new_target_gets_no_history(
+    app_factory, receiver
+):
+    def notify(*names: str) -> dict:
+        return {
+            **NO_ENGINE,
+            "notify": {
+                "targets": [
+                    {"name": n, "kind": "webhook", "url": receiver.url(f"/{n}"),
+                     "secret": OPS_SECRET}
+                    for n in names
+                ]
+            },
+        }  # fmt: skip
+
+    app = await app_factory(plugins=notify("ops"))
+    for i in range(3):
+        await app.alerts.raise_alert(f"rule_{i}", "high", f"Problem {i}")
+    await all_done(app)
+    await app.stop()  # within the cursor's save interval: stop saves it
+    again = await app_factory(plugins=notify("ops", "late"))
+    await again.alerts.raise_alert("rule_3", "high", "Problem 3")
+    await all_done(again)
+    assert [r.json["data"]["alert_type"] for r in receiver.at("/ops")] == [
+        "rule_0",
+        "rule_1",
+        "rule_2",
+        "rule_3",
+    ]
+    assert [r.json["data"]["alert_type"] for r in receiver.at("/late")] == ["rule_3"]
+
+
 def p99(samples: list[float]) -> float:
     ordered = sorted(samples)
     return ordered[int(len(ordered) * 0.99) - 1]
