@@ -156,7 +156,7 @@ def _cleared_users(rule: str, threshold: float, day_key: int) -> list[int]:
     return sorted(u for u in users if peaks.get(u, 0.0) < threshold * 100)
 
 
-async def _new_day(app: Any, engine: Engine, day: str) -> None:
+async def _new_day(app: Any, day: str) -> None:
     """Yesterday's counts are over: end the daily rules' alerts of earlier days."""
     for name in DAILY_RULES:
         await app.alerts.end(name, unless_day=day)
@@ -174,7 +174,7 @@ def startup(app: Any) -> Any:
         engine.throttle_alerted = "sustained_throttling" in live
         engine.load_alerted = "high_system_load" in live
         if live & set(DAILY_RULES):
-            await _new_day(app, engine, day)
+            await _new_day(app, day)
 
     return load()
 
@@ -203,7 +203,7 @@ async def on_violation(app: Any, violation: dict[str, Any]) -> None:
     day_key, day = _day(app)
     if day_key != engine.day_key:
         engine.day_key, engine.violations = day_key, Counter()
-        await _new_day(app, engine, day)
+        await _new_day(app, day)
     user_id = violation["user_id"]
     engine.violations[user_id] += 1
     count = engine.violations[user_id]
@@ -265,7 +265,7 @@ def register_emitters(app: Any) -> list[PeriodicEmitter]:
         day_key, day = _day(app)
         if day_key != engine.day_key:
             engine.day_key, engine.violations = day_key, Counter()
-            await _new_day(app, engine, day)
+            await _new_day(app, day)
         resolve_after = app.config["alerts.resolve_after"]
         throttling = engine.rule("sustained_throttling")
         if throttling is not None and load.sampled_at:
