@@ -190,6 +190,24 @@ class DailyPeak(BaseModel):
     username = CharField(max_length=255)
 
 
+class AuthState(BaseModel):
+    """One row (``id`` 1): the version of the credentials, bumped in the transaction of
+    every token creation, revocation and logout. Every process compares it with the
+    version it loaded and reloads its credentials when they differ (quotaserver.credential_sync)."""
+
+    id = IntegerField(primary_key=True)
+    version = BigIntegerField(default=0)
+
+
+class LoginCode(BaseModel):
+    """A one-time sign-in code (its SHA-256 only), shared by every worker and instance:
+    redeeming deletes the row, so a code works once in total."""
+
+    code_hash = CharField(max_length=64, primary_key=True)
+    token_digest = CharField(max_length=64)
+    expires_at = BigIntegerField()  # epoch seconds
+
+
 class PluginData(BaseModel):
     """A plugin's small state that outlives a restart (``app.plugin_storage``): a JSON
     value per (plugin, key), such as the last event a notification target received."""
@@ -208,5 +226,7 @@ ALL_MODELS = (SchemaVersion, User, QuotaRule, Usage, Violation, Event, Alert, Au
 AUTH_MODELS = (ApiToken, RevokedSession)
 # Added by migration 3.
 SCALE_MODELS = (DailyPeak,)
-# Added by migration 8.
+# Added by migration 5 (written out as SQL there).
+CLUSTER_AUTH_MODELS = (AuthState, LoginCode)
+# Added by migration 8 (written out as SQL there).
 PLUGIN_MODELS = (PluginData,)
