@@ -350,7 +350,7 @@ class Notifier:
             return
         # Where a new target begins: the end of the log now, before anything can await
         # (an event committed while the cursors load must not be skipped).
-        start = self.app.hub.last_seq
+        start = self.app.last_seq
         self.http = AsyncHTTPClient(force_instance=True, max_clients=max(10, len(self.targets)))
         # Started here, as the plugin: the tasks' threads (SMTP, name lookups) come from
         # the plugin's own pool.

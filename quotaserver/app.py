@@ -53,7 +53,7 @@ class QuotaApp:
 
     ``config``, ``clock``, ``store`` (``await app.store.run(fn)``), ``quota``
     (QuotaService), ``rules`` (RuleService), ``alerts`` (AlertService), ``load``
-    (SystemLoad), ``hub``, ``publish_event``, ``read_events``, ``plugin_config``,
+    (SystemLoad), ``hub``, ``publish_event``, ``read_events``, ``last_seq``, ``plugin_config``,
     ``plugin_state``, ``plugin_storage`` (PluginStorage).
     """
 
@@ -317,6 +317,12 @@ class QuotaApp:
             return Change(message, [message])
 
         return await commit(self.store, work, self.publish)
+
+    @property
+    def last_seq(self) -> int:
+        """The seq of the newest durable event this instance knows (where an outbox
+        consumer that should not be sent history begins)."""
+        return self.hub.last_seq
 
     async def read_events(self, after: int, limit: int = 100) -> list[Message]:
         """Up to ``limit`` durable events with ``seq > after`` from the event log, oldest

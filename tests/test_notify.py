@@ -122,7 +122,7 @@ async def targets(app) -> dict:
 
 async def all_done(app) -> None:
     """Every target has decided every event so far (its cursor is at the end of the log)."""
-    last = app.hub.last_seq
+    last = app.last_seq
 
     async def done() -> bool:
         found = await targets(app)

@@ -426,6 +426,7 @@ async def test_plugin_storage_outlives_a_restart_and_read_events_is_the_outbox(a
     second = await app.publish_event("quota_change", {"n": 2})
     assert [m.data["n"] for m in await app.read_events(first.seq - 1)] == [1, 2]
     assert [m.seq for m in await app.read_events(first.seq, limit=5)] == [second.seq]
+    assert app.last_seq == second.seq
     await app.plugin_storage.save("my_plugin", "cursor", {"seq": second.seq})
     await app.plugin_storage.save("my_plugin", "cursor", {"seq": second.seq + 1})  # replaces
     await app.plugin_storage.save("other", "cursor", 7)
