@@ -37,6 +37,7 @@ from .realtime.emitters import Scheduler
 from .realtime.hub import Hub
 from .realtime.limits import ConnectionLimiter
 from .realtime.messages import CLOSE_GOING_AWAY, CLOSE_POLICY, Message
+from .refunds import RefundService
 from .rules import RuleService
 from .secret_files import private_database_files, read_or_create_secret
 from .throttle import SystemLoad
@@ -52,9 +53,9 @@ class QuotaApp:
     """The application. Plugins get it as ``app`` and use its public attributes:
 
     ``config``, ``clock``, ``store`` (``await app.store.run(fn)``), ``quota``
-    (QuotaService), ``rules`` (RuleService), ``alerts`` (AlertService), ``load``
-    (SystemLoad), ``hub``, ``publish_event``, ``read_events``, ``last_seq``, ``plugin_config``,
-    ``plugin_state``, ``plugin_storage`` (PluginStorage).
+    (QuotaService), ``rules`` (RuleService), ``refunds`` (RefundService), ``alerts``
+    (AlertService), ``load`` (SystemLoad), ``hub``, ``publish_event``, ``read_events``,
+    ``last_seq``, ``plugin_config``, ``plugin_state``, ``plugin_storage`` (PluginStorage).
     """
 
     def __init__(
@@ -99,6 +100,7 @@ class QuotaApp:
         self.alerts = AlertService(self.store, self.publish, clock)
         self.plugin_storage = PluginStorage(self.store, clock)
         self.rules = RuleService(self.quota, self.publish)
+        self.refunds = RefundService(self.quota, self.publish)
         self.scheduler = Scheduler(
             self.publish_event,
             declare=self.hooks.declare_event_types,

@@ -208,6 +208,33 @@ class LoginCode(BaseModel):
     expires_at = BigIntegerField()  # epoch seconds
 
 
+class IdempotencyKey(BaseModel):
+    """The stored effect and answer of one keyed write (``Idempotency-Key``), per token.
+
+    Written in the transaction that counts the consume, so a key exists exactly when its
+    effect does. One row per keyed consume, not per HTTP request: a batch item carries its
+    own key and gets its own row. ``windows`` (JSON: period -> window key) and ``counted``
+    say what a refund may give back; ``refund`` is the refund's stored answer (given once).
+    """
+
+    id = AutoField()
+    owner = CharField(max_length=32)  # Identity.token_id: one service cannot replay another's
+    key = CharField(max_length=255)
+    fingerprint = CharField(max_length=64)  # SHA-256 of the normalised request
+    status = IntegerField()
+    response = TextField()
+    username = CharField(max_length=255)
+    command_type = CharField(max_length=64)
+    counted = BigIntegerField(default=0)  # 0: the consume was refused and counted nothing
+    windows = TextField(default="{}")
+    refund = TextField(null=True)
+    created_at = DateTimeField()
+    expires_at = DateTimeField(index=True)
+
+    class Meta:
+        indexes = ((("owner", "key"), True),)
+
+
 class PluginData(BaseModel):
     """A plugin's small state that outlives a restart (``app.plugin_storage``): a JSON
     value per (plugin, key), such as the last event a notification target received."""
@@ -228,5 +255,7 @@ AUTH_MODELS = (ApiToken, RevokedSession)
 SCALE_MODELS = (DailyPeak,)
 # Added by migration 5 (written out as SQL there).
 CLUSTER_AUTH_MODELS = (AuthState, LoginCode)
+# Added by migration 7.
+IDEMPOTENCY_MODELS = (IdempotencyKey,)
 # Added by migration 8 (written out as SQL there).
 PLUGIN_MODELS = (PluginData,)

@@ -83,7 +83,7 @@ async def serve(
     # so full collections (seen at 1-2 s with thousands of clients) scan only newer objects;
     # then do the same for accepted connections, step by step (realtime/gc_steps.py).
     gc.freeze()
-    gc_steps = PeriodicCallback(GcSteps(app.hub.count).tick, 2000)
+    gc_steps = PeriodicCallback(GcSteps(app.hub.count).tick, 500)
     gc_steps.start()
     if worker is None:
         announce(app.url, config, await app.auth.issue_login_code())

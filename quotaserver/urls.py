@@ -4,7 +4,19 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from .handlers import admin, api, dashboard, dev, health, metrics, session, sse, tokens, websocket
+from .handlers import (
+    admin,
+    api,
+    dashboard,
+    dev,
+    health,
+    metrics,
+    openapi,
+    session,
+    sse,
+    tokens,
+    websocket,
+)
 from .handlers.base import NotFoundHandler
 
 if TYPE_CHECKING:
@@ -12,8 +24,10 @@ if TYPE_CHECKING:
 
 ROUTES: list[tuple[str, type]] = [
     (r"/api/health", api.HealthHandler),
+    (r"/api/openapi.json", openapi.OpenApiHandler),
     (r"/api/quotas/check", api.CheckHandler),
     (r"/api/quotas/consume", api.ConsumeHandler),
+    (r"/api/quotas/refund", api.RefundHandler),
     (r"/api/quotas/users/([^/]+)", api.UserStatusHandler),
     (r"/api/ws/health", health.StreamHealthHandler),
     (r"/api/plugins", health.PluginsHandler),
