@@ -9,13 +9,21 @@ threshold):
 - ``sustained_throttling``: factor < ``threshold`` (0.5) for ``duration`` (300) s -> high.
 - ``high_system_load``: CPU or memory >= ``threshold`` (85) % -> critical.
 
+Alerts end by themselves (``resolved_by: "system"``, through ``app.alerts.end``) when
+their condition has cleared; a recurrence then opens a new alert:
+
+- the daily rules (``quota_violation``, ``high_utilization``, ``approaching_limit``): at a
+  new day; the utilisation rules also as soon as the user is below the threshold again
+  (a limit raised above the usage, or the usage reset);
+- ``sustained_throttling`` and ``high_system_load``: once the factor or the load has been
+  clear for ``alerts.resolve_after`` seconds (a short dip back does not end the episode).
+
 Storage, deduplication (one live alert per rule, user and day; a repeat raises ``count``),
 acknowledge and resolve belong to ``app.alerts``.
 """
 
 from __future__ import annotations
 
-import time
 from collections import Counter
 from collections.abc import Awaitable
 from typing import Any
@@ -23,7 +31,7 @@ from typing import Any
 from quotaserver import hookimpl
 from quotaserver.alerts import SEVERITIES
 from quotaserver.config import check_plugin_block, positive_number
-from quotaserver.models import Violation, naive_utc
+from quotaserver.models import Alert, DailyPeak, Violation, naive_utc
 from quotaserver.realtime.emitters import PeriodicEmitter
 
 NAME = "alert_engine"
@@ -34,6 +42,8 @@ DEFAULT_RULES: dict[str, dict[str, Any]] = {
     "sustained_throttling": {"threshold": 0.5, "duration": 300, "severity": "high"},
     "high_system_load": {"threshold": 85, "severity": "critical"},
 }
+DAILY_RULES = ("quota_violation", "high_utilization", "approaching_limit")
+UTILIZATION_RULES = ("high_utilization", "approaching_limit")
 
 
 def _check_rules(rules: Any) -> str | None:
@@ -83,6 +93,9 @@ class Engine:
         self.throttled_since: float | None = None
         self.throttle_alerted = False
         self.load_alerted = False
+        # Since when the condition of an alerted episode has been clear (None: not clear).
+        self.throttle_clear_since: float | None = None
+        self.load_clear_since: float | None = None
 
     def rule(self, name: str) -> dict[str, Any] | None:
         rule = self.rules[name]
@@ -116,15 +129,71 @@ def _user_violations_today(app: Any, user_id: int) -> int:
     )
 
 
+def _live_rules() -> set[str]:
+    """Rules with an alert that is not resolved (an episode a restart must not forget)."""
+    rows = Alert.select(Alert.rule).where(Alert.dedupe_key.is_null(False)).distinct()
+    return {row.rule for row in rows}
+
+
+def _cleared_users(rule: str, threshold: float, day_key: int) -> list[int]:
+    """Users with a live ``rule`` alert whose highest daily utilisation today is below
+    ``threshold`` (a fraction): a raised limit or a reset usage ended their condition."""
+    users = {
+        row.user_id
+        for row in Alert.select(Alert.user).where(
+            (Alert.rule == rule) & Alert.dedupe_key.is_null(False) & Alert.user.is_null(False)
+        )
+    }
+    if not users:
+        return []
+    # rank is minus the percent of the user's highest daily utilisation (a row of today).
+    peaks = {
+        row.user_id: -row.rank
+        for row in DailyPeak.select().where(
+            (DailyPeak.user.in_(list(users))) & (DailyPeak.day == day_key)
+        )
+    }
+    return sorted(u for u in users if peaks.get(u, 0.0) < threshold * 100)
+
+
+async def _new_day(app: Any, day: str) -> None:
+    """Yesterday's counts are over: end the daily rules' alerts of earlier days."""
+    for name in DAILY_RULES:
+        await app.alerts.end(name, unless_day=day)
+
+
 @hookimpl
 def startup(app: Any) -> Any:
     engine = _engine(app)
 
     async def load() -> None:
         engine.violations = await app.store.read(_violations_today, app)
-        engine.day_key = _day(app)[0]
+        day_key, day = _day(app)
+        engine.day_key = day_key
+        live = await app.store.read(_live_rules)
+        engine.throttle_alerted = "sustained_throttling" in live
+        engine.load_alerted = "high_system_load" in live
+        if live & set(DAILY_RULES):
+            await _new_day(app, day)
 
     return load()
+
+
+@hookimpl
+def on_event(app: Any, message: Any) -> Awaitable[Any] | None:
+    # A limit or a usage reset may have brought users back below a utilisation threshold.
+    if message.type != "quota_change":
+        return None
+    return _end_cleared_utilization(app)
+
+
+async def _end_cleared_utilization(app: Any) -> None:
+    engine = _engine(app)
+    day_key, _ = _day(app)
+    for name in UTILIZATION_RULES:
+        threshold = engine.rules[name]["threshold"]
+        for user_id in await app.store.read(_cleared_users, name, threshold, day_key):
+            await app.alerts.end(name, user_id=user_id)
 
 
 @hookimpl
@@ -134,6 +203,7 @@ async def on_violation(app: Any, violation: dict[str, Any]) -> None:
     day_key, day = _day(app)
     if day_key != engine.day_key:
         engine.day_key, engine.violations = day_key, Counter()
+        await _new_day(app, day)
     user_id = violation["user_id"]
     engine.violations[user_id] += 1
     count = engine.violations[user_id]
@@ -190,13 +260,18 @@ def register_emitters(app: Any) -> list[PeriodicEmitter]:
     engine = _engine(app)
 
     async def check_load() -> None:
-        now = time.time()
+        now = app.clock().timestamp()
         load = app.load.current
-        _, day = _day(app)
+        day_key, day = _day(app)
+        if day_key != engine.day_key:
+            engine.day_key, engine.violations = day_key, Counter()
+            await _new_day(app, day)
+        resolve_after = app.config["alerts.resolve_after"]
         throttling = engine.rule("sustained_throttling")
         if throttling is not None and load.sampled_at:
             if load.factor < throttling["threshold"]:
                 engine.throttled_since = engine.throttled_since or now
+                engine.throttle_clear_since = None
                 lasted = now - engine.throttled_since
                 if lasted >= throttling["duration"] and not engine.throttle_alerted:
                     engine.throttle_alerted = True
@@ -209,20 +284,30 @@ def register_emitters(app: Any) -> list[PeriodicEmitter]:
                         dedupe_day=day,
                     )
             else:
-                engine.throttled_since, engine.throttle_alerted = None, False
+                engine.throttled_since = None
+                if engine.throttle_alerted:
+                    engine.throttle_clear_since = engine.throttle_clear_since or now
+                    if now - engine.throttle_clear_since >= resolve_after:
+                        await app.alerts.end("sustained_throttling")
+                        engine.throttle_alerted, engine.throttle_clear_since = False, None
         high = engine.rule("high_system_load")
         if high is not None and load.sampled_at:
             peak = max(load.cpu_percent, load.memory_percent)
-            if peak >= high["threshold"] and not engine.load_alerted:
-                engine.load_alerted = True
-                await app.alerts.raise_alert(
-                    "high_system_load",
-                    high["severity"],
-                    f"System load high: CPU {load.cpu_percent}%, memory {load.memory_percent}%",
-                    action="Check the host; consumes are throttled",
-                    dedupe_day=day,
-                )
-            elif peak < high["threshold"]:
-                engine.load_alerted = False
+            if peak >= high["threshold"]:
+                engine.load_clear_since = None
+                if not engine.load_alerted:
+                    engine.load_alerted = True
+                    await app.alerts.raise_alert(
+                        "high_system_load",
+                        high["severity"],
+                        f"System load high: CPU {load.cpu_percent}%, memory {load.memory_percent}%",
+                        action="Check the host; consumes are throttled",
+                        dedupe_day=day,
+                    )
+            elif engine.load_alerted:
+                engine.load_clear_since = engine.load_clear_since or now
+                if now - engine.load_clear_since >= resolve_after:
+                    await app.alerts.end("high_system_load")
+                    engine.load_alerted, engine.load_clear_since = False, None
 
     return [PeriodicEmitter("alert_rules", engine.check_interval, check_load)]

@@ -2,7 +2,7 @@
 
 The public surface for plugin authors is this package's top level::
 
-    from quotaserver import EventEmitter, PeriodicEmitter, hookimpl
+    from quotaserver import EventEmitter, MetricSample, PeriodicEmitter, hookimpl
 """
 
 import pluggy
@@ -14,6 +14,7 @@ hookimpl = pluggy.HookimplMarker("quotaserver")
 
 # After hookimpl: the emitters module imports nothing that needs it, but plugins that
 # import quotaserver must find the marker however the import order goes.
+from .metrics import MetricSample  # noqa: E402
 from .realtime.emitters import EventEmitter, PeriodicEmitter  # noqa: E402
 
-__all__ = ["EventEmitter", "PeriodicEmitter", "__version__", "hookimpl"]
+__all__ = ["EventEmitter", "MetricSample", "PeriodicEmitter", "__version__", "hookimpl"]

@@ -7,6 +7,7 @@ owns the storage and the events, so every alert change is persisted, then publis
 from __future__ import annotations
 
 import functools
+from datetime import datetime
 from typing import Any
 
 from .audit import record_audit
@@ -15,6 +16,7 @@ from .db import Store
 from .errors import DomainError
 from .events import append_event
 from .models import Alert, User, aware, naive_utc
+from .realtime.messages import Message
 from .windows import Clock, isoformat, utc_now
 
 SEVERITIES = ("low", "medium", "high", "critical")
@@ -84,6 +86,19 @@ class AlertService:
     async def resolve(self, alert_id: int, actor: str) -> dict[str, Any]:
         return await self._transition(alert_id, "resolved", actor)
 
+    async def end(
+        self, rule: str, *, user_id: int | None = None, unless_day: str | None = None
+    ) -> list[dict[str, Any]]:
+        """Resolve the live alerts of ``rule`` whose condition has cleared, as ``system``.
+
+        The rules decide when a condition has cleared (the alert engine); this resolves every
+        open or acknowledged alert of ``rule`` (of ``user_id`` only, when given; except those
+        of day ``unless_day``, for "a new day" endings) and publishes each change, so that a
+        recurrence opens a new alert instead of counting on an old one forever.
+        """
+        work = functools.partial(self._end_sync, rule, user_id, unless_day)
+        return await commit(self.store, work, self.publish)
+
     async def _transition(self, alert_id: int, status: str, actor: str) -> dict[str, Any]:
         work = functools.partial(self._transition_sync, alert_id, status, actor)
         return await commit(self.store, work, self.publish)
@@ -138,16 +153,37 @@ class AlertService:
             if row.status == "resolved" or row.status == status:
                 # Idempotent: nothing changes, nothing is published.
                 return Change(alert_json(row))
-            row.status = status
-            row.updated_at = naive_utc(now)
-            if status == "acknowledged":
-                row.acknowledged_by, row.acknowledged_at = actor, naive_utc(now)
-            else:
-                row.resolved_by, row.resolved_at = actor, naive_utc(now)
-                row.dedupe_key = None  # a later repeat opens a new alert
-            row.save()
-            action = "alert.acknowledge" if status == "acknowledged" else "alert.resolve"
-            record_audit(actor, action, f"alert:{alert_id}", {"status": status}, now)
-            payload = alert_json(row)
-            payload["update"] = True
-            return Change(payload, [append_event("alert", payload, now)])
+            payload, message = self._apply(row, status, actor, now)
+            return Change(payload, [message])
+
+    def _end_sync(
+        self, rule: str, user_id: int | None, unless_day: str | None
+    ) -> Change[list[dict]]:
+        now = self.clock()
+        live = (Alert.rule == rule) & Alert.dedupe_key.is_null(False)  # NULL once resolved
+        if user_id is not None:
+            live &= Alert.user == user_id
+        with self.store.db.atomic():
+            rows = [
+                row
+                for row in Alert.select().where(live).order_by(Alert.id)
+                if unless_day is None or not row.dedupe_key.endswith(f":{unless_day}")
+            ]
+            changed = [self._apply(row, "resolved", "system", now) for row in rows]
+        return Change([payload for payload, _ in changed], [message for _, message in changed])
+
+    def _apply(self, row: Alert, status: str, actor: str, now: datetime) -> tuple[dict, Message]:
+        """Move ``row`` to ``status``, audited; the payload and its event (in a transaction)."""
+        row.status = status
+        row.updated_at = naive_utc(now)
+        if status == "acknowledged":
+            row.acknowledged_by, row.acknowledged_at = actor, naive_utc(now)
+        else:
+            row.resolved_by, row.resolved_at = actor, naive_utc(now)
+            row.dedupe_key = None  # a later repeat opens a new alert
+        row.save()
+        action = "alert.acknowledge" if status == "acknowledged" else "alert.resolve"
+        record_audit(actor, action, f"alert:{row.id}", {"status": status}, now)
+        payload = alert_json(row)
+        payload["update"] = True
+        return payload, append_event("alert", payload, now)

@@ -21,13 +21,14 @@ from .auth import Auth
 from .change import Change, commit
 from .config import Config
 from .db import Store
-from .events import events_after, last_seq
+from .events import events_after, events_since, last_seq
 from .handlers.base import MisdirectedHandler, StaticHandler
 from .isolation import PluginThreads, current_plugin, stop_requested
 from .logs import log_request
 from .metrics import Metrics
 from .netguard import make_http_server
 from .origins import HostGuard
+from .plugin_storage import PluginStorage
 from .plugins import Hooks, PluginEventError, get_plugin_manager
 from .quota import Decision, QuotaService
 from .realtime.backplane import RedisBackplane, make_backplane
@@ -53,8 +54,8 @@ class QuotaApp:
 
     ``config``, ``clock``, ``store`` (``await app.store.run(fn)``), ``quota``
     (QuotaService), ``rules`` (RuleService), ``refunds`` (RefundService), ``alerts``
-    (AlertService), ``load`` (SystemLoad), ``hub``, ``publish_event``, ``plugin_config``,
-    ``plugin_state``.
+    (AlertService), ``load`` (SystemLoad), ``hub``, ``publish_event``, ``read_events``,
+    ``last_seq``, ``plugin_config``, ``plugin_state``, ``plugin_storage`` (PluginStorage).
     """
 
     def __init__(
@@ -97,6 +98,7 @@ class QuotaApp:
             config, self.store, self.load, clock, publish=self.publish, on_decision=self._decided
         )
         self.alerts = AlertService(self.store, self.publish, clock)
+        self.plugin_storage = PluginStorage(self.store, clock)
         self.rules = RuleService(self.quota, self.publish)
         self.refunds = RefundService(self.quota, self.publish)
         self.scheduler = Scheduler(
@@ -317,6 +319,18 @@ class QuotaApp:
             return Change(message, [message])
 
         return await commit(self.store, work, self.publish)
+
+    @property
+    def last_seq(self) -> int:
+        """The seq of the newest durable event this instance knows (where an outbox
+        consumer that should not be sent history begins)."""
+        return self.hub.last_seq
+
+    async def read_events(self, after: int, limit: int = 100) -> list[Message]:
+        """Up to ``limit`` durable events with ``seq > after`` from the event log, oldest
+        first, on a reader thread: the outbox for a plugin that hands events on (what
+        retention already deleted is simply not there)."""
+        return await self.store.read(events_since, after, limit)
 
     def _remote_event(self, message: Message) -> None:
         """A durable event committed by another instance (plugins ran there)."""

@@ -536,6 +536,15 @@ SETTINGS: tuple[Setting, ...] = (
         "retention.batch_size", int, 1000, "Rows deleted per transaction when pruning.", 1, 100_000
     ),
     Setting(
+        "alerts.resolve_after",
+        float,
+        120.0,
+        "Seconds a load or throttling condition must stay clear before its alert is "
+        "resolved by the system (resolved_by: system); 0 resolves at the first clear check.",
+        0,
+        86400,
+    ),
+    Setting(
         "metrics.public",
         bool,
         False,

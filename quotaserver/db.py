@@ -191,6 +191,16 @@ def _migration_7(db: Database) -> None:
     db.execute_sql(f'CREATE INDEX IF NOT EXISTS "{table}_expires_at" ON "{table}" ("expires_at")')
 
 
+def _migration_8(db: Database) -> None:
+    """Plugin state that outlives a restart (plugin, key, JSON value)."""
+    stamp = "TIMESTAMP" if isinstance(db, PostgresqlDatabase) else "DATETIME"
+    db.execute_sql(
+        'CREATE TABLE IF NOT EXISTS "plugin_data" ("plugin" VARCHAR(64) NOT NULL, '
+        f'"key" VARCHAR(128) NOT NULL, "value" TEXT NOT NULL, "updated_at" {stamp} NOT NULL, '
+        'PRIMARY KEY ("plugin", "key"))'
+    )
+
+
 # Append-only: (version, function). Never edit a released migration; add a new one.
 # Migrations 1 and 2 create tables from the models as they are today. The first change to
 # an existing model must therefore come with an explicit ALTER migration (playhouse.migrate)
@@ -203,6 +213,7 @@ MIGRATIONS: tuple[tuple[int, Callable[[Database], None]], ...] = (
     (5, _migration_5),
     (6, _migration_6),
     (7, _migration_7),
+    (8, _migration_8),
 )
 SCHEMA_VERSION = MIGRATIONS[-1][0]  # what this code knows; a newer database is refused
 

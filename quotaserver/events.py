@@ -51,6 +51,12 @@ def events_after(after: int, limit: int) -> list[Message]:
     """
     if pruned_after(after):
         raise EventsPruned(after)
+    return events_since(after, limit)
+
+
+def events_since(after: int, limit: int) -> list[Message]:
+    """Up to ``limit`` of the events still kept with ``seq > after``, oldest first (a
+    reader that can live with what retention deleted: an outbox consumer)."""
     rows = Event.select().where(Event.id > after).order_by(Event.id).limit(limit)
     return [Message(r.type, r.payload(), seq=r.id, timestamp=aware(r.created_at)) for r in rows]
 

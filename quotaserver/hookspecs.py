@@ -15,6 +15,7 @@ import pluggy
 if TYPE_CHECKING:
     from .app import QuotaApp
     from .config import Config
+    from .metrics import MetricSample
     from .quota import Decision
     from .realtime.emitters import EventEmitter, PeriodicEmitter
     from .realtime.messages import Message
@@ -52,6 +53,29 @@ def stats_fields(app: QuotaApp) -> dict[str, Any] | None:
     Must be cheap (in-memory figures only): it runs on the IOLoop.
 
     :return: a mapping of field name to a JSON-serialisable value; None adds nothing.
+    """
+
+
+@hookspec
+def health_fields(app: QuotaApp) -> dict[str, Any] | None:
+    """This plugin's part of ``GET /api/ws/health``, called for each request on the IOLoop.
+
+    Must be cheap (in-memory figures only). ``"healthy": False`` in the mapping makes the
+    health ``status`` ``degraded``.
+
+    :return: a JSON-serialisable mapping, shown under ``plugins_health.<plugin name>``;
+        None adds nothing.
+    """
+
+
+@hookspec
+def metric_samples(app: QuotaApp) -> list[MetricSample] | None:
+    """Values this plugin adds to ``GET /metrics``, called about once a second and before
+    each scrape, on the IOLoop (in-memory figures only).
+
+    :return: :class:`quotaserver.MetricSample` values whose names start with
+        ``quotaserver_<plugin name>_``; a sample that breaks the rules is refused and
+        counted as a failure of this hook.
     """
 
 

@@ -20,7 +20,10 @@ from __future__ import annotations
 import asyncio
 import glob
 import logging
+import math
 import os
+import re
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import psutil
@@ -35,6 +38,7 @@ from prometheus_client import (
     multiprocess,
     values,
 )
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 if TYPE_CHECKING:
     import tornado.web
@@ -43,7 +47,13 @@ if TYPE_CHECKING:
     from .quota import Decision
     from .realtime.messages import Message
 
-__all__ = ["CONTENT_TYPE_LATEST", "Metrics", "enable_multiprocess", "worker_exited"]
+__all__ = [
+    "CONTENT_TYPE_LATEST",
+    "MetricSample",
+    "Metrics",
+    "enable_multiprocess",
+    "worker_exited",
+]
 
 log = logging.getLogger(__name__)
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
@@ -52,6 +62,61 @@ TRANSPORTS = ("websocket", "sse")
 # Consume latency buckets (s): a consume takes about a millisecond on SQLite when idle,
 # tens of milliseconds under load; past a second something is wrong.
 CONSUME_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+
+
+_METRIC_NAME = re.compile(r"^[a-z_][a-z0-9_]*$")
+_LABEL_NAME = re.compile(r"^[a-z_][a-z0-9_]*$")
+
+
+@dataclass(frozen=True)
+class MetricSample:
+    """One value a plugin adds to ``GET /metrics`` (the ``metric_samples`` hook).
+
+    ``kind`` is ``gauge`` or ``counter`` (a counter's name is exposed with ``_total``);
+    samples of one name must share ``kind``, ``help`` and label names.
+    """
+
+    name: str
+    value: float
+    labels: dict[str, str] = field(default_factory=dict)
+    help: str = ""
+    kind: str = "gauge"
+
+
+def sample_problem(plugin: str, sample: Any) -> str | None:
+    """Why the host refuses ``sample`` from ``plugin``, or None."""
+    if not isinstance(sample, MetricSample):
+        return f"{sample!r} is not a MetricSample"
+    prefix = f"quotaserver_{plugin.replace('-', '_')}_"
+    if not sample.name.startswith(prefix) or not _METRIC_NAME.match(sample.name):
+        return f"metric {sample.name!r}: must match {prefix}[a-z0-9_]+"
+    if sample.kind not in ("gauge", "counter"):
+        return f"metric {sample.name!r}: kind must be gauge or counter"
+    if not isinstance(sample.value, int | float) or not math.isfinite(sample.value):
+        return f"metric {sample.name!r}: value must be a finite number"
+    if not all(isinstance(k, str) and _LABEL_NAME.match(k) for k in sample.labels):
+        return f"metric {sample.name!r}: label names must match {_LABEL_NAME.pattern}"
+    return None
+
+
+class _PluginCollector:
+    """The plugins' samples, gathered on the loop (refresh) and exposed at scrape time."""
+
+    def __init__(self) -> None:
+        self.samples: list[MetricSample] = []
+
+    def describe(self) -> list:
+        return []
+
+    def collect(self) -> list:
+        families: dict[str, Any] = {}
+        for s in self.samples:
+            family = families.get(s.name)
+            if family is None:
+                kind = CounterMetricFamily if s.kind == "counter" else GaugeMetricFamily
+                family = families[s.name] = kind(s.name, s.help, labels=sorted(s.labels))
+            family.add_metric([str(s.labels[k]) for k in sorted(s.labels)], s.value)
+        return list(families.values())
 
 
 def multiprocess_enabled() -> bool:
@@ -106,6 +171,9 @@ class Metrics:
         else:
             own = self.registry
         ProcessCollector(registry=self.registry)
+        # Per process, also with several workers: plugins keep their figures in memory.
+        self.plugin_samples = _PluginCollector()
+        self.registry.register(self.plugin_samples)
         gauge_mode = {"multiprocess_mode": "liveall"}  # one series per live worker
         self.decisions = Counter(
             "quotaserver_decisions",
@@ -223,9 +291,26 @@ class Metrics:
         for name, health in app.scheduler.sources.items():
             self.source_up.labels(name).set(1 if health.healthy else 0)
         self.throttle_factor.set(app.load.factor)
+        self.plugin_samples.samples = self._plugin_samples()
         if self.multiprocess:
             future = asyncio.get_running_loop().run_in_executor(None, self._sample_process)
             future.add_done_callback(_log_failure)
+
+    def _plugin_samples(self) -> list[MetricSample]:
+        samples: list[MetricSample] = []
+        shapes: dict[str, tuple[str, str, tuple[str, ...]]] = {}
+        for plugin, result in self.app.hooks.call("metric_samples", app=self.app):
+            for sample in result:
+                problem = sample_problem(plugin, sample)
+                if problem is None:
+                    shape = (sample.kind, sample.help, tuple(sorted(sample.labels)))
+                    if shapes.setdefault(sample.name, shape) != shape:
+                        problem = f"metric {sample.name!r}: samples differ in kind, help or labels"
+                if problem is not None:
+                    self.app.hooks.refuse(plugin, "metric_samples", ValueError(problem))
+                    break  # the rest of this plugin's samples this time
+                samples.append(sample)
+        return samples
 
     def _sample_process(self) -> None:
         """This worker's process figures (psutil reads /proc: off the loop)."""

@@ -14,6 +14,7 @@ from peewee import (
     AutoField,
     BigIntegerField,
     CharField,
+    CompositeKey,
     DatabaseProxy,
     DateTimeField,
     FloatField,
@@ -234,6 +235,19 @@ class IdempotencyKey(BaseModel):
         indexes = ((("owner", "key"), True),)
 
 
+class PluginData(BaseModel):
+    """A plugin's small state that outlives a restart (``app.plugin_storage``): a JSON
+    value per (plugin, key), such as the last event a notification target received."""
+
+    plugin = CharField(max_length=64)
+    key = CharField(max_length=128)
+    value = TextField()
+    updated_at = DateTimeField()
+
+    class Meta:
+        primary_key = CompositeKey("plugin", "key")
+
+
 ALL_MODELS = (SchemaVersion, User, QuotaRule, Usage, Violation, Event, Alert, AuditLog, Activity)
 # Added by migration 2 (kept out of ALL_MODELS so that migration 1 stays what it was).
 AUTH_MODELS = (ApiToken, RevokedSession)
@@ -243,3 +257,5 @@ SCALE_MODELS = (DailyPeak,)
 CLUSTER_AUTH_MODELS = (AuthState, LoginCode)
 # Added by migration 7.
 IDEMPOTENCY_MODELS = (IdempotencyKey,)
+# Added by migration 8 (written out as SQL there).
+PLUGIN_MODELS = (PluginData,)

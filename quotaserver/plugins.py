@@ -13,6 +13,7 @@ import importlib
 import importlib.metadata
 import importlib.util
 import inspect
+import json
 import logging
 import os
 import sys
@@ -40,7 +41,8 @@ ENTRY_POINT_GROUP = "quotaserver"
 #: The package that plugins/ installs as (pyproject: tool.setuptools.package-dir).
 BUILTIN_PACKAGE = "quotaserver.builtin_plugins"
 BUILTIN_PLUGINS = tuple(
-    f"{BUILTIN_PACKAGE}.{name}" for name in ("system_metrics", "quota_analytics", "alert_engine")
+    f"{BUILTIN_PACKAGE}.{name}"
+    for name in ("system_metrics", "quota_analytics", "alert_engine", "notify")
 )
 #: Event types only the core publishes: a plugin emitting one could forge a violation.
 # Built-in plugins that became part of the core: their settings blocks say where they went.
@@ -455,6 +457,25 @@ class Hooks:
                     raise PluginError(problem)
                 self._failed(plugin, "stats_fields", ValueError(problem))
         return snapshot
+
+    def json_results(self, hook: str, **kwargs: Any) -> dict[str, dict[str, Any]]:
+        """``{plugin: mapping}`` of a hook whose results are JSON mappings; a result that
+        is not one is refused as a failure of that plugin's hook (and left out)."""
+        out = {}
+        for plugin, result in self.call(hook, **kwargs):
+            try:
+                if not isinstance(result, dict):
+                    raise TypeError(f"returned {type(result).__name__}, not a mapping")
+                json.dumps(result)
+            except (TypeError, ValueError) as exc:
+                self.refuse(plugin, hook, exc)
+                continue
+            out[plugin] = result
+        return out
+
+    def refuse(self, plugin: str, hook: str, exc: BaseException) -> None:
+        """Count what ``plugin`` returned from ``hook`` as a failure (the host refused it)."""
+        self._failed(plugin, hook, exc)
 
     # -- calling --------------------------------------------------------------------------
     def _impls(self, hook: str) -> list[Any]:

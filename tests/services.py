@@ -160,6 +160,19 @@ class Server:
             os.killpg(self.proc.pid, signal.SIGKILL)
 
 
+def make_certificate(directory: Any) -> tuple[str, str]:
+    """A self-signed certificate for 127.0.0.1 (one day), made with ``openssl``: the
+    (certificate, key) paths."""
+    cert, key = os.path.join(directory, "cert.pem"), os.path.join(directory, "key.pem")
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+         "-keyout", key, "-out", cert,
+         "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    return cert, key
+
+
 def write_config(path: str, settings: dict[str, Any]) -> str:
     with open(path, "w", encoding="utf-8") as fh:
         yaml.safe_dump(settings, fh)

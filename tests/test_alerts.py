@@ -1,7 +1,9 @@
-"""Alert rules (from the config) with deduplication; acknowledge and resolve."""
+"""Alert rules (from the config) with deduplication; acknowledge and resolve; alerts that
+end by themselves when their condition clears."""
 
 import pytest
 from clients import consume, settle, ws_connect
+from conftest import FakeClock
 
 from quotaserver.models import Alert, AuditLog
 
@@ -139,3 +141,145 @@ async def test_violation_counts_survive_a_restart(app_factory):
     await consume(again, "dov")  # the 5th violation today, counted from the database
     await settle(again)
     assert [a["rule"] for a in await alerts(again)] == ["quota_violation"]
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_load_alert_ends_by_itself_after_resolve_after_and_a_recurrence_is_new(
+    app_factory,
+):
+    clock = FakeClock()
+    app = await app_factory(clock=clock, alerts__resolve_after=60.0)
+    ws = await ws_connect(app, "types=alert")
+    app.load.update(91, 40)  # above the 85 % band
+    await app.scheduler.run_once("alert_rules")
+    opened = (await ws.recv_type("alert"))["data"]
+    assert opened["alert_type"] == "high_system_load" and opened["status"] == "open"
+    app.load.update(40, 40)  # below the band, but not for resolve_after yet
+    await app.scheduler.run_once("alert_rules")
+    clock.advance(seconds=59)
+    await app.scheduler.run_once("alert_rules")
+    assert [a["status"] for a in await alerts(app)] == ["open"]
+    clock.advance(seconds=2)
+    await app.scheduler.run_once("alert_rules")
+    ended = (await ws.recv_type("alert"))["data"]
+    assert ended["alert_id"] == opened["alert_id"]
+    assert (ended["status"], ended["resolved_by"], ended["update"]) == ("resolved", "system", True)
+    app.load.update(95, 40)  # the load comes back the same day: a new alert, not count 2
+    await app.scheduler.run_once("alert_rules")
+    again = (await ws.recv_type("alert"))["data"]
+    assert again["alert_id"] != opened["alert_id"]
+    assert (again["status"], again["count"], again["update"]) == ("open", 1, False)
+    rows = await alerts(app)
+    assert [(a["status"], a["resolved_by"]) for a in rows] == [
+        ("resolved", "system"),
+        ("open", None),
+    ]
+    ws.close()
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_a_dip_shorter_than_resolve_after_keeps_the_episode_open(app_factory):
+    clock = FakeClock()
+    app = await app_factory(clock=clock, alerts__resolve_after=60.0)
+    app.load.update(91, 40)
+    await app.scheduler.run_once("alert_rules")
+    app.load.update(40, 40)
+    await app.scheduler.run_once("alert_rules")
+    clock.advance(seconds=50)
+    app.load.update(92, 40)  # back above before the minute: the same episode
+    await app.scheduler.run_once("alert_rules")
+    clock.advance(seconds=20)
+    app.load.update(40, 40)
+    await app.scheduler.run_once("alert_rules")  # clear again from now on
+    clock.advance(seconds=30)
+    await app.scheduler.run_once("alert_rules")
+    rows = await alerts(app)
+    assert [(a["status"], a["count"]) for a in rows] == [("open", 1)]
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_throttling_alert_ends_when_the_factor_recovers(app_factory):
+    clock = FakeClock()
+    app = await app_factory(
+        clock=clock,
+        alerts__resolve_after=0.0,
+        plugins={
+            "alert_engine": {
+                "rules": {"sustained_throttling": {"duration": 0}, "high_system_load": {}}
+            }
+        },
+    )
+    app.load.update(96, 40)  # factor 0.3
+    await app.scheduler.run_once("alert_rules")
+    app.load.update(10, 10)  # factor 1
+    await app.scheduler.run_once("alert_rules")
+    rows = await alerts(app)
+    assert sorted((a["rule"], a["status"], a["resolved_by"]) for a in rows) == [
+        ("high_system_load", "resolved", "system"),
+        ("sustained_throttling", "resolved", "system"),
+    ]
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_utilization_alert_ends_when_the_limit_is_raised_above_usage(app_factory):
+    app = await app_factory()
+    await app.rules.set_global_limits("code", {"daily": 10}, actor="t")
+    await consume(app, "eve", "code", 8)  # 80 %
+    await settle(app)
+    assert [(a["rule"], a["status"]) for a in await alerts(app)] == [("high_utilization", "open")]
+    await app.rules.set_global_limits("code", {"daily": 9}, actor="t")  # 89 %: still high
+    await settle(app)
+    assert [a["status"] for a in await alerts(app)] == ["open"]
+    await app.rules.set_global_limits("code", {"daily": 100}, actor="t")  # 8 %
+    await settle(app)
+    rows = await alerts(app)
+    assert [(a["rule"], a["status"], a["resolved_by"]) for a in rows] == [
+        ("high_utilization", "resolved", "system")
+    ]
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_utilization_alert_ends_when_the_usage_is_reset(app_factory):
+    app = await app_factory()
+    await app.rules.set_global_limits("code", {"daily": 10}, actor="t")
+    await consume(app, "gus", "code", 8)
+    await consume(app, "hal", "code", 8)
+    await settle(app)
+    assert [a["status"] for a in await alerts(app)] == ["open", "open"]
+    await app.rules.reset_usage("gus", None, actor="t")
+    await settle(app)
+    rows = await alerts(app)  # by id: gus's alert, then hal's (still at 80 %)
+    assert [(a["status"], a["resolved_by"]) for a in rows] == [
+        ("resolved", "system"),
+        ("open", None),
+    ]
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_daily_alerts_end_at_a_new_day(app_factory):
+    clock = FakeClock()
+    app = await app_factory(
+        clock=clock,
+        plugins={
+            "alert_engine": {
+                **ONLY_VIOLATIONS["alert_engine"],
+                "rules": {
+                    **ONLY_VIOLATIONS["alert_engine"]["rules"],
+                    "quota_violation": {"threshold": 1},
+                },
+            }
+        },
+    )
+    await app.rules.set_global_limits("shell", {"daily": 1}, actor="t")
+    await consume(app, "fay")
+    await consume(app, "fay")  # a violation: the alert opens
+    await settle(app)
+    assert [a["status"] for a in await alerts(app)] == ["open"]
+    await app.scheduler.run_once("alert_rules")  # the same day: nothing ends
+    assert [a["status"] for a in await alerts(app)] == ["open"]
+    clock.advance(days=1)
+    await app.scheduler.run_once("alert_rules")
+    rows = await alerts(app)
+    assert [(a["rule"], a["status"], a["resolved_by"]) for a in rows] == [
+        ("quota_violation", "resolved", "system")
+    ]

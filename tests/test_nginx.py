@@ -16,7 +16,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from services import Server, free_port, start_server
+from services import Server, free_port, make_certificate, start_server
 from tornado.httpclient import AsyncHTTPClient, HTTPRequest
 from tornado.websocket import websocket_connect
 
@@ -90,12 +90,7 @@ async def wait_listening(port: int, proc: subprocess.Popen, log: Path) -> None:
 
 @pytest.mark.gen_test(timeout=120)
 async def test_login_websocket_and_sse_through_nginx_with_tls(tmp_path):
-    subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
-         "-keyout", str(tmp_path / "key.pem"), "-out", str(tmp_path / "cert.pem"),
-         "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
-        check=True, capture_output=True,
-    )  # fmt: skip
+    make_certificate(tmp_path)  # cert.pem and key.pem, which the config names
     tls, plain = free_port(), free_port()
     server = await start_quotaserver(tmp_path)
     conf = nginx_config(tmp_path, server.port, tls, plain)

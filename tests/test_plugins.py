@@ -18,7 +18,7 @@ HOOKS = sorted(n for n in dir(hookspecs) if hasattr(getattr(hookspecs, n), "quot
 DOCS = os.path.join(os.path.dirname(__file__), "..", "docs", "plugins.md")
 
 RECORDER = """
-from quotaserver import hookimpl
+from quotaserver import MetricSample, hookimpl
 from quotaserver.realtime.emitters import EventEmitter, PeriodicEmitter
 
 NAME = "recorder"
@@ -57,6 +57,22 @@ async def on_violation(app, violation):
 @hookimpl
 def on_event(app, message):
     _calls(app).append(("event", message.type, message.seq))
+
+@hookimpl
+def health_fields(app):
+    return {"calls": len(_calls(app)), "healthy": app.plugin_state(NAME).get("healthy", True)}
+
+@hookimpl
+def metric_samples(app):
+    decisions = len([c for c in _calls(app) if c[0] == "decision"])
+    samples = [
+        MetricSample("quotaserver_recorder_decisions", decisions, {"source": "hook"},
+                     "Decisions the recorder saw.", "counter"),
+        MetricSample("quotaserver_recorder_ready", 1),
+    ]
+    if app.plugin_state(NAME).get("foreign_metric"):
+        samples.append(MetricSample("quotaserver_throttle_factor", 0))  # not its name
+    return samples
 
 @hookimpl
 def register_emitters(app):
@@ -192,6 +208,41 @@ async def test_hook_on_event(app_factory, tmp_path):
     app, _ = await recorder_app(app_factory, tmp_path)
     message = await app.publish_event("quota_change", {"x": 1})
     await wait_until(lambda: ("event", "quota_change", message.seq) in calls(app), "the event hook")
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_hook_health_fields(app_factory, tmp_path):
+    app, _ = await recorder_app(app_factory, tmp_path)
+    await consume(app, "dan")
+    await wait_until(lambda: any(c[0] == "decision" for c in calls(app)), "the decision")
+    health = (await call(app, "GET", "/api/ws/health", token=VIEWER)).json
+    assert health["plugins_health"]["recorder"]["calls"] >= 1
+    assert health["status"] == "ok"
+    app.plugin_state("recorder")["healthy"] = False  # the plugin reports a problem
+    health = (await call(app, "GET", "/api/ws/health", token=VIEWER)).json
+    assert health["plugins_health"]["recorder"]["healthy"] is False
+    assert health["status"] == "degraded"
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_hook_metric_samples(app_factory, tmp_path):
+    from test_metrics import scrape, value
+
+    app, _ = await recorder_app(app_factory, tmp_path)
+    await consume(app, "eli")
+    await consume(app, "eli")
+    await wait_until(
+        lambda: len([c for c in calls(app) if c[0] == "decision"]) == 2, "two decisions"
+    )
+    got = await scrape(app)
+    assert value(got, "quotaserver_recorder_decisions_total", source="hook") == 2
+    assert value(got, "quotaserver_recorder_ready") == 1
+    # A name outside the plugin's prefix is refused: the core's gauge keeps its own value.
+    app.plugin_state("recorder")["foreign_metric"] = True
+    got = await scrape(app)
+    assert value(got, "quotaserver_throttle_factor") == 1.0
+    failures = [f for f in app.hooks.failures_json("recorder") if f["hook"] == "metric_samples"]
+    assert failures and "quotaserver_recorder_" in failures[0]["error"]
 
 
 @pytest.mark.gen_test(timeout=30)
@@ -366,3 +417,22 @@ def test_every_hook_is_documented_with_signature_and_example():
         assert section, f"docs/plugins.md has no section for {hook}"
         assert "```python" in section.group(2), f"{hook}: no example"
         assert "When" in section.group(2) or "when" in section.group(2), f"{hook}: no timing"
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_plugin_storage_outlives_a_restart_and_read_events_is_the_outbox(app_factory):
+    app = await app_factory()
+    first = await app.publish_event("quota_change", {"n": 1})
+    second = await app.publish_event("quota_change", {"n": 2})
+    assert [m.data["n"] for m in await app.read_events(first.seq - 1)] == [1, 2]
+    assert [m.seq for m in await app.read_events(first.seq, limit=5)] == [second.seq]
+    assert app.last_seq == second.seq
+    await app.plugin_storage.save("my_plugin", "cursor", {"seq": second.seq})
+    await app.plugin_storage.save("my_plugin", "cursor", {"seq": second.seq + 1})  # replaces
+    await app.plugin_storage.save("other", "cursor", 7)
+    with pytest.raises(TypeError):
+        await app.plugin_storage.save("my_plugin", "bad", object())  # refused before a write
+    await app.stop()
+    again = await app_factory()
+    assert await again.plugin_storage.load("my_plugin") == {"cursor": {"seq": second.seq + 1}}
+    assert await again.plugin_storage.load("other") == {"cursor": 7}

@@ -213,3 +213,16 @@ async def test_the_users_total_takes_an_id_that_committed_out_of_order_at_the_ne
         assert await total() == 4  # the next full count has it
     finally:
         late.close()
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_plugin_storage_and_alerts_that_end_on_postgresql(pg_app):
+    app = await pg_app()
+    await app.plugin_storage.save("pg_plugin", "cursor:ops", 5)
+    await app.plugin_storage.save("pg_plugin", "cursor:ops", 6)  # the upsert replaces it
+    assert await app.plugin_storage.load("pg_plugin") == {"cursor:ops": 6}
+    opened = await app.alerts.raise_alert("high_system_load", "critical", "load high")
+    [ended] = await app.alerts.end("high_system_load")
+    assert ended["alert_id"] == opened["alert_id"] and ended["resolved_by"] == "system"
+    again = await app.alerts.raise_alert("high_system_load", "critical", "load high")
+    assert again["alert_id"] != opened["alert_id"] and again["count"] == 1

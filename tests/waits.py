@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 # Generous: a busy machine makes things slow, never wrong. A wait costs its full timeout
 # only when the test is about to fail anyway.
@@ -21,6 +21,18 @@ async def wait_until(
         if loop.time() > deadline:
             raise AssertionError(f"timed out after {timeout} s waiting for {what}")
         await asyncio.sleep(0.01)
+
+
+async def wait_for_check(
+    check: Callable[[], Awaitable[object]], what: str, timeout: float = DEFAULT_TIMEOUT
+) -> None:
+    """Like :func:`wait_until` for a check that must await (an HTTP call, a query)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not await check():
+        if loop.time() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        await asyncio.sleep(0.02)
 
 
 def wait_until_sync(

@@ -16,10 +16,12 @@ class StreamHealthHandler(BaseHandler):
         app = self.app
         hub = app.hub
         sources = [h.to_json() for h in app.scheduler.sources.values()]
+        plugins_health = app.hooks.json_results("health_fields", app=app)
         # A plugin whose latest hook call failed or timed out degrades the stream too.
         healthy = (
             app.running
             and all(s["healthy"] for s in sources)
+            and all(fields.get("healthy", True) is not False for fields in plugins_health.values())
             and not app.hooks.failing
             and app.backplane.connected
             and app.store.available
@@ -45,6 +47,7 @@ class StreamHealthHandler(BaseHandler):
                 "sources": sources,
                 "plugin_errors": app.hooks.errors,
                 "plugin_failures": app.hooks.failures_json(),
+                "plugins_health": plugins_health,
             }
         )
 

@@ -10,6 +10,7 @@ import { get, request, setUnauthorizedHandler } from "./admin/api.js";
 import { byId, formatInt, formatPercent, setText } from "./admin/dom.js";
 import { AlertFeed, ViolationFeed } from "./admin/feeds.js";
 import { LiveCharts } from "./admin/live_charts.js";
+import { BackgroundAlerts } from "./admin/notifications.js";
 import { PluginPanel } from "./admin/plugin_panel.js";
 import { AuditPanel, RulesPanel } from "./admin/settings.js";
 import { LiveStream, describeStatus } from "./admin/stream.js";
@@ -20,6 +21,7 @@ import { LimitsDialog, ResetDialog, UsersTable } from "./admin/users.js";
 const stats = {};
 const violations = new ViolationFeed();
 const alerts = new AlertFeed();
+const background = new BackgroundAlerts(); // the tab title's count, opt-in notifications
 const charts = new LiveCharts();
 const rules = new RulesPanel();
 const audit = new AuditPanel();
@@ -90,6 +92,7 @@ function onMessage(msg, info) {
       }
       break;
     case "alert":
+      background.alert(msg, Boolean(replay));
       if (alerts.apply(msg) && !replay && !msg.data.update) {
         toast(`Alert (${msg.data.severity}): ${msg.data.message}`, "error");
       }
@@ -184,6 +187,7 @@ async function reloadAll(reason) {
   }
   charts.loadHistory();
   charts.loadDaily();
+  background.refresh();
   if (currentTab === "users") users.refresh();
   if (currentTab === "rules") rules.refresh();
   if (currentTab === "audit") audit.refresh();
@@ -222,6 +226,7 @@ function setupHeader() {
   });
   setUnauthorizedHandler(showSignedOut);
   document.body.classList.toggle("can-write", canWrite);
+  background.mount(byId("reload"));
 }
 
 async function main() {

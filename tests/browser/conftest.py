@@ -58,8 +58,13 @@ def open_dashboard(browser: Any) -> Iterator[Any]:
     contexts = []
 
     def open_(server: Server, token: str = ADMIN, block_websocket: bool = False, **kw: Any):
-        context = browser.new_context(viewport=kw.pop("viewport", {"width": 1280, "height": 800}))
+        context = browser.new_context(
+            viewport=kw.pop("viewport", {"width": 1280, "height": 800}),
+            permissions=kw.pop("permissions", []),
+        )
         contexts.append(context)
+        if "init_script" in kw:
+            context.add_init_script(kw.pop("init_script"))
         if block_websocket:
             # As if a proxy refused WebSocket: the page's socket closes before any message.
             context.route_web_socket("**/ws/admin/quotas**", lambda ws: ws.close())
