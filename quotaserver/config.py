@@ -346,15 +346,17 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(
         "throttle.cpu_bands",
         list,
-        [[98, 0.0], [95, 0.3], [90, 0.6], [80, 0.8]],
-        "CPU % thresholds and the throttle factor at or above each.",
+        [[95, 0.25], [90, 0.5], [80, 0.8]],
+        "CPU % thresholds and the throttle factor at or above each. The default never "
+        "goes below 0.25: only a band configured to 0 refuses consumes.",
         check=_check_bands,
     ),
     Setting(
         "throttle.memory_bands",
         list,
-        [[98, 0.0], [95, 0.3], [90, 0.6], [85, 0.8]],
-        "Memory % thresholds and the throttle factor at or above each.",
+        [[95, 0.25], [90, 0.5], [85, 0.8]],
+        "Memory % thresholds and the throttle factor at or above each (default floor 0.25, "
+        "as for the CPU).",
         check=_check_bands,
     ),
     Setting(

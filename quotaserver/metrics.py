@@ -49,6 +49,7 @@ log = logging.getLogger(__name__)
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 DECISION_RESULTS = ("allowed", "denied", "overloaded")
 TRANSPORTS = ("websocket", "sse")
+THROTTLE_RESOURCES = ("cpu", "memory")
 # Consume latency buckets (s): a consume takes about a millisecond on SQLite when idle,
 # tens of milliseconds under load; past a second something is wrong.
 CONSUME_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
@@ -150,6 +151,13 @@ class Metrics:
             ["kind"],
             registry=own,
         )
+        self.throttle_refusals = Counter(
+            "quotaserver_throttle_refusals",
+            "Consumes refused with 503 system_overloaded (throttle factor 0), by the load "
+            "whose band reached 0.",
+            ["resource"],
+            registry=own,
+        )
         self.throttle_factor = Gauge(
             "quotaserver_throttle_factor",
             "Current throttle factor (1 = no throttling, 0 = consumes refused).",
@@ -184,6 +192,8 @@ class Metrics:
             self._decided[result] = self.decisions.labels(result)  # labels() per call: ~5 us
         for transport in TRANSPORTS:
             self.stream_clients.labels(transport)
+        for resource in THROTTLE_RESOURCES:
+            self.throttle_refusals.labels(resource)  # present at 0 from the first scrape
         self._slow_closed_seen = 0
 
     # -- updates from the application ----------------------------------------------------
@@ -193,9 +203,16 @@ class Metrics:
             result = "allowed"
         elif decision.reason == "system_overloaded":
             result = "overloaded"
+            self.throttle_refused()
         else:
             result = "denied"
         self._decided[result].inc()
+
+    def throttle_refused(self) -> None:
+        """Count one consume refused because the throttle factor is 0."""
+        resource = self.app.load.refusing
+        if resource in THROTTLE_RESOURCES:
+            self.throttle_refusals.labels(resource).inc()
 
     def published(self, message: Message) -> None:
         """Count one durable event handed to the hub."""

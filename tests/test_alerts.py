@@ -65,10 +65,10 @@ async def test_system_load_rules(app_factory):
     app = await app_factory(
         plugins={"alert_engine": {"rules": {"sustained_throttling": {"duration": 0}}}}
     )
-    app.load.update(91, 40)  # factor 0.6: throttled, not below 0.5
+    app.load.update(91, 40)  # factor 0.5: throttled, not below 0.5
     await app.scheduler.run_once("alert_rules")
     assert [a["rule"] for a in await alerts(app)] == ["high_system_load"]
-    app.load.update(96, 40)  # factor 0.3 < 0.5
+    app.load.update(96, 40)  # factor 0.25 < 0.5
     await app.scheduler.run_once("alert_rules")
     await app.scheduler.run_once("alert_rules")
     rows = await alerts(app)

@@ -61,7 +61,8 @@ async def test_metrics_public_setting_opens_the_route(app_factory):
 
 @pytest.mark.gen_test(timeout=60)
 async def test_every_metric_follows_what_happened(app_factory):
-    app = await app_factory()
+    # A band configured to 0 (the defaults never refuse): the overloaded path is counted.
+    app = await app_factory(throttle__cpu_bands=[[98, 0.0], [80, 0.8]])
     await app.rules.set_global_limits("shell", {"daily": 3}, "test")
     before = await scrape(app)
     for result in ("allowed", "denied", "overloaded"):
@@ -74,6 +75,7 @@ async def test_every_metric_follows_what_happened(app_factory):
     await sse.next_type("welcome")
     codes = [(await consume(app, "alice")).code for _ in range(5)]
     assert codes == [200, 200, 200, 429, 429]
+    assert value(before, "quotaserver_throttle_refusals_total", resource="cpu") == 0
     app.load.update(99.5, 10.0)  # the top CPU band: factor 0, consumes refused
     assert (await consume(app, "bob")).code == 503
     app.load.update(10.0, 10.0)
@@ -83,6 +85,8 @@ async def test_every_metric_follows_what_happened(app_factory):
     assert value(after, "quotaserver_decisions_total", result="allowed") == 3
     assert value(after, "quotaserver_decisions_total", result="denied") == 2
     assert value(after, "quotaserver_decisions_total", result="overloaded") == 1
+    assert value(after, "quotaserver_throttle_refusals_total", resource="cpu") == 1
+    assert value(after, "quotaserver_throttle_refusals_total", resource="memory") == 0
     assert value(after, "quotaserver_consume_seconds_count") == 6
     assert value(after, "quotaserver_consume_seconds_bucket", le="+Inf") == 6
     assert value(after, "quotaserver_consume_seconds_sum") > 0
