@@ -29,6 +29,7 @@ from .metrics import Metrics
 from .netguard import make_http_server
 from .origins import HostGuard
 from .plugins import Hooks, PluginEventError, get_plugin_manager
+from .probes import DatabaseProbe
 from .quota import Decision, QuotaService
 from .realtime.backplane import make_backplane
 from .realtime.emitters import Scheduler
@@ -112,7 +113,8 @@ class QuotaApp:
         self._tasks: set[asyncio.Future] = set()
         self._plugin_state: dict[str, dict[str, Any]] = {}
         self._sync_ticks = 0
-        self._probe: asyncio.Future | None = None
+        #: The health routes' view of the database (quotaserver.probes): never a wait.
+        self.probe = DatabaseProbe(self.store, self.track)
 
     def _settings(self) -> dict[str, Any]:
         cfg = self.config
@@ -319,8 +321,7 @@ class QuotaApp:
     def _probe_database(self) -> None:
         """A real round trip each stats interval, so an idle server notices a lost (or
         recovered) database too; one probe at a time, never piling up on a hung server."""
-        if self._probe is None or self._probe.done():
-            self._probe = self.track(self.store.check())
+        self.probe.start()
 
     def broadcast_stats(self) -> None:
         self.hub.publish_stats(self.stats_snapshot())

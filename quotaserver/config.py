@@ -296,7 +296,7 @@ SETTINGS: tuple[Setting, ...] = (
         float,
         5.0,
         "Longest database call (s): PostgreSQL cancels the statement, and a caller waits no "
-        "longer than this plus connect_timeout before answering 503.",
+        "longer than 2 x connect_timeout + this + 1 s (12 s by default) before answering 503.",
         0.1,
         3600,
     ),

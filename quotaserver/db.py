@@ -52,6 +52,8 @@ class DatabaseError(DomainError):
     status = 503
     code = "database_unavailable"
     retry_after = 2
+    #: What a client is told; ``message`` (driver text, host, port) goes to the log only.
+    public_message = "the database is unavailable; retry later"
 
     def __init__(self, message: str):
         super().__init__(message, headers={"Retry-After": str(self.retry_after)})
@@ -66,6 +68,7 @@ class DatabaseBusy(DatabaseError):
 
     code = "database_busy"
     retry_after = 1
+    public_message = "the database is busy; retry"
 
 
 def _is_busy(exc: BaseException) -> bool:

@@ -12,6 +12,8 @@ if TYPE_CHECKING:
 
 ROUTES: list[tuple[str, type]] = [
     (r"/api/health", api.HealthHandler),
+    (r"/api/health/live", api.LiveHandler),
+    (r"/api/health/ready", api.ReadyHandler),
     (r"/api/quotas/check", api.CheckHandler),
     (r"/api/quotas/consume", api.ConsumeHandler),
     (r"/api/quotas/users/([^/]+)", api.UserStatusHandler),

@@ -6,8 +6,10 @@ real sockets; nothing is mocked.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
+import re
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -16,8 +18,8 @@ import pytest
 from clients import METRICS, call, consume
 from conftest import TOKENS
 from prometheus_client.parser import text_string_to_metric_families
-from services import Server, start_server
-from waits import wait_until_async
+from services import INITDB, Postgres, Server, start_server
+from waits import wait_until, wait_until_async
 
 
 async def start(tmp_path, config: dict | None = None, *args: str, **env: str) -> Server:
@@ -114,3 +116,124 @@ async def test_a_band_configured_to_zero_refuses_and_counts_the_refusal(tmp_path
         assert samples[("quotaserver_throttle_refusals_total", (("resource", "memory"),))] == 0
     finally:
         assert await server.stop() == 0
+
+
+# -- item 3: health answers within a second, whatever the database does ----------------------
+async def timed_get(server: Server, path: str, answers: list) -> int:
+    """GET ``path`` without credentials; keep (seconds taken, response) in ``answers``."""
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    response = await call(server, "GET", path, token=None)
+    answers.append((loop.time() - started, path, response))
+    return response.code
+
+
+@pytest.mark.skipif(INITDB is None, reason="PostgreSQL server binaries not installed")
+@pytest.mark.gen_test(timeout=120)
+async def test_health_answers_within_a_second_while_postgresql_is_stopped(tmp_path):
+    pytest.importorskip("psycopg2", reason="pip install psycopg2-binary (the test extras do)")
+    pg = Postgres()
+    pg.start()
+    try:
+        server = await start(
+            tmp_path,
+            {"database": {"url": pg.create_database()}, "throttle": {"source": "off"}},
+        )
+        answers: list = []
+        assert await timed_get(server, "/api/health/ready", answers) == 200
+        assert answers[-1][2].json == {
+            "status": "ready",
+            "checks": {"running": True, "database": True, "backplane": True, "plugins_failing": 0},
+        }
+        assert await timed_get(server, "/api/health/live", answers) == 200
+        pg.pause()  # SIGSTOP: connections open, nothing answers (a call waits 12 s)
+        try:
+
+            async def not_ready() -> bool:
+                return await timed_get(server, "/api/health/ready", answers) == 503
+
+            await wait_until_async(not_ready, "readiness to report the hung database")
+            assert answers[-1][2].json["checks"]["database"] is False
+            assert answers[-1][2].json["status"] == "not_ready"
+            assert await timed_get(server, "/api/health", answers) == 503
+            assert answers[-1][2].json["database"] == {"reachable": False}
+            assert await timed_get(server, "/api/health/live", answers) == 200
+            slow = [(round(t, 3), path) for t, path, _ in answers if t >= 1.0]
+            assert not slow, f"health answers over 1 s: {slow}"
+        finally:
+            pg.resume()
+
+        async def ready() -> bool:
+            return await timed_get(server, "/api/health/ready", answers) == 200
+
+        await wait_until_async(ready, "readiness once PostgreSQL runs again", timeout=40)
+        assert await timed_get(server, "/api/health", answers) == 200
+        assert await server.stop() == 0
+    finally:
+        pg.destroy()
+
+
+# -- item 6: one line per record, no driver text in answers, no traceback for bad paths -----
+@pytest.mark.gen_test(timeout=60)
+async def test_a_nul_in_a_static_path_is_a_400_envelope_and_one_log_line(tmp_path):
+    server = await start(tmp_path, {"throttle": {"source": "off"}})
+    try:
+        for method in ("GET", "HEAD"):
+            answer = await call(server, method, "/static/x%00", token=None)
+            assert answer.code == 400, answer
+            if method == "GET":
+                assert answer.json == {
+                    "error": {
+                        "code": "invalid_path",
+                        "message": "the path contains a control character",
+                    }
+                }
+        assert (await call(server, "GET", "/static/favicon.svg", token=None)).code == 200
+        await wait_until(
+            lambda: sum("/static/x" in line for line in server.output) >= 2, "the access lines"
+        )
+    finally:
+        assert await server.stop() == 0
+    lines = [line for line in server.output if "/static/x" in line]
+    assert len(lines) == 2, lines  # one per request: the access log's, at WARNING
+    assert all(" WARNING tornado.access: 400 " in line for line in lines), lines
+    assert not any("Traceback" in line or "ValueError" in line for line in server.output)
+
+
+@pytest.mark.skipif(INITDB is None, reason="PostgreSQL server binaries not installed")
+@pytest.mark.gen_test(timeout=120)
+async def test_a_driver_error_is_one_log_line_and_the_answer_names_only_its_id(tmp_path):
+    pytest.importorskip("psycopg2", reason="pip install psycopg2-binary (the test extras do)")
+    pg = Postgres()
+    pg.start()
+    try:
+        server = await start(
+            tmp_path,
+            {
+                "database": {"url": pg.create_database(), "connect_timeout": 1.0},
+                "throttle": {"source": "off"},
+            },
+        )
+        assert (await consume(server, "dora")).code == 200
+        pg.stop()  # refused connections: psycopg2's text spans lines and names host and port
+        answer = await consume(server, "dora")
+        assert answer.code == 503, answer
+        error = answer.json["error"]
+        assert set(error) == {"code", "message", "error_id"}
+        assert error["message"] == "the database is unavailable; retry later"
+        assert str(pg.port) not in answer.body.decode() and "127.0.0.1" not in error["message"]
+        ident = error["error_id"]
+        await wait_until(
+            lambda: any(ident in line for line in server.output), "the log line with the id"
+        )
+        pg.start()
+        assert await server.stop() == 0
+    finally:
+        pg.destroy()
+    (line,) = [line for line in server.output if ident in line]
+    assert " WARNING " in line and "503 POST /api/quotas/consume" in line
+    assert str(pg.port) in line  # the details are in the log, on this one line
+    # From there on everything printed is a log record, and every one starts with its UTC
+    # timestamp: no continuation line (psycopg2's "\tIs the server running...") of its own.
+    after = server.output[server.output.index(line) :]
+    assert all(re.match(r"\d{4}-\d\d-\d\dT", text) for text in after), after
