@@ -21,6 +21,7 @@ from .auth import Auth
 from .change import Change, commit
 from .config import Config
 from .db import Store
+from .defaults_policy import reconcile as reconcile_defaults
 from .events import events_after, last_seq
 from .handlers.base import MisdirectedHandler, StaticHandler
 from .isolation import PluginThreads, current_plugin, stop_requested
@@ -40,7 +41,7 @@ from .rules import RuleService
 from .secret_files import private_database_files, read_or_create_secret
 from .throttle import SystemLoad
 from .tokens import Identity
-from .urls import routes
+from .urls import route_templates, routes
 from .windows import Clock, utc_now
 
 log = logging.getLogger(__name__)
@@ -105,6 +106,7 @@ class QuotaApp:
         # database_busy -> "busy", database_unavailable -> "unavailable"
         self.store.on_error = lambda exc: self.metrics.db_error(exc.code.removeprefix("database_"))
         self.web = tornado.web.Application(routes(self), **self._settings())
+        self.metrics.route_names = route_templates(self)
         self.server: tornado.httpserver.HTTPServer | None = None
         self.port: int | None = None
         self.running = False
@@ -115,6 +117,8 @@ class QuotaApp:
         self._sync_ticks = 0
         #: The health routes' view of the database (quotaserver.probes): never a wait.
         self.probe = DatabaseProbe(self.store, self.track)
+        #: Apply quotas.defaults_policy at start; a worker leaves it to its launcher.
+        self.owns_defaults = True
 
     def _settings(self) -> dict[str, Any]:
         cfg = self.config
@@ -153,7 +157,6 @@ class QuotaApp:
         asyncio.get_running_loop().set_default_executor(self.threads)
         await self.store.run(self.store.migrate)
         await self.auth.load(self.store, self.clock)
-        await self.store.run(self.quota.seed_defaults)
         self.hub.last_seq = await self.store.run(last_seq)
         await self.backplane.start(self._remote_event, self._resync, self._remote_live)
         await self.hooks.call_async("startup", app=self)
@@ -166,6 +169,8 @@ class QuotaApp:
         # (an EventSource needs a listener per named event) knows what may arrive.
         self.hub.plugin_types = tuple(sorted(self.hooks.event_types))
         await self.scheduler.start(timeout=self.config["plugin_timeout"])
+        if self.owns_defaults:  # after the plugins started: they see its quota_change events
+            await reconcile_defaults(self.quota, self.config, self.publish)
         cfg = self.config
         self._timers = [
             PeriodicCallback(self.broadcast_stats, cfg["realtime.stats_interval"] * 1000),

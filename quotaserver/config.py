@@ -326,9 +326,18 @@ SETTINGS: tuple[Setting, ...] = (
         "quotas.defaults",
         dict,
         DEFAULT_LIMITS,
-        "Global default limits per command type and period (null = unlimited). "
-        "Seeded into the database once; edit them later through the admin API.",
+        "Global default limits per command type and period (null or missing = unlimited). "
+        "Seeded into the database; what they do afterwards is quotas.defaults_policy.",
         check=_check_limits,
+    ),
+    Setting(
+        "quotas.defaults_policy",
+        str,
+        "seed",
+        "seed: the database (dashboard, admin API) wins and each limit where this file "
+        "differs is a warning at start and reload; enforce: this file wins, applied (audited "
+        "as config) at every start and SIGHUP.",
+        choices=("seed", "enforce"),
     ),
     Setting(
         "quotas.timezone", str, "UTC", "Time zone of window boundaries.", check=_check_timezone

@@ -25,8 +25,9 @@ import tornado.netutil
 from . import __version__
 from .config import Config, ConfigError
 from .db import DatabaseError
+from .defaults_policy import reconcile as reconcile_defaults
 from .isolation import exit_guard
-from .metrics import enable_multiprocess, worker_exited
+from .metrics import MULTIPROC_ENV, disable_multiprocess, enable_multiprocess, worker_exited
 from .realtime.messages import CLOSE_GOING_AWAY, CLOSE_RESTART
 
 log = logging.getLogger("quotaserver")
@@ -60,6 +61,7 @@ async def serve(
     from .demo import DemoTraffic
 
     app = QuotaApp(config, plugin_manager=plugin_manager)
+    app.owns_defaults = worker is None  # the launcher applied them before forking
     try:
         await app.start(sockets=worker.sockets if worker else None)
     except OSError as exc:
@@ -161,7 +163,8 @@ async def prepare(config: Config, plugin_manager: pluggy.PluginManager | None) -
     try:
         await app.store.run(app.store.migrate)
         await app.auth.load(app.store, app.clock)
-        await app.store.run(app.quota.seed_defaults)
+        # Once for all workers: their notifications would go to no client yet.
+        await reconcile_defaults(app.quota, config, publish=lambda messages: None)
         return app.auth.first_run_token
     finally:
         await asyncio.get_running_loop().run_in_executor(None, app.store.close)
@@ -210,17 +213,34 @@ def run_workers(config: Config, plugin_manager: pluggy.PluginManager | None) -> 
             file=sys.stderr,
         )
         return 1
-    # Every worker's figures reach /metrics whichever worker answers the scrape; set
-    # before anything imports prometheus-client's value storage (QuotaApp, below).
-    enable_multiprocess(
-        os.environ.get("PROMETHEUS_MULTIPROC_DIR")
-        or tempfile.mkdtemp(prefix="quotaserver-metrics-")
-    )
+    # Multiprocess metrics start after prepare(): this process's app must write no series
+    # of its own (a launcher's throttle_factor of 0 and empty worker figures, forever).
+    metrics_dir = os.environ.pop(MULTIPROC_ENV, None)
     try:
         token = asyncio.run(prepare(config, plugin_manager))
     except (peewee.OperationalError, DatabaseError) as exc:
         print(f"quotaserver: cannot use the database: {exc}".strip(), file=sys.stderr)
         return 1
+    # Every worker's figures reach /metrics whichever worker answers the scrape.
+    own_metrics_dir = not metrics_dir
+    metrics_dir = metrics_dir or tempfile.mkdtemp(prefix="quotaserver-metrics-")
+    enable_multiprocess(metrics_dir)
+    try:
+        return _supervise(config, plugin_manager, count, port, shared, reservation, token)
+    finally:
+        disable_multiprocess(metrics_dir, remove=own_metrics_dir)
+
+
+def _supervise(
+    config: Config,
+    plugin_manager: pluggy.PluginManager | None,
+    count: int,
+    port: int,
+    shared: list[socket.socket] | None,
+    reservation: socket.socket,
+    token: str | None,
+) -> int:
+    """Fork the workers, announce once all listen, replace those that die, stop them."""
     host = config["server.host"]
     host = "127.0.0.1" if host in ("0.0.0.0", "") else host
     login_code = secrets.token_urlsafe(24) if token else None

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import platform
 import re
 import subprocess
 import sys
@@ -18,8 +19,10 @@ import pytest
 from clients import METRICS, call, consume
 from conftest import TOKENS
 from prometheus_client.parser import text_string_to_metric_families
-from services import INITDB, Postgres, Server, start_server
+from services import INITDB, REDIS, Postgres, Redis, Server, start_server
 from waits import wait_until, wait_until_async
+
+from quotaserver import __version__
 
 
 async def start(tmp_path, config: dict | None = None, *args: str, **env: str) -> Server:
@@ -237,3 +240,136 @@ async def test_a_driver_error_is_one_log_line_and_the_answer_names_only_its_id(t
     # timestamp: no continuation line (psycopg2's "\tIs the server running...") of its own.
     after = server.output[server.output.index(line) :]
     assert all(re.match(r"\d{4}-\d\d-\d\dT", text) for text in after), after
+
+
+# -- item 4: metrics that hold under workers -------------------------------------------------
+def label_sets(samples: dict) -> dict[str, set[tuple[str, ...]]]:
+    """quotaserver series: name -> the label names its samples carry."""
+    out: dict[str, set[tuple[str, ...]]] = {}
+    for name, labels in samples:
+        if name.startswith("quotaserver_"):
+            out.setdefault(name, set()).add(tuple(k for k, _ in labels))
+    return out
+
+
+async def exercise(server: Server) -> dict:
+    """The same few requests on any server, then a scrape."""
+    assert (await consume(server, "wendy")).code == 200
+    assert (await call(server, "GET", "/api/health", token=None)).code == 200
+    assert (await call(server, "GET", "/nowhere", token=None)).code == 404
+    return await scrape(server)
+
+
+@pytest.mark.skipif(REDIS is None, reason="redis-server not installed")
+@pytest.mark.gen_test(timeout=120)
+async def test_metrics_under_two_workers_have_no_launcher_series_and_one_label_set(tmp_path):
+    redis = Redis()
+    redis.start()
+    tmpdir = tmp_path / "tmp"  # where the launcher makes its quotaserver-metrics-* directory
+    tmpdir.mkdir()
+    config = {
+        "database": {"url": f"sqlite:///{tmp_path}/shared.db"},
+        "backplane": {"url": redis.url},
+        "throttle": {"source": "off"},
+    }
+    try:
+        workers = await start(tmp_path, config, "--workers", "2", TMPDIR=str(tmpdir))
+        try:
+            (metrics_dir,) = [p for p in tmpdir.iterdir() if p.name.startswith("quotaserver-")]
+            got = await exercise(workers)
+            # Each scrape reaches one worker; the sums cover both, whichever answered.
+            for _ in range(6):
+                got = await scrape(workers)
+                pids = {dict(labels).get("pid") for _, labels in got} - {None}
+                assert str(workers.pid) not in pids, "a series of the launcher"
+            build = (("python", platform.python_version()), ("version", __version__))
+            assert got[("quotaserver_build_info", build)] == 1.0
+            assert got[("quotaserver_throttle_factor", ())] == 1.0
+            assert got[("quotaserver_backplane_connected", ())] == 1.0
+            for outcome in ("received", "dropped", "rejected"):
+                assert ("quotaserver_backplane_messages_total", (("outcome", outcome),)) in got
+            assert ("quotaserver_backplane_lag_seconds", ()) in got
+            health = (
+                "quotaserver_http_requests_total",
+                (("route", "/api/health"), ("status", "200")),
+            )
+            assert got[health] >= 1
+            unmatched = (("route", "unmatched"), ("status", "404"))
+            assert got[("quotaserver_http_requests_total", unmatched)] >= 1
+            worker_pids = {
+                dict(labels)["pid"]
+                for name, labels in got
+                if name == "quotaserver_worker_resident_memory_bytes"
+            }
+            assert len(worker_pids) <= 2 and str(workers.pid) not in worker_pids
+        finally:
+            assert await workers.stop() == 0
+        assert not metrics_dir.exists(), "the launcher left its metrics directory behind"
+
+        alone_dir = tmp_path / "one"
+        alone_dir.mkdir()
+        single = await start(
+            alone_dir, {**config, "database": {"url": f"sqlite:///{alone_dir}/q.db"}}
+        )
+        try:
+            alone = await exercise(single)
+        finally:
+            assert await single.stop() == 0
+        assert label_sets(alone) == label_sets(got)
+    finally:
+        redis.kill()
+
+
+# -- item 2: YAML limits mean something ------------------------------------------------------
+def limits_config(tmp_path, daily: int, policy: str | None = None) -> dict:
+    quotas: dict = {"defaults": {"shell": {"daily": daily, "weekly": 3000}}}
+    if policy is not None:
+        quotas["defaults_policy"] = policy
+    return {
+        "database": {"url": f"sqlite:///{tmp_path}/limits.db"},
+        "throttle": {"source": "off"},
+        "quotas": quotas,
+    }
+
+
+async def shell_daily_limit(server: Server) -> int | None:
+    rules = await call(server, "GET", "/api/admin/quotas/rules")
+    assert rules.code == 200, rules
+    return rules.json["defaults"]["shell"]["daily"]
+
+
+@pytest.mark.gen_test(timeout=120)
+async def test_a_differing_yaml_default_is_warned_about_under_seed_and_applied_under_enforce(
+    tmp_path,
+):
+    first = await start(tmp_path, limits_config(tmp_path, 500))
+    assert await shell_daily_limit(first) == 500
+    assert await first.stop() == 0
+
+    seeded = await start(tmp_path, limits_config(tmp_path, 600))  # seed: the default policy
+    try:
+        assert await shell_daily_limit(seeded) == 500  # the database wins
+    finally:
+        assert await seeded.stop() == 0
+    warnings = [line for line in seeded.output if "quotas.defaults." in line]
+    assert len(warnings) == 1, warnings  # one per differing limit, weekly agrees
+    assert " WARNING " in warnings[0]
+    expected = "quotas.defaults.shell.daily: the configuration says 600, the database has 500"
+    assert expected in warnings[0]
+
+    enforced = await start(tmp_path, limits_config(tmp_path, 600, "enforce"))
+    try:
+        assert await shell_daily_limit(enforced) == 600  # the file wins
+        audit = await call(enforced, "GET", "/api/admin/quotas/audit?actor=config")
+        (row,) = audit.json["items"]
+        assert (row["action"], row["target"]) == ("limits.update", "rule:shell:global")
+        assert row["details"] == {"limits": {"daily": 600}}
+    finally:
+        assert await enforced.stop() == 0
+    again = await start(tmp_path, limits_config(tmp_path, 600, "enforce"))
+    try:  # nothing differs any more: no new change, no line
+        audit = await call(again, "GET", "/api/admin/quotas/audit?actor=config")
+        assert len(audit.json["items"]) == 1
+    finally:
+        assert await again.stop() == 0
+    assert not [line for line in again.output if "quotas.defaults." in line]
