@@ -1,5 +1,6 @@
 """Run a configured server until SIGINT/SIGTERM: in this process, or as N worker processes
-sharing one listening socket (``server.workers``)."""
+sharing one listening socket (``server.workers``). SIGHUP reloads what can change without a
+restart (quotaserver.reload); the launcher hands it to every worker."""
 
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ from .defaults_policy import reconcile as reconcile_defaults
 from .isolation import exit_guard
 from .metrics import MULTIPROC_ENV, disable_multiprocess, enable_multiprocess, worker_exited
 from .realtime.messages import CLOSE_GOING_AWAY, CLOSE_RESTART
+from .reload import reload_config
 
 log = logging.getLogger("quotaserver")
 
@@ -96,7 +98,9 @@ async def serve(
         demo = DemoTraffic(app, token=worker.demo_token if worker else None)
         await demo.start()
         print("  demo traffic: on (simulated users call the quota API)", flush=True)
-    signum = await stop_signals.get()
+    while (signum := await stop_signals.get()) == signal.SIGHUP:
+        # The first worker applies the quota defaults for all (they share the database).
+        await reload_config(app, apply_defaults=worker is None or worker.index == 0)
     log.info("received %s, shutting down", signal.Signals(signum).name)
     if demo is not None:
         await demo.stop()
@@ -143,7 +147,7 @@ def _run_loop(
     async def runner() -> int:
         queue: asyncio.Queue = asyncio.Queue()
         loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             loop.add_signal_handler(sig, queue.put_nowait, sig)
         try:
             return await serve(config, queue, plugin_manager, worker)
@@ -260,6 +264,7 @@ def _supervise(
             try:
                 signal.signal(signal.SIGINT, signal.SIG_DFL)
                 signal.signal(signal.SIGTERM, signal.SIG_DFL)
+                signal.signal(signal.SIGHUP, signal.SIG_IGN)  # until the worker's loop has it
                 os.close(ready_read)
                 sockets = shared or tornado.netutil.bind_sockets(
                     port, config["server.host"], family=socket.AF_INET, reuse_port=True
@@ -284,8 +289,14 @@ def _supervise(
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signum)
 
+    def reload(signum: int, _frame: object) -> None:
+        for pid in list(children):  # each worker reloads its own settings
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signum)
+
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
+    signal.signal(signal.SIGHUP, reload)
     for index in range(count):
         spawn(index)
     os.set_blocking(ready_read, False)

@@ -11,15 +11,16 @@ import contextlib
 import os
 import platform
 import re
+import signal
 import subprocess
 import sys
 from collections.abc import Iterator
 
 import pytest
-from clients import METRICS, call, consume
+from clients import METRICS, call, consume, sse_connect, ws_connect
 from conftest import TOKENS
 from prometheus_client.parser import text_string_to_metric_families
-from services import INITDB, REDIS, Postgres, Redis, Server, start_server
+from services import INITDB, REDIS, Postgres, Redis, Server, start_server, write_config
 from waits import wait_until, wait_until_async
 
 from quotaserver import __version__
@@ -302,6 +303,13 @@ async def test_metrics_under_two_workers_have_no_launcher_series_and_one_label_s
                 if name == "quotaserver_worker_resident_memory_bytes"
             }
             assert len(worker_pids) <= 2 and str(workers.pid) not in worker_pids
+            # SIGHUP reaches every worker through the launcher; all keep serving.
+            workers.send_signal(signal.SIGHUP)
+            await wait_until(
+                lambda: len(printed(workers, "SIGHUP: configuration reloaded")) == 2,
+                "both workers reloading",
+            )
+            assert (await consume(workers, "after-hup")).code == 200
         finally:
             assert await workers.stop() == 0
         assert not metrics_dir.exists(), "the launcher left its metrics directory behind"
@@ -373,3 +381,60 @@ async def test_a_differing_yaml_default_is_warned_about_under_seed_and_applied_u
     finally:
         assert await again.stop() == 0
     assert not [line for line in again.output if "quotas.defaults." in line]
+
+
+# -- item 7: SIGHUP reloads without a restart ------------------------------------------------
+def rewrite_config(tmp_path, settings: dict) -> None:
+    """Replace the YAML the running server was started with (its only config-*.yaml)."""
+    (path,) = tmp_path.glob("config-*.yaml")
+    write_config(str(path), {"auth": {"tokens": TOKENS}, **settings})
+
+
+def printed(server: Server, text: str) -> list[str]:
+    """The lines the server printed so far that contain ``text``."""
+    return [line for line in server.output if text in line]
+
+
+@pytest.mark.gen_test(timeout=120)
+async def test_sighup_keeps_dashboards_connected_and_applies_a_new_log_level(tmp_path):
+    base = {
+        **limits_config(tmp_path, 500),
+        "realtime": {"heartbeat_interval": 0.2},
+        "server": {"log_level": "info"},
+    }
+    access = "tornado.access: 200 GET /api/health"
+    server = await start(tmp_path, base)
+    try:
+        ws = await ws_connect(server)
+        await ws.recv_type("welcome")
+        sse = await sse_connect(server)
+        await sse.next_type("welcome")
+        assert (await call(server, "GET", "/api/health", token=None)).code == 200
+        assert printed(server, access) == []  # info: successful requests are not logged
+
+        enforce = limits_config(tmp_path, 42, "enforce")
+        rewrite_config(
+            tmp_path, {**base, **enforce, "server": {"log_level": "debug", "max_body_size": 2048}}
+        )
+        server.send_signal(signal.SIGHUP)
+        await wait_until(lambda: printed(server, "SIGHUP: configuration reloaded"), "the reload")
+        assert (await call(server, "GET", "/api/health", token=None)).code == 200
+        await wait_until(lambda: printed(server, access), "an access line at the new level")
+        assert await shell_daily_limit(server) == 42  # enforce: the file's limit, applied
+        change = await ws.recv_type("quota_change")
+        assert change["data"]["limits"] == {"daily": 42} and change["data"]["actor"] == "config"
+        # A setting that is not reloadable is named as waiting for a restart.
+        assert printed(server, "at the next restart: server.max_body_size"), server.output
+
+        (path,) = tmp_path.glob("config-*.yaml")
+        path.write_text("server: {log_level: loud}\n")  # invalid: nothing changes
+        server.send_signal(signal.SIGHUP)
+        await wait_until(lambda: printed(server, "configuration not reloaded"), "the refusal")
+        assert "server.log_level" in printed(server, "configuration not reloaded")[0]
+        # Both dashboards are still connected and still served.
+        await ws.recv_type("ping")
+        await sse.next_type("ping")
+        assert ws.conn.close_code is None
+        assert (await consume(server, "hal")).code == 200
+    finally:
+        assert await server.stop() == 0
