@@ -155,6 +155,16 @@ MIGRATIONS: tuple[tuple[int, Callable[[Database], None]], ...] = (
 )
 
 
+def sqlite_path(url: str) -> str:
+    """The file of ``sqlite:///relative/path.db`` or ``sqlite:////absolute/path.db``, as
+    playhouse reads them; :class:`ConfigError` for an in-memory or empty one."""
+    path = url.removeprefix("sqlite:").removeprefix("//")
+    path = path[1:] if path.startswith("/") else path
+    if not path or path == ":memory:":
+        raise ConfigError("database.url: an SQLite database needs a file path")
+    return path
+
+
 def open_database(
     url: str,
     synchronous: str = "full",
@@ -165,11 +175,7 @@ def open_database(
 ) -> Database:
     """Connect by URL; for SQLite create the file's directory and set the pragmas."""
     if url.startswith("sqlite:"):
-        # sqlite:///relative/path.db or sqlite:////absolute/path.db, as playhouse reads them
-        path = url.removeprefix("sqlite:").removeprefix("//")
-        path = path[1:] if path.startswith("/") else path
-        if not path or path == ":memory:":
-            raise ConfigError("database.url: an SQLite database needs a file path")
+        path = sqlite_path(url)
         directory = os.path.dirname(path)
         if directory:
             try:

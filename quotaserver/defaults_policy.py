@@ -53,22 +53,30 @@ class Difference:
         )
 
 
-def differences(quota: QuotaService, defaults: dict) -> list[Difference]:
-    """Tracked limits where ``defaults`` (the YAML's) and the database disagree.
-
-    Runs on a database thread (``Store.run``).
-    """
-    stored: dict[tuple[str, str], int | None] = {
+def stored_limits() -> dict[tuple[str, str], int | None]:
+    """The global limits in the database: ``(command type, period) -> limit``."""
+    return {
         (row.command_type, row.period): row.limit
         for row in QuotaRule.select().where(QuotaRule.scope == GLOBAL_SCOPE)
     }
+
+
+def compare(
+    defaults: dict, stored: dict[tuple[str, str], int | None], periods: list[str]
+) -> list[Difference]:
+    """Tracked limits where ``defaults`` (the YAML's) and ``stored`` disagree."""
     out = []
     for command_type, limits in sorted(defaults.items()):
-        for period in quota.periods:
+        for period in periods:
             configured, current = limits.get(period), stored.get((command_type, period))
             if configured != current:
                 out.append(Difference(command_type, period, configured, current))
     return out
+
+
+def differences(quota: QuotaService, defaults: dict) -> list[Difference]:
+    """:func:`compare` with the database; runs on a database thread (``Store.run``)."""
+    return compare(defaults, stored_limits(), quota.periods)
 
 
 async def reconcile(

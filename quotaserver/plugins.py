@@ -270,6 +270,22 @@ def _declare_event_types(pm: PluginManager) -> None:
         info.event_types = tuple(sorted(set(info.event_types) | set(types)))
 
 
+def secret_settings(pm: pluggy.PluginManager) -> dict[str, frozenset[str]]:
+    """Plugin name -> the setting names it declares secret (``secret_settings`` hook)."""
+    found: dict[str, frozenset[str]] = {}
+    for impl in pm.hook.secret_settings.get_hookimpls():
+        try:
+            names = impl.function() or ()
+        except Exception as exc:
+            raise PluginError(
+                f"plugin {impl.plugin_name}: secret_settings: {type(exc).__name__}: {exc}"
+            ) from None
+        if isinstance(names, str) or not all(isinstance(n, str) for n in names):
+            raise PluginError(f"plugin {impl.plugin_name}: secret_settings: a list of names")
+        found[impl.plugin_name] = frozenset(names)
+    return found
+
+
 def event_type_problem(name: Any, pattern: Any = None) -> str | None:
     """Why a plugin may not use ``name`` as an event type, or None."""
     if pattern is None:

@@ -438,3 +438,21 @@ async def test_sighup_keeps_dashboards_connected_and_applies_a_new_log_level(tmp
         assert (await consume(server, "hal")).code == 200
     finally:
         assert await server.stop() == 0
+
+
+# -- item 5: check-config --connect shows the limits in force --------------------------------
+@pytest.mark.gen_test(timeout=120)
+async def test_check_config_connect_shows_the_limits_in_force(tmp_path):
+    first = await start(tmp_path, limits_config(tmp_path, 500))
+    assert await first.stop() == 0
+    config = write_config(str(tmp_path / "changed.yaml"), limits_config(tmp_path, 600))
+    checked = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "quotaserver", "check-config", "--config", config, "--connect",
+        cwd=str(tmp_path), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    out, err = await asyncio.wait_for(checked.communicate(), 60)
+    assert checked.returncode == 0, err.decode()
+    text = out.decode()
+    assert "# limits in force (the database's global defaults)" in text
+    assert "#   shell: daily 500 (the file says 600), weekly 3000, monthly unlimited" in text
+    assert "quotas.defaults_policy: seed: the file's differing limits are not enforced" in text

@@ -12,7 +12,7 @@ from waits import wait_until, wait_until_sync
 
 from quotaserver import hookspecs
 from quotaserver.config import ConfigError, load_config
-from quotaserver.plugins import get_plugin_manager
+from quotaserver.plugins import PluginError, get_plugin_manager, secret_settings
 
 HOOKS = sorted(n for n in dir(hookspecs) if hasattr(getattr(hookspecs, n), "quotaserver_spec"))
 DOCS = os.path.join(os.path.dirname(__file__), "..", "docs", "plugins.md")
@@ -212,6 +212,29 @@ async def test_hook_register_emitters(app_factory, tmp_path):
     names = {s["name"]: s for s in health.json["sources"]}
     assert names["recorder_ticks"]["healthy"] and names["recorder_events"]["kind"] == "event"
     ws.close()
+
+
+def test_hook_secret_settings(tmp_path):
+    # check-config's redaction of the declared settings: tests/test_check_config.py.
+    notifier = """
+    from quotaserver import hookimpl
+
+    @hookimpl
+    def secret_settings():
+        return ["webhook_url"]
+    """
+    broken = """
+    from quotaserver import hookimpl
+
+    @hookimpl
+    def secret_settings():
+        return "webhook_url"
+    """
+    config = load_config(env={}).with_overrides(plugins_dir=plugin_dir(tmp_path, notifier=notifier))
+    assert secret_settings(get_plugin_manager(config)) == {"notifier": frozenset({"webhook_url"})}
+    (tmp_path / "plugins" / "notifier.py").write_text(textwrap.dedent(broken))
+    with pytest.raises(PluginError, match="notifier: secret_settings: a list of names"):
+        secret_settings(get_plugin_manager(config))
 
 
 @pytest.mark.gen_test(timeout=30)
