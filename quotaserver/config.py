@@ -9,6 +9,7 @@ one-line message and exit status 2.
 from __future__ import annotations
 
 import copy
+import hashlib
 import ipaddress
 import math
 import os
@@ -122,7 +123,27 @@ def _check_tokens(value: Any) -> str | None:
             or any(c not in "0123456789abcdef" for c in tok["sha256"].lower())
         ):
             return f"[{i}].sha256: must be a hex SHA-256 digest"
+        if "sha256" in tok and (weak := _placeholder_digests().get(tok["sha256"].lower())):
+            return (
+                f"[{i}].sha256: is the digest of {weak!r}, a well-known placeholder anyone "
+                "could send: generate a token (openssl rand -hex 32) and use its digest"
+            )
     return None
+
+
+#: Strings that examples, tutorials and tests use for a token. Their digests work when
+#: pasted (SHA-256("test") once stood in docs/security.md), so they are refused.
+WELL_KNOWN_TOKENS = ("test", "password", "secret", "token", "admin", "example", "")
+
+
+def _placeholder_digests() -> dict[str, str]:
+    """SHA-256 hex digest -> the placeholder it is the digest of."""
+    from .credentials import PLACEHOLDERS  # credentials imports this module
+
+    return {
+        hashlib.sha256(text.encode()).hexdigest(): text
+        for text in (*WELL_KNOWN_TOKENS, *sorted(PLACEHOLDERS))
+    }
 
 
 def _check_str_list(value: Any) -> str | None:
