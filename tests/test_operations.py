@@ -8,19 +8,21 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib.metadata
 import os
 import platform
 import re
 import signal
 import subprocess
 import sys
+import tomllib
 from collections.abc import Iterator
 
 import pytest
 from clients import METRICS, call, consume, sse_connect, ws_connect
 from conftest import TOKENS
 from prometheus_client.parser import text_string_to_metric_families
-from services import INITDB, REDIS, Postgres, Redis, Server, start_server, write_config
+from services import INITDB, REDIS, ROOT, Postgres, Redis, Server, start_server, write_config
 from waits import wait_until, wait_until_async
 
 from quotaserver import __version__
@@ -456,3 +458,25 @@ async def test_check_config_connect_shows_the_limits_in_force(tmp_path):
     assert "# limits in force (the database's global defaults)" in text
     assert "#   shell: daily 500 (the file says 600), weekly 3000, monthly unlimited" in text
     assert "quotas.defaults_policy: seed: the file's differing limits are not enforced" in text
+
+
+# -- item 8: a real version -------------------------------------------------------------------
+@pytest.mark.gen_test(timeout=60)
+async def test_the_version_is_the_package_metadata_and_has_a_changelog_entry(tmp_path):
+    installed = importlib.metadata.version("quotaserver")
+    with open(os.path.join(ROOT, "pyproject.toml"), "rb") as fh:
+        assert tomllib.load(fh)["project"]["version"] == installed == __version__
+    with open(os.path.join(ROOT, "CHANGELOG.md"), encoding="utf-8") as fh:
+        headings = re.findall(r"^## (\S+)", fh.read(), re.M)
+    assert installed in headings, headings
+    shown = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "quotaserver", "--version", stdout=asyncio.subprocess.PIPE
+    )
+    out, _ = await shown.communicate()
+    assert out.decode().strip() == f"quotaserver {installed}"
+    server = await start(tmp_path, {"throttle": {"source": "off"}})
+    try:
+        health = await call(server, "GET", "/api/ws/health")
+        assert health.json["version"] == installed
+    finally:
+        assert await server.stop() == 0
