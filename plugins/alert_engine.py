@@ -117,6 +117,14 @@ def _user_violations_today(app: Any, user_id: int) -> int:
 
 
 @hookimpl
+def config_reloaded(app: Any, config: Any) -> None:
+    """New rules (thresholds, severities, enabled) apply at once; the episodes in progress
+    (today's counts, a throttling spell) are kept, so nothing alerts twice for a reload."""
+    block = {k: v for k, v in config.plugin(NAME).items() if k != "enabled"}
+    _engine(app).rules = Engine(block).rules
+
+
+@hookimpl
 def startup(app: Any) -> Any:
     engine = _engine(app)
 

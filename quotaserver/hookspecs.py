@@ -103,6 +103,16 @@ def secret_settings() -> list[str] | None:
 
 
 @hookspec
+def config_reloaded(app: QuotaApp, config: Config) -> None:
+    """The configuration file was reloaded (SIGHUP): apply what of this plugin's settings
+    can change without a restart. ``validate_config`` accepted ``config`` first.
+
+    :param config: the reloaded configuration; ``config.plugin(name)`` is the new block
+        (``app.plugin_config`` still returns the one the plugin started with).
+    """
+
+
+@hookspec
 def startup(app: QuotaApp) -> None:
     """Called once when the application starts, after the database is ready and before
     emitters run. May be awaitable (for example to load state from the database)."""

@@ -235,20 +235,31 @@ def get_plugin_manager(config: Config | None = None) -> PluginManager:
             _register(pm, candidate, _load(candidate))
 
     if config is not None:
-        source = f" (in {config.source})" if config.source else ""
-        for name in config.plugins:
-            if name not in names:
-                retired = f": {RETIRED_PLUGINS[name]}" if name in RETIRED_PLUGINS else ""
-                raise ConfigError(f"plugins.{name}: no such plugin{retired}{source}")
-        for impl in reversed(pm.hook.validate_config.get_hookimpls()):
-            try:
-                errors = impl.function(config=config) or []
-            except Exception as exc:  # a validator that breaks is a configuration problem too
-                errors = [f"plugins.{impl.plugin_name}: {type(exc).__name__}: {exc}"]
-            if errors:
-                raise ConfigError(f"{errors[0]}{source}")
+        check_plugin_settings(pm, config, names)
     _declare_event_types(pm)
     return pm
+
+
+def check_plugin_settings(pm: pluggy.PluginManager, config: Config, names: list[str]) -> None:
+    """:class:`ConfigError` for a block that names no plugin (``names``: every candidate) or
+    that a plugin's ``validate_config`` refuses; at start-up and on reload alike."""
+    source = f" (in {config.source})" if config.source else ""
+    for name in config.plugins:
+        if name not in names:
+            retired = f": {RETIRED_PLUGINS[name]}" if name in RETIRED_PLUGINS else ""
+            raise ConfigError(f"plugins.{name}: no such plugin{retired}{source}")
+    for impl in reversed(pm.hook.validate_config.get_hookimpls()):
+        try:
+            errors = impl.function(config=config) or []
+        except Exception as exc:  # a validator that breaks is a configuration problem too
+            errors = [f"plugins.{impl.plugin_name}: {type(exc).__name__}: {exc}"]
+        if errors:
+            raise ConfigError(f"{errors[0]}{source}")
+
+
+def plugin_candidates(config: Config) -> list[str]:
+    """The names of every plugin that could load with ``config`` (enabled or not)."""
+    return [c.name for c in _candidates(config)]
 
 
 def _declare_event_types(pm: PluginManager) -> None:

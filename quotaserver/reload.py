@@ -6,6 +6,8 @@ the dashboards). Now a running server keeps every connection and applies:
 - ``server.log_level``, at once;
 - ``quotas.defaults`` and ``quotas.defaults_policy`` (see quotaserver.defaults_policy: under
   ``enforce`` the file's limits are applied, under ``seed`` differences are warned about);
+- plugin settings, through each plugin's ``config_reloaded`` hook once every plugin's
+  ``validate_config`` accepted them (the alert engine reloads its rules);
 
 Anything else that changed in the file is named in one warning: it takes effect at the next
 restart. A file that no longer validates changes nothing (one error line naming the key), so
@@ -21,6 +23,7 @@ from typing import TYPE_CHECKING
 from .config import ConfigError, load_config
 from .db import DatabaseError
 from .defaults_policy import reconcile
+from .plugins import apply_env_overrides, check_plugin_settings, plugin_candidates
 
 if TYPE_CHECKING:
     from .app import QuotaApp
@@ -41,6 +44,9 @@ async def reload_config(app: QuotaApp, apply_defaults: bool = True) -> bool:
     current = app.config
     try:
         new = load_config(current.source, overrides={key: current[key] for key in PINNED})
+        names = plugin_candidates(new)
+        apply_env_overrides(new, names)  # QUOTASERVER_PLUGINS_*, as at start-up
+        check_plugin_settings(app.pm, new, names)
     except ConfigError as exc:
         log.error("SIGHUP: configuration not reloaded, nothing changed: %s", exc)
         return False
@@ -54,9 +60,11 @@ async def reload_config(app: QuotaApp, apply_defaults: bool = True) -> bool:
             await reconcile(app.quota, new, app.publish)
         except DatabaseError as exc:
             log.error("SIGHUP: quota defaults not applied: %s", exc.message)
+    # Each plugin applies what it can (the alert engine: its rules), isolated and timed.
+    await app.hooks.call_async("config_reloaded", app=app, config=new)
     later = sorted(key for key in new if key not in RELOADABLE and new[key] != current[key])
     if new.plugins != current.plugins:
-        later.append("plugins")
+        later.append("plugins (beyond what their config_reloaded hook applies)")
     if later:
         log.warning("SIGHUP: changed but applied only at the next restart: %s", ", ".join(later))
     return True

@@ -139,3 +139,20 @@ async def test_violation_counts_survive_a_restart(app_factory):
     await consume(again, "dov")  # the 5th violation today, counted from the database
     await settle(again)
     assert [a["rule"] for a in await alerts(again)] == ["quota_violation"]
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_reloaded_rules_apply_at_once_and_keep_the_day_in_progress(app_factory):
+    from quotaserver.builtin_plugins import alert_engine
+
+    app = await app_factory(
+        plugins={"alert_engine": {"rules": {"quota_violation": {"threshold": 5}}}}
+    )
+    engine = alert_engine._engine(app)
+    engine.violations[7] = 3  # today's count so far
+    reloaded = app.config.with_overrides()
+    reloaded.plugins = {"alert_engine": {"rules": {"quota_violation": {"threshold": 2}}}}
+    await app.hooks.call_async("config_reloaded", app=app, config=reloaded)
+    assert alert_engine._engine(app) is engine
+    assert engine.rule("quota_violation")["threshold"] == 2
+    assert engine.violations[7] == 3
