@@ -83,6 +83,12 @@ def secret_presence(config: Config, env: Mapping[str, str]) -> list[str]:
         path = os.path.join(os.path.dirname(config["auth.token_file"]) or ".", "cookie_secret")
         state = "present" if os.path.exists(path) else "created at the first start"
         lines.append(f"auth.cookie_secret: from {path} ({state})")
+    if config["backplane.url"]:
+        lines.append(
+            "backplane.secret: set"
+            if config["backplane.secret"]
+            else "backplane.secret: not set (--workers generates one for its workers only)"
+        )
     token_file = config["auth.token_file"]
     state = "present" if os.path.exists(token_file) else "absent (created at a first start)"
     lines.append(f"auth.token_file {token_file}: {state}")

@@ -677,10 +677,14 @@ def check_setup(config: Config, pm: pluggy.PluginManager) -> None:
     from .app import QuotaApp
 
     async def dry_run(directory: str) -> None:
+        # No backplane: emitters do not need one, and under --workers the secret a Redis
+        # backplane needs may be the launcher's to generate (a traceback here otherwise).
         dry = config.with_overrides(
             database__url=f"sqlite:///{directory}/check.db",
             auth__token_file=f"{directory}/admin_token",
             auth__cookie_secret="check-config",
+            backplane__url="",
+            server__workers=1,
         )
         app = QuotaApp(dry, plugin_manager=pm)  # env tokens as start-up sees them
         try:

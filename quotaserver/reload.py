@@ -33,8 +33,17 @@ log = logging.getLogger("quotaserver")
 #: Applied by a reload.
 RELOADABLE = frozenset({"server.log_level", "quotas.defaults", "quotas.defaults_policy"})
 #: Kept as the running process has them: command-line flags (--host, --port, --dev, --demo,
-#: --workers) may have set them, and a worker's name is given by its launcher.
-PINNED = ("server.host", "server.port", "dev", "demo", "server.workers", "server.instance_name")
+#: --workers) may have set them, and a worker's name (and, when none is configured, the
+#: backplane secret) is given by its launcher.
+PINNED = (
+    "server.host",
+    "server.port",
+    "dev",
+    "demo",
+    "server.workers",
+    "server.instance_name",
+    "backplane.secret",
+)
 
 
 async def reload_config(app: QuotaApp, apply_defaults: bool = True) -> bool:

@@ -272,7 +272,7 @@ async def test_metrics_under_two_workers_have_no_launcher_series_and_one_label_s
     tmpdir.mkdir()
     config = {
         "database": {"url": f"sqlite:///{tmp_path}/shared.db"},
-        "backplane": {"url": redis.url},
+        "backplane": {"url": redis.url, "secret": "a-backplane-secret-for-tests-0123456789"},
         "throttle": {"source": "off"},
     }
     try:
