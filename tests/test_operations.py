@@ -88,6 +88,8 @@ async def test_a_busy_host_slows_consumes_but_refuses_none_under_the_default_ban
             assert [a.code for a in answers] == [200] * 20, answers
             factors = {a.json["throttle_factor"] for a in answers}
             assert factors and all(0.25 <= f < 1.0 for f in factors), factors
+            print(f"\n[operations] busy host (cpu {load['cpu_percent']} %): 20 of 20 consumes "
+                  f"200, throttle factors {sorted(factors)}")  # fmt: skip
         samples = await scrape(server)
         for resource in ("cpu", "memory"):
             key = ("quotaserver_throttle_refusals_total", (("resource", resource),))
@@ -166,6 +168,9 @@ async def test_health_answers_within_a_second_while_postgresql_is_stopped(tmp_pa
             assert await timed_get(server, "/api/health/live", answers) == 200
             slow = [(round(t, 3), path) for t, path, _ in answers if t >= 1.0]
             assert not slow, f"health answers over 1 s: {slow}"
+            worst = max(t for t, _, _ in answers)
+            print(f"\n[operations] PostgreSQL SIGSTOPped: {len(answers)} health answers, "
+                  f"slowest {worst * 1000:.0f} ms")  # fmt: skip
         finally:
             pg.resume()
 

@@ -14,7 +14,7 @@ from .base import SERVICE, ApiError, BaseHandler
 REQUEST_FIELDS = {"user", "command_type", "count"}
 #: Longest /api/health waits for a fresh database probe: under the 1 s that load balancers
 #: are told to allow (docs/deployment.md), with room for the rest of the request.
-HEALTH_BUDGET = 0.8
+HEALTH_BUDGET = 0.5
 
 
 def validate_username(value: Any, max_length: int, field: str = "user") -> str:
