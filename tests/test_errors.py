@@ -137,3 +137,24 @@ async def test_every_json_body_is_checked_the_same_way(app_factory):
         bad = {**body, key: "a\x01b"} if key else {**body, "limits": {"da\x01ily": 5}}
         assert_error(await call(app, method, path, bad, token=token), 400, "invalid_field")
         assert_error(await call(app, method, path, raw=b"[1]", token=token), 400, "invalid_json")
+
+
+@pytest.mark.gen_test
+async def test_a_bug_hit_in_a_loop_logs_its_traceback_once_then_one_short_line(
+    app_factory, monkeypatch, caplog
+):
+    app = await app_factory()
+
+    async def broken(user: str) -> None:
+        raise RuntimeError("a bug, not bad input")
+
+    monkeypatch.setattr(app.quota, "user_status", broken)  # fault injection: a server bug
+    answers = [await call(app, "GET", "/api/quotas/users/lee", token=SERVICE) for _ in range(3)]
+    assert [a.code for a in answers] == [500] * 3
+    ids = [a.json["error"]["error_id"] for a in answers]
+    records = [r for r in caplog.records if r.getMessage().startswith("uncaught exception")]
+    assert len(records) == 3  # one per request
+    assert [r.exc_info is not None for r in records] == [True, False, False]
+    for record, ident in zip(records, ids, strict=True):
+        assert f"(error {ident})" in record.getMessage()
+    assert "RuntimeError at test_errors.py:" in records[1].getMessage()
