@@ -97,11 +97,12 @@ class HttpClient:
             "127.0.0.1", self.port, local_addr=self.local_addr
         )
 
-    async def post(self, path: str, body: bytes) -> tuple[int, bytes]:
+    async def post(self, path: str, body: bytes, extra: str = "") -> tuple[int, bytes]:
+        """``extra``: more header lines, each ending in CRLF."""
         self.writer.write(
             (
                 f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {TOKEN}\r\n"
-                f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+                f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n{extra}\r\n"
             ).encode()
             + body
         )

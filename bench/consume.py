@@ -4,6 +4,7 @@ Reports throughput, latency percentiles, how many were denied, and how late the
 heartbeat arrived while the server was under that load (the IOLoop must not stall).
 
     python bench/consume.py --concurrency 32 --seconds 10
+    python bench/consume.py --keyed      # every consume with its own Idempotency-Key
 """
 
 from __future__ import annotations
@@ -19,7 +20,9 @@ from common import HttpClient, LeanWebSocket, machine, percentile, start_server
 COMMANDS = ["shell", "code", "test", "review", "refactor"]
 
 
-async def worker(port: int, stop_at: float, latencies: list, codes: dict, seed: int) -> None:
+async def worker(
+    port: int, stop_at: float, latencies: list, codes: dict, seed: int, keyed: bool
+) -> None:
     rng = random.Random(seed)
     http = HttpClient(port)
     await http.open()
@@ -27,8 +30,9 @@ async def worker(port: int, stop_at: float, latencies: list, codes: dict, seed: 
         body = json.dumps(
             {"user": f"user{rng.randrange(200)}", "command_type": rng.choice(COMMANDS)}
         ).encode()
+        extra = f"Idempotency-Key: {seed}-{len(latencies)}-{rng.random()}\r\n" if keyed else ""
         t0 = time.perf_counter()
-        status, _ = await http.post("/api/quotas/consume", body)
+        status, _ = await http.post("/api/quotas/consume", body, extra)
         latencies.append(time.perf_counter() - t0)
         codes[status] = codes.get(status, 0) + 1
     http.close()
@@ -60,7 +64,7 @@ async def heartbeat_gaps(port: int, interval: float, stop_at: float) -> list[flo
     return gaps
 
 
-async def run(concurrency: int, seconds: float, synchronous: str) -> dict:
+async def run(concurrency: int, seconds: float, synchronous: str, keyed: bool = False) -> dict:
     interval = 1.0
     server = start_server(
         realtime_heartbeat_interval=interval,
@@ -74,7 +78,7 @@ async def run(concurrency: int, seconds: float, synchronous: str) -> dict:
         started = time.perf_counter()
         results = await asyncio.gather(
             heartbeat_gaps(server.port, interval, stop_at),
-            *(worker(server.port, stop_at, latencies, codes, i) for i in range(concurrency)),
+            *(worker(server.port, stop_at, latencies, codes, i, keyed) for i in range(concurrency)),
         )
         elapsed = time.perf_counter() - started
         cpu_used = sum(server.ps.cpu_times()[:2]) - cpu_before
@@ -83,6 +87,7 @@ async def run(concurrency: int, seconds: float, synchronous: str) -> dict:
             "concurrency": concurrency,
             "seconds": round(elapsed, 1),
             "sqlite_synchronous": synchronous,
+            "idempotency_keys": keyed,
             "requests": len(latencies),
             "requests_per_s": round(len(latencies) / elapsed, 1),
             "status_counts": codes,
@@ -102,9 +107,11 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--synchronous", default="full", choices=["full", "normal"])
+    parser.add_argument("--keyed", action="store_true", help="an Idempotency-Key per consume")
     args = parser.parse_args()
     print(f"# machine: {machine()}")
-    print(json.dumps(asyncio.run(run(args.concurrency, args.seconds, args.synchronous))))
+    result = asyncio.run(run(args.concurrency, args.seconds, args.synchronous, args.keyed))
+    print(json.dumps(result))
 
 
 if __name__ == "__main__":

@@ -38,6 +38,7 @@ from .realtime.emitters import Scheduler
 from .realtime.hub import Hub
 from .realtime.limits import ConnectionLimiter
 from .realtime.messages import CLOSE_GOING_AWAY, CLOSE_POLICY, Message
+from .refunds import RefundService
 from .rules import RuleService
 from .secret_files import private_database_files, read_or_create_secret
 from .throttle import SystemLoad
@@ -53,8 +54,9 @@ class QuotaApp:
     """The application. Plugins get it as ``app`` and use its public attributes:
 
     ``config``, ``clock``, ``store`` (``await app.store.run(fn)``), ``quota``
-    (QuotaService), ``rules`` (RuleService), ``alerts`` (AlertService), ``load``
-    (SystemLoad), ``hub``, ``publish_event``, ``plugin_config``, ``plugin_state``.
+    (QuotaService), ``rules`` (RuleService), ``refunds`` (RefundService), ``alerts``
+    (AlertService), ``load`` (SystemLoad), ``hub``, ``publish_event``, ``plugin_config``,
+    ``plugin_state``.
     """
 
     def __init__(
@@ -98,6 +100,7 @@ class QuotaApp:
         )
         self.alerts = AlertService(self.store, self.publish, clock)
         self.rules = RuleService(self.quota, self.publish)
+        self.refunds = RefundService(self.quota, self.publish)
         self.scheduler = Scheduler(
             self.publish_event,
             declare=self.hooks.declare_event_types,

@@ -378,6 +378,14 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("quotas.max_count", int, 10000, "Largest count accepted in one request.", 1, 10**9),
     Setting("quotas.max_username_length", int, 64, "Longest accepted user name.", 1, 255),
     Setting(
+        "quotas.idempotency_ttl",
+        float,
+        86400.0,
+        "Seconds an Idempotency-Key's answer is kept for retries (and its consume refundable).",
+        1,
+        90 * 86400,
+    ),
+    Setting(
         "quotas.unknown_command_status",
         int,
         400,

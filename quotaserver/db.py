@@ -169,6 +169,31 @@ def _migration_6(db: Database) -> None:
         db.execute_sql(f'ALTER SEQUENCE "{table}_id_seq" AS BIGINT')
 
 
+def _migration_7(db: Database) -> None:
+    """Idempotency keys: the stored answer and effect of each keyed consume, per token."""
+    # Explicit: this table and its two indexes, whatever later versions of the model add.
+    table = models.IdempotencyKey._meta.table_name
+    text = "TEXT"
+    # One row per keyed consume: 64-bit ids on PostgreSQL, as migration 6 gives the others.
+    serial = (
+        "BIGSERIAL PRIMARY KEY" if isinstance(db, PostgresqlDatabase) else "INTEGER PRIMARY KEY"
+    )
+    stamp = "TIMESTAMP" if isinstance(db, PostgresqlDatabase) else "DATETIME"
+    db.execute_sql(
+        f'CREATE TABLE IF NOT EXISTS "{table}" ("id" {serial}, '
+        f'"owner" VARCHAR(32) NOT NULL, "key" VARCHAR(255) NOT NULL, '
+        f'"fingerprint" VARCHAR(64) NOT NULL, "status" INTEGER NOT NULL, '
+        f'"response" {text} NOT NULL, "username" VARCHAR(255) NOT NULL, '
+        f'"command_type" VARCHAR(64) NOT NULL, "counted" BIGINT NOT NULL DEFAULT 0, '
+        f'"windows" {text} NOT NULL DEFAULT \'{{}}\', "refund" {text}, '
+        f'"created_at" {stamp} NOT NULL, "expires_at" {stamp} NOT NULL)'
+    )
+    db.execute_sql(
+        f'CREATE UNIQUE INDEX IF NOT EXISTS "{table}_owner_key" ON "{table}" ("owner", "key")'
+    )
+    db.execute_sql(f'CREATE INDEX IF NOT EXISTS "{table}_expires_at" ON "{table}" ("expires_at")')
+
+
 # Append-only: (version, function). Never edit a released migration; add a new one.
 # Migrations 1 and 2 create tables from the models as they are today. The first change to
 # an existing model must therefore come with an explicit ALTER migration (playhouse.migrate)
@@ -180,6 +205,7 @@ MIGRATIONS: tuple[tuple[int, Callable[[Database], None]], ...] = (
     (4, _migration_4),
     (5, _migration_5),
     (6, _migration_6),
+    (7, _migration_7),
 )
 SCHEMA_VERSION = MIGRATIONS[-1][0]  # what this code knows; a newer database is refused
 

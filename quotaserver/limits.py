@@ -15,6 +15,7 @@ Both apply :func:`pick`.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from typing import Any
 
 from .models import GLOBAL_SCOPE, QuotaRule
 
@@ -95,3 +96,11 @@ class Rules:
 
     def overridden(self, user_id: int, command_type: str, period: str) -> bool:
         return period in self.overrides.get(user_id, {}).get(command_type, {})
+
+
+def whole_number(value: Any) -> Any:
+    """``2.0`` as ``2``: JSON (and JSON Schema's ``integer``) do not tell them apart, so
+    neither do counts and limits; anything else is returned as it is, for the caller to check."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value

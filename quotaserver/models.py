@@ -207,6 +207,33 @@ class LoginCode(BaseModel):
     expires_at = BigIntegerField()  # epoch seconds
 
 
+class IdempotencyKey(BaseModel):
+    """The stored effect and answer of one keyed write (``Idempotency-Key``), per token.
+
+    Written in the transaction that counts the consume, so a key exists exactly when its
+    effect does. One row per keyed consume, not per HTTP request: a batch item carries its
+    own key and gets its own row. ``windows`` (JSON: period -> window key) and ``counted``
+    say what a refund may give back; ``refund`` is the refund's stored answer (given once).
+    """
+
+    id = AutoField()
+    owner = CharField(max_length=32)  # Identity.token_id: one service cannot replay another's
+    key = CharField(max_length=255)
+    fingerprint = CharField(max_length=64)  # SHA-256 of the normalised request
+    status = IntegerField()
+    response = TextField()
+    username = CharField(max_length=255)
+    command_type = CharField(max_length=64)
+    counted = BigIntegerField(default=0)  # 0: the consume was refused and counted nothing
+    windows = TextField(default="{}")
+    refund = TextField(null=True)
+    created_at = DateTimeField()
+    expires_at = DateTimeField(index=True)
+
+    class Meta:
+        indexes = ((("owner", "key"), True),)
+
+
 ALL_MODELS = (SchemaVersion, User, QuotaRule, Usage, Violation, Event, Alert, AuditLog, Activity)
 # Added by migration 2 (kept out of ALL_MODELS so that migration 1 stays what it was).
 AUTH_MODELS = (ApiToken, RevokedSession)
@@ -214,3 +241,5 @@ AUTH_MODELS = (ApiToken, RevokedSession)
 SCALE_MODELS = (DailyPeak,)
 # Added by migration 5 (written out as SQL there).
 CLUSTER_AUTH_MODELS = (AuthState, LoginCode)
+# Added by migration 7.
+IDEMPOTENCY_MODELS = (IdempotencyKey,)

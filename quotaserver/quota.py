@@ -3,11 +3,14 @@
 A consume runs in one transaction: make sure the user and its window counters exist, then
 ``UPDATE usage SET used = used + n WHERE ... AND used + n <= limit`` for each window inside
 a savepoint. If any window refuses, the savepoint rolls back (no counter changes) and the
-violation and its event row are written in the same outer transaction.
+violation and its event row are written in the same outer transaction. A consume with an
+``Idempotency-Key`` writes the key's row with its answer in that same transaction
+(quotaserver.idempotency), so a retry finds the answer exactly when the count exists.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -23,6 +26,7 @@ from .counters import CounterSQL
 from .db import Store
 from .errors import DomainError
 from .events import append_event
+from .idempotency import InFlight, KeySQL, KeyTaken, Replay, RequestKey, replay
 from .models import (
     GLOBAL_SCOPE,
     QuotaRule,
@@ -61,6 +65,7 @@ class PeriodStatus:
     used: int
     resets_at: datetime
     resets_text: str | None = None  # resets_at as isoformat() gives it, if known
+    seconds: int = 0  # the window's length (RateLimit-Policy's w)
 
     @property
     def remaining(self) -> int | None:
@@ -108,10 +113,27 @@ class Decision:
             }
         return body
 
+    @property
+    def status(self) -> int:
+        """The HTTP status of this answer: 200 admitted, 429 over quota, 503 shed."""
+        if self.allowed:
+            return 200
+        return 503 if self.reason == "system_overloaded" else 429
+
     def tightest(self) -> tuple[str, PeriodStatus] | None:
         """The limited window with the least remaining (the one a client should watch)."""
-        limited = [(p, s) for p, s in self.periods.items() if s.limit is not None]
-        return min(limited, key=lambda ps: (ps[1].remaining, ps[1].resets_at)) if limited else None
+        return tightest(self.periods)
+
+
+def tightest(periods: dict[str, PeriodStatus]) -> tuple[str, PeriodStatus] | None:
+    """The limited window with the least remaining, the sooner reset first on a tie."""
+    limited = [(p, s) for p, s in periods.items() if s.limit is not None]
+    return tightest_of(limited) if limited else None
+
+
+def tightest_of(limited: list[tuple[str, PeriodStatus]]) -> tuple[str, PeriodStatus]:
+    """:func:`tightest` of a non-empty list of limited windows."""
+    return min(limited, key=lambda ps: (ps[1].remaining, ps[1].resets_at))
 
 
 class QuotaService:
@@ -137,6 +159,9 @@ class QuotaService:
         self.calendar = WindowCalendar(config["quotas.timezone"], config["quotas.week_start"])
         self.defaults: dict[str, dict[str, int | None]] = config["quotas.defaults"]
         self.sql = CounterSQL(store.db)
+        self.keys = KeySQL(store.db)
+        self.in_flight = InFlight()
+        self.key_ttl: float = config["quotas.idempotency_ttl"]
         self.unknown_command_status: int = config["quotas.unknown_command_status"]
 
     @property
@@ -156,9 +181,17 @@ class QuotaService:
         decision = await self.store.run(self._check_sync, user, command_type, count, factor)
         return decision
 
-    async def consume(self, user: str, command_type: str, count: int = 1) -> Decision:
-        """Admit and count ``count`` commands in every window, or deny and record why."""
+    async def consume(
+        self, user: str, command_type: str, count: int = 1, key: RequestKey | None = None
+    ) -> Decision | Replay:
+        """Admit and count ``count`` commands in every window, or deny and record why.
+
+        With an idempotency ``key`` the answer is stored with the counters; a retry with the
+        same key gets it back as a :class:`Replay` and counts nothing (see idempotency.py).
+        """
         self.validate_command_type(command_type)
+        if key is not None:
+            return await self._consume_keyed(user, command_type, count, key)
         factor = self.load.factor
         overloaded = factor <= 0.0
         work = self._check_sync if overloaded else self._consume_sync
@@ -172,6 +205,31 @@ class QuotaService:
 
         # Persist, then publish (quotaserver.change); the plugins' on_decision after that.
         return await commit(self.store, run, self.publish, lambda c: self.on_decision(c.payload))
+
+    async def _consume_keyed(
+        self, user: str, command_type: str, count: int, key: RequestKey
+    ) -> Decision | Replay:
+        with self.in_flight.hold(key):
+            factor = self.load.factor
+            if factor <= 0.0:
+                # Shedding load counts nothing and is not stored (a retry should be decided
+                # afresh), but a key that already counted is still answered from its row.
+                stored = await self.store.run(self.keys.find, key.owner, key.key, self.clock())
+                if stored is not None:
+                    return replay(stored, key, self.clock())
+                return await self.consume(user, command_type, count)
+
+            def run() -> Change[Decision]:
+                decision = self._consume_sync(user, command_type, count, factor, key)
+                return Change(decision, decision.events)
+
+            try:
+                return await commit(
+                    self.store, run, self.publish, lambda c: self.on_decision(c.payload)
+                )
+            except KeyTaken:
+                stored = await self.store.run(self.keys.find, key.owner, key.key, self.clock())
+                return replay(stored, key, self.clock())
 
     async def user_status(self, user: str) -> dict[str, Any] | None:
         """Per command type and period: limit, used, remaining, resets_at; None if unknown."""
@@ -205,9 +263,12 @@ class QuotaService:
         """Effective limits: the user's rule for a period beats the global one."""
         return self.sql.limits(user_id, command_type, self.periods)
 
-    def _statuses(self, limits: dict, used: dict, windows: dict[str, Window]) -> dict:
+    def statuses(self, limits: dict, used: dict, windows: dict[str, Window]) -> dict:
+        """Each period's limit, use and reset, as answers show them (refunds use it too)."""
         return {
-            p: PeriodStatus(limits[p], used[p], windows[p].end, windows[p].end_text)
+            p: PeriodStatus(
+                limits[p], used[p], windows[p].end, windows[p].end_text, windows[p].seconds
+            )
             for p in self.periods
         }
 
@@ -228,7 +289,7 @@ class QuotaService:
             command_type=command_type,
             count=count,
             throttle_factor=factor,
-            periods=self._statuses(limits, used, windows),
+            periods=self.statuses(limits, used, windows),
             at=now,
         )
         if factor <= 0.0:
@@ -252,46 +313,74 @@ class QuotaService:
         """The user's id (created on first sight) and whether it was just created."""
         return self.sql.ensure_user(username, now)
 
-    def _consume_sync(self, user: str, command_type: str, count: int, factor: float) -> Decision:
+    def _consume_sync(
+        self,
+        user: str,
+        command_type: str,
+        count: int,
+        factor: float,
+        key: RequestKey | None = None,
+    ) -> Decision:
         now = self.clock()
         windows = self.calendar.windows(self.periods, now)
         # Inside a group commit this unit already has its savepoint; alone, a transaction.
         with nullcontext() if self.db.in_transaction() else self.db.atomic():
-            user_id, new_user, limits = self.sql.user_and_limits(
-                user, command_type, self.periods, now
-            )
-            # All windows or none; a refusal leaves the counters as they were.
-            used, exhausted = self.sql.increment_all(user_id, command_type, windows, count, limits)
-            decision = Decision(
-                allowed=exhausted is None,
-                user=user,
-                user_id=user_id,
-                command_type=command_type,
-                count=count,
-                throttle_factor=factor,
-                periods=self._statuses(limits, used, windows),
-                consumed=exhausted is None,
-                new_user=new_user,
-                at=now,
-            )
-            if exhausted is None:
-                daily = decision.periods.get("daily")
-                if daily is not None:
-                    percent = utilization(daily.used, daily.limit)
-                    self.sql.raise_peak(user_id, user, windows["daily"].key, percent)
-                # Last: on PostgreSQL this row is shared by every consume of the minute and
-                # stays locked until COMMIT.
-                self.sql.bump_activity(int(now.timestamp()) // 60 * 60, commands=count)
-                return decision
-            fields = self._violation_fields(
-                exhausted, limits[exhausted], used[exhausted] + count, command_type
-            )
-            decision.reason = "quota_exceeded"
-            decision.violation, event = self._record_violation(
-                user_id, user, command_type, fields, now
-            )
-            decision.events.append(event)
+            decision = self._decide(user, command_type, count, factor, now, windows)
+            if key is not None:
+                # In the counters' transaction: the key exists exactly when the effect does.
+                consumed = decision.consumed
+                self.keys.store(
+                    key,
+                    decision.status,
+                    json.dumps(decision.to_json(), separators=(",", ":")),
+                    (user, command_type, count if consumed else 0),
+                    {p: w.key for p, w in windows.items()} if consumed else {},
+                    now,
+                    self.key_ttl,
+                )
             return decision
+
+    def _decide(
+        self,
+        user: str,
+        command_type: str,
+        count: int,
+        factor: float,
+        now: datetime,
+        windows: dict[str, Window],
+    ) -> Decision:
+        """Count in every window or refuse (the caller holds the transaction)."""
+        user_id, new_user, limits = self.sql.user_and_limits(user, command_type, self.periods, now)
+        # All windows or none; a refusal leaves the counters as they were.
+        used, exhausted = self.sql.increment_all(user_id, command_type, windows, count, limits)
+        decision = Decision(
+            allowed=exhausted is None,
+            user=user,
+            user_id=user_id,
+            command_type=command_type,
+            count=count,
+            throttle_factor=factor,
+            periods=self.statuses(limits, used, windows),
+            consumed=exhausted is None,
+            new_user=new_user,
+            at=now,
+        )
+        if exhausted is None:
+            daily = decision.periods.get("daily")
+            if daily is not None:
+                percent = utilization(daily.used, daily.limit)
+                self.sql.raise_peak(user_id, user, windows["daily"].key, percent)
+            # Last: on PostgreSQL this row is shared by every consume of the minute and
+            # stays locked until COMMIT.
+            self.sql.bump_activity(int(now.timestamp()) // 60 * 60, commands=count)
+            return decision
+        fields = self._violation_fields(
+            exhausted, limits[exhausted], used[exhausted] + count, command_type
+        )
+        decision.reason = "quota_exceeded"
+        decision.violation, event = self._record_violation(user_id, user, command_type, fields, now)
+        decision.events.append(event)
+        return decision
 
     def _record_violation(
         self, user_id: int, user: str, command_type: str, fields: dict, now: datetime
@@ -336,7 +425,7 @@ class QuotaService:
         for command_type in self.command_types:
             limits = self.limits_for(row.id, command_type)
             used = self.sql.used(row.id, command_type, windows)
-            statuses = self._statuses(limits, used, windows)
+            statuses = self.statuses(limits, used, windows)
             commands[command_type] = {p: s.to_json() for p, s in statuses.items()}
         return {
             "user": row.username,

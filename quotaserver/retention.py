@@ -1,4 +1,5 @@
-"""Retention: rows older than the configured ages leave the event, violation and activity tables.
+"""Retention: rows older than the configured ages leave the event, violation and activity tables,
+and idempotency keys leave when their TTL is over.
 
 Pruning runs on the database thread in small batches (``retention.batch_size`` rows per
 transaction), so consumes queued behind it wait for one short batch at most, never for the
@@ -19,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from peewee import fn
 
+from .idempotency import prune_expired
 from .models import Activity, Event, Violation, naive_utc
 from .realtime.emitters import PeriodicEmitter
 
@@ -88,6 +90,16 @@ async def prune(app: QuotaApp) -> dict[str, int]:
         deleted[table] = total
         if total:
             log.info("retention: pruned %d %s rows older than %d days", total, table, days)
+    # Idempotency keys go when their own TTL (quotas.idempotency_ttl, set per row) is over.
+    total = 0
+    while True:
+        count = await app.store.run(prune_expired, now, batch)
+        total += count
+        if count < batch:
+            break
+    deleted["idempotency_keys"] = total
+    if total:
+        log.info("retention: pruned %d expired idempotency keys", total)
     return deleted
 
 

@@ -16,6 +16,7 @@ from .audit import record_audit
 from .change import Change, Publish, commit
 from .errors import DomainError
 from .events import append_event
+from .limits import whole_number
 from .models import GLOBAL_SCOPE, QuotaRule, Usage, User, naive_utc
 from .quota import QuotaError, QuotaService
 from .standings import recompute, users_with_usage
@@ -42,6 +43,7 @@ class RuleService:
             raise QuotaError("invalid_field", "limits must be a non-empty object")
         out: Limits = {}
         for period, value in limits.items():
+            value = whole_number(value)
             if period not in self.quota.periods:
                 raise QuotaError("invalid_field", f"unknown or untracked period {period!r}")
             if value is not None and (

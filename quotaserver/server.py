@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import peewee
 import pluggy
 import tornado.netutil
+from tornado.ioloop import PeriodicCallback
 
 from . import __version__
 from .config import Config, ConfigError
@@ -29,6 +30,7 @@ from .db import DatabaseError
 from .defaults_policy import reconcile as reconcile_defaults
 from .isolation import exit_guard
 from .metrics import MULTIPROC_ENV, disable_multiprocess, enable_multiprocess, worker_exited
+from .realtime.gc_steps import GcSteps
 from .realtime.messages import CLOSE_GOING_AWAY, CLOSE_RESTART
 from .reload import reload_config
 
@@ -82,8 +84,11 @@ async def serve(
         raise
     log.info("started quotaserver %s on %s (pid %d)", __version__, app.url, os.getpid())
     # What start-up built lives as long as the process: keep it out of every collection,
-    # so full collections (seen at 1-2 s with thousands of clients) scan only newer objects.
+    # so full collections (seen at 1-2 s with thousands of clients) scan only newer objects;
+    # then do the same for accepted connections, step by step (realtime/gc_steps.py).
     gc.freeze()
+    gc_steps = PeriodicCallback(GcSteps(app.hub.count).tick, 500)
+    gc_steps.start()
     if worker is None:
         announce(app.url, config, await app.auth.issue_login_code())
     else:  # the parent stored the start-up link's code in the shared database
@@ -99,6 +104,7 @@ async def serve(
     while (signum := await stop_signals.get()) == signal.SIGHUP:
         # The first worker applies the quota defaults for all (they share the database).
         await reload_config(app, apply_defaults=worker is None or worker.index == 0)
+    gc_steps.stop()
     log.info("received %s, shutting down", signal.Signals(signum).name)
     if demo is not None:
         await demo.stop()

@@ -31,3 +31,31 @@ def hidden_character(value: str) -> str | None:
         if refused:
             return f"U+{ord(char):04X} ({category})"
     return None
+
+
+#: Combining marks allowed in a row: enough for any language after NFC (Vietnamese stacks
+#: two), far from the "Zalgo" towers that overflow a table row.
+MAX_COMBINING_RUN = 4
+#: Names the dashboard's URLs cannot address (a path segment "." or ".." is resolved away).
+UNADDRESSABLE = frozenset({".", ".."})
+
+
+def normalize_name(value: str) -> str:
+    """The one spelling of a name: NFC, so that NFC and NFD ``zoë`` are one user."""
+    return value if value.isascii() else unicodedata.normalize("NFC", value)
+
+
+def name_problem(value: str) -> str | None:
+    """Why a (normalised) name is refused, or None: blank at either end, ``.``/``..``, or
+    more than :data:`MAX_COMBINING_RUN` combining marks in a row."""
+    if value != value.strip():
+        return "must not start or end with whitespace"
+    if value in UNADDRESSABLE:
+        return "must not be '.' or '..'"
+    if not value.isascii():
+        run = 0
+        for char in value:
+            run = run + 1 if unicodedata.category(char).startswith("M") else 0
+            if run > MAX_COMBINING_RUN:
+                return f"must not have more than {MAX_COMBINING_RUN} combining marks in a row"
+    return None

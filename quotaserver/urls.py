@@ -5,7 +5,19 @@ from __future__ import annotations
 import re
 from typing import TYPE_CHECKING, Any
 
-from .handlers import admin, api, dashboard, dev, health, metrics, session, sse, tokens, websocket
+from .handlers import (
+    admin,
+    api,
+    dashboard,
+    dev,
+    health,
+    metrics,
+    openapi,
+    session,
+    sse,
+    tokens,
+    websocket,
+)
 from .handlers.base import MisdirectedHandler, NotFoundHandler, StaticHandler
 
 if TYPE_CHECKING:
@@ -15,8 +27,10 @@ ROUTES: list[tuple[str, type]] = [
     (r"/api/health", api.HealthHandler),
     (r"/api/health/live", api.LiveHandler),
     (r"/api/health/ready", api.ReadyHandler),
+    (r"/api/openapi.json", openapi.OpenApiHandler),
     (r"/api/quotas/check", api.CheckHandler),
     (r"/api/quotas/consume", api.ConsumeHandler),
+    (r"/api/quotas/refund", api.RefundHandler),
     (r"/api/quotas/users/([^/]+)", api.UserStatusHandler),
     (r"/api/ws/health", health.StreamHealthHandler),
     (r"/api/plugins", health.PluginsHandler),

@@ -34,9 +34,12 @@ class Window:
     key: int = field(init=False, compare=False)
     #: ``end`` as the API shows it (isoformat), built once per window.
     end_text: str = field(init=False, compare=False, repr=False)
+    #: The window's length in seconds (a month's varies; DST days are 23 or 25 hours).
+    seconds: int = field(init=False, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "key", int(self.start.timestamp()))
+        object.__setattr__(self, "seconds", round((self.end - self.start).total_seconds()))
         object.__setattr__(self, "end_text", isoformat(self.end))
 
 

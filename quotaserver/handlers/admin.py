@@ -14,6 +14,7 @@ from ..admin_queries import USER_SORTS, AdminQueries
 from ..alerts import SEVERITIES, STATUSES
 from ..history import activity_per_minute, violations_per_day
 from ..ranking import BadCursor
+from ..text import normalize_name
 from ..windows import isoformat
 from .api import refuse_hidden, validate_username
 from .base import ADMIN, VIEWER, ApiError, BaseHandler
@@ -39,6 +40,11 @@ class AdminHandler(BaseHandler):
 
     def username_arg(self, raw: str) -> str:
         return validate_username(raw, self.app.config["quotas.max_username_length"], "username")
+
+    def name_filter(self, name: str) -> str | None:
+        """A user-name query argument in the names' one spelling (NFC), like stored names."""
+        raw = str_arg(self, name, self.app.config["quotas.max_username_length"])
+        return normalize_name(raw) if raw else raw
 
     def command_type_arg(self, raw: str) -> str:
         refuse_hidden(raw, "command_type")
@@ -134,7 +140,7 @@ class UsersHandler(AdminHandler):
     """GET /api/admin/quotas/users?q=&sort=&page=&per_page="""
 
     async def get(self) -> None:
-        search = str_arg(self, "q", self.app.config["quotas.max_username_length"]) or ""
+        search = self.name_filter("q") or ""
         sort = choice_arg(self, "sort", USER_SORTS, "username")
         page = page_arg(self, per_page=25)
         try:
@@ -194,7 +200,7 @@ class OverridesHandler(AdminHandler):
     """GET /api/admin/quotas/overrides?user=&per_page=&cursor=: per-user overrides."""
 
     async def get(self) -> None:
-        user = str_arg(self, "user", self.app.config["quotas.max_username_length"])
+        user = self.name_filter("user")
         per_page = int_arg(self, "per_page", MAX_PER_PAGE, 1, MAX_PER_PAGE)
         await self.listing(self.queries.overrides(user, per_page, self.cursor_arg()))
 
@@ -252,7 +258,7 @@ class ViolationsHandler(AdminHandler):
     """GET /api/admin/quotas/violations?user=&command_type=&since=&page=&per_page=&cursor="""
 
     async def get(self) -> None:
-        user = str_arg(self, "user", self.app.config["quotas.max_username_length"])
+        user = self.name_filter("user")
         command_type = choice_arg(self, "command_type", self.app.quota.command_types)
         since = time_arg(self, "since")
         page = page_arg(self)

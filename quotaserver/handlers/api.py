@@ -1,25 +1,33 @@
-"""The quota API for services: check, consume, a user's status, health."""
+"""The quota API for services: check, consume, refund, a user's status, health."""
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
+from collections.abc import Mapping
+from datetime import datetime, timedelta
 from typing import Any
 
+from ..idempotency import HEADER, Replay, RequestKey, parse_key
+from ..limits import whole_number
 from ..probes import PATIENCE
-from ..quota import Decision
-from ..text import hidden_character
+from ..quota import Decision, PeriodStatus, tightest_of
+from ..text import hidden_character, name_problem, normalize_name
 from .base import SERVICE, ApiError, BaseHandler
 
 REQUEST_FIELDS = {"user", "command_type", "count"}
+REFUND_FIELDS = {"user", "command_type", "key"}
 #: Longest /api/health waits for a fresh database probe: under the 1 s that load balancers
 #: are told to allow (docs/deployment.md), with room for the rest of the request.
 HEALTH_BUDGET = 0.5
 
 
 def validate_username(value: Any, max_length: int, field: str = "user") -> str:
+    """The name in its one spelling (NFC), or 400: see docs/api.md for what a name may be."""
     if not isinstance(value, str):
         raise ApiError(400, "invalid_field", f"{field} must be a string")
+    value = normalize_name(value)  # before anything else: NFC and NFD are one user
     if not value.strip():
         raise ApiError(400, "invalid_field", f"{field} must not be empty")
     if len(value) > max_length:
@@ -29,6 +37,9 @@ def validate_username(value: Any, max_length: int, field: str = "user") -> str:
     ):
         raise ApiError(400, "invalid_field", f"{field} must not contain control characters")
     refuse_hidden(value, field)
+    problem = name_problem(value)
+    if problem:
+        raise ApiError(400, "invalid_field", f"{field} {problem}")
     return value
 
 
@@ -44,6 +55,7 @@ def refuse_hidden(value: str, field: str) -> None:
 
 
 def validate_count(value: Any, max_count: int) -> int:
+    value = whole_number(value)
     if not isinstance(value, int) or isinstance(value, bool):
         raise ApiError(400, "invalid_field", "count must be an integer")
     if value <= 0:
@@ -51,6 +63,42 @@ def validate_count(value: Any, max_count: int) -> int:
     if value > max_count:
         raise ApiError(400, "invalid_field", f"count must be at most {max_count}")
     return value
+
+
+def rate_limit_headers(
+    periods: Mapping[str, PeriodStatus], now: datetime, refused: str | None = None
+) -> list[tuple[str, str]]:
+    """The IETF RateLimit fields (draft-ietf-httpapi-ratelimit-headers-09 and later) and the
+    deprecated trio of drafts up to -06, all from ``periods`` (so they match the body).
+
+    ``RateLimit-Policy`` lists every limited window (``q`` its limit, ``w`` its length);
+    ``RateLimit`` and the trio describe the window that refused, else the one with the least
+    remaining; a refusal adds ``Retry-After``, never earlier than that window's reset.
+    """
+    limited = [(p, s) for p, s in periods.items() if s.limit is not None]
+    if not limited:
+        return []  # nothing is limited: no policy to state
+    period, status = (refused, periods[refused]) if refused is not None else tightest_of(limited)
+    reset = math.ceil((status.resets_at - now).total_seconds())
+    reset = max(1, reset) if refused is not None else max(0, reset)
+    remaining = str(status.remaining)
+    headers = [
+        ("RateLimit-Policy", _policy(tuple((p, s.limit, s.seconds) for p, s in limited))),
+        ("RateLimit", f'"{period}";r={remaining};t={reset}'),
+        ("RateLimit-Limit", str(status.limit)),
+        ("RateLimit-Remaining", remaining),
+        ("RateLimit-Reset", str(reset)),
+    ]
+    if refused is not None:
+        headers.append(("Retry-After", str(reset)))
+    return headers
+
+
+@functools.lru_cache(maxsize=1024)
+def _policy(windows: tuple[tuple[str, int, int], ...]) -> str:
+    """The RateLimit-Policy value of (period, limit, seconds) windows: the same few shapes
+    recur on every consume, so each is formatted once."""
+    return ", ".join(f'"{p}";q={limit};w={seconds}' for p, limit, seconds in windows)
 
 
 class QuotaRequestHandler(BaseHandler):
@@ -61,12 +109,16 @@ class QuotaRequestHandler(BaseHandler):
         body = self.json_body(REQUEST_FIELDS, required=("user", "command_type"))
         config = self.app.config
         user = validate_username(body["user"], config["quotas.max_username_length"])
-        command_type = body["command_type"]
-        if not isinstance(command_type, str) or not command_type:
-            raise ApiError(400, "invalid_field", "command_type must be a non-empty string")
-        refuse_hidden(command_type, "command_type")
+        command_type = validate_command_type(body["command_type"])
         count = validate_count(body.get("count", 1), config["quotas.max_count"])
         return user, command_type, count
+
+    def idempotency_key(self, *request: Any) -> RequestKey | None:
+        """The request's ``Idempotency-Key`` scoped to the caller's token, if it sent one."""
+        raw = self.request.headers.get(HEADER)
+        if raw is None:
+            return None
+        return RequestKey.of(self.identity.token_id, parse_key(raw), *request)
 
     async def post(self) -> None:
         user, command_type, count = self.parse()
@@ -74,34 +126,52 @@ class QuotaRequestHandler(BaseHandler):
         # An unknown command type is the service's UnknownCommandType, rendered with
         # quotas.unknown_command_status by BaseHandler.write_error.
         if self.consume:
-            decision = await service.consume(user, command_type, count)
+            key = self.idempotency_key("consume", user, command_type, count)
+            answer = await service.consume(user, command_type, count, key)
+            if isinstance(answer, Replay):
+                return self.replay(answer)
+            decision = answer
         else:
             decision = await service.check(user, command_type, count)
         self.respond(decision)
 
     def respond(self, decision: Decision) -> None:
-        now = decision.at  # the service's clock, so resets are exact under a test clock
-        tightest = decision.tightest()
-        if tightest is not None:
-            period, status = tightest
-            self.set_header("RateLimit-Limit", str(status.limit))
-            self.set_header("RateLimit-Remaining", str(status.remaining))
-            reset = max(0, math.ceil((status.resets_at - now).total_seconds()))
-            self.set_header("RateLimit-Reset", str(reset))
-        if decision.allowed:
-            return self.send_json(decision.to_json())
+        # The service's clock, so resets are exact under a test clock.
+        refused = decision.violation["period"] if decision.violation else None
+        if decision.reason == "system_overloaded":
+            refused = None
+        for name, value in rate_limit_headers(decision.periods, decision.at, refused):
+            self.set_header(name, value)
         if decision.reason == "system_overloaded":
             self.access_log_level = logging.INFO  # shedding load is routine, not an error
             self.set_header("Retry-After", "5")
-            return self.send_json(decision.to_json(), status=503)
-        period = decision.violation["period"]
-        window = decision.periods[period]
-        reset = max(1, math.ceil((window.resets_at - now).total_seconds()))
-        self.set_header("Retry-After", str(reset))
-        self.set_header("RateLimit-Limit", str(window.limit))
-        self.set_header("RateLimit-Remaining", str(window.remaining))
-        self.set_header("RateLimit-Reset", str(reset))
-        self.send_json(decision.to_json(), status=429)
+        self.send_json(decision.to_json(), status=decision.status)
+
+    def replay(self, answer: Replay) -> None:
+        """The stored answer again, byte for byte, with headers for the time of the retry."""
+        body = answer.body
+        calendar = self.app.quota.calendar
+        periods = {}
+        for period, fields in body.get("periods", {}).items():
+            ends = datetime.fromisoformat(fields["resets_at"])
+            window = calendar.window(period, ends - timedelta(microseconds=1))
+            periods[period] = PeriodStatus(
+                fields["limit"], fields["used"], ends, None, window.seconds
+            )
+        refused = body["violation"]["period"] if answer.status == 429 else None
+        for name, value in rate_limit_headers(periods, answer.at, refused):
+            self.set_header(name, value)
+        self.set_header("Idempotent-Replayed", "true")
+        self.set_status(answer.status)
+        self.set_header("Content-Type", "application/json; charset=utf-8")
+        self.finish(answer.response)
+
+
+def validate_command_type(value: Any) -> str:
+    if not isinstance(value, str) or not value:
+        raise ApiError(400, "invalid_field", "command_type must be a non-empty string")
+    refuse_hidden(value, "command_type")
+    return value
 
 
 class CheckHandler(QuotaRequestHandler):
@@ -112,6 +182,28 @@ class ConsumeHandler(QuotaRequestHandler):
     """POST /api/quotas/consume: admit and count, or deny and record a violation."""
 
     consume = True
+
+
+class RefundHandler(BaseHandler):
+    """POST /api/quotas/refund: give back the count of the consume made with ``key``."""
+
+    roles = SERVICE
+
+    async def post(self) -> None:
+        body = self.json_body(REFUND_FIELDS, required=tuple(REFUND_FIELDS))
+        config = self.app.config
+        user = validate_username(body["user"], config["quotas.max_username_length"])
+        command_type = validate_command_type(body["command_type"])
+        if not isinstance(body["key"], str):
+            raise ApiError(400, "invalid_field", "key must be a string")
+        key = parse_key(body["key"])
+        refund = await self.app.refunds.refund(
+            self.identity.token_id, user, command_type, key, self.actor
+        )
+        if refund.replayed:
+            self.set_header("Idempotent-Replayed", "true")
+        self.set_header("Content-Type", "application/json; charset=utf-8")
+        self.finish(refund.response)
 
 
 class UserStatusHandler(BaseHandler):
