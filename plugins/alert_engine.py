@@ -163,6 +163,14 @@ async def _new_day(app: Any, day: str) -> None:
 
 
 @hookimpl
+def config_reloaded(app: Any, config: Any) -> None:
+    """New rules (thresholds, severities, enabled) apply at once; the episodes in progress
+    (today's counts, a throttling spell) are kept, so nothing alerts twice for a reload."""
+    block = {k: v for k, v in config.plugin(NAME).items() if k != "enabled"}
+    _engine(app).rules = Engine(block).rules
+
+
+@hookimpl
 def startup(app: Any) -> Any:
     engine = _engine(app)
 

@@ -5,9 +5,16 @@ The public surface for plugin authors is this package's top level::
     from quotaserver import EventEmitter, MetricSample, PeriodicEmitter, hookimpl
 """
 
+from importlib.metadata import PackageNotFoundError, version
+
 import pluggy
 
-__version__ = "0.1.0"
+try:
+    # The one place the version is written is pyproject.toml (bumped per release, with an
+    # entry in CHANGELOG.md); the installed package's metadata carries it here.
+    __version__ = version("quotaserver")
+except PackageNotFoundError:  # imported from a checkout that was never installed
+    __version__ = "0+unknown"
 
 #: Marker for plugin hook implementations: ``@hookimpl def stats_fields(app): ...``
 hookimpl = pluggy.HookimplMarker("quotaserver")

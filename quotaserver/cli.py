@@ -21,8 +21,10 @@ import yaml
 
 from . import __version__, logs
 from .config import Config, ConfigError, load_config
-from .credentials import check_tokens, redacted
-from .plugins import PluginError, check_setup, get_plugin_manager, plugin_list
+from .connect_check import check_connections
+from .credentials import check_tokens
+from .display import display_config, limits_lines, secret_presence
+from .plugins import PluginError, check_setup, get_plugin_manager, plugin_list, secret_settings
 from .redaction import install_log_redaction
 
 log = logging.getLogger("quotaserver")
@@ -131,14 +133,46 @@ def _plugin_lines(pm: object) -> list[str]:
     return lines
 
 
-@command("check-config", "validate the configuration and plugins, print both, exit (2 if invalid)")
+def _check_config_options(parser: argparse.ArgumentParser) -> None:
+    _server_options(parser)
+    parser.add_argument(
+        "--connect",
+        action="store_true",
+        help="also reach the database and the backplane (exit 2 naming what failed)",
+    )
+
+
+@command(
+    "check-config",
+    "validate the configuration and plugins, print both, exit (2 if invalid)",
+    _check_config_options,
+)
 def check_config(args: argparse.Namespace) -> int:
     config, pm = load(args)
     check_setup(config, pm)
-    print(yaml.safe_dump(json.loads(json.dumps(redacted(config))), sort_keys=False), end="")
+    shown = display_config(config, secret_settings(pm))
+    print(yaml.safe_dump(json.loads(json.dumps(shown)), sort_keys=False), end="")
     print("# plugins")
     for line in _plugin_lines(pm):
         print(f"#   {line}")
+    print("# secrets (present or not; values are never printed)")
+    for line in secret_presence(config, os.environ):
+        print(f"#   {line}")
+    if not getattr(args, "connect", False):
+        return 0
+    report = check_connections(config)
+    print("# connections")
+    for line in report.notes:
+        print(f"#   {line}")
+    if report.limits is not None:
+        print("# limits in force (the database's global defaults)")
+        for line in limits_lines(config, report.limits):
+            print(f"#   {line}")
+    for problem in report.problems:
+        print(f"quotaserver: check-config --connect: {problem}", file=sys.stderr)
+    if report.problems:
+        return 2
+    print("#   no problem reaching them")
     return 0
 
 

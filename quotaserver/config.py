@@ -9,6 +9,7 @@ one-line message and exit status 2.
 from __future__ import annotations
 
 import copy
+import hashlib
 import ipaddress
 import math
 import os
@@ -125,7 +126,27 @@ def _check_tokens(value: Any) -> str | None:
             or any(c not in "0123456789abcdef" for c in tok["sha256"].lower())
         ):
             return f"[{i}].sha256: must be a hex SHA-256 digest"
+        if "sha256" in tok and (weak := _placeholder_digests().get(tok["sha256"].lower())):
+            return (
+                f"[{i}].sha256: is the digest of {weak!r}, a well-known placeholder anyone "
+                "could send: generate a token (openssl rand -hex 32) and use its digest"
+            )
     return None
+
+
+#: Strings that examples, tutorials and tests use for a token. Their digests work when
+#: pasted (SHA-256("test") once stood in docs/security.md), so they are refused.
+WELL_KNOWN_TOKENS = ("test", "password", "secret", "token", "admin", "example", "")
+
+
+def _placeholder_digests() -> dict[str, str]:
+    """SHA-256 hex digest -> the placeholder it is the digest of."""
+    from .credentials import PLACEHOLDERS  # credentials imports this module
+
+    return {
+        hashlib.sha256(text.encode()).hexdigest(): text
+        for text in (*WELL_KNOWN_TOKENS, *sorted(PLACEHOLDERS))
+    }
 
 
 def _check_str_list(value: Any) -> str | None:
@@ -307,7 +328,7 @@ SETTINGS: tuple[Setting, ...] = (
         float,
         5.0,
         "Longest database call (s): PostgreSQL cancels the statement, and a caller waits no "
-        "longer than this plus connect_timeout before answering 503.",
+        "longer than 2 x connect_timeout + this + 1 s (12 s by default) before answering 503.",
         0.1,
         3600,
     ),
@@ -337,9 +358,18 @@ SETTINGS: tuple[Setting, ...] = (
         "quotas.defaults",
         dict,
         DEFAULT_LIMITS,
-        "Global default limits per command type and period (null = unlimited). "
-        "Seeded into the database once; edit them later through the admin API.",
+        "Global default limits per command type and period (null or missing = unlimited). "
+        "Seeded into the database; what they do afterwards is quotas.defaults_policy.",
         check=_check_limits,
+    ),
+    Setting(
+        "quotas.defaults_policy",
+        str,
+        "seed",
+        "seed: the database (dashboard, admin API) wins and each limit where this file "
+        "differs is a warning at start and reload; enforce: this file wins, applied (audited "
+        "as config) at every start and SIGHUP.",
+        choices=("seed", "enforce"),
     ),
     Setting(
         "quotas.timezone", str, "UTC", "Time zone of window boundaries.", check=_check_timezone
@@ -365,15 +395,17 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(
         "throttle.cpu_bands",
         list,
-        [[98, 0.0], [95, 0.3], [90, 0.6], [80, 0.8]],
-        "CPU % thresholds and the throttle factor at or above each.",
+        [[95, 0.25], [90, 0.5], [80, 0.8]],
+        "CPU % thresholds and the throttle factor at or above each. The default never "
+        "goes below 0.25: only a band configured to 0 refuses consumes.",
         check=_check_bands,
     ),
     Setting(
         "throttle.memory_bands",
         list,
-        [[98, 0.0], [95, 0.3], [90, 0.6], [85, 0.8]],
-        "Memory % thresholds and the throttle factor at or above each.",
+        [[95, 0.25], [90, 0.5], [85, 0.8]],
+        "Memory % thresholds and the throttle factor at or above each (default floor 0.25, "
+        "as for the CPU).",
         check=_check_bands,
     ),
     Setting(

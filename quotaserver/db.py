@@ -52,6 +52,8 @@ class DatabaseError(DomainError):
     status = 503
     code = "database_unavailable"
     retry_after = 2
+    #: What a client is told; ``message`` (driver text, host, port) goes to the log only.
+    public_message = "the database is unavailable; retry later"
 
     def __init__(self, message: str):
         super().__init__(message, headers={"Retry-After": str(self.retry_after)})
@@ -66,6 +68,7 @@ class DatabaseBusy(DatabaseError):
 
     code = "database_busy"
     retry_after = 1
+    public_message = "the database is busy; retry"
 
 
 def _is_busy(exc: BaseException) -> bool:
@@ -218,6 +221,16 @@ MIGRATIONS: tuple[tuple[int, Callable[[Database], None]], ...] = (
 SCHEMA_VERSION = MIGRATIONS[-1][0]  # what this code knows; a newer database is refused
 
 
+def sqlite_path(url: str) -> str:
+    """The file of ``sqlite:///relative/path.db`` or ``sqlite:////absolute/path.db``, as
+    playhouse reads them; :class:`ConfigError` for an in-memory or empty one."""
+    path = url.removeprefix("sqlite:").removeprefix("//")
+    path = path[1:] if path.startswith("/") else path
+    if not path or path == ":memory:":
+        raise ConfigError("database.url: an SQLite database needs a file path")
+    return path
+
+
 def open_database(
     url: str,
     synchronous: str = "full",
@@ -228,11 +241,7 @@ def open_database(
 ) -> Database:
     """Connect by URL; for SQLite create the file's directory and set the pragmas."""
     if url.startswith("sqlite:"):
-        # sqlite:///relative/path.db or sqlite:////absolute/path.db, as playhouse reads them
-        path = url.removeprefix("sqlite:").removeprefix("//")
-        path = path[1:] if path.startswith("/") else path
-        if not path or path == ":memory:":
-            raise ConfigError("database.url: an SQLite database needs a file path")
+        path = sqlite_path(url)
         directory = os.path.dirname(path)
         if directory:
             try:

@@ -9,6 +9,7 @@ catch them like any exception (``QuotaError`` is still a ``ValueError``, ``Unkno
 
 from __future__ import annotations
 
+import secrets
 from typing import ClassVar
 
 
@@ -38,3 +39,13 @@ class DomainError(Exception):
         if status is not None:
             self.status = status  # type: ignore[misc] - per instance on purpose
         self.headers: dict[str, str] = dict(headers or {})
+
+
+def error_id(exc: BaseException) -> str:
+    """A short random id naming one failure: the client's answer carries it, the log line
+    with the details (which the client must not see: hosts, ports, driver text) too."""
+    ident = getattr(exc, "error_id", None)
+    if ident is None:
+        ident = secrets.token_hex(6)
+        exc.error_id = ident  # type: ignore[attr-defined]
+    return ident

@@ -116,6 +116,27 @@ def validate_config(config: Config) -> list[str] | None:
 
 
 @hookspec
+def secret_settings() -> list[str] | None:
+    """Names of this plugin's settings that hold secrets (a webhook URL, a DSN, a header).
+
+    ``check-config`` prints ``<redacted>`` for them (it also redacts any setting whose
+    name says secret, token, password or API key, and the password of any URL).
+
+    :return: keys of the plugin's block (``plugins.<name>.<key>``).
+    """
+
+
+@hookspec
+def config_reloaded(app: QuotaApp, config: Config) -> None:
+    """The configuration file was reloaded (SIGHUP): apply what of this plugin's settings
+    can change without a restart. ``validate_config`` accepted ``config`` first.
+
+    :param config: the reloaded configuration; ``config.plugin(name)`` is the new block
+        (``app.plugin_config`` still returns the one the plugin started with).
+    """
+
+
+@hookspec
 def startup(app: QuotaApp) -> None:
     """Called once when the application starts, after the database is ready and before
     emitters run. May be awaitable (for example to load state from the database)."""

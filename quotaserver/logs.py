@@ -27,6 +27,11 @@ class UTCFormatter(logging.Formatter):
 
     converter = time.gmtime
 
+    def format(self, record: logging.LogRecord) -> str:
+        # One record, one line: a driver's multi-line error or a traceback keeps its line
+        # breaks as ``\n``, so line-based tools (journald, grep, a shipper) see one record.
+        return super().format(record).replace("\r", "\\r").replace("\n", "\\n")
+
     def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
         stamp = time.strftime("%Y-%m-%dT%H:%M:%S", self.converter(record.created))
         return f"{stamp}.{int(record.msecs):03d}Z"

@@ -237,20 +237,31 @@ def get_plugin_manager(config: Config | None = None) -> PluginManager:
             _register(pm, candidate, _load(candidate))
 
     if config is not None:
-        source = f" (in {config.source})" if config.source else ""
-        for name in config.plugins:
-            if name not in names:
-                retired = f": {RETIRED_PLUGINS[name]}" if name in RETIRED_PLUGINS else ""
-                raise ConfigError(f"plugins.{name}: no such plugin{retired}{source}")
-        for impl in reversed(pm.hook.validate_config.get_hookimpls()):
-            try:
-                errors = impl.function(config=config) or []
-            except Exception as exc:  # a validator that breaks is a configuration problem too
-                errors = [f"plugins.{impl.plugin_name}: {type(exc).__name__}: {exc}"]
-            if errors:
-                raise ConfigError(f"{errors[0]}{source}")
+        check_plugin_settings(pm, config, names)
     _declare_event_types(pm)
     return pm
+
+
+def check_plugin_settings(pm: pluggy.PluginManager, config: Config, names: list[str]) -> None:
+    """:class:`ConfigError` for a block that names no plugin (``names``: every candidate) or
+    that a plugin's ``validate_config`` refuses; at start-up and on reload alike."""
+    source = f" (in {config.source})" if config.source else ""
+    for name in config.plugins:
+        if name not in names:
+            retired = f": {RETIRED_PLUGINS[name]}" if name in RETIRED_PLUGINS else ""
+            raise ConfigError(f"plugins.{name}: no such plugin{retired}{source}")
+    for impl in reversed(pm.hook.validate_config.get_hookimpls()):
+        try:
+            errors = impl.function(config=config) or []
+        except Exception as exc:  # a validator that breaks is a configuration problem too
+            errors = [f"plugins.{impl.plugin_name}: {type(exc).__name__}: {exc}"]
+        if errors:
+            raise ConfigError(f"{errors[0]}{source}")
+
+
+def plugin_candidates(config: Config) -> list[str]:
+    """The names of every plugin that could load with ``config`` (enabled or not)."""
+    return [c.name for c in _candidates(config)]
 
 
 def _declare_event_types(pm: PluginManager) -> None:
@@ -270,6 +281,22 @@ def _declare_event_types(pm: PluginManager) -> None:
                 raise PluginError(f"plugin {impl.plugin_name}: register_event_types: {problem}")
         info = pm.info[impl.plugin_name]
         info.event_types = tuple(sorted(set(info.event_types) | set(types)))
+
+
+def secret_settings(pm: pluggy.PluginManager) -> dict[str, frozenset[str]]:
+    """Plugin name -> the setting names it declares secret (``secret_settings`` hook)."""
+    found: dict[str, frozenset[str]] = {}
+    for impl in pm.hook.secret_settings.get_hookimpls():
+        try:
+            names = impl.function() or ()
+        except Exception as exc:
+            raise PluginError(
+                f"plugin {impl.plugin_name}: secret_settings: {type(exc).__name__}: {exc}"
+            ) from None
+        if isinstance(names, str) or not all(isinstance(n, str) for n in names):
+            raise PluginError(f"plugin {impl.plugin_name}: secret_settings: a list of names")
+        found[impl.plugin_name] = frozenset(names)
+    return found
 
 
 def event_type_problem(name: Any, pattern: Any = None) -> str | None:
@@ -671,10 +698,14 @@ def check_setup(config: Config, pm: pluggy.PluginManager) -> None:
     from .app import QuotaApp
 
     async def dry_run(directory: str) -> None:
+        # No backplane: emitters do not need one, and under --workers the secret a Redis
+        # backplane needs may be the launcher's to generate (a traceback here otherwise).
         dry = config.with_overrides(
             database__url=f"sqlite:///{directory}/check.db",
             auth__token_file=f"{directory}/admin_token",
             auth__cookie_secret="check-config",
+            backplane__url="",
+            server__workers=1,
         )
         app = QuotaApp(dry, plugin_manager=pm)  # env tokens as start-up sees them
         try:

@@ -256,8 +256,9 @@ class QuotaService:
         """Per command type and period: limit, used, remaining, resets_at; None if unknown."""
         return await self.store.read(self._user_status_sync, user)
 
-    def seed_defaults(self) -> None:
-        """Insert the configured global defaults for command types that have no rule yet."""
+    def seed_defaults(self, defaults: dict[str, dict[str, int | None]] | None = None) -> None:
+        """Insert the configured global defaults (or ``defaults``, a reloaded file's) for
+        command types that have no rule yet."""
         now = naive_utc(self.clock())
         with self.db.atomic():
             present = {
@@ -266,7 +267,7 @@ class QuotaService:
                     QuotaRule.scope == GLOBAL_SCOPE
                 )
             }
-            for command_type, limits in self.defaults.items():
+            for command_type, limits in (self.defaults if defaults is None else defaults).items():
                 if command_type in present:
                     continue
                 for period, limit in limits.items():

@@ -1,5 +1,6 @@
 """Run a configured server until SIGINT/SIGTERM: in this process, or as N worker processes
-sharing one listening socket (``server.workers``)."""
+sharing one listening socket (``server.workers``). SIGHUP reloads what can change without a
+restart (quotaserver.reload); the launcher hands it to every worker."""
 
 from __future__ import annotations
 
@@ -26,10 +27,12 @@ from tornado.ioloop import PeriodicCallback
 from . import __version__
 from .config import Config, ConfigError
 from .db import DatabaseError
+from .defaults_policy import reconcile as reconcile_defaults
 from .isolation import exit_guard
-from .metrics import enable_multiprocess, worker_exited
+from .metrics import MULTIPROC_ENV, disable_multiprocess, enable_multiprocess, worker_exited
 from .realtime.gc_steps import GcSteps
 from .realtime.messages import CLOSE_GOING_AWAY, CLOSE_RESTART
+from .reload import reload_config
 
 log = logging.getLogger("quotaserver")
 
@@ -61,6 +64,7 @@ async def serve(
     from .demo import DemoTraffic
 
     app = QuotaApp(config, plugin_manager=plugin_manager)
+    app.owns_defaults = worker is None  # the launcher applied them before forking
     try:
         await app.start(sockets=worker.sockets if worker else None)
     except OSError as exc:
@@ -97,7 +101,9 @@ async def serve(
         demo = DemoTraffic(app, token=worker.demo_token if worker else None)
         await demo.start()
         print("  demo traffic: on (simulated users call the quota API)", flush=True)
-    signum = await stop_signals.get()
+    while (signum := await stop_signals.get()) == signal.SIGHUP:
+        # The first worker applies the quota defaults for all (they share the database).
+        await reload_config(app, apply_defaults=worker is None or worker.index == 0)
     gc_steps.stop()
     log.info("received %s, shutting down", signal.Signals(signum).name)
     if demo is not None:
@@ -145,7 +151,7 @@ def _run_loop(
     async def runner() -> int:
         queue: asyncio.Queue = asyncio.Queue()
         loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             loop.add_signal_handler(sig, queue.put_nowait, sig)
         try:
             return await serve(config, queue, plugin_manager, worker)
@@ -167,6 +173,8 @@ async def prepare(config: Config, plugin_manager: pluggy.PluginManager | None) -
     try:
         await app.store.run(app.store.migrate, app.quota.seed_defaults)
         await app.auth.load(app.store, app.clock)
+        # Once for all workers: their notifications would go to no client yet.
+        await reconcile_defaults(app.quota, config, publish=lambda messages: None)
         return await app.auth.issue_login_code()
     finally:
         await asyncio.get_running_loop().run_in_executor(None, app.store.close)
@@ -237,12 +245,9 @@ def run_workers(config: Config, plugin_manager: pluggy.PluginManager | None) -> 
             file=sys.stderr,
         )
         return 1
-    # Every worker's figures reach /metrics whichever worker answers the scrape; set
-    # before anything imports prometheus-client's value storage (QuotaApp, below).
-    enable_multiprocess(
-        os.environ.get("PROMETHEUS_MULTIPROC_DIR")
-        or tempfile.mkdtemp(prefix="quotaserver-metrics-")
-    )
+    # Multiprocess metrics start after prepare(): this process's app must write no series
+    # of its own (a launcher's throttle_factor of 0 and empty worker figures, forever).
+    metrics_dir = os.environ.pop(MULTIPROC_ENV, None)
     if config["backplane.url"] and not config["backplane.secret"]:
         # Workers of one machine may share a secret made here; another instance on the
         # same Redis would need it too, so say how to set one.
@@ -258,6 +263,26 @@ def run_workers(config: Config, plugin_manager: pluggy.PluginManager | None) -> 
     except (peewee.OperationalError, DatabaseError) as exc:
         print(f"quotaserver: cannot use the database: {exc}".strip(), file=sys.stderr)
         return 1
+    # Every worker's figures reach /metrics whichever worker answers the scrape.
+    own_metrics_dir = not metrics_dir
+    metrics_dir = metrics_dir or tempfile.mkdtemp(prefix="quotaserver-metrics-")
+    enable_multiprocess(metrics_dir)
+    try:
+        return _supervise(config, plugin_manager, count, port, shared, reservation, login_code)
+    finally:
+        disable_multiprocess(metrics_dir, remove=own_metrics_dir)
+
+
+def _supervise(
+    config: Config,
+    plugin_manager: pluggy.PluginManager | None,
+    count: int,
+    port: int,
+    shared: list[socket.socket] | None,
+    reservation: socket.socket,
+    login_code: str | None,
+) -> int:
+    """Fork the workers, announce once all listen, replace those that die, stop them."""
     host = config["server.host"]
     host = "127.0.0.1" if host in ("0.0.0.0", "") else host
     ready_read, ready_write = os.pipe()
@@ -276,6 +301,7 @@ def run_workers(config: Config, plugin_manager: pluggy.PluginManager | None) -> 
             try:
                 signal.signal(signal.SIGINT, signal.SIG_DFL)
                 signal.signal(signal.SIGTERM, signal.SIG_DFL)
+                signal.signal(signal.SIGHUP, signal.SIG_IGN)  # until the worker's loop has it
                 os.close(ready_read)
                 sockets = shared or tornado.netutil.bind_sockets(
                     port, config["server.host"], family=socket.AF_INET, reuse_port=True
@@ -298,8 +324,14 @@ def run_workers(config: Config, plugin_manager: pluggy.PluginManager | None) -> 
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signum)
 
+    def reload(signum: int, _frame: object) -> None:
+        for pid in list(children):  # each worker reloads its own settings
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signum)
+
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
+    signal.signal(signal.SIGHUP, reload)
     for index in range(count):
         spawn(index)
     os.set_blocking(ready_read, False)

@@ -147,6 +147,14 @@ class SystemLoad:
     def factor(self) -> float:
         return self.current.factor
 
+    @property
+    def refusing(self) -> str:
+        """Which load refuses consumes now (``cpu`` or ``memory``), for the refusal counter;
+        ``none`` while the factor is above 0."""
+        if self.current.factor > 0.0:
+            return "none"
+        return "cpu" if self.cpu_bands.factor(self._levels[0]) <= 0.0 else "memory"
+
     def _factor_of(self, levels: tuple[int, int]) -> float:
         return min(self.cpu_bands.factor(levels[0]), self.memory_bands.factor(levels[1]))
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import TYPE_CHECKING, Any
 
 from .handlers import (
@@ -17,13 +18,15 @@ from .handlers import (
     tokens,
     websocket,
 )
-from .handlers.base import NotFoundHandler
+from .handlers.base import MisdirectedHandler, NotFoundHandler, StaticHandler
 
 if TYPE_CHECKING:
     from .app import QuotaApp
 
 ROUTES: list[tuple[str, type]] = [
     (r"/api/health", api.HealthHandler),
+    (r"/api/health/live", api.LiveHandler),
+    (r"/api/health/ready", api.ReadyHandler),
     (r"/api/openapi.json", openapi.OpenApiHandler),
     (r"/api/quotas/check", api.CheckHandler),
     (r"/api/quotas/consume", api.ConsumeHandler),
@@ -70,3 +73,13 @@ def routes(app: QuotaApp) -> list[tuple[str, type, dict[str, Any]]]:
     return [(pattern, handler, {"app": app}) for pattern, handler in table] + [
         (r".*", NotFoundHandler, {"app": app})
     ]
+
+
+def route_templates(app: QuotaApp) -> dict[type, str]:
+    """Handler class -> its route as a metrics label (``/api/admin/quotas/users/*``): a
+    bounded set, never the path itself (user names would make a series per user)."""
+    names = {handler: re.sub(r"\([^)]*\)", "*", pattern) for pattern, handler, _ in routes(app)}
+    names[NotFoundHandler] = "unmatched"
+    names[MisdirectedHandler] = "misdirected"
+    names[StaticHandler] = "/static/*"
+    return names

@@ -22,6 +22,7 @@ import tempfile
 import time
 from typing import Any
 
+import psutil
 import yaml
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -71,6 +72,18 @@ class Postgres:
 
     def stop(self, mode: str = "fast") -> None:
         self._run([f"{self.bindir}/pg_ctl", "-D", self.data, "-m", mode, "-w", "stop"])
+
+    def pause(self, sig: int = signal.SIGSTOP) -> None:
+        """SIGSTOP the server and every backend: connections stay open and nothing answers
+        (a hung server, unlike a stopped one that refuses connections). ``SIGCONT`` resumes."""
+        with open(os.path.join(self.data, "postmaster.pid"), encoding="ascii") as fh:
+            postmaster = psutil.Process(int(fh.readline()))
+        for process in [postmaster, *postmaster.children(recursive=True)]:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                process.send_signal(sig)
+
+    def resume(self) -> None:
+        self.pause(signal.SIGCONT)
 
     def create_database(self) -> str:
         """A new, empty database; returns its URL."""

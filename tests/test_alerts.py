@@ -67,10 +67,10 @@ async def test_system_load_rules(app_factory):
     app = await app_factory(
         plugins={"alert_engine": {"rules": {"sustained_throttling": {"duration": 0}}}}
     )
-    app.load.update(91, 40)  # factor 0.6: throttled, not below 0.5
+    app.load.update(91, 40)  # factor 0.5: throttled, not below 0.5
     await app.scheduler.run_once("alert_rules")
     assert [a["rule"] for a in await alerts(app)] == ["high_system_load"]
-    app.load.update(96, 40)  # factor 0.3 < 0.5
+    app.load.update(96, 40)  # factor 0.25 < 0.5
     await app.scheduler.run_once("alert_rules")
     await app.scheduler.run_once("alert_rules")
     rows = await alerts(app)
@@ -283,3 +283,19 @@ async def test_daily_alerts_end_at_a_new_day(app_factory):
     assert [(a["rule"], a["status"], a["resolved_by"]) for a in rows] == [
         ("quota_violation", "resolved", "system")
     ]
+
+
+async def test_reloaded_rules_apply_at_once_and_keep_the_day_in_progress(app_factory):
+    from quotaserver.builtin_plugins import alert_engine
+
+    app = await app_factory(
+        plugins={"alert_engine": {"rules": {"quota_violation": {"threshold": 5}}}}
+    )
+    engine = alert_engine._engine(app)
+    engine.violations[7] = 3  # today's count so far
+    reloaded = app.config.with_overrides()
+    reloaded.plugins = {"alert_engine": {"rules": {"quota_violation": {"threshold": 2}}}}
+    await app.hooks.call_async("config_reloaded", app=app, config=reloaded)
+    assert alert_engine._engine(app) is engine
+    assert engine.rule("quota_violation")["threshold"] == 2
+    assert engine.violations[7] == 3

@@ -8,13 +8,14 @@ import sys
 
 import pytest
 import yaml
+from services import free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STRONG = "a-strong-admin-token-0123456789abcdef"
 
 
-def run(tmp_path, command: str, config: dict | None = None, **env: str):
-    args = [sys.executable, "-m", "quotaserver", command, "--port", "0"]
+def run(tmp_path, command: str, config: dict | None = None, *extra: str, **env: str):
+    args = [sys.executable, "-m", "quotaserver", command, "--port", "0", *extra]
     if config is not None:
         path = tmp_path / "config.yaml"
         path.write_text(yaml.safe_dump(config))
@@ -89,3 +90,55 @@ def test_check_config_fails_exactly_as_start_up_does(tmp_path, env, needle, enab
     assert checked.stderr == served.stderr
     # Nothing was started: no database, no token file.
     assert not (tmp_path / "data").exists()
+
+
+def test_connect_exits_2_naming_an_unreachable_database_and_redis(tmp_path):
+    closed = free_port()  # nothing listens there: connections are refused at once
+    config = {
+        "database": {"url": f"postgresql://qs@127.0.0.1:{closed}/qs", "connect_timeout": 1.0},
+        "backplane": {"url": f"redis://127.0.0.1:{closed}/0"},
+        "server": {"workers": 2},
+    }
+    plain = run(tmp_path, "check-config", config)
+    assert plain.returncode == 0, plain.stderr  # without --connect only the file is checked
+    checked = run(tmp_path, "check-config", config, "--connect")
+    assert checked.returncode == 2, checked
+    problems = [line for line in checked.stderr.splitlines() if "--connect" in line]
+    assert len(problems) == 2, checked.stderr
+    assert "database.url: cannot use the database" in problems[0]
+    assert "backplane.url: cannot reach Redis" in problems[1]
+    assert "Traceback" not in checked.stderr
+    assert not (tmp_path / "data").exists()  # nothing was created
+
+
+def test_urls_print_as_configured_and_secrets_show_only_their_presence(tmp_path):
+    plugin_dir = tmp_path / "plugins"
+    plugin_dir.mkdir()
+    (plugin_dir / "notifier.py").write_text(
+        "from quotaserver import hookimpl\n\n"
+        "@hookimpl\n"
+        "def secret_settings():\n"
+        "    return ['webhook_url', 'auth_header']\n"
+    )
+    config = {
+        "plugins_dir": str(plugin_dir),
+        "plugins": {
+            "notifier": {
+                "webhook_url": "https://hooks.example/T000/B000/xyzzy-hook-secret",
+                "auth_header": "Basic aGVhZGVyLXNlY3JldA==",
+                "dsn": "postgresql://app:dsn-secret-pw@db.example/app",
+                "channel": "#quotas",
+            }
+        },
+    }
+    result = run(tmp_path, "check-config", config, QUOTASERVER_ADMIN_TOKEN=STRONG)
+    assert result.returncode == 0, result.stderr
+    for secret in ("xyzzy-hook-secret", "aGVhZGVyLXNlY3JldA", "dsn-secret-pw", STRONG):
+        assert secret not in result.stdout, secret
+    shown = yaml.safe_load(result.stdout)
+    block = shown["plugins"]["notifier"]
+    assert block["webhook_url"] == block["auth_header"] == "<redacted>"
+    assert block["dsn"] == "postgresql://app:<redacted>@db.example/app"
+    assert block["channel"] == "#quotas"
+    assert shown["database"]["url"] == "sqlite:///data/quotaserver.db"  # was sqlite:/data/...
+    assert "#   QUOTASERVER_ADMIN_TOKEN: set (an admin token from the environment" in result.stdout

@@ -1,5 +1,6 @@
 """Configuration: declared settings, YAML + environment + flags, errors exit 2 naming the key."""
 
+import hashlib
 import os
 import subprocess
 import sys
@@ -152,3 +153,14 @@ def test_every_setting_is_in_docs_configuration_md():
         text = fh.read()
     missing = [s.key for s in SETTINGS if f"`{s.key}`" not in text]
     assert not missing, f"undocumented settings: {missing}"
+
+
+@pytest.mark.parametrize("word", ["test", "change-me", "password"])
+def test_the_digest_of_a_well_known_placeholder_is_refused(word):
+    digest = hashlib.sha256(word.encode()).hexdigest()
+    tokens = [{"name": "ci", "role": "service", "sha256": digest.upper()}]
+    with pytest.raises(ConfigError, match=rf"auth.tokens: \[0\].sha256: is the digest of '{word}'"):
+        load_config(None, env={}, overrides={"auth.tokens": tokens})
+    strong = hashlib.sha256(b"a-generated-token-0123456789abcdef").hexdigest()
+    ok = load_config(None, env={}, overrides={"auth.tokens": [{**tokens[0], "sha256": strong}]})
+    assert ok["auth.tokens"][0]["sha256"] == strong

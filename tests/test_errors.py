@@ -7,7 +7,7 @@ from clients import ADMIN, SERVICE, call
 from quotaserver.alerts import AlertNotFound
 from quotaserver.auth import AuthError
 from quotaserver.db import DatabaseBusy
-from quotaserver.errors import DomainError
+from quotaserver.errors import DomainError, error_id
 from quotaserver.handlers.base import ApiError, error_envelope, json_body
 from quotaserver.quota import QuotaError, UnknownCommandType
 from quotaserver.rules import UnknownUser
@@ -35,7 +35,6 @@ def test_domain_errors_carry_status_code_and_headers():
         (QuotaError("invalid_field", "bad"), 400, "invalid_field", "bad", {}),
         (UnknownCommandType("x", 422), 422, "unknown_command_type", "unknown command type 'x'", {}),
         (AuthError(503, "unavailable", "later"), 503, "unavailable", "later", {"Retry-After": "5"}),
-        (DatabaseBusy("locked"), 503, "database_busy", "locked", {"Retry-After": "1"}),
         (ApiError(429, "slow", "slow down", {"Retry-After": "3"}), 429, "slow", "slow down",
          {"Retry-After": "3"}),
     ]  # fmt: skip
@@ -48,12 +47,31 @@ def test_domain_errors_carry_status_code_and_headers():
         ), exc
     # Plugins calling services still catch the familiar bases.
     assert isinstance(UnknownUser(), LookupError) and isinstance(QuotaError("a", "b"), ValueError)
-    # Anything else is a bare 500, never its text.
-    assert error_envelope(RuntimeError("secret"), 500, "x") == (
+    # A database error: a generic message and the id of the log line that has the details.
+    busy = DatabaseBusy('could not connect to server at "db.internal" (10.0.0.5), port 5432')
+    status, headers, body = error_envelope(busy, 500, "x")
+    assert (status, headers) == (503, {"Retry-After": "1"})
+    assert body == {
+        "error": {
+            "code": "database_busy",
+            "message": "the database is busy; retry",
+            "error_id": error_id(busy),
+        }
+    }
+    # Anything else is a bare 500 with an error id, never its text.
+    bug = RuntimeError("secret")
+    assert error_envelope(bug, 500, "x") == (
         500,
         {},
-        {"error": {"code": "internal_error", "message": "internal server error"}},
+        {
+            "error": {
+                "code": "internal_error",
+                "message": "internal server error",
+                "error_id": error_id(bug),
+            }
+        },
     )
+    assert len({error_id(bug), error_id(busy), error_id(RuntimeError())}) == 3
 
 
 @pytest.mark.gen_test
@@ -119,3 +137,24 @@ async def test_every_json_body_is_checked_the_same_way(app_factory):
         bad = {**body, key: "a\x01b"} if key else {**body, "limits": {"da\x01ily": 5}}
         assert_error(await call(app, method, path, bad, token=token), 400, "invalid_field")
         assert_error(await call(app, method, path, raw=b"[1]", token=token), 400, "invalid_json")
+
+
+@pytest.mark.gen_test
+async def test_a_bug_hit_in_a_loop_logs_its_traceback_once_then_one_short_line(
+    app_factory, monkeypatch, caplog
+):
+    app = await app_factory()
+
+    async def broken(user: str) -> None:
+        raise RuntimeError("a bug, not bad input")
+
+    monkeypatch.setattr(app.quota, "user_status", broken)  # fault injection: a server bug
+    answers = [await call(app, "GET", "/api/quotas/users/lee", token=SERVICE) for _ in range(3)]
+    assert [a.code for a in answers] == [500] * 3
+    ids = [a.json["error"]["error_id"] for a in answers]
+    records = [r for r in caplog.records if r.getMessage().startswith("uncaught exception")]
+    assert len(records) == 3  # one per request
+    assert [r.exc_info is not None for r in records] == [True, False, False]
+    for record, ident in zip(records, ids, strict=True):
+        assert f"(error {ident})" in record.getMessage()
+    assert "RuntimeError at test_errors.py:" in records[1].getMessage()

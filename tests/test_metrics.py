@@ -11,6 +11,7 @@ from clients import ADMIN, METRICS, SERVICE, VIEWER, call, consume, settle, sse_
 from prometheus_client.parser import text_string_to_metric_families
 from services import Server, start_server
 from test_security import login_post
+from waits import wait_until_async
 
 
 def samples(text: str) -> dict[tuple[str, tuple], float]:
@@ -61,7 +62,8 @@ async def test_metrics_public_setting_opens_the_route(app_factory):
 
 @pytest.mark.gen_test(timeout=60)
 async def test_every_metric_follows_what_happened(app_factory):
-    app = await app_factory()
+    # A band configured to 0 (the defaults never refuse): the overloaded path is counted.
+    app = await app_factory(throttle__cpu_bands=[[98, 0.0], [80, 0.8]])
     await app.rules.set_global_limits("shell", {"daily": 3}, "test")
     before = await scrape(app)
     for result in ("allowed", "denied", "overloaded"):
@@ -74,6 +76,7 @@ async def test_every_metric_follows_what_happened(app_factory):
     await sse.next_type("welcome")
     codes = [(await consume(app, "alice")).code for _ in range(5)]
     assert codes == [200, 200, 200, 429, 429]
+    assert value(before, "quotaserver_throttle_refusals_total", resource="cpu") == 0
     app.load.update(99.5, 10.0)  # the top CPU band: factor 0, consumes refused
     assert (await consume(app, "bob")).code == 503
     app.load.update(10.0, 10.0)
@@ -83,6 +86,8 @@ async def test_every_metric_follows_what_happened(app_factory):
     assert value(after, "quotaserver_decisions_total", result="allowed") == 3
     assert value(after, "quotaserver_decisions_total", result="denied") == 2
     assert value(after, "quotaserver_decisions_total", result="overloaded") == 1
+    assert value(after, "quotaserver_throttle_refusals_total", resource="cpu") == 1
+    assert value(after, "quotaserver_throttle_refusals_total", resource="memory") == 0
     assert value(after, "quotaserver_consume_seconds_count") == 6
     assert value(after, "quotaserver_consume_seconds_bucket", le="+Inf") == 6
     assert value(after, "quotaserver_consume_seconds_sum") > 0
@@ -148,7 +153,8 @@ async def _start(tmp_path, multiproc_dir: str, name: str) -> Server:
 @pytest.mark.gen_test(timeout=90)
 async def test_several_processes_one_scrape_reports_them_all(tmp_path):
     """Two server processes sharing PROMETHEUS_MULTIPROC_DIR, as --workers runs them: a
-    scrape of either sums the counters of both and lists each one's gauges by pid."""
+    scrape of either sums the counters and the client gauges of both (no pid: the labels
+    of one process) and lists each one's process figures by pid."""
     directory = str(tmp_path / "metrics")
     os.makedirs(directory)
     procs = [await _start(tmp_path, directory, name) for name in ("a", "b")]
@@ -164,17 +170,14 @@ async def test_several_processes_one_scrape_reports_them_all(tmp_path):
             got = samples(text)
             assert value(got, "quotaserver_decisions_total", result="allowed") == 3
             assert value(got, "quotaserver_consume_seconds_count") == 3
-            websockets = {
-                dict(labels)["pid"]: v
-                for (name, labels), v in got.items()
-                if name == "quotaserver_stream_clients" and ("transport", "websocket") in labels
-            }
-            # The gauges of both live workers, by pid (the other's as of its last refresh).
-            assert set(websockets) == {str(p.pid) for p in procs}
+            clients = [labels for name, labels in got if name == "quotaserver_stream_clients"]
+            assert sorted(clients) == [(("transport", "sse"),), (("transport", "websocket"),)]
             # Each worker's process figures, by pid, once it has sampled them (every second).
             await _until_scraped(proc, procs, "quotaserver_worker_resident_memory_bytes")
-        await _until_scraped(
-            procs[0], [procs[1]], "quotaserver_stream_clients", transport="websocket", value=1
+        # The other worker's client, as of its last refresh (every second).
+        await wait_until_async(
+            lambda: _scraped(procs[0], "quotaserver_stream_clients", 1, transport="websocket"),
+            "the other worker's WebSocket client in the sum",
         )
         ws.close()
     finally:
@@ -182,6 +185,11 @@ async def test_several_processes_one_scrape_reports_them_all(tmp_path):
             proc.send_signal(signal.SIGTERM)
         for proc in procs:
             assert await proc.wait(15) == 0
+
+
+async def _scraped(proc, name: str, expected: float, **labels) -> bool:
+    got = samples((await call(proc, "GET", "/metrics", token=ADMIN)).body.decode())
+    return got.get((name, tuple(sorted(labels.items())))) == expected
 
 
 async def _until_scraped(proc, workers, name: str, value: float | None = None, **labels) -> None:

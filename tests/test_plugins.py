@@ -2,17 +2,19 @@
 
 import os
 import re
+import signal
 import sys
 import textwrap
 import threading
 
 import pytest
 from clients import VIEWER, call, consume, ws_connect
+from services import start_server, write_config
 from waits import wait_until, wait_until_sync
 
 from quotaserver import hookspecs
 from quotaserver.config import ConfigError, load_config
-from quotaserver.plugins import get_plugin_manager
+from quotaserver.plugins import PluginError, get_plugin_manager, secret_settings
 
 HOOKS = sorted(n for n in dir(hookspecs) if hasattr(getattr(hookspecs, n), "quotaserver_spec"))
 DOCS = os.path.join(os.path.dirname(__file__), "..", "docs", "plugins.md")
@@ -263,6 +265,67 @@ async def test_hook_register_emitters(app_factory, tmp_path):
     names = {s["name"]: s for s in health.json["sources"]}
     assert names["recorder_ticks"]["healthy"] and names["recorder_events"]["kind"] == "event"
     ws.close()
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_hook_config_reloaded(tmp_path):
+    # Through SIGHUP on a real process: the hook sees the new block, after validate_config.
+    marker = tmp_path / "reloaded.txt"
+    watcher = f"""
+    from quotaserver import hookimpl
+
+    @hookimpl
+    def validate_config(config):
+        level = config.plugin("watcher").get("level")
+        return [] if level in (None, 1, 2) else ["plugins.watcher.level: must be 1 or 2"]
+
+    @hookimpl
+    def config_reloaded(app, config):
+        with open({str(marker)!r}, "a") as fh:
+            fh.write(f"{{config.plugin('watcher')['level']}}\\n")
+    """
+    settings = {
+        "plugins_dir": plugin_dir(tmp_path, watcher=watcher),
+        "throttle": {"source": "off"},
+        "plugins": {"watcher": {"level": 1}},
+    }
+    server = await start_server(
+        str(tmp_path), settings, env={"QUOTASERVER_ADMIN_TOKEN": "an-admin-token-for-reloads"}
+    )
+    try:
+        (path,) = tmp_path.glob("config-*.yaml")
+        for level in (2, 3):  # 3 is refused by validate_config: no call
+            write_config(str(path), {**settings, "plugins": {"watcher": {"level": level}}})
+            server.send_signal(signal.SIGHUP)
+            done = "configuration reloaded" if level == 2 else "configuration not reloaded"
+            await wait_until(lambda d=done: any(d in line for line in server.output), done)
+        assert marker.read_text() == "2\n"
+        assert any("plugins.watcher.level: must be 1 or 2" in line for line in server.output)
+    finally:
+        assert await server.stop() == 0
+
+
+def test_hook_secret_settings(tmp_path):
+    # check-config's redaction of the declared settings: tests/test_check_config.py.
+    notifier = """
+    from quotaserver import hookimpl
+
+    @hookimpl
+    def secret_settings():
+        return ["webhook_url"]
+    """
+    broken = """
+    from quotaserver import hookimpl
+
+    @hookimpl
+    def secret_settings():
+        return "webhook_url"
+    """
+    config = load_config(env={}).with_overrides(plugins_dir=plugin_dir(tmp_path, notifier=notifier))
+    assert secret_settings(get_plugin_manager(config)) == {"notifier": frozenset({"webhook_url"})}
+    (tmp_path / "plugins" / "notifier.py").write_text(textwrap.dedent(broken))
+    with pytest.raises(PluginError, match="notifier: secret_settings: a list of names"):
+        secret_settings(get_plugin_manager(config))
 
 
 @pytest.mark.gen_test(timeout=30)

@@ -176,7 +176,9 @@ async def test_an_unexpected_error_is_the_500_envelope_without_a_traceback(pg_ap
     monkeypatch.setattr(app.quota, "user_status", broken)  # fault injection: a server bug
     failed = await call(app, "GET", "/api/quotas/users/lee", token=SERVICE)
     assert failed.code == 500
-    assert failed.json == {"error": {"code": "internal_error", "message": "internal server error"}}
+    error = failed.json["error"]
+    assert (error["code"], error["message"]) == ("internal_error", "internal server error")
+    assert set(error) == {"code", "message", "error_id"}
     assert b"Traceback" not in failed.body and b"a bug" not in failed.body
 
 

@@ -208,11 +208,11 @@ async def test_counters_and_violations_survive_a_restart(app_factory):
     [
         (10, 10, 1.0),
         (80, 10, 0.8),
-        (90, 10, 0.6),
-        (95, 10, 0.3),
+        (90, 10, 0.5),
+        (95, 10, 0.25),
         (10, 85, 0.8),
-        (91, 96, 0.3),  # the lower of the two bands
-        (97.9, 97.9, 0.3),
+        (91, 96, 0.25),  # the lower of the two bands
+        (100, 100, 0.25),  # the default floor: a saturated host slows clients, refuses none
     ],
 )
 @pytest.mark.gen_test
@@ -226,7 +226,8 @@ async def test_throttle_factor_bands(app_factory, cpu, memory, factor):
 
 @pytest.mark.gen_test
 async def test_overloaded_system_denies_without_a_violation(app_factory):
-    app = await app_factory()
+    # Only a band the operator configures to 0 refuses consumes (the defaults stop at 0.25).
+    app = await app_factory(throttle__cpu_bands=[[98, 0.0], [80, 0.8]])
     app.load.update(99, 20)
     resp = await consume(app, "kim", "shell")
     assert resp.code == 503

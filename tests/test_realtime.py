@@ -335,6 +335,30 @@ async def test_a_dead_peer_is_dropped_after_the_timeout(app_factory):
     dead.close()
 
 
+@pytest.mark.gen_test(timeout=40)
+async def test_a_dead_peer_goes_at_the_documented_timeout_not_a_third_later(app_factory):
+    # The bound issue 22 asks for: closed at client_timeout (docs/protocol.md: within 1 s
+    # after it), where a reaper every timeout / 3 closed a peer up to 1.33 s late.
+    app = await app_factory(
+        realtime__stats_interval=60.0,
+        realtime__heartbeat_interval=60.0,
+        realtime__client_timeout=4.0,
+    )
+    loop = asyncio.get_running_loop()
+    # The first peer's close marks a reaper run; the second connects right after it, the
+    # phase where a reaper every timeout / 3 is latest (it next looks 1.33 s past 4 s).
+    first, first_writer = await raw_websocket(app.port, pause=False)
+    await asyncio.wait_for(read_close_frame(first), 20)
+    first_writer.close()
+    started = loop.time()
+    reader, dead = await raw_websocket(app.port, pause=False)
+    code, _ = await asyncio.wait_for(read_close_frame(reader), 20)
+    elapsed = loop.time() - started
+    dead.close()
+    assert code == 1001
+    assert 4.0 * 0.9 <= elapsed < 4.0 * 1.25, elapsed
+
+
 @pytest.mark.gen_test(timeout=30)
 async def test_type_filters_by_query_and_subscribe_message(app_factory):
     app = await limited_app(app_factory)

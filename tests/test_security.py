@@ -52,7 +52,14 @@ TOKENS = {"admin": ADMIN, "viewer": VIEWER, "service": SERVICE, "metrics": METRI
 BAD_TOKEN = "not-a-token-but-a-guess-0123456789"
 
 # Reviewed public routes: anything else that turns out public fails test_public_routes.
-PUBLIC = {"/api/health", "/api/openapi.json", "/login", "/"}
+PUBLIC = {
+    "/api/health",
+    "/api/health/live",
+    "/api/health/ready",
+    "/api/openapi.json",
+    "/login",
+    "/",
+}
 # The only routes the service role may reach (issue 5: check/consume and a user's status;
 # issue 21: refunds).
 SERVICE_ROUTES = {

@@ -113,7 +113,7 @@ async def test_source_off_samples_but_never_throttles(app_factory):
 @pytest.mark.gen_test(timeout=30)
 async def test_throttled_503s_are_logged_at_info(app_factory, caplog):
     caplog.set_level(logging.DEBUG, logger="tornado.access")
-    app = await app_factory()
+    app = await app_factory(throttle__cpu_bands=CPU)  # a band at 0: the defaults never refuse
     app.load.update(99.5, 10)
     assert (await consume(app, "ann")).code == 503
     records = [r for r in caplog.records if r.name == "tornado.access" and "503" in r.getMessage()]

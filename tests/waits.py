@@ -44,3 +44,15 @@ def wait_until_sync(
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout} s waiting for {what}")
         time.sleep(0.01)
+
+
+async def wait_until_async(
+    predicate: Callable[[], Awaitable[object]], what: str, timeout: float = DEFAULT_TIMEOUT
+) -> None:
+    """The same for a condition that has to ask something (an HTTP request, a scrape)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not await predicate():
+        if loop.time() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        await asyncio.sleep(0.05)

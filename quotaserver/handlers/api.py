@@ -12,6 +12,7 @@ from typing import Any
 from ..errors import DomainError
 from ..idempotency import HEADER, Replay, RequestKey, parse_key
 from ..limits import whole_number
+from ..probes import PATIENCE
 from ..quota import BatchItem, BatchResult, Decision, PeriodStatus, tightest_of
 from ..text import hidden_character, name_problem, normalize_name
 from .base import SERVICE, ApiError, BaseHandler, json_body
@@ -21,6 +22,9 @@ REFUND_FIELDS = {"user", "command_type", "key"}
 BATCH_FIELDS = {"decisions"}
 BATCH_ITEM_FIELDS = REQUEST_FIELDS | {"key"}  # key: the item's own Idempotency-Key
 MAX_BATCH = 500
+#: Longest /api/health waits for a fresh database probe: under the 1 s that load balancers
+#: are told to allow (docs/deployment.md), with room for the rest of the request.
+HEALTH_BUDGET = 0.5
 
 
 def validate_username(value: Any, max_length: int, field: str = "user") -> str:
@@ -285,19 +289,66 @@ class UserStatusHandler(BaseHandler):
 
 
 class HealthHandler(BaseHandler):
-    """GET /api/health: liveness for load balancers (public: no version, nothing sensitive).
+    """GET /api/health: the summary for load balancers (public: no version, nothing sensitive).
 
-    The version is in the authenticated ``/api/ws/health``.
+    It asks the database again, but answers within :data:`HEALTH_BUDGET` whatever the
+    database does (quotaserver.probes). The version is in the authenticated ``/api/ws/health``.
     """
 
     roles = None
 
     async def get(self) -> None:
-        store = self.app.store
-        reachable = await store.check()
+        reachable = await self.app.probe.fresh(HEALTH_BUDGET)
         body = {
             "status": "ok" if reachable else "degraded",
             # Public: no version, no error text (the authenticated /api/ws/health has both).
             "database": {"reachable": reachable},
         }
         self.send_json(body, status=200 if reachable else 503)
+
+
+class LiveHandler(BaseHandler):
+    """GET /api/health/live: the process runs and its IOLoop answers (Kubernetes liveness).
+
+    Nothing else is looked at: restarting a process because its database is down would
+    not bring the database back.
+    """
+
+    roles = None
+
+    def get(self) -> None:
+        self.send_json({"status": "ok"})
+
+
+class ReadyHandler(BaseHandler):
+    """GET /api/health/ready: should this instance get traffic? From the last probes only.
+
+    503 while the database does not answer, while the backplane of a clustered instance is
+    down, or while the server stops; plugin failures are reported but do not make the
+    instance unready (consumes still work, and every instance would fail alike).
+    """
+
+    roles = None
+
+    def get(self) -> None:
+        app = self.app
+        probe = app.probe
+        probe.refresh(older_than=PATIENCE)  # in the background: this answer does not wait
+        database = probe.answering
+        backplane = app.backplane.connected or not app.clustered
+        failing = sum(1 for f in app.hooks.failures.values() if f.failing) + sum(
+            1 for source in app.scheduler.sources.values() if not source.healthy
+        )
+        ready = app.running and database and backplane
+        self.send_json(
+            {
+                "status": "ready" if ready else "not_ready",
+                "checks": {
+                    "running": app.running,
+                    "database": database,
+                    "backplane": backplane,
+                    "plugins_failing": failing,
+                },
+            },
+            status=200 if ready else 503,
+        )

@@ -21,6 +21,7 @@ from __future__ import annotations
 import hmac
 import json
 import logging
+import os
 import time
 from collections.abc import Awaitable, Collection, Mapping
 from types import TracebackType
@@ -31,7 +32,7 @@ import tornado.escape
 import tornado.web
 
 from ..db import DatabaseError
-from ..errors import DomainError
+from ..errors import DomainError, error_id
 from ..sessions import SESSION_COOKIE
 from ..tokens import ANONYMOUS_ADMIN, Identity
 
@@ -62,6 +63,11 @@ class ApiError(DomainError):
 def error_envelope(exc: BaseException | None, status: int, reason: str) -> tuple[int, dict, dict]:
     """``(status, headers, body)`` of the JSON error envelope for ``exc``: the one place a
     domain error becomes HTTP. Anything that is not a domain error or a 4xx is a bare 500."""
+    if isinstance(exc, DatabaseError):
+        # The details name the database's host and port: the log has them, with this id.
+        status, headers = exc.status, exc.headers
+        body = {"code": exc.code, "message": exc.public_message, "error_id": error_id(exc)}
+        return status, headers, {"error": body}
     if isinstance(exc, DomainError):
         status, headers = exc.status, exc.headers
         code, message = exc.code, exc.message
@@ -71,9 +77,26 @@ def error_envelope(exc: BaseException | None, status: int, reason: str) -> tuple
         log_message = exc.log_message if isinstance(exc, tornado.web.HTTPError) else None
         message = log_message or reason
     else:
-        status, headers = 500, {}
-        code, message = "internal_error", "internal server error"
+        body = {"code": "internal_error", "message": "internal server error"}
+        if exc is not None:
+            body["error_id"] = error_id(exc)  # the log line with the traceback has it too
+        return 500, {}, {"error": body}
     return status, headers, {"error": {"code": code, "message": message}}
+
+
+def write_error_envelope(
+    handler: tornado.web.RequestHandler, status_code: int, exc_info: Any = None
+) -> None:
+    """Finish ``handler`` with the JSON error envelope: the ``write_error`` of every handler
+    class, API and static files alike, so no route answers an HTML error page."""
+    exc = (exc_info or (None, None, None))[1]
+    status, headers, body = error_envelope(exc, status_code, handler._reason)
+    if status != status_code:
+        handler.set_status(status)
+    for name, value in headers.items():
+        handler.set_header(name, value)
+    handler.set_header("Content-Type", "application/json; charset=utf-8")
+    handler.finish(tornado.escape.json_encode(body))
 
 
 STATUS_CODES = {
@@ -119,14 +142,57 @@ def log_handler_exception(
 ) -> None:
     """Tornado's logging of handler errors without the request repr (it holds the URI)."""
     if isinstance(value, DatabaseError):
-        log.warning("503 %s: %s", request_summary(handler), value.message)
+        log.warning(
+            "503 %s: %s (error %s)", request_summary(handler), value.message, error_id(value)
+        )
     elif isinstance(value, DomainError):
         pass  # a refusal the client is told about; the access log has the status
     elif isinstance(value, tornado.web.HTTPError):
         if value.log_message:
             log.warning("%d %s: %s", value.status_code, request_summary(handler), value.log_message)
     else:
-        log.error("uncaught exception %s", request_summary(handler), exc_info=(typ, value, tb))
+        ident = error_id(value) if value is not None else "-"
+        where = _raised_at(tb)
+        first = _tracebacks.first_in_window((typ, where))
+        log.error(
+            "uncaught exception %s (error %s)%s",
+            request_summary(handler),
+            ident,
+            "" if first else f": {typ.__name__ if typ else '?'} at {where}, traceback as before",
+            exc_info=(typ, value, tb) if first else None,
+        )
+
+
+class _Once:
+    """Whether a key was seen in the last ``window`` seconds: one client hitting the same
+    bug in a loop gets one traceback a minute, and one short line per request after it
+    (it was about 1 MB/s of ERROR lines)."""
+
+    def __init__(self, window: float = 60.0, size: int = 256):
+        self.window, self.size = window, size
+        self._seen: dict[Any, float] = {}
+
+    def first_in_window(self, key: Any) -> bool:
+        now = time.monotonic()
+        last = self._seen.get(key)
+        if last is not None and now - last < self.window:
+            return False
+        if len(self._seen) >= self.size:  # bounded: many distinct bugs at once
+            self._seen.clear()
+        self._seen[key] = now
+        return True
+
+
+_tracebacks = _Once()
+
+
+def _raised_at(tb: TracebackType | None) -> str:
+    """``file:line`` of the innermost frame: where the exception was raised."""
+    if tb is None:
+        return "?"
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    return f"{os.path.basename(tb.tb_frame.f_code.co_filename)}:{tb.tb_lineno}"
 
 
 def parse_json(raw: bytes | str) -> Any:
@@ -382,14 +448,7 @@ class BaseHandler(tornado.web.RequestHandler):
 
     def write_error(self, status_code: int, **kwargs: Any) -> None:
         """Every error response, domain errors included (see :func:`error_envelope`)."""
-        exc = kwargs.get("exc_info", (None, None, None))[1]
-        status, headers, body = error_envelope(exc, status_code, self._reason)
-        if status != status_code:
-            self.set_status(status)
-        for name, value in headers.items():
-            self.set_header(name, value)
-        self.set_header("Content-Type", "application/json; charset=utf-8")
-        self.finish(tornado.escape.json_encode(body))
+        write_error_envelope(self, status_code, kwargs.get("exc_info"))
 
 
 class MisdirectedHandler(BaseHandler):
@@ -411,10 +470,29 @@ class NotFoundHandler(BaseHandler):
 
 
 class StaticHandler(tornado.web.StaticFileHandler):
-    """Static files with the same security headers (and no version banner)."""
+    """Static files with the same security headers (and no version banner), the JSON error
+    envelope and the one-line error logging of the API."""
 
     def set_default_headers(self) -> None:
         security_headers(self, cache=True)
 
     def _request_summary(self) -> str:
         return request_summary(self)
+
+    async def get(self, path: str, include_body: bool = True) -> None:
+        # A NUL or another control character cannot name a file: without this check
+        # os.stat raises ValueError deep in Tornado (a 500 and a traceback per request).
+        if control_character(path):
+            raise ApiError(400, "invalid_path", "the path contains a control character")
+        await super().get(path, include_body)
+
+    def log_exception(
+        self,
+        typ: type[BaseException] | None,
+        value: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        log_handler_exception(self, typ, value, tb)
+
+    def write_error(self, status_code: int, **kwargs: Any) -> None:
+        write_error_envelope(self, status_code, kwargs.get("exc_info"))

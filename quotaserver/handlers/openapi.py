@@ -37,7 +37,14 @@ ERROR = {
         "error": {
             "type": "object",
             "required": ["code", "message"],
-            "properties": {"code": {"type": "string"}, "message": {"type": "string"}},
+            "properties": {
+                "code": {"type": "string"},
+                "message": {"type": "string"},
+                "error_id": {
+                    "type": "string",
+                    "description": "500 and database 503s: names the log line with the details",
+                },
+            },
         }
     },
 }
@@ -105,6 +112,22 @@ HEALTH = {
     "properties": {
         "status": {"enum": ["ok", "degraded"]},
         "database": {"type": "object", "properties": {"reachable": {"type": "boolean"}}},
+    },
+}
+READY = {
+    "type": "object",
+    "required": ["status", "checks"],
+    "properties": {
+        "status": {"enum": ["ready", "not_ready"]},
+        "checks": {
+            "type": "object",
+            "properties": {
+                "running": {"type": "boolean"},
+                "database": {"type": "boolean"},
+                "backplane": {"type": "boolean"},
+                "plugins_failing": {"type": "integer"},
+            },
+        },
     },
 }
 
@@ -277,6 +300,15 @@ def _declared(config: Any) -> dict[tuple[type, str], dict[str, Any]]:
                 "503": _json(_ref("Health"), "The database is unreachable."),
             }
         },
+        (api.LiveHandler, "get"): {
+            "responses": {"200": _json(_object({"status": {"const": "ok"}}, ["status"]), "Alive.")}
+        },
+        (api.ReadyHandler, "get"): {
+            "responses": {
+                "200": _json(_ref("Ready"), "Ready for traffic (from the last probes)."),
+                "503": _json(_ref("Ready"), "Not ready: database, backplane or stopping."),
+            }
+        },
         (OpenApiHandler, "get"): {
             "responses": {"200": _json({"type": "object"}, "This document.")}
         },
@@ -426,6 +458,7 @@ def build(app: QuotaApp) -> dict[str, Any]:
                 "Refund": REFUND,
                 "UserStatus": USER_STATUS,
                 "Health": HEALTH,
+                "Ready": READY,
             },
             "securitySchemes": {
                 "bearer": {"type": "http", "scheme": "bearer"},
