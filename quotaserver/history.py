@@ -1,7 +1,8 @@
 """Recent history for the dashboard charts: activity per minute, violations per day.
 
-Activity and violations come from the database (the ``Activity`` table is maintained with
-each decision; ``Violation`` rows are the record). CPU and memory are not persisted: the
+Activity and violations come from the database (the ``Activity`` and
+``LoadRefusalMinute`` tables are maintained with each decision; ``Violation`` rows are the
+record). CPU and memory are not persisted: the
 load sampler keeps its own recent history (``app.load.history``, see
 :mod:`quotaserver.throttle`).
 """
@@ -11,19 +12,25 @@ from __future__ import annotations
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
-from .models import Activity, Violation, naive_utc
+from .models import Activity, LoadRefusalMinute, Violation, naive_utc
 
 if TYPE_CHECKING:
     from .windows import WindowCalendar
 
 
 def activity_per_minute(now: datetime, minutes: int) -> list[dict[str, Any]]:
-    """Commands and violations per minute for the last ``minutes`` (current one included),
-    zero-filled so a quiet minute is a real zero, oldest first. Runs on a DB thread."""
+    """Commands admitted, violations and consumes refused for load per minute for the last
+    ``minutes`` (current one included, ``partial``: it is still being counted), zero-filled
+    so a quiet minute is a real zero, oldest first. Runs on a DB thread."""
     current = int(now.timestamp()) // 60 * 60
     first = current - (minutes - 1) * 60
     rows = Activity.select().where((Activity.minute >= first) & (Activity.minute <= current))
     found = {row.minute: row for row in rows}
+    refused = dict(
+        LoadRefusalMinute.select(LoadRefusalMinute.minute, LoadRefusalMinute.refused)
+        .where((LoadRefusalMinute.minute >= first) & (LoadRefusalMinute.minute <= current))
+        .tuples()
+    )
     points = []
     for minute in range(first, current + 1, 60):
         row = found.get(minute)
@@ -32,6 +39,8 @@ def activity_per_minute(now: datetime, minutes: int) -> list[dict[str, Any]]:
                 "t": minute,
                 "commands": row.commands if row else 0,
                 "violations": row.violations if row else 0,
+                "refused": refused.get(minute, 0),
+                **({"partial": True} if minute == current else {}),
             }
         )
     return points

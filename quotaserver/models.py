@@ -14,6 +14,7 @@ from peewee import (
     AutoField,
     BigIntegerField,
     CharField,
+    CompositeKey,
     DatabaseProxy,
     DateTimeField,
     FloatField,
@@ -189,8 +190,30 @@ class DailyPeak(BaseModel):
     username = CharField(max_length=255)
 
 
+class LoadRefusalMinute(BaseModel):
+    """Consumes refused for load (throttle factor 0) per minute: the third series of the
+    commands chart, next to ``Activity``'s admitted and denied (a table of its own, created
+    by migration 9, so that migration 1 keeps creating ``Activity`` as it was)."""
+
+    minute = BigIntegerField(primary_key=True)  # epoch seconds of the minute's start
+    refused = BigIntegerField(default=0)
+
+
+class LoadRefusalDay(BaseModel):
+    """Consumes of a known user refused for load on one day (the daily window's key)."""
+
+    user = ForeignKeyField(User, on_delete="CASCADE")
+    day = BigIntegerField()
+    refused = BigIntegerField(default=0)
+
+    class Meta:
+        primary_key = CompositeKey("user", "day")
+
+
 ALL_MODELS = (SchemaVersion, User, QuotaRule, Usage, Violation, Event, Alert, AuditLog, Activity)
 # Added by migration 2 (kept out of ALL_MODELS so that migration 1 stays what it was).
 AUTH_MODELS = (ApiToken, RevokedSession)
 # Added by migration 3.
 SCALE_MODELS = (DailyPeak,)
+# Added by migration 9 (its own CREATE TABLE statements, not these definitions).
+LOAD_MODELS = (LoadRefusalMinute, LoadRefusalDay)

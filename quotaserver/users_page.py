@@ -20,7 +20,17 @@ from peewee import Database, PostgresqlDatabase
 
 from . import ranking
 from .limits import Rules
-from .models import GLOBAL_SCOPE, DailyPeak, Event, QuotaRule, Usage, User, Violation, naive_utc
+from .models import (
+    GLOBAL_SCOPE,
+    DailyPeak,
+    Event,
+    LoadRefusalDay,
+    QuotaRule,
+    Usage,
+    User,
+    Violation,
+    naive_utc,
+)
 from .ranking import _all_users, _upper_bound
 
 U = f'"{User._meta.table_name}"'
@@ -74,6 +84,10 @@ def _dialect(param: str, collate: bool) -> dict[str, str]:
         "violations": (
             f'SELECT "user_id", COUNT("id") FROM "{Violation._meta.table_name}" '
             'WHERE "created_at" >= ? AND "user_id" IN '
+        ),
+        "refused": (
+            f'SELECT "user_id", "refused" FROM "{LoadRefusalDay._meta.table_name}" '
+            'WHERE "day" = ? AND "user_id" IN '
         ),
         "rules": (
             'SELECT "scope", "user_id", "command_type", "period", "limit" '
@@ -226,6 +240,13 @@ class FastRanking:
         since_value = Violation.created_at.db_value(naive_utc(since))
         sql = self.sql["violations"] + self._in(user_ids) + ' GROUP BY "user_id"'
         return dict(self._rows(sql, [since_value, *user_ids]))
+
+    def load_refusals_today(self, user_ids: list[int]) -> dict[int, int]:
+        """Consumes of these users refused for load today (the primary key's range)."""
+        if not user_ids:
+            return {}
+        sql = self.sql["refused"] + self._in(user_ids)
+        return dict(self._rows(sql, [self.day, *user_ids]))
 
 
 def _page(rows: list, size: int, key: Any) -> tuple[list, dict | None]:

@@ -299,7 +299,11 @@ async def test_rule_changes_apply_broadcast_and_are_audited(app_factory):
     assert [e["action"] for e in audit["items"]] == ["limits.update"] * 4
     assert audit["items"][0]["target"] == "rule:code:global"
     assert audit["items"][0]["actor"] == "test-admin"
-    assert audit["items"][-1]["details"] == {"limits": {"daily": 2}}
+    assert audit["items"][-1]["details"] == {
+        "limits": {"daily": 2},
+        "before": {"daily": 500},  # the configured default, replaced: both are audited
+        "after": {"daily": 2},
+    }
     only = (await call(app, "GET", f"{API}/audit?actor=nobody")).json
     assert only["items"] == [] and only["total"] == 0
     ws.close()

@@ -289,10 +289,11 @@ class AlertActionHandler(AdminHandler):
 
 
 class AuditHandler(AdminHandler):
-    """GET /api/admin/quotas/audit?action=&actor=&page=&per_page=&cursor="""
+    """GET /api/admin/quotas/audit?action=&actor=&user=&page=&per_page=&cursor="""
 
     async def get(self) -> None:
         action = str_arg(self, "action", 64)
         actor = str_arg(self, "actor", 128)
+        user = str_arg(self, "user", self.app.config["quotas.max_username_length"])
         page = page_arg(self)
-        await self.listing(self.queries.audit(page, action, actor, self.cursor_arg()))
+        await self.listing(self.queries.audit(page, action, actor, self.cursor_arg(), user))
