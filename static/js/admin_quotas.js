@@ -101,8 +101,9 @@ function onMessage(msg, info) {
       break;
     case "quota_change":
       users.applyQuotaChange(msg);
+      limitsDialog.noteChange(msg);
       // Hidden tabs load fresh data when they are opened.
-      if (currentTab === "rules") rules.refreshSoon();
+      if (currentTab === "rules") rules.noteChange(msg);
       if (currentTab === "audit") audit.refreshSoon();
       break;
     case "throttle":

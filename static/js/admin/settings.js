@@ -1,14 +1,34 @@
 // The Rules tab (global defaults, per-user overrides) and the Audit log tab.
+//
+// Live changes never overwrite an edit: a row whose field has focus or holds unsaved text
+// keeps what the admin typed, and says who changed the limit meanwhile, with a button that
+// loads the new values. Saving a jump of more than 10x asks first (edits.js).
 
 import { get, request } from "./api.js";
 import { byId, el, formatLimit, formatTime, setText, throttle } from "./dom.js";
+import { confirmJumps, selectOnFocus } from "./edits.js";
 import { canWrite, reportError, toast } from "./ui.js";
 import { parseLimit } from "./users.js";
 
 export class RulesPanel {
   constructor() {
     this.rules = null;
+    this.changedBy = new Map(); // command type -> actor of the last live change
     this.refreshSoon = throttle(() => this.refresh(), 1000);
+  }
+
+  /** A `quota_change` event: remember who changed a global default, then reload. */
+  noteChange(msg) {
+    const d = msg.data;
+    if (d.scope === "global" && d.command_type) this.changedBy.set(d.command_type, d.actor || "another admin");
+    this.refreshSoon();
+  }
+
+  /** Whether the admin is editing `row`: a field has focus, or text that is not saved. */
+  static editing(row) {
+    return [...row.querySelectorAll("input.limit-input")].some(
+      (input) => input === document.activeElement || input.value !== input.dataset.original,
+    );
   }
 
   async refresh() {
@@ -44,8 +64,13 @@ export class RulesPanel {
       ...periods.map((p) => el("th", { text: p })),
       canWrite ? el("th", { text: "" }) : null,
     );
+    const shown = new Map(
+      [...byId("rules-body").querySelectorAll("tr[data-command]")].map((r) => [r.dataset.command, r]),
+    );
     const rows = rules.command_types.map((command) => {
       const limits = rules.defaults[command] || {};
+      const old = shown.get(command);
+      if (old && RulesPanel.editing(old)) return this._keep(old, command, limits, periods);
       const inputs = periods.map((period) => {
         const value = limits[period];
         const input = el("input", {
@@ -61,6 +86,8 @@ export class RulesPanel {
           },
         });
         input.value = value === null || value === undefined ? "" : String(value);
+        input.dataset.original = input.value;
+        selectOnFocus(input);
         return input;
       });
       const cells = inputs.map((input, i) => el("td", { attrs: { "data-label": periods[i] } }, [input]));
@@ -75,7 +102,36 @@ export class RulesPanel {
       }
       return row;
     });
+    // Kept rows are the same nodes: the field keeps its focus, caret and text.
     byId("rules-body").replaceChildren(...rows);
+  }
+
+  /** An edited row stays; if the server's values differ from those it was loaded with, a
+   * notice says who changed them and offers to load them (dropping the edit). */
+  _keep(row, command, limits, periods) {
+    const inputs = [...row.querySelectorAll("input.limit-input")];
+    const fresh = periods.map((p) => (limits[p] === null || limits[p] === undefined ? "" : String(limits[p])));
+    if (inputs.every((input, i) => input.value === fresh[i])) {
+      // The server now holds exactly what is typed (this admin's own save): nothing is lost.
+      inputs.forEach((input, i) => (input.dataset.original = fresh[i]));
+      row.querySelector(".row-notice")?.remove();
+      return row;
+    }
+    if (inputs.every((input, i) => input.dataset.original === fresh[i])) return row; // unchanged
+    row.querySelector(".row-notice")?.remove();
+    const who = this.changedBy.get(command) || "another admin";
+    const load = el("button", { class: "btn btn-small btn-ghost", text: "Reload", attrs: { type: "button" } });
+    const notice = el("div", { class: "row-notice", attrs: { role: "status" } }, [
+      el("span", { text: `Changed by ${who}: ${periods.map((p, i) => `${p} ${fresh[i] || "unlimited"}`).join(", ")}. ` }),
+      load,
+    ]);
+    load.addEventListener("click", () => {
+      for (const input of inputs) input.value = input.dataset.original; // not editing any more
+      notice.remove();
+      this.refresh();
+    });
+    row.querySelector("th").append(notice);
+    return row;
   }
 
   _overrides(items) {
@@ -102,6 +158,7 @@ export class RulesPanel {
 
   async save(command, inputs, button) {
     const limits = {};
+    const jumps = [];
     for (const input of inputs) {
       const parsed = parseLimit(input.value);
       if (parsed.error) {
@@ -110,10 +167,17 @@ export class RulesPanel {
         return;
       }
       limits[input.dataset.period] = parsed.inherit ? null : parsed.limit;
+      const before = input.dataset.original === "" ? null : Number(input.dataset.original);
+      jumps.push({ label: `${command} ${input.dataset.period}`, before, after: limits[input.dataset.period] });
     }
+    if (!(await confirmJumps(jumps))) return;
     button.disabled = true;
     try {
       await request("PUT", `/rules/${encodeURIComponent(command)}`, { body: { limits } });
+      for (const input of inputs) {
+        const saved = limits[input.dataset.period];
+        input.value = input.dataset.original = saved === null ? "" : String(saved);
+      }
       toast(`Default limits of ${command} saved`, "success", 3000);
     } catch (err) {
       reportError(err, `Saving ${command}`);

@@ -9,7 +9,8 @@
 
 import { get, request } from "./api.js";
 import { byId, debounce, el, formatInt, formatLimit, formatPercent, setText, throttle } from "./dom.js";
-import { canWrite, reportError, toast } from "./ui.js";
+import { confirmJumps, selectOnFocus } from "./edits.js";
+import { actor, canWrite, reportError, toast } from "./ui.js";
 
 const RISK_TITLE = {
   elevated: "at or above 80% of a daily limit",
@@ -343,6 +344,7 @@ export class LimitsDialog {
     this.username = null;
     this.detail = null;
     byId("limits-cancel").addEventListener("click", () => this.dialog.close());
+    byId("limits-reload").addEventListener("click", () => this.open(this.username));
     byId("limits-form").addEventListener("submit", (event) => {
       event.preventDefault();
       this.save();
@@ -383,17 +385,31 @@ export class LimitsDialog {
           },
         });
         input.value = original;
+        input.dataset.current = info.limit === null ? "" : String(info.limit);
+        input.dataset.default = info.default === null || info.default === undefined ? "" : String(info.default);
+        selectOnFocus(input);
         const used = el("span", { class: "muted small", text: `used ${formatInt(info.used)}` });
         return el("td", { attrs: { "data-label": period } }, [input, used]);
       });
       return el("tr", {}, [el("th", { text: command, attrs: { scope: "row" } }), ...cells]);
     });
     byId("limits-body").replaceChildren(...rows);
-    this.dialog.showModal();
+    byId("limits-notice").hidden = true;
+    if (!this.dialog.open) this.dialog.showModal();
+  }
+
+  /** A `quota_change` while the dialog is open: say so, keep what is typed. */
+  noteChange(msg) {
+    const d = msg.data;
+    if (!this.dialog.open || (d.username !== this.username && d.scope !== "global")) return;
+    if (d.actor === actor) return; // this page's own save, still on its way back
+    setText("limits-notice-text", `Limits changed by ${d.actor || "another admin"} meanwhile.`);
+    byId("limits-notice").hidden = false;
   }
 
   async save() {
     const changes = new Map(); // command -> {set: {}, remove: []}
+    const jumps = [];
     for (const input of this.dialog.querySelectorAll("input.limit-input")) {
       const { command, period, original } = input.dataset;
       if (input.value.trim() === original) continue;
@@ -407,11 +423,15 @@ export class LimitsDialog {
       if (parsed.inherit) change.remove.push(period);
       else change.set[period] = parsed.limit;
       changes.set(command, change);
+      const limitOf = (text) => (text === "" ? null : Number(text));
+      const after = parsed.inherit ? limitOf(input.dataset.default) : parsed.limit;
+      jumps.push({ label: `${command} ${period}`, before: limitOf(input.dataset.current), after });
     }
     if (!changes.size) {
       this.dialog.close();
       return;
     }
+    if (!(await confirmJumps(jumps))) return;
     const name = encodeURIComponent(this.username);
     byId("limits-save").disabled = true;
     try {

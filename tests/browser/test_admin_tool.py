@@ -1,0 +1,156 @@
+"""The dashboard as an admin's daily tool (issue 25): edits survive live changes, large jumps
+ask first, load refusals are visible, a page per user, stale data looks stale."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from .support import ADMIN, API, WAIT, Server
+
+pytestmark = pytest.mark.browser
+
+
+def rules_row(page: Any, command: str) -> Any:
+    page.click("#tab-rules")
+    row = page.locator(f"#rules-body tr[data-command='{command}']")
+    row.wait_for(timeout=WAIT)
+    return row
+
+
+def global_limit(server: Server, command: str, period: str) -> Any:
+    status, rules = server.call("GET", f"{API}/rules")
+    assert status == 200, rules
+    return rules["defaults"][command][period]
+
+
+def test_an_edit_survives_another_admins_live_change(server, open_dashboard):
+    page = open_dashboard(server)
+    row = rules_row(page, "code")
+    weekly = row.locator("input[data-period=weekly]")
+    assert weekly.input_value() == "1500"
+    # Clicking into a filled field selects it: typing replaces "1500", it never appends.
+    weekly.click()
+    page.keyboard.type("1234")
+    assert weekly.input_value() == "1234"
+
+    # Another admin changes the same row's daily limit: the page hears it live.
+    status, body = server.call("PUT", f"{API}/rules/code", {"limits": {"daily": 77}})
+    assert status == 200, body
+    notice = row.locator(".row-notice")
+    notice.wait_for(timeout=WAIT)
+    assert "Changed by browser-admin" in notice.inner_text()
+    assert "daily 77" in notice.inner_text()
+    assert weekly.input_value() == "1234"  # what was typed is still there...
+    assert page.evaluate("() => document.activeElement.dataset.period") == "weekly"  # ...in focus
+    assert row.locator("input[data-period=daily]").input_value() == "300"  # not overwritten
+
+    # Reload drops the edit on purpose and shows the server's values.
+    notice.locator("button").click()
+    page.wait_for_function(
+        "() => document.querySelector(\"#rules-body tr[data-command='code'] "
+        "input[data-period=daily]\").value === '77'",
+        timeout=WAIT,
+    )
+    assert row.locator("input[data-period=weekly]").input_value() == "1500"
+    assert page.errors == []
+
+
+def test_a_large_jump_asks_first_and_the_audit_shows_before_and_after(server, open_dashboard):
+    page = open_dashboard(server)
+    row = rules_row(page, "shell")
+    daily = row.locator("input[data-period=daily]")
+    daily.click()
+    page.keyboard.type("500500")  # what "500" + a click at the end would have become
+    row.locator("button", has_text="Save").click()
+    dialog = page.locator("#confirm-dialog")
+    dialog.wait_for(state="visible", timeout=WAIT)
+    assert "shell daily: 500 → 500,500" in dialog.inner_text()
+    page.click("#confirm-no")
+    dialog.wait_for(state="hidden", timeout=WAIT)
+    assert global_limit(server, "shell", "daily") == 500  # nothing was sent
+
+    row.locator("button", has_text="Save").click()
+    dialog.wait_for(state="visible", timeout=WAIT)
+    with page.expect_response(lambda r: r.url.endswith("/rules/shell"), timeout=WAIT):
+        page.click("#confirm-yes")
+    assert global_limit(server, "shell", "daily") == 500500
+    status, audit = server.call("GET", f"{API}/audit?action=limits.update&per_page=1")
+    assert status == 200, audit
+    details = audit["items"][0]["details"]
+    assert (details["before"]["daily"], details["after"]["daily"]) == (500, 500500)
+
+    # A change within 10x is saved without a question.
+    daily.click()
+    page.keyboard.type("600000")
+    with page.expect_response(lambda r: r.url.endswith("/rules/shell"), timeout=WAIT):
+        row.locator("button", has_text="Save").click()
+    assert dialog.is_hidden()
+    assert global_limit(server, "shell", "daily") == 600000
+    assert page.errors == []
+
+
+def test_the_limits_dialog_asks_before_a_large_jump(server, open_dashboard):
+    server.set_user_limit("jumpy-jo", 40)
+    page = open_dashboard(server)
+    page.click("#tab-users")
+    page.fill("#users-search", "jumpy-jo")
+    row = page.locator("#users-body tr[data-username='jumpy-jo']")
+    row.wait_for(timeout=WAIT)
+    row.locator("button", has_text="Edit limits").click()
+    field = page.locator("#limits-body input[name='shell.daily']")
+    field.wait_for(timeout=WAIT)
+    field.click()
+    page.keyboard.type("3")  # 40 -> 3: below a tenth
+    page.click("#limits-save")
+    page.locator("#confirm-dialog").wait_for(state="visible", timeout=WAIT)
+    assert "shell daily: 40 → 3" in page.inner_text("#confirm-list")
+    with page.expect_response(lambda r: "/users/jumpy-jo/limits/shell" in r.url, timeout=WAIT):
+        page.click("#confirm-yes")
+    status, detail = server.call("GET", f"{API}/users/jumpy-jo")
+    assert detail["limits"]["shell"]["daily"]["limit"] == 3
+    assert page.errors == []
+
+
+def test_load_refusals_show_on_the_card_the_chart_and_the_users_tab(browser, tmp_path):
+    # Every CPU reading is in the band with factor 0: the throttle refuses every consume.
+    server = Server(
+        str(tmp_path),
+        throttle={"cpu_bands": [[0, 0.0]], "memory_bands": [[100, 1.0]], "source": "process"},
+    )
+    server.start()
+    context = browser.new_context(viewport={"width": 1280, "height": 800})
+    try:
+        page = context.new_page()
+        errors: list[str] = []
+        page.on("pageerror", lambda exc: errors.append(str(exc)))
+        page.goto(f"{server.url}/login")
+        page.fill("#token", ADMIN)
+        page.click("button[type=submit]")
+        page.wait_for_url("**/admin/quotas")
+        page.wait_for_function(
+            "() => document.getElementById('stat-throttle-sub').textContent.includes('refusing')",
+            timeout=WAIT,
+        )
+        assert "503" in page.inner_text("#stat-throttle-why")
+        # A user known before the throttle is counted per user too.
+        server.call("PUT", f"{API}/users/loaded-lu/limits/shell", {"limits": {"daily": 9}})
+        for _ in range(3):
+            assert server.consume("loaded-lu") == 503
+        page.wait_for_function(
+            "() => document.getElementById('stat-load_refusals_today').textContent === '3'",
+            timeout=WAIT,
+        )
+        # The commands chart draws a third series, refused for load, with the count.
+        page.wait_for_function(
+            "() => window.quotaDashboard.charts.refusedInView() === 3", timeout=WAIT
+        )
+        page.click("#tab-users")
+        cell = page.locator("#users-body tr[data-username='loaded-lu'] td.refused")
+        cell.wait_for(timeout=WAIT)
+        assert cell.inner_text() == "3"
+        assert errors == []
+    finally:
+        context.close()
+        server.stop()
