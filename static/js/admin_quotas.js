@@ -45,6 +45,7 @@ function applyStats(data) {
     "active_users_today",
     "commands_today",
     "violations_today",
+    "load_refusals_today",
     "high_utilization_count",
   ]) {
     setText(`stat-${key}`, formatInt(stats[key]));
@@ -58,13 +59,29 @@ function applyStats(data) {
   setText("stat-memory", measured ? formatPercent(load.memory_percent) : "—");
   setText("stat-cpu-sub", measured ? "host" : "not measured");
   if (load) {
-    setText("stat-throttle", load.throttle_factor.toFixed(2));
+    const factor = load.throttle_factor;
+    setText("stat-throttle", factor.toFixed(2));
     const average = stats.average_throttle_factor;
-    const tail = typeof average === "number" ? ` · avg ${average.toFixed(2)}` : "";
-    setText("stat-throttle-sub", `${load.throttle_active ? "ACTIVE" : "inactive"}${tail}`);
-    byId("stat-throttle").closest(".card").classList.toggle("card-alert", load.throttle_active);
+    const tail = typeof average === "number" ? ` · avg ${average.toFixed(2)} (5 min)` : "";
+    const [state, why] = explainThrottle(factor);
+    setText("stat-throttle-sub", `${state}${tail}`);
+    setText("stat-throttle-why", why);
+    const card = byId("stat-throttle").closest(".card");
+    card.title = why;
+    card.classList.toggle("card-alert", load.throttle_active);
+    byId("stat-load_refusals_today").closest(".card").classList.toggle("card-alert", factor <= 0);
   }
   plugins.figures(stats);
+}
+
+/** What a throttle factor means for callers: [short state, one sentence]. */
+function explainThrottle(factor) {
+  if (factor >= 1) return ["not throttling", "1.00: load is below every band; consumes are decided by quota only"];
+  if (factor <= 0) return ["refusing for load", "0.00: every consume is answered 503 system_overloaded until load drops"];
+  return [
+    "asking callers to slow down",
+    `${factor.toFixed(2)}: consumes are still decided by quota; callers are asked to send ${Math.round(factor * 100)}% of their rate`,
+  ];
 }
 
 // -- the stream ------------------------------------------------------------------------
@@ -241,6 +258,6 @@ async function main() {
 }
 
 // Exposed for tests and debugging: the stream's state, read-only use.
-window.quotaDashboard = { stream, violations, alerts, stats, users, plugins, reloads: 0 };
+window.quotaDashboard = { stream, violations, alerts, stats, users, plugins, charts, reloads: 0 };
 
 main();

@@ -42,6 +42,8 @@ export class TimeChart {
    * @param {string} [o.unit]    suffix of y labels ("%")
    * @param {"clock"|"day"} [o.labels]
    * @param {number} [o.gap]     seconds between points that break a line
+   * @param {() => number} [o.now] the current time: a bucket that has not ended yet is drawn
+   *   faded (it is still being counted, so a low bar is not a drop)
    */
   constructor(canvas, o) {
     this.canvas = canvas;
@@ -148,7 +150,9 @@ export class TimeChart {
 
   _bars(ctx, points, xOf, yOf) {
     const n = this.o.series.length;
+    const now = this.o.now ? this.o.now() : Infinity;
     for (const p of points) {
+      const partial = p.t + this.o.bucket > now;
       const left = xOf(p.t);
       const full = Math.max(1, xOf(p.t + this.o.bucket) - left);
       const gap = full > 4 ? Math.min(2, full * 0.2) : 0;
@@ -158,8 +162,10 @@ export class TimeChart {
         if (typeof v !== "number" || v <= 0) return;
         const y = yOf(v);
         ctx.fillStyle = s.color;
+        ctx.globalAlpha = partial ? 0.4 : 1;
         ctx.fillRect(left + gap / 2 + i * w, y, Math.max(1, w), yOf(0) - y);
       });
+      ctx.globalAlpha = 1;
     }
   }
 

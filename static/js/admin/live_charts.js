@@ -12,6 +12,7 @@ const BLUE = "#60a5fa";
 const RED = "#f87171";
 const AMBER = "#fbbf24";
 const VIOLET = "#a78bfa";
+const ORANGE = "#fb923c";
 const MINUTES = 60;
 const LOAD_SECONDS = 15 * 60;
 
@@ -28,20 +29,29 @@ export class LiveCharts {
     this.daily = [];
     this.dailyAt = Infinity;
     this.commandsToday = null;
+    this.refusedToday = null;
     const now = () => Date.now() / 1000 + this.offset;
     const lastHour = () => {
       const minute = Math.floor(now() / 60) * 60;
       return [minute - (MINUTES - 1) * 60, minute + 60];
     };
     this.commands = new TimeChart(byId("chart-commands"), {
-      series: [{ key: "commands", color: BLUE }],
+      // A dip in admitted commands reads as "traffic stopped" unless what was turned away
+      // stands next to it: denied (over quota) and refused for load.
+      series: [
+        { key: "commands", color: BLUE },
+        { key: "violations", color: RED },
+        { key: "refused", color: ORANGE },
+      ],
       domain: lastHour,
       bucket: 60,
+      now,
     });
     this.violations = new TimeChart(byId("chart-violations"), {
       series: [{ key: "violations", color: RED }],
       domain: lastHour,
       bucket: 60,
+      now,
     });
     this.loadChart = new TimeChart(byId("chart-load"), {
       series: [
@@ -61,6 +71,7 @@ export class LiveCharts {
       },
       bucket: 86400,
       labels: "day",
+      now,
     });
     // The time axis slides even when nothing happens.
     setInterval(() => this.drawAll(), 5000);
@@ -96,7 +107,7 @@ export class LiveCharts {
     const minute = Math.floor(t / 60) * 60;
     let point = this.activity.get(minute);
     if (!point) {
-      point = { t: minute, commands: 0, violations: 0 };
+      point = { t: minute, commands: 0, violations: 0, refused: 0 };
       this.activity.set(minute, point);
       const oldest = minute - (MINUTES + 5) * 60;
       for (const key of this.activity.keys()) if (key < oldest) this.activity.delete(key);
@@ -137,6 +148,14 @@ export class LiveCharts {
         this.drawActivity();
       }
     }
+    if (typeof data.load_refusals_today === "number") {
+      const before = this.refusedToday;
+      this.refusedToday = data.load_refusals_today;
+      if (data.delta && before !== null && data.load_refusals_today > before && t > this.activityAt) {
+        this._bucket(t).refused += data.load_refusals_today - before;
+        this.drawActivity();
+      }
+    }
     const load = data.system_load;
     if (load && (load.cpu_percent > 0 || load.memory_percent > 0)) {
       const last = this.load[this.load.length - 1];
@@ -147,6 +166,14 @@ export class LiveCharts {
         this.loadChart.setPoints(this.load);
       }
     }
+  }
+
+  /** Consumes refused for load in the commands chart's hour (for tests and debugging). */
+  refusedInView() {
+    const [t0, t1] = this.commands.o.domain();
+    let sum = 0;
+    for (const p of this.activity.values()) if (p.t >= t0 && p.t < t1) sum += p.refused || 0;
+    return sum;
   }
 
   drawActivity() {

@@ -102,8 +102,17 @@ export class RulesPanel {
       }
       return row;
     });
-    // Kept rows are the same nodes: the field keeps its focus, caret and text.
-    byId("rules-body").replaceChildren(...rows);
+    // A kept row must never leave the document (a detached field loses its focus): when
+    // the rows are the same command types in the same order, swap the others one by one.
+    const same = rows.length === shown.size && rules.command_types.every((c, i) => [...shown.keys()][i] === c);
+    if (same) {
+      for (const row of rows) {
+        const old = shown.get(row.dataset.command);
+        if (old !== row) old.replaceWith(row);
+      }
+    } else {
+      byId("rules-body").replaceChildren(...rows);
+    }
   }
 
   /** An edited row stays; if the server's values differ from those it was loaded with, a

@@ -138,11 +138,12 @@ export class UsersTable {
       ...this.commandTypes.map((c) => el("th", { text: c, attrs: { scope: "col" } })),
       el("th", { text: "Risk" }),
       el("th", { text: "Violations today", class: "num" }),
+      el("th", { text: "Refused for load", class: "num", attrs: { title: "consumes answered 503 today because the throttle factor was 0" } }),
       canWrite ? el("th", { text: "Actions" }) : null,
     );
     const rows = this.items.map((u) => this._row(u));
     if (!rows.length) {
-      const span = this.commandTypes.length + (canWrite ? 4 : 3);
+      const span = this.commandTypes.length + (canWrite ? 5 : 4);
       rows.push(el("tr", {}, [el("td", { class: "empty-row", text: "No users match.", attrs: { colspan: span } })]));
     }
     byId("users-body").replaceChildren(...rows);
@@ -318,6 +319,7 @@ export class UsersTable {
     }
     row.append(riskCell);
     row.append(el("td", { class: "num", text: formatInt(u.violations_today), attrs: { "data-label": "Violations today" } }));
+    row.append(el("td", { class: "num refused", text: formatInt(u.load_refusals_today ?? 0), attrs: { "data-label": "Refused for load" } }));
     if (canWrite) {
       const edit = el("button", { class: "btn btn-small", text: "Edit limits", attrs: { type: "button" } });
       const reset = el("button", { class: "btn btn-small btn-ghost", text: "Reset usage", attrs: { type: "button" } });
