@@ -334,6 +334,7 @@ class AdminQueries:
         statuses: list[str] | None,
         severity: str | None,
         cursor: str | None = None,
+        user: str | None = None,
     ) -> dict[str, Any]:
         after = None
         if cursor is not None:
@@ -345,7 +346,7 @@ class AdminQueries:
             if at.tzinfo is not None or not 0 < key["id"] <= MAX_ID:
                 raise BadCursor("cursor is not valid")
             after = (at, key["id"])
-        return await self._read(self._alerts_sync, page, statuses, severity, after)
+        return await self._read(self._alerts_sync, page, statuses, severity, after, user)
 
     def _alerts_sync(
         self,
@@ -353,10 +354,13 @@ class AdminQueries:
         statuses: list[str] | None,
         severity: str | None,
         after: tuple[datetime, int] | None,
+        user: str | None = None,
     ) -> dict[str, Any]:
         query = Alert.select(Alert, User.id, User.username).join(
             User, JOIN.LEFT_OUTER, on=(Alert.user == User.id)
         )
+        if user is not None:
+            query = query.where(User.username == user)
         if statuses is not None:
             query = query.where(Alert.status.in_(statuses))
         if severity is not None:

@@ -26,6 +26,7 @@ ROUTES: list[tuple[str, type]] = [
     (r"/api/admin/tokens/([0-9a-f]{16})", tokens.TokenHandler),
     (r"/", dashboard.RootHandler),
     (r"/admin/quotas", dashboard.DashboardHandler),
+    (r"/admin/quotas/users/([^/]+)", dashboard.UserPageHandler),
     (r"/api/admin/quotas/stats", admin.StatsHandler),
     (r"/api/admin/quotas/history", admin.HistoryHandler),
     (r"/api/admin/quotas/events", admin.EventsHandler),

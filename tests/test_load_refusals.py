@@ -90,3 +90,19 @@ def test_a_migration_numbered_below_the_applied_ones_still_runs(tmp_path, monkey
         database.close()
     tables = {r[0] for r in sqlite3.connect(path).execute("SELECT name FROM sqlite_master")}
     assert {"load_refusal_minute", "load_refusal_day"} <= tables
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_alerts_filter_by_user(app_factory):
+    app = await app_factory()
+    await app.rules.set_global_limits("shell", {"daily": 0}, actor="t")
+    for name in ("ann", "bob"):
+        for _ in range(5):  # the alert engine's quota_violation rule fires at 5 a day
+            assert (await consume(app, name)).code == 429
+    await settle(app)
+    both = (await call(app, "GET", f"{API}/alerts")).json
+    assert {a["username"] for a in both["items"]} == {"ann", "bob"}
+    only = (await call(app, "GET", f"{API}/alerts?user=ann")).json
+    assert only["items"] and {a["username"] for a in only["items"]} == {"ann"}
+    assert only["total"] == len(only["items"])
+    assert (await call(app, "GET", f"{API}/alerts?user=nobody")).json["items"] == []

@@ -261,7 +261,7 @@ class ViolationsHandler(AdminHandler):
 
 
 class AlertsHandler(AdminHandler):
-    """GET /api/admin/quotas/alerts?status=&severity=&page=&per_page=&cursor="""
+    """GET /api/admin/quotas/alerts?status=&severity=&user=&page=&per_page=&cursor="""
 
     async def get(self) -> None:
         status = choice_arg(self, "status", ALERT_STATUS_FILTERS, "all")
@@ -270,8 +270,9 @@ class AlertsHandler(AdminHandler):
             "active": ["open", "acknowledged"],
         }.get(status, [status])
         severity = choice_arg(self, "severity", SEVERITIES)
+        user = str_arg(self, "user", self.app.config["quotas.max_username_length"])
         page = page_arg(self)
-        await self.listing(self.queries.alerts(page, statuses, severity, self.cursor_arg()))
+        await self.listing(self.queries.alerts(page, statuses, severity, self.cursor_arg(), user))
 
 
 class AlertActionHandler(AdminHandler):

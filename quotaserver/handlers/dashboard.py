@@ -1,4 +1,5 @@
-"""The admin dashboard page (``GET /admin/quotas``) and the ``/`` redirect to it.
+"""The admin dashboard page (``GET /admin/quotas``, and ``/admin/quotas/users/{name}`` on
+one user's view) and the ``/`` redirect to it.
 
 The page is a static shell; its script loads data over the admin API and the live stream.
 A browser without a session is sent to the login form and brought back afterwards.
@@ -6,6 +7,7 @@ A browser without a session is sent to the login form and brought back afterward
 
 from __future__ import annotations
 
+from .api import validate_username
 from .base import VIEWER, BaseHandler
 
 DASHBOARD = "/admin/quotas"
@@ -18,6 +20,10 @@ class DashboardHandler(BaseHandler):
     page = True  # a browser without a session goes to the login form, then comes back
 
     def get(self) -> None:
+        self.render_page(None)
+
+    def render_page(self, page_user: str | None) -> None:
+        """The one page shell; ``page_user`` opens it on that user's view."""
         identity = self.identity
         self.render(
             "admin_quotas_dashboard.html",
@@ -28,7 +34,19 @@ class DashboardHandler(BaseHandler):
             session=bool(identity and identity.session_id),
             # The event types plugins declared: the page's plugin events feed loads them.
             plugin_types=self.app.hub.plugin_types,
+            page_user=page_user,
         )
+
+
+class UserPageHandler(DashboardHandler):
+    """GET /admin/quotas/users/{username}: the dashboard opened on one user (a link, a
+    bookmark, a reload all land there). An unknown name is the page's to say: it asks the API."""
+
+    def get(self, username: str) -> None:  # type: ignore[override]
+        name = validate_username(
+            username, self.app.config["quotas.max_username_length"], "username"
+        )
+        self.render_page(name)
 
 
 class RootHandler(BaseHandler):

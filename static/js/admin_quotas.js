@@ -14,6 +14,7 @@ import { PluginPanel } from "./admin/plugin_panel.js";
 import { AuditPanel, RulesPanel } from "./admin/settings.js";
 import { LiveStream, describeStatus } from "./admin/stream.js";
 import { canWrite, reportError, showSignedOut, toast } from "./admin/ui.js";
+import { UserPage } from "./admin/user_page.js";
 import { LimitsDialog, ResetDialog, UsersTable } from "./admin/users.js";
 
 
@@ -30,6 +31,8 @@ const users = new UsersTable({
   onEdit: (name) => limitsDialog.open(name),
   onReset: (name) => resetDialog.open(name, users.commandTypes),
 });
+// /admin/quotas/users/<name> opens the same page on that user's view.
+const userPage = document.body.dataset.user ? new UserPage(document.body.dataset.user) : null;
 let currentTab = "live";
 let replay = null; // {count, report} while a resumed connection replays what was missed
 let connectedBefore = false;
@@ -86,6 +89,7 @@ function explainThrottle(factor) {
 
 // -- the stream ------------------------------------------------------------------------
 function onMessage(msg, info) {
+  if (userPage) userPage.apply(msg);
   switch (msg.type) {
     case "welcome":
       // Events replayed right after the first connection are just the ones that happened
@@ -202,6 +206,7 @@ async function reloadAll(reason) {
   }
   charts.loadHistory();
   charts.loadDaily();
+  if (userPage) userPage.start();
   if (currentTab === "users") users.refresh();
   if (currentTab === "rules") rules.refresh();
   if (currentTab === "audit") audit.refresh();
@@ -242,8 +247,17 @@ function setupHeader() {
   document.body.classList.toggle("can-write", canWrite);
 }
 
+function showUserView() {
+  document.querySelector("nav.tabs").hidden = true;
+  for (const panel of document.querySelectorAll('[role="tabpanel"]')) panel.hidden = true;
+  byId("panel-user").hidden = false;
+  currentTab = "user";
+  userPage.start();
+}
+
 async function main() {
   setupHeader();
+  if (userPage) showUserView();
   loadStats();
   charts.loadHistory();
   charts.loadDaily();
@@ -258,6 +272,6 @@ async function main() {
 }
 
 // Exposed for tests and debugging: the stream's state, read-only use.
-window.quotaDashboard = { stream, violations, alerts, stats, users, plugins, charts, reloads: 0 };
+window.quotaDashboard = { stream, violations, alerts, stats, users, plugins, charts, userPage, reloads: 0 };
 
 main();

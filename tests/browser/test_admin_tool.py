@@ -154,3 +154,58 @@ def test_load_refusals_show_on_the_card_the_chart_and_the_users_tab(browser, tmp
     finally:
         context.close()
         server.stop()
+
+
+def test_the_user_page_loads_from_a_link_and_from_its_url_and_updates_live(server, open_dashboard):
+    name = "page pat/1"  # a space and a slash: the link must encode them
+    server.set_user_limit(name, 2)
+    assert [server.consume(name) for _ in range(3)] == [200, 200, 429]
+    page = open_dashboard(server)
+    page.click("#tab-users")
+    page.fill("#users-search", name)
+    link = page.locator("#users-body a.username", has_text=name)
+    link.wait_for(timeout=WAIT)
+    link.click()
+    page.wait_for_url("**/admin/quotas/users/page%20pat%2F1", timeout=WAIT)
+    view = page.locator("#panel-user")
+    view.wait_for(timeout=WAIT)
+    assert page.inner_text("#user-name") == name
+    shell = page.locator("#user-limits-body tr[data-command=shell] td[data-period=daily]")
+    shell.wait_for(timeout=WAIT)
+    assert "2 / 2 (100%)" in shell.inner_text()
+    assert shell.locator(".override-mark").count() == 1
+    page.wait_for_function(
+        "() => document.getElementById('user-violations-total').textContent === '1'",
+        timeout=WAIT,
+    )
+    page.wait_for_function(
+        "() => document.getElementById('user-audit').textContent.includes('daily 500 → 2')",
+        timeout=WAIT,
+    )
+    assert page.locator("nav.tabs").is_hidden()
+
+    # Live: another violation, and another admin raising the limit.
+    assert server.consume(name) == 429
+    page.wait_for_function(
+        "() => document.getElementById('user-violations').children.length === 2"
+        " && document.getElementById('user-violations-total').textContent === '2'",
+        timeout=WAIT,
+    )
+    server.set_user_limit(name, 10)
+    page.wait_for_function(
+        "() => document.querySelector('#user-limits-body tr[data-command=shell]"
+        " td[data-period=daily]').textContent.includes('2 / 10 (20%)')",
+        timeout=WAIT,
+    )
+    page.wait_for_function(
+        "() => document.getElementById('user-audit').textContent.includes('daily 2 → 10')",
+        timeout=WAIT,
+    )
+
+    # Straight from its URL (a bookmark, a reload), and a name nobody has.
+    page.goto(f"{server.url}/admin/quotas/users/page%20pat%2F1")
+    page.locator("#user-limits-body tr[data-command=shell]").wait_for(timeout=WAIT)
+    page.goto(f"{server.url}/admin/quotas/users/nobody-at-all")
+    page.locator("#user-missing").wait_for(timeout=WAIT)
+    assert page.locator("#user-body").is_hidden()
+    assert page.errors == []

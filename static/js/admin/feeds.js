@@ -3,7 +3,7 @@
 // keyed by id and carry the seq of the state shown, so an older state never wins.
 
 import { get, request } from "./api.js";
-import { byId, formatTime, fromTemplate, setText, throttle } from "./dom.js";
+import { byId, formatTime, fromTemplate, setText, throttle, userLink } from "./dom.js";
 import { canWrite, reportError, toast } from "./ui.js";
 
 const MAX_VIOLATIONS = 100;
@@ -81,7 +81,7 @@ export class ViolationFeed {
     const li = fromTemplate("tpl-violation");
     li.dataset.seq = String(msg.seq);
     li.dataset.period = d.period || "";
-    setText(li.querySelector(".v-user"), d.username);
+    li.querySelector(".v-user").replaceChildren(userLink(d.username, "user-link"));
     setText(li.querySelector(".v-type"), d.command_type);
     const time = li.querySelector(".v-time");
     time.setAttribute("datetime", msg.timestamp);
@@ -202,10 +202,11 @@ export class AlertFeed {
     action.hidden = !a.action_needed || a.status === "resolved";
     setText(li.querySelector(".a-action-text"), a.action || "");
     const meta = [];
-    if (a.username) meta.push(`user ${a.username}`);
     if (a.acknowledged_by) meta.push(`acknowledged by ${a.acknowledged_by}`);
     if (a.resolved_by) meta.push(`resolved by ${a.resolved_by}`);
-    setText(li.querySelector(".a-meta"), meta.join(" · "));
+    const metaNode = li.querySelector(".a-meta");
+    setText(metaNode, meta.join(" · "));
+    if (a.username) metaNode.prepend("user ", userLink(a.username, "user-link"), meta.length ? " · " : "");
     const ack = li.querySelector(".a-ack");
     const resolve = li.querySelector(".a-resolve");
     ack.hidden = !canWrite || a.status !== "open";

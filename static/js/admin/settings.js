@@ -5,7 +5,7 @@
 // loads the new values. Saving a jump of more than 10x asks first (edits.js).
 
 import { get, request } from "./api.js";
-import { byId, el, formatLimit, formatTime, setText, throttle } from "./dom.js";
+import { byId, el, formatLimit, formatTime, setText, throttle, userLink } from "./dom.js";
 import { confirmJumps, selectOnFocus } from "./edits.js";
 import { canWrite, reportError, toast } from "./ui.js";
 import { parseLimit } from "./users.js";
@@ -146,7 +146,7 @@ export class RulesPanel {
   _overrides(items) {
     const rows = items.map((o) => {
       const row = el("tr", {}, [
-        el("td", { text: o.username, attrs: { "data-label": "User" } }),
+        el("td", { attrs: { "data-label": "User" } }, [userLink(o.username)]),
         el("td", { text: o.command_type, attrs: { "data-label": "Command type" } }),
         el("td", { text: o.period, attrs: { "data-label": "Period" } }),
         el("td", { text: formatLimit(o.limit), attrs: { "data-label": "Limit" } }),
@@ -208,6 +208,19 @@ export class RulesPanel {
   }
 }
 
+/** An audit row's details as people read them: "daily 800 → 800,800" where the row has
+ * before and after, the other fields as JSON. */
+export function describeAudit(details) {
+  if (!details || !details.before || !details.after) return JSON.stringify(details);
+  const changes = Object.keys(details.after).map(
+    (p) => `${p} ${formatLimit(details.before[p])} → ${formatLimit(details.after[p])}`,
+  );
+  const rest = { ...details };
+  for (const key of ["before", "after", "limits", "periods"]) delete rest[key];
+  const extra = Object.keys(rest).length ? ` ${JSON.stringify(rest)}` : "";
+  return changes.join(", ") + extra;
+}
+
 export class AuditPanel {
   constructor() {
     this.page = 1;
@@ -233,7 +246,7 @@ export class AuditPanel {
           el("td", { text: entry.actor, attrs: { "data-label": "Actor" } }),
           el("td", { text: entry.action, attrs: { "data-label": "Action" } }),
           el("td", { text: entry.target, attrs: { "data-label": "Target" } }),
-          el("td", { class: "details", text: JSON.stringify(entry.details), attrs: { "data-label": "Details" } }),
+          el("td", { class: "details", text: describeAudit(entry.details), attrs: { "data-label": "Details" } }),
         ]),
       );
       if (!rows.length) {

@@ -8,7 +8,7 @@
 // again at the next reload (the Reload button, or after `recovered: false`).
 
 import { get, request } from "./api.js";
-import { byId, debounce, el, formatInt, formatLimit, formatPercent, setText, throttle } from "./dom.js";
+import { byId, debounce, el, formatInt, formatLimit, formatPercent, setText, throttle, userLink } from "./dom.js";
 import { confirmJumps, selectOnFocus } from "./edits.js";
 import { actor, canWrite, reportError, toast } from "./ui.js";
 
@@ -295,7 +295,7 @@ export class UsersTable {
   _row(u) {
     const row = el("tr", { attrs: { "data-username": u.username } });
     row.append(el("td", { class: "user-cell", attrs: { "data-label": "User" } }, [
-      el("span", { class: "username", text: u.username }),
+      userLink(u.username),
     ]));
     for (const c of this.commandTypes) {
       const usage = u.usage[c] || { used: 0, limit: null, percent: null, overridden: false };
