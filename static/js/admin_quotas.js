@@ -161,7 +161,22 @@ function onStatus(status) {
   setText("conn-text", describeStatus(status));
   const transport = status.transport === "sse" ? "via SSE" : status.transport === "websocket" ? "via WebSocket" : "";
   setText("conn-transport", transport);
+  // Quiet while connected; loud only once the page has stopped trying on its own.
+  byId("reconnect").classList.toggle("btn-ghost", status.state !== "disconnected");
   byId("reconnect").classList.toggle("btn-attention", status.state === "disconnected");
+  showStale(status.state !== "connected");
+}
+
+// While not connected every figure and chart is as old as the last message: say so.
+function showStale(stale) {
+  document.body.classList.toggle("stale", stale);
+  const asOf = byId("as-of");
+  const at = stream && stream.lastLiveAt;
+  asOf.hidden = !stale || !at;
+  if (at) {
+    const time = new Date(at).toLocaleTimeString([], { hour: "2-digit", minute: "2-digit", second: "2-digit", hourCycle: "h23" });
+    setText(asOf, `as of ${time}`);
+  }
 }
 
 const stream = new LiveStream({

@@ -209,3 +209,31 @@ def test_the_user_page_loads_from_a_link_and_from_its_url_and_updates_live(serve
     page.locator("#user-missing").wait_for(timeout=WAIT)
     assert page.locator("#user-body").is_hidden()
     assert page.errors == []
+
+
+def test_stale_figures_dim_and_a_given_up_page_retries_when_the_network_returns(
+    own_server, open_dashboard
+):
+    page = open_dashboard(own_server)
+    assert page.evaluate("() => document.body.classList.contains('stale')") is False
+    assert "btn-ghost" in page.get_attribute("#reconnect", "class")  # quiet while connected
+    # Spend the page's attempts up front, so that losing the server makes it give up at
+    # the first failed reconnect instead of after ten back-offs (about 200 s).
+    page.evaluate("() => { window.quotaDashboard.stream.attempt = 10; }")
+    page.context.set_offline(True)
+    own_server.stop()
+    page.wait_for_selector("#conn[data-state=disconnected]", timeout=WAIT)
+    assert "gave up" in page.inner_text("#conn-text")
+    assert page.evaluate("() => document.body.classList.contains('stale')") is True
+    assert page.inner_text("#as-of").startswith("as of ")
+    opacity = page.evaluate("() => getComputedStyle(document.querySelector('.cards')).opacity")
+    assert float(opacity) < 1
+    assert "btn-attention" in page.get_attribute("#reconnect", "class")
+
+    own_server.start()
+    assert page.get_attribute("#conn", "data-state") == "disconnected"  # gave up: waits
+    page.context.set_offline(False)  # the browser fires "online"
+    page.wait_for_selector("#conn[data-state=connected]", timeout=WAIT)
+    assert page.evaluate("() => window.quotaDashboard.stream.wakeCause") == "network back"
+    assert page.evaluate("() => document.body.classList.contains('stale')") is False
+    assert page.locator("#as-of").is_hidden()
