@@ -273,6 +273,9 @@ function showUserView() {
 async function main() {
   setupHeader();
   if (userPage) showUserView();
+  get("/rules")
+    .then((r) => violations.setTypes(r.command_types))
+    .catch((err) => reportError(err, "Loading the command types"));
   loadStats();
   charts.loadHistory();
   charts.loadDaily();

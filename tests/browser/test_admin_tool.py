@@ -237,3 +237,41 @@ def test_stale_figures_dim_and_a_given_up_page_retries_when_the_network_returns(
     assert page.evaluate("() => window.quotaDashboard.stream.wakeCause") == "network back"
     assert page.evaluate("() => document.body.classList.contains('stale')") is False
     assert page.locator("#as-of").is_hidden()
+
+
+def test_the_violation_feed_filters_by_user_and_type_from_the_api_and_live(server, open_dashboard):
+    for name in ("filter-fin", "filter-flo"):
+        server.call("PUT", f"{API}/users/{name}/limits/shell", {"limits": {"daily": 0}})
+        server.call("PUT", f"{API}/users/{name}/limits/code", {"limits": {"daily": 0}})
+    for _ in range(3):
+        assert server.consume("filter-fin", "shell") == 429
+    assert server.consume("filter-fin", "code") == 429
+    assert server.consume("filter-flo", "shell") == 429
+    page = open_dashboard(server)
+    page.locator("#violations-type option[value=shell]").wait_for(state="attached", timeout=WAIT)
+    users = "() => [...document.querySelectorAll('#violations-feed li')].map(li => [li.querySelector('.v-user').textContent, li.querySelector('.v-type').textContent])"  # noqa: E501
+
+    with page.expect_response(lambda r: "/violations?user=filter-fin" in r.url, timeout=WAIT):
+        page.fill("#violations-user", "filter-fin")
+    page.wait_for_function(f"() => ({users})().length === 4", timeout=WAIT)
+    assert {u for u, _ in page.evaluate(users)} == {"filter-fin"}
+    with page.expect_response(lambda r: "command_type=code" in r.url, timeout=WAIT):
+        page.select_option("#violations-type", "code")
+    page.wait_for_function(f"() => ({users})().length === 1", timeout=WAIT)
+    assert page.evaluate(users) == [["filter-fin", "code"]]
+    assert page.inner_text("#violations-count") == "1"
+
+    # Live: a matching violation shows, the others do not.
+    assert server.consume("filter-flo", "code") == 429
+    assert server.consume("filter-fin", "shell") == 429
+    assert server.consume("filter-fin", "code") == 429
+    page.wait_for_function(f"() => ({users})().length === 2", timeout=WAIT)
+    assert page.evaluate(users) == [["filter-fin", "code"]] * 2
+    assert page.inner_text("#violations-count") == "2"
+
+    # Clear: the whole live feed again, the ones that arrived while filtered included.
+    page.click("#violations-clear")
+    page.wait_for_function(
+        f"() => ({users})().some(([u, t]) => u === 'filter-flo' && t === 'code')", timeout=WAIT
+    )
+    assert page.errors == []
