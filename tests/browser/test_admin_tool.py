@@ -275,3 +275,52 @@ def test_the_violation_feed_filters_by_user_and_type_from_the_api_and_live(serve
         f"() => ({users})().some(([u, t]) => u === 'filter-flo' && t === 'code')", timeout=WAIT
     )
     assert page.errors == []
+
+
+def test_the_users_tab_shows_the_servers_percent_live_and_after_a_reload(server, open_dashboard):
+    # 5 of 16 is 31.25 %: the server rounds it (half to even) to 31.2, and so must the page.
+    server.set_user_limit("round-rae", 16)
+    page = open_dashboard(server)
+    page.click("#tab-users")
+    page.fill("#users-search", "round-rae")
+    row = page.locator("#users-body tr[data-username='round-rae']")
+    row.wait_for(timeout=WAIT)
+    for _ in range(5):
+        assert server.consume("round-rae") == 200
+    pct = row.locator(".pct")
+    page.wait_for_function(
+        "() => document.querySelector(\"#users-body tr[data-username='round-rae'] .pct\")"
+        "?.textContent === '31.2%'",
+        timeout=WAIT,
+    )
+    # A limit change computed in the page (its event has no percent): 5 of 32 is 15.625.
+    server.set_user_limit("round-rae", 32)
+    page.wait_for_function(
+        "() => document.querySelector(\"#users-body tr[data-username='round-rae'] .pct\")"
+        "?.textContent === '15.6%'",
+        timeout=WAIT,
+    )
+    server.set_user_limit("round-rae", 16)
+    page.wait_for_function(
+        "() => document.querySelector(\"#users-body tr[data-username='round-rae'] .pct\")"
+        "?.textContent === '31.2%'",
+        timeout=WAIT,
+    )
+    status, users = server.call("GET", f"{API}/users?q=round-rae")
+    assert users["items"][0]["max_percent"] == 31.2
+    with page.expect_response(lambda r: "/users?q=round-rae" in r.url, timeout=WAIT):
+        page.click("#reload")
+    assert pct.inner_text() == "31.2%"
+    # The rule in the page agrees with the server's on every tie and near-tie up to 64.
+    mismatches = page.evaluate(
+        """async () => {
+          const { utilization } = await import('/static/js/admin/users.js');
+          const out = [];
+          for (let limit = 1; limit <= 64; limit++) for (let used = 0; used <= limit; used++)
+            out.push([used, limit, utilization(used, limit)]);
+          return out;
+        }"""
+    )
+    wrong = [(u, n, v) for u, n, v in mismatches if v != round(100.0 * u / n, 1)]
+    assert wrong == []
+    assert page.errors == []

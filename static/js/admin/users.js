@@ -22,11 +22,26 @@ const PER_PAGE = 25;
 const RECENT_EVENTS = 500;
 const RISKS = [["critical", 95], ["high", 90], ["elevated", 80]];
 
-/** Percent of limit used, as the server computes it (null: unlimited; 0 limit: 100). */
-function utilization(used, limit) {
+/**
+ * Percent of limit used, exactly as the server's ``round(100.0 * used / limit, 1)`` (null:
+ * unlimited; 0 limit: 100). Only for a limit changed by an event, whose new percent the
+ * server does not send; usage events carry the server's own percent, used as it is.
+ *
+ * Python rounds the double's exact value, ties to even. The same double here, then
+ * toFixed(1) (exact value, ties up) agrees except on exact ties, which are the doubles with
+ * a quarter as fraction (x.25, x.75): those go to the even tenth. (Math.round(10 * x) / 10
+ * made 5/16 read 31.3 % live and 31.2 % after a reload.)
+ */
+export function utilization(used, limit) {
   if (limit === null || limit === undefined) return null;
   if (limit === 0) return 100;
-  return Math.round((1000 * used) / limit) / 10;
+  const x = (100.0 * used) / limit;
+  const quarters = x * 4;
+  if (Number.isInteger(quarters) && quarters % 2 !== 0) {
+    const low = Math.floor(x * 10);
+    return (low % 2 === 0 ? low : low + 1) / 10;
+  }
+  return Number(x.toFixed(1));
 }
 
 function byName(a, b) {
@@ -158,10 +173,11 @@ export class UsersTable {
     return this.items.find((u) => u.username === username);
   }
 
+  /** The row's peak and risk from its percents (the server's thresholds). */
   _recompute(u) {
     const percents = [];
     for (const usage of Object.values(u.usage)) {
-      usage.percent = utilization(usage.used, usage.limit);
+      if (usage.percent === undefined) usage.percent = utilization(usage.used, usage.limit);
       if (usage.percent !== null) percents.push(usage.percent);
     }
     u.max_percent = percents.length ? Math.max(...percents) : null;
@@ -210,7 +226,7 @@ export class UsersTable {
         if (this.q && !row.username.toLowerCase().startsWith(this.q.toLowerCase())) continue;
         u = { user_id: row.user_id, username: row.username, usage: {}, violations_today: 0, created_at: null };
         for (const c of this.commandTypes) {
-          u.usage[c] = { used: 0, limit: this._defaultLimit(c), percent: null, overridden: false };
+          u.usage[c] = { used: 0, limit: this._defaultLimit(c), percent: undefined, overridden: false };
         }
         u.isNew = true;
       }
@@ -220,6 +236,7 @@ export class UsersTable {
       if (typeof usage.used === "number" && row.used < usage.used) continue;
       usage.used = row.used;
       usage.limit = row.limit;
+      usage.percent = row.percent; // the server's figure, not recomputed here
       this._recompute(u);
       if (u.isNew) {
         delete u.isNew;
@@ -251,6 +268,7 @@ export class UsersTable {
         : [this._find(data.username)].filter(Boolean);
       for (const u of targets) {
         u.usage[c].limit = daily;
+        u.usage[c].percent = undefined; // a new limit: recomputed with the server's rounding
         if (data.scope === "user") u.usage[c].overridden = true;
         touched.push(u);
       }
@@ -258,13 +276,16 @@ export class UsersTable {
       const u = this._find(data.username);
       if (u && u.usage[c] && (!data.periods || data.periods.includes("daily"))) {
         u.usage[c].limit = daily;
+        u.usage[c].percent = undefined; // a new limit: recomputed with the server's rounding
         u.usage[c].overridden = false;
         touched.push(u);
       }
     } else if (data.action === "usage_reset") {
       const u = this._find(data.username);
       if (u) {
-        for (const [type, usage] of Object.entries(u.usage)) if (!c || type === c) usage.used = 0;
+        for (const [type, usage] of Object.entries(u.usage)) {
+          if (!c || type === c) Object.assign(usage, { used: 0, percent: undefined });
+        }
         touched.push(u);
       }
     } else if (data.action !== "limits_updated") {
