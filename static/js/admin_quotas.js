@@ -13,7 +13,7 @@ import { LiveCharts } from "./admin/live_charts.js";
 import { PluginPanel } from "./admin/plugin_panel.js";
 import { AuditPanel, RulesPanel } from "./admin/settings.js";
 import { LiveStream, describeStatus } from "./admin/stream.js";
-import { canWrite, reportError, showSignedOut, toast } from "./admin/ui.js";
+import { announce, canWrite, reportError, showSignedOut, toast } from "./admin/ui.js";
 import { UserPage } from "./admin/user_page.js";
 import { LimitsDialog, ResetDialog, UsersTable } from "./admin/users.js";
 
@@ -155,8 +155,13 @@ function onMessage(msg, info) {
   }
 }
 
+let announcedState = null;
+
 function onStatus(status) {
   const conn = byId("conn");
+  // Announced on a change of state only: the countdown ticks every 250 ms.
+  if (status.state !== announcedState && announcedState !== null) announce(`Live updates: ${describeStatus(status)}`);
+  announcedState = status.state;
   conn.dataset.state = status.state;
   setText("conn-text", describeStatus(status));
   const transport = status.transport === "sse" ? "via SSE" : status.transport === "websocket" ? "via WebSocket" : "";
@@ -233,6 +238,7 @@ function showTab(name) {
   for (const tab of document.querySelectorAll('[role="tab"]')) {
     const selected = tab.id === `tab-${name}`;
     tab.setAttribute("aria-selected", String(selected));
+    tab.tabIndex = selected ? 0 : -1; // roving: Tab enters the tab list at the selected one
     byId(tab.getAttribute("aria-controls")).hidden = !selected;
   }
   if (name === "live") charts.drawAll();
@@ -242,9 +248,22 @@ function showTab(name) {
 }
 
 function setupHeader() {
-  for (const tab of document.querySelectorAll('[role="tab"]')) {
+  const tabs = [...document.querySelectorAll('[role="tab"]')];
+  for (const tab of tabs) {
     tab.addEventListener("click", () => showTab(tab.id.replace("tab-", "")));
+    tab.tabIndex = tab.getAttribute("aria-selected") === "true" ? 0 : -1;
   }
+  // The WAI-ARIA tabs pattern: arrows move (and select), Home and End jump, both wrap.
+  document.querySelector('[role="tablist"]').addEventListener("keydown", (event) => {
+    const at = tabs.indexOf(document.activeElement);
+    if (at === -1) return;
+    const to = { ArrowRight: at + 1, ArrowLeft: at - 1, Home: 0, End: tabs.length - 1 }[event.key];
+    if (to === undefined) return;
+    event.preventDefault();
+    const tab = tabs[(to + tabs.length) % tabs.length];
+    tab.focus();
+    showTab(tab.id.replace("tab-", ""));
+  });
   byId("reconnect").addEventListener("click", () => stream.reconnectNow());
   byId("reload").addEventListener("click", () => reloadAll(null));
   byId("logout").addEventListener("click", async () => {

@@ -179,7 +179,7 @@ def test_the_user_page_loads_from_a_link_and_from_its_url_and_updates_live(serve
         timeout=WAIT,
     )
     page.wait_for_function(
-        "() => document.getElementById('user-audit').textContent.includes('daily 500 → 2')",
+        "() => /daily [0-9,]+ → 2\\b/.test(document.getElementById('user-audit').textContent)",
         timeout=WAIT,
     )
     assert page.locator("nav.tabs").is_hidden()

@@ -7,7 +7,7 @@
 import { get, request } from "./api.js";
 import { byId, el, formatLimit, formatTime, setText, throttle, userLink } from "./dom.js";
 import { confirmJumps, selectOnFocus } from "./edits.js";
-import { canWrite, reportError, toast } from "./ui.js";
+import { announce, canWrite, reportError, toast } from "./ui.js";
 import { parseLimit } from "./users.js";
 
 export class RulesPanel {
@@ -130,7 +130,7 @@ export class RulesPanel {
     row.querySelector(".row-notice")?.remove();
     const who = this.changedBy.get(command) || "another admin";
     const load = el("button", { class: "btn btn-small btn-ghost", text: "Reload", attrs: { type: "button" } });
-    const notice = el("div", { class: "row-notice", attrs: { role: "status" } }, [
+    const notice = el("div", { class: "row-notice" }, [
       el("span", { text: `Changed by ${who}: ${periods.map((p, i) => `${p} ${fresh[i] || "unlimited"}`).join(", ")}. ` }),
       load,
     ]);
@@ -140,6 +140,7 @@ export class RulesPanel {
       this.refresh();
     });
     row.querySelector("th").append(notice);
+    announce(notice.firstChild.textContent);
     return row;
   }
 

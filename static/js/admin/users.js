@@ -10,7 +10,7 @@
 import { get, request } from "./api.js";
 import { byId, debounce, el, formatInt, formatLimit, formatPercent, setText, throttle, userLink } from "./dom.js";
 import { confirmJumps, selectOnFocus } from "./edits.js";
-import { actor, canWrite, reportError, toast } from "./ui.js";
+import { actor, announce, canWrite, reportError, toast } from "./ui.js";
 
 const RISK_TITLE = {
   elevated: "at or above 80% of a daily limit",
@@ -428,6 +428,7 @@ export class LimitsDialog {
     if (d.actor === actor) return; // this page's own save, still on its way back
     setText("limits-notice-text", `Limits changed by ${d.actor || "another admin"} meanwhile.`);
     byId("limits-notice").hidden = false;
+    announce(byId("limits-notice-text").textContent);
   }
 
   async save() {
