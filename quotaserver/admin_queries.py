@@ -50,7 +50,7 @@ if TYPE_CHECKING:
 
 # Utilisation risk levels, highest first: (name, percent at or above which it applies).
 RISK_LEVELS = (("critical", 95.0), ("high", 90.0), ("elevated", 80.0))
-USER_SORTS = ("username", "utilization")
+USER_SORTS = ("username", "utilization", "violations")
 MAX_ID = 2**62  # ids in cursors stay inside every database's integer range
 
 
@@ -189,7 +189,13 @@ class AdminQueries:
         today = self._today()
         ranking = FastRanking(self.store.db, search, today.key)
         after = decode_cursor(cursor) if cursor else None
-        if sort == "utilization":
+        total = None
+        if sort == "violations":
+            if cursor:
+                raise BadCursor("the violations order pages by page number only")
+            users, total = ranking.by_violations(page, today.start)
+            last = None
+        elif sort == "utilization":
             users, last = ranking.by_utilization(page, after)
         else:
             users, last = ranking.by_name(page, after)
@@ -201,7 +207,7 @@ class AdminQueries:
         items = [self._user_json(u, used.get(u.id, {}), rules, violations.get(u.id, 0),
                                  refused.get(u.id, 0))
                  for u in users]  # fmt: skip
-        result = page.result(items, ranking.total(), ranking.seq())
+        result = page.result(items, ranking.total() if total is None else total, ranking.seq())
         result["next_cursor"] = encode_cursor(last) if last is not None else None
         return result
 

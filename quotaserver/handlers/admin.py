@@ -10,7 +10,8 @@ from __future__ import annotations
 from collections.abc import Awaitable
 from typing import TYPE_CHECKING, Any
 
-from ..admin_queries import USER_SORTS, AdminQueries
+from .. import csv_export
+from ..admin_queries import USER_SORTS, AdminQueries, PageRequest
 from ..alerts import SEVERITIES, STATUSES
 from ..history import activity_per_minute, violations_per_day
 from ..ranking import BadCursor
@@ -61,6 +62,23 @@ class AdminHandler(BaseHandler):
     def cursor_arg(self) -> str | None:
         """The ``cursor`` of a keyset page (its content is checked by the query)."""
         return str_arg(self, "cursor", 1024)
+
+    async def send_csv(self, name: str, header: list[str], pages: Any, row: Any) -> None:
+        """Stream a CSV download: the header, then each page's rows as it is read. An error
+        before the first page is the usual JSON envelope; after it, the download is cut."""
+        first = True
+        try:
+            async for page in pages:
+                if first:
+                    self.set_header("Content-Type", "text/csv; charset=utf-8")
+                    self.set_header("Content-Disposition", f'attachment; filename="{name}"')
+                    self.write(csv_export.encode([header]))
+                    first = False
+                self.write(csv_export.encode([row(item) for item in page["items"]]))
+                await self.flush()
+        except BadCursor:
+            raise ApiError(400, "invalid_parameter", "cursor is not valid") from None
+        self.finish()
 
     async def listing(self, call: Awaitable[dict[str, Any]]) -> None:
         """Send one page of a list; a cursor this server did not issue is a 400."""
@@ -143,6 +161,26 @@ class UsersHandler(AdminHandler):
             raise ApiError(400, "invalid_parameter", "cursor is not valid") from None
         result["command_types"] = list(self.app.quota.command_types)
         self.send_json(result)
+
+
+class UsersCsvHandler(AdminHandler):
+    """GET /api/admin/quotas/users.csv?q=&sort=: every user of the list, as CSV."""
+
+    async def get(self) -> None:
+        search = str_arg(self, "q", self.app.config["quotas.max_username_length"]) or ""
+        sort = choice_arg(self, "sort", USER_SORTS, "username")
+        types = list(self.app.quota.command_types)
+
+        def read(cursor: str | None, number: int) -> Awaitable[dict[str, Any]]:
+            page = PageRequest(number, csv_export.PAGE)
+            return self.queries.users(search, sort, page, cursor)
+
+        await self.send_csv(
+            "users.csv",
+            csv_export.user_header(types),
+            csv_export.pages(read),
+            lambda item: csv_export.user_row(item, types),
+        )
 
 
 class UserHandler(AdminHandler):
@@ -258,6 +296,26 @@ class ViolationsHandler(AdminHandler):
         page = page_arg(self)
         cursor = self.cursor_arg()
         await self.listing(self.queries.violations(page, user, command_type, since, cursor))
+
+
+class ViolationsCsvHandler(AdminHandler):
+    """GET /api/admin/quotas/violations.csv?user=&command_type=&since=: as CSV, newest first."""
+
+    async def get(self) -> None:
+        user = str_arg(self, "user", self.app.config["quotas.max_username_length"])
+        command_type = choice_arg(self, "command_type", self.app.quota.command_types)
+        since = time_arg(self, "since")
+
+        def read(cursor: str | None, number: int) -> Awaitable[dict[str, Any]]:
+            page = PageRequest(number, csv_export.PAGE)
+            return self.queries.violations(page, user, command_type, since, cursor)
+
+        await self.send_csv(
+            "violations.csv",
+            csv_export.VIOLATION_HEADER,
+            csv_export.pages(read),
+            csv_export.violation_row,
+        )
 
 
 class AlertsHandler(AdminHandler):

@@ -1,14 +1,17 @@
-"""Consumes refused for load (throttle factor 0): counted in the stats, per minute in the
-history, per user today in the users list and the user's detail; kept across a restart; and
-the audit log's before/after of limit changes (issue 25)."""
+"""The API behind the dashboard as an admin's daily tool (issue 25): consumes refused for load
+(throttle factor 0) counted in the stats, per minute in the history, per user today, kept
+across a restart; the audit's before/after and its user filter; alerts by user; users
+sorted by violations today."""
 
+import csv
+import io
 import sqlite3
 
 import pytest
 from clients import call, consume, settle
 
+from quotaserver import csv_export, models
 from quotaserver import db as db_module
-from quotaserver import models
 
 API = "/api/admin/quotas"
 
@@ -106,3 +109,73 @@ async def test_alerts_filter_by_user(app_factory):
     assert only["items"] and {a["username"] for a in only["items"]} == {"ann"}
     assert only["total"] == len(only["items"])
     assert (await call(app, "GET", f"{API}/alerts?user=nobody")).json["items"] == []
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_users_sort_by_violations_today_lists_the_worst_first(app_factory):
+    app = await app_factory(plugins={"alert_engine": {"enabled": False}})
+    await app.rules.set_global_limits("shell", {"daily": 0}, actor="t")
+    for name, n in (("dave", 3), ("mallory", 5), ("carol", 3), ("quiet", 0)):
+        for _ in range(n):
+            assert (await consume(app, name)).code == 429
+    await app.rules.set_global_limits("shell", {"daily": 10}, actor="t")
+    assert (await consume(app, "quiet")).code == 200
+    resp = (await call(app, "GET", f"{API}/users?sort=violations&per_page=2")).json
+    # Most violations first, then by name; only users with violations today.
+    assert [(u["username"], u["violations_today"]) for u in resp["items"]] == [
+        ("mallory", 5),
+        ("carol", 3),
+    ]
+    assert (resp["total"], resp["pages"], resp["next_cursor"]) == (3, 2, None)
+    second = (await call(app, "GET", f"{API}/users?sort=violations&per_page=2&page=2")).json
+    assert [u["username"] for u in second["items"]] == ["dave"]
+    found = (await call(app, "GET", f"{API}/users?sort=violations&q=da")).json
+    assert [u["username"] for u in found["items"]] == ["dave"] and found["total"] == 1
+    bad = await call(app, "GET", f"{API}/users?sort=violations&cursor=abc")
+    assert bad.code == 400 and bad.json["error"]["code"] == "invalid_parameter"
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_csv_exports_match_the_api_with_the_same_filters(app_factory, monkeypatch):
+    monkeypatch.setattr(csv_export, "PAGE", 2)  # several pages with a handful of rows
+    app = await app_factory(plugins={"alert_engine": {"enabled": False}})
+    await app.rules.set_global_limits("shell", {"daily": 2}, actor="t")
+    names = ["ann", "bob", "=cmd|calc", "dora", "eve"]
+    for name in names:
+        for _ in range(3 if name != "eve" else 1):
+            await consume(app, name)
+    await consume(app, "bob", "code")
+
+    for query in ("", "?sort=utilization", "?q=b", "?sort=violations"):
+        api = (
+            await call(app, "GET", f"{API}/users{query}{'&' if query else '?'}per_page=100")
+        ).json
+        resp = await call(app, "GET", f"{API}/users.csv{query}")
+        assert resp.code == 200 and resp.headers["Content-Type"].startswith("text/csv")
+        assert "attachment" in resp.headers["Content-Disposition"]
+        rows = list(csv.reader(io.StringIO(resp.body.decode())))
+        types = api["command_types"]
+        assert rows[0] == csv_export.user_header(types)
+        expected = [
+            [str(csv_export.cell(v)) for v in csv_export.user_row(item, types)]
+            for item in api["items"]
+        ]
+        assert rows[1:] == expected, query
+    # A name a spreadsheet would run as a formula is quoted.
+    everyone = (await call(app, "GET", f"{API}/users.csv")).body.decode()
+    assert "'=cmd|calc" in everyone and "\n=cmd" not in everyone
+
+    for query in ("", "?user=bob", "?command_type=code", "?user=bob&command_type=shell"):
+        api = (
+            await call(app, "GET", f"{API}/violations{query}{'&' if query else '?'}per_page=100")
+        ).json
+        rows = list(
+            csv.reader(
+                io.StringIO((await call(app, "GET", f"{API}/violations.csv{query}")).body.decode())
+            )
+        )
+        assert rows[0] == csv_export.VIOLATION_HEADER
+        assert [int(r[0]) for r in rows[1:]] == [v["id"] for v in api["items"]], query
+        assert len(rows) - 1 == api["total"]
+    bad = await call(app, "GET", f"{API}/violations.csv?command_type=nope")
+    assert bad.code == 400 and bad.json["error"]["code"] == "invalid_parameter"
