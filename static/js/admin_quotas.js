@@ -66,9 +66,9 @@ function applyStats(data) {
     setText("stat-throttle", factor.toFixed(2));
     const average = stats.average_throttle_factor;
     const tail = typeof average === "number" ? ` · avg ${average.toFixed(2)} (5 min)` : "";
-    const [state, why] = explainThrottle(factor);
+    const [state, short, why] = explainThrottle(factor);
     setText("stat-throttle-sub", `${state}${tail}`);
-    setText("stat-throttle-why", why);
+    setText("stat-throttle-why", short);
     const card = byId("stat-throttle").closest(".card");
     card.title = why;
     card.classList.toggle("card-alert", load.throttle_active);
@@ -77,13 +77,16 @@ function applyStats(data) {
   plugins.figures(stats);
 }
 
-/** What a throttle factor means for callers: [short state, one sentence]. */
+/** What a throttle factor means for callers: [state, a few words, one sentence]. */
 function explainThrottle(factor) {
-  if (factor >= 1) return ["not throttling", "1.00: load is below every band; consumes are decided by quota only"];
-  if (factor <= 0) return ["refusing for load", "0.00: every consume is answered 503 system_overloaded until load drops"];
+  // The short line fits the card; the card's title has the whole sentence.
+  if (factor >= 1) return ["not throttling", "quota decides alone", "1.00: load is below every band; consumes are decided by quota only"];
+  if (factor <= 0) return ["refusing for load", "every consume: 503", "0.00: every consume is answered 503 system_overloaded until load drops"];
+  const share = Math.round(factor * 100);
   return [
-    "asking callers to slow down",
-    `${factor.toFixed(2)}: consumes are still decided by quota; callers are asked to send ${Math.round(factor * 100)}% of their rate`,
+    "slow down asked",
+    `callers: ${share}% of their rate`,
+    `${factor.toFixed(2)}: consumes are still decided by quota; callers are asked to send ${share}% of their rate`,
   ];
 }
 

@@ -3,6 +3,7 @@ ask first, load refusals are visible, a page per user, stale data looks stale.""
 
 from __future__ import annotations
 
+import pathlib
 from typing import Any
 
 import pytest
@@ -324,3 +325,51 @@ def test_the_users_tab_shows_the_servers_percent_live_and_after_a_reload(server,
     wrong = [(u, n, v) for u, n, v in mismatches if v != round(100.0 * u / n, 1)]
     assert wrong == []
     assert page.errors == []
+
+
+def test_the_users_tab_sorts_by_violations_today_from_its_header(server, open_dashboard):
+    for name, n in (("sorty-dave", 3), ("sorty-mallory", 5), ("sorty-carol", 1)):
+        server.set_user_limit(name, 0)
+        for _ in range(n):
+            assert server.consume(name) == 429
+    page = open_dashboard(server)
+    page.click("#tab-users")
+    with page.expect_response(lambda r: "/users?q=sorty-" in r.url, timeout=WAIT):
+        page.fill("#users-search", "sorty-")
+    page.locator("#users-body tr[data-username='sorty-carol']").wait_for(timeout=WAIT)
+    names = "() => [...document.querySelectorAll('#users-body tr[data-username]')].map(r => r.dataset.username)"  # noqa: E501
+    assert page.evaluate(names) == ["sorty-carol", "sorty-dave", "sorty-mallory"]  # by name
+    with page.expect_response(lambda r: "sort=violations" in r.url, timeout=WAIT):
+        page.click("#users-head button:has-text('Violations today')")
+    page.wait_for_function(f"() => ({names})()[0] === 'sorty-mallory'", timeout=WAIT)
+    assert page.evaluate(names) == ["sorty-mallory", "sorty-dave", "sorty-carol"]
+    header = page.locator("#users-head th", has_text="Violations today")
+    assert header.get_attribute("aria-sort") == "descending"
+    assert page.input_value("#users-sort") == "violations"
+
+    # Live: two more for carol move her up (the server sorts again).
+    for _ in range(3):
+        assert server.consume("sorty-carol") == 429
+    page.wait_for_function(f"() => ({names})()[1] === 'sorty-carol'", timeout=WAIT)
+    assert page.errors == []
+
+
+def test_the_csv_links_download_the_same_rows_as_the_api(server, open_dashboard):
+    server.set_user_limit("csv-cy", 0)
+    assert server.consume("csv-cy") == 429
+    page = open_dashboard(server)
+    with page.expect_response(lambda r: "/violations?user=csv-cy" in r.url, timeout=WAIT):
+        page.fill("#violations-user", "csv-cy")
+    with page.expect_download(timeout=WAIT) as download:
+        page.click("#violations-csv")
+    text = pathlib.Path(download.value.path()).read_text(encoding="utf-8").splitlines()
+    status, api = server.call("GET", f"{API}/violations?user=csv-cy")
+    assert len(text) == 1 + api["total"] == 2
+    assert text[1].startswith(f"{api['items'][0]['id']},") and ",csv-cy,shell," in text[1]
+    page.click("#tab-users")
+    with page.expect_response(lambda r: "/users?q=csv-" in r.url, timeout=WAIT):
+        page.fill("#users-search", "csv-")
+    with page.expect_download(timeout=WAIT) as download:
+        page.click("#users-csv")
+    rows = pathlib.Path(download.value.path()).read_text(encoding="utf-8").splitlines()
+    assert [r.split(",")[0] for r in rows] == ["username", "csv-cy"]

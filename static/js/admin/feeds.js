@@ -4,7 +4,7 @@
 // live ones that match and are newer than that answer. Alerts are
 // keyed by id and carry the seq of the state shown, so an older state never wins.
 
-import { get, request } from "./api.js";
+import { csvUrl, get, request } from "./api.js";
 import { byId, debounce, el, formatTime, fromTemplate, setText, throttle, userLink } from "./dom.js";
 import { canWrite, reportError, toast } from "./ui.js";
 
@@ -50,6 +50,7 @@ export class ViolationFeed {
   /** Show only the violations of a user and/or a command type ("" = any). */
   async setFilter(filter) {
     this.filter = filter;
+    byId("violations-csv").href = csvUrl("/violations.csv", { user: filter.user, command_type: filter.type });
     byId("violations-clear").hidden = !filter.user && !filter.type;
     if (!filter.user && !filter.type) {
       this.view = null;

@@ -7,7 +7,7 @@
 // is added when it sorts into it. Rows that would move across a page boundary are exact
 // again at the next reload (the Reload button, or after `recovered: false`).
 
-import { get, request } from "./api.js";
+import { csvUrl, get, request } from "./api.js";
 import { byId, debounce, el, formatInt, formatLimit, formatPercent, setText, throttle, userLink } from "./dom.js";
 import { confirmJumps, selectOnFocus } from "./edits.js";
 import { actor, announce, canWrite, reportError, toast } from "./ui.js";
@@ -21,6 +21,8 @@ const PER_PAGE = 25;
 // Durable events kept to re-apply over a REST answer read before them (see render).
 const RECENT_EVENTS = 500;
 const RISKS = [["critical", 95], ["high", 90], ["elevated", 80]];
+// Column headers that sort (the server's orders; per-type columns have no index to sort by).
+const SORTABLE = { User: "username", Risk: "utilization", "Violations today": "violations" };
 
 /**
  * Percent of limit used, exactly as the server's ``round(100.0 * used / limit, 1)`` (null:
@@ -94,11 +96,7 @@ export class UsersTable {
       this.refresh();
     }, 250);
     search.addEventListener("input", searchLater);
-    byId("users-sort").addEventListener("change", (event) => {
-      this.sort = event.target.value;
-      this.page = 1;
-      this.refresh();
-    });
+    byId("users-sort").addEventListener("change", (event) => this.setSort(event.target.value));
     byId("users-prev").addEventListener("click", () => this.go(this.page - 1));
     byId("users-next").addEventListener("click", () => this.go(this.page + 1));
     this.refreshSoon = throttle(() => this.refresh(), 1000);
@@ -112,6 +110,8 @@ export class UsersTable {
 
   async refresh() {
     const query = { q: this.q, sort: this.sort, page: this.page, per_page: PER_PAGE };
+    // The download is the whole list in the same order and search.
+    byId("users-csv").href = csvUrl("/users.csv", { q: this.q, sort: this.sort });
     try {
       const response = await get("/users", query);
       // A slower, older answer must not overwrite a newer one.
@@ -146,13 +146,29 @@ export class UsersTable {
     if (this.recent.length > RECENT_EVENTS) this.recent.shift();
   }
 
+  /** A header that sorts the list by the server's order `sort` (aria-sort says which). */
+  _sortHeader(label, className) {
+    const sort = SORTABLE[label];
+    const active = this.sort === sort;
+    const button = el("button", { class: "th-sort", text: active ? `${label} ▼` : label, attrs: { type: "button" } });
+    button.addEventListener("click", () => this.setSort(sort));
+    return el("th", { class: className, attrs: { scope: "col", "aria-sort": active ? "descending" : "none" } }, [button]);
+  }
+
+  setSort(sort) {
+    this.sort = sort;
+    byId("users-sort").value = sort;
+    this.page = 1;
+    this.refresh();
+  }
+
   _draw() {
     const head = byId("users-head");
     head.replaceChildren(
-      el("th", { text: "User" }),
+      this._sortHeader("User"),
       ...this.commandTypes.map((c) => el("th", { text: c, attrs: { scope: "col" } })),
-      el("th", { text: "Risk" }),
-      el("th", { text: "Violations today", class: "num" }),
+      this._sortHeader("Risk"),
+      this._sortHeader("Violations today", "num"),
       el("th", { text: "Refused for load", class: "num", attrs: { title: "consumes answered 503 today because the throttle factor was 0" } }),
       canWrite ? el("th", { text: "Actions" }) : null,
     );
@@ -222,6 +238,7 @@ export class UsersTable {
     let changed = false;
     for (const row of data.users) {
       let u = this._find(row.username);
+      if (!u && this.sort === "violations") continue; // that list holds violators only
       if (!u) {
         if (this.q && !row.username.toLowerCase().startsWith(this.q.toLowerCase())) continue;
         u = { user_id: row.user_id, username: row.username, usage: {}, violations_today: 0, created_at: null };
@@ -307,6 +324,10 @@ export class UsersTable {
 
   _violation(msg) {
     if (typeof msg.seq === "number" && msg.seq <= this.seq) return; // already counted
+    if (this.sort === "violations") {
+      this.refreshSoon(); // the order (and who is listed) changed: the server sorts it
+      return;
+    }
     const u = this._find(msg.data.username);
     if (!u) return;
     u.violations_today += 1;
