@@ -3,12 +3,15 @@ ask first, load refusals are visible, a page per user, stale data looks stale.""
 
 from __future__ import annotations
 
+import gzip
+import os
 import pathlib
+import urllib.request
 from typing import Any
 
 import pytest
 
-from .support import ADMIN, API, WAIT, Server
+from .support import ADMIN, API, ROOT, WAIT, Server
 
 pytestmark = pytest.mark.browser
 
@@ -373,3 +376,50 @@ def test_the_csv_links_download_the_same_rows_as_the_api(server, open_dashboard)
         page.click("#users-csv")
     rows = pathlib.Path(download.value.path()).read_text(encoding="utf-8").splitlines()
     assert [r.split(",")[0] for r in rows] == ["username", "csv-cy"]
+
+
+def test_static_answers_are_gzip_with_versioned_urls_and_a_long_cache(server, open_dashboard):
+    fetched: list[Any] = []
+    page_errors: list[str] = []
+
+    def seen(response: Any) -> None:
+        if "/static/" in response.url:
+            fetched.append(response)
+
+    page = open_dashboard(server)
+    page.on("console", lambda m: page_errors.append(m.text) if m.type == "error" else None)
+    page.on("response", seen)
+    page.reload()
+    page.wait_for_selector("#conn[data-state=connected]", timeout=WAIT)
+    scripts = [r for r in fetched if r.url.split("?")[0].endswith(".js")]
+    names = {r.url.split("?")[0].rsplit("/", 1)[1] for r in scripts}
+    assert {"admin_quotas.js", "api.js", "users.js", "user_page.js", "edits.js"} <= names
+    for response in fetched:
+        assert "?v=" in response.url, response.url  # versioned: the import map did it
+        headers = response.all_headers()
+        assert "max-age=315360000" in headers.get("cache-control", ""), response.url
+        if int(headers.get("content-length", "2000")) >= 1024 or "content-encoding" in headers:
+            assert headers.get("content-encoding") == "gzip", response.url
+    assert page.errors == [] and page_errors == []
+
+    # Over plain HTTP: gzip only when asked for, never on a byte range.
+    url = next(r.url for r in scripts if "/users.js" in r.url)
+    path = url.split(server.url, 1)[1]
+    with open(os.path.join(ROOT, "static", "js", "admin", "users.js"), "rb") as fh:
+        original = fh.read()
+    for headers, encoded in (
+        ({"Accept-Encoding": "gzip"}, True),
+        ({}, False),
+        ({"Accept-Encoding": "gzip", "Range": "bytes=0-99"}, False),
+    ):
+        request = urllib.request.Request(server.url + path, headers=headers)
+        with urllib.request.urlopen(request, timeout=30) as resp:
+            body = resp.read()
+            assert (resp.headers.get("Content-Encoding") == "gzip") is encoded, headers
+            assert "Accept-Encoding" in resp.headers.get("Vary", "") or not encoded
+        if encoded:
+            assert gzip.decompress(body) == original and len(body) < len(original) / 2
+        elif "Range" in headers:
+            assert body == original[:100]
+        else:
+            assert body == original
