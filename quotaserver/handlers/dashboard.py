@@ -8,16 +8,23 @@ A browser without a session is sent to the login form and brought back afterward
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import json
+import os
 
 from .api import validate_username
 from .base import CSP, VIEWER, BaseHandler
 
 DASHBOARD = "/admin/quotas"
-# The page's ES modules (static/js/admin/<name>.js), preloaded and version-mapped.
-MODULES = ("api", "dom", "edits", "ui", "stream", "feeds", "charts", "live_charts", "users",
-           "user_page", "settings", "plugin_panel")  # fmt: skip
+
+
+@functools.cache
+def page_modules(static_path: str) -> tuple[str, ...]:
+    """The page's ES modules (static/js/admin/<name>.js), preloaded and version-mapped: read
+    from the directory once, so a new module cannot be left out of the map."""
+    folder = os.path.join(static_path, "js", "admin")
+    return tuple(sorted(n[:-3] for n in os.listdir(folder) if n.endswith(".js")))
 
 
 class DashboardHandler(BaseHandler):
@@ -36,7 +43,8 @@ class DashboardHandler(BaseHandler):
         the browser fetch the versioned URL instead, which the static handler serves with a
         ten-year cache lifetime: a release changes the hashes, so no stale module is run.
         """
-        urls = {f"/static/js/admin/{m}.js": self.static_url(f"js/admin/{m}.js") for m in MODULES}
+        modules = page_modules(self.settings["static_path"])
+        urls = {f"/static/js/admin/{m}.js": self.static_url(f"js/admin/{m}.js") for m in modules}
         return json.dumps({"imports": urls}, separators=(",", ":"), sort_keys=True)
 
     def render_page(self, page_user: str | None) -> None:
@@ -58,7 +66,7 @@ class DashboardHandler(BaseHandler):
             plugin_types=self.app.hub.plugin_types,
             page_user=page_user,
             import_map=import_map,
-            modules=MODULES,
+            modules=page_modules(self.settings["static_path"]),
         )
 
 

@@ -14,6 +14,7 @@ import { PluginPanel } from "./admin/plugin_panel.js";
 import { AuditPanel, RulesPanel } from "./admin/settings.js";
 import { LiveStream, describeStatus } from "./admin/stream.js";
 import { announce, canWrite, reportError, showSignedOut, toast } from "./admin/ui.js";
+import { readState, writeState } from "./admin/url_state.js";
 import { UserPage } from "./admin/user_page.js";
 import { LimitsDialog, ResetDialog, UsersTable } from "./admin/users.js";
 
@@ -235,9 +236,45 @@ async function reloadAll(reason) {
   if (currentTab === "audit") audit.refresh();
 }
 
+// -- URL state -------------------------------------------------------------------------
+const TABS = ["live", "users", "rules", "audit"];
+const SORTS = ["utilization", "username", "violations"];
+
+function saveState(push) {
+  if (userPage) return; // a user's view is its path
+  writeState(
+    {
+      tab: currentTab,
+      q: users.q,
+      sort: users.sort,
+      page: String(users.page),
+      vuser: violations.filter.user,
+      vtype: violations.filter.type,
+    },
+    push,
+  );
+}
+
+/** Show what a URL says (on load, and on Back/Forward). */
+function applyState(state) {
+  users.q = state.q.slice(0, 64);
+  byId("users-search").value = users.q;
+  users.sort = SORTS.includes(state.sort) ? state.sort : "utilization";
+  byId("users-sort").value = users.sort;
+  users.page = Math.max(1, Number.parseInt(state.page, 10) || 1);
+  const filter = violations.filter;
+  if (filter.user !== state.vuser || filter.type !== state.vtype) {
+    byId("violations-user").value = state.vuser;
+    byId("violations-type").value = state.vtype;
+    violations.setFilter({ user: state.vuser, type: state.vtype });
+  }
+  showTab(TABS.includes(state.tab) ? state.tab : "live", false);
+}
+
 // -- tabs and header -------------------------------------------------------------------
-function showTab(name) {
+function showTab(name, record = true) {
   currentTab = name;
+  if (record) saveState(true);
   for (const tab of document.querySelectorAll('[role="tab"]')) {
     const selected = tab.id === `tab-${name}`;
     tab.setAttribute("aria-selected", String(selected));
@@ -295,9 +332,17 @@ function showUserView() {
 async function main() {
   setupHeader();
   if (userPage) showUserView();
-  get("/rules")
+  users.onState = () => saveState(false);
+  violations.onState = () => saveState(false);
+  const types = get("/rules")
     .then((r) => violations.setTypes(r.command_types))
     .catch((err) => reportError(err, "Loading the command types"));
+  if (!userPage) {
+    const state = readState();
+    if (state.vtype) await types; // the option must exist before it is selected
+    applyState(state);
+    window.addEventListener("popstate", () => applyState(readState()));
+  }
   loadStats();
   charts.loadHistory();
   charts.loadDaily();

@@ -423,3 +423,47 @@ def test_static_answers_are_gzip_with_versioned_urls_and_a_long_cache(server, op
             assert body == original[:100]
         else:
             assert body == original
+
+
+def test_the_url_keeps_tab_search_sort_and_filters_with_back_and_forward(server, open_dashboard):
+    server.set_user_limit("urly-ul", 0)
+    assert server.consume("urly-ul") == 429
+    page = open_dashboard(server)
+    page.click("#tab-users")
+    with page.expect_response(lambda r: "/users?q=urly" in r.url, timeout=WAIT):
+        page.fill("#users-search", "urly")
+    page.select_option("#users-sort", "violations")
+    page.wait_for_function("() => location.search.includes('sort=violations')", timeout=WAIT)
+    assert "tab=users" in page.url and "q=urly" in page.url
+    page.click("#tab-rules")
+    assert "tab=rules" in page.url
+
+    page.go_back()
+    page.wait_for_function(
+        "() => document.getElementById('tab-users').getAttribute('aria-selected') === 'true'",
+        timeout=WAIT,
+    )
+    assert page.locator("#panel-users").is_visible()
+    page.go_forward()
+    page.wait_for_function(
+        "() => document.getElementById('tab-rules').getAttribute('aria-selected') === 'true'",
+        timeout=WAIT,
+    )
+
+    # A reload (or a shared link) opens the same view, the feed filter included.
+    page.goto(
+        f"{server.url}/admin/quotas?tab=users&q=urly&sort=violations&vuser=urly-ul&vtype=shell"
+    )
+    page.locator("#users-body tr[data-username='urly-ul']").wait_for(timeout=WAIT)
+    assert page.input_value("#users-search") == "urly"
+    assert page.input_value("#users-sort") == "violations"
+    assert page.input_value("#violations-user") == "urly-ul"
+    assert page.input_value("#violations-type") == "shell"
+    page.click("#tab-live")
+    page.wait_for_function(
+        "() => [...document.querySelectorAll('#violations-feed .v-user')].every("
+        "n => n.textContent === 'urly-ul')"
+        " && document.querySelectorAll('#violations-feed li').length === 1",
+        timeout=WAIT,
+    )
+    assert page.errors == []

@@ -50,6 +50,7 @@ export class ViolationFeed {
   /** Show only the violations of a user and/or a command type ("" = any). */
   async setFilter(filter) {
     this.filter = filter;
+    this.onState?.();
     byId("violations-csv").href = csvUrl("/violations.csv", { user: filter.user, command_type: filter.type });
     byId("violations-clear").hidden = !filter.user && !filter.type;
     if (!filter.user && !filter.type) {

@@ -110,6 +110,7 @@ export class UsersTable {
 
   async refresh() {
     const query = { q: this.q, sort: this.sort, page: this.page, per_page: PER_PAGE };
+    this.onState?.(); // the URL follows the search, order and page
     // The download is the whole list in the same order and search.
     byId("users-csv").href = csvUrl("/users.csv", { q: this.q, sort: this.sort });
     try {
