@@ -65,6 +65,7 @@ class DashboardHandler(BaseHandler):
             # The event types plugins declared: the page's plugin events feed loads them.
             plugin_types=self.app.hub.plugin_types,
             page_user=page_user,
+            timezone=self.app.config["quotas.timezone"],
             import_map=import_map,
             modules=page_modules(self.settings["static_path"]),
         )

@@ -329,8 +329,17 @@ function showUserView() {
   userPage.start();
 }
 
+// "Today" is the server's day (quotas.timezone); times are shown in this browser's zone.
+function labelZones() {
+  const server = document.body.dataset.timezone || "UTC";
+  const local = Intl.DateTimeFormat().resolvedOptions().timeZone || "local time";
+  const same = server === local ? " (the same)" : "";
+  setText("zone-note", `"Today" is the day in ${server} (the server's quota time zone); times are in ${local}${same}.`);
+}
+
 async function main() {
   setupHeader();
+  labelZones();
   if (userPage) showUserView();
   users.onState = () => saveState(false);
   violations.onState = () => saveState(false);

@@ -90,3 +90,32 @@ def test_arrow_keys_move_between_tabs_and_one_live_region_announces(server, open
     )
     status, _ = server.call("GET", f"{API}/stats")
     assert status == 200
+
+
+def test_the_day_boundary_zone_is_labelled_and_reduced_motion_stops_animations(
+    server, open_dashboard
+):
+    context = {"timezone_id": "America/New_York", "reduced_motion": "reduce"}
+    page = open_dashboard(server, context=context)
+    note = page.inner_text("#zone-note")
+    assert "the day in UTC" in note and "America/New_York" in note
+    server.set_user_limit("motion-mo", 0)
+    assert server.consume("motion-mo") == 429
+    page.wait_for_selector("#violations-feed li.violation", timeout=WAIT)
+    animations = page.evaluate(
+        "() => [document.querySelector('#violations-feed li.violation'),"
+        " document.querySelector('.toast')].filter(Boolean)"
+        ".map(n => getComputedStyle(n).animationName)"
+    )
+    assert animations and set(animations) == {"none"}
+
+    # Without the preference the arrival is animated (the check above can fail).
+    moving = open_dashboard(server, context={"reduced_motion": "no-preference"})
+    server.set_user_limit("motion-mo2", 0)
+    assert server.consume("motion-mo2") == 429
+    moving.wait_for_selector("#violations-feed li.violation", timeout=WAIT)
+    name = moving.evaluate(
+        "() => getComputedStyle(document.querySelector('#violations-feed li.violation'))"
+        ".animationName"
+    )
+    assert name == "arrive"
