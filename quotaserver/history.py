@@ -12,6 +12,8 @@ from __future__ import annotations
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
+from peewee import fn
+
 from .models import Activity, LoadRefusalMinute, Violation, naive_utc
 
 if TYPE_CHECKING:
@@ -43,6 +45,45 @@ def activity_per_minute(now: datetime, minutes: int) -> list[dict[str, Any]]:
                 **({"partial": True} if minute == current else {}),
             }
         )
+    return points
+
+
+def activity_per_bucket(now: datetime, minutes: int, bucket: int) -> list[dict[str, Any]]:
+    """``activity_per_minute`` summed into ``bucket``-second buckets (aligned to the epoch, so
+    day buckets are UTC days) covering the last ``minutes``; the current one is ``partial``.
+    One grouped range read per table. DB thread."""
+    if bucket == 60:
+        return activity_per_minute(now, minutes)
+    current = int(now.timestamp()) // bucket * bucket
+    first = current - (minutes * 60 // bucket - 1) * bucket
+    key = (Activity.minute / bucket) * bucket
+    totals = {
+        b: (c, v)
+        for b, c, v in Activity.select(key, fn.SUM(Activity.commands), fn.SUM(Activity.violations))
+        .where(Activity.minute >= first)
+        .group_by(key)
+        .tuples()
+    }
+    rkey = (LoadRefusalMinute.minute / bucket) * bucket
+    refused = dict(
+        LoadRefusalMinute.select(rkey, fn.SUM(LoadRefusalMinute.refused))
+        .where(LoadRefusalMinute.minute >= first)
+        .group_by(rkey)
+        .tuples()
+    )
+    points = []
+    for start in range(first, current + 1, bucket):
+        commands, violations = totals.get(start, (0, 0))
+        point = {
+            "t": start,
+            # PostgreSQL sums are Decimals
+            "commands": int(commands or 0),
+            "violations": int(violations or 0),
+            "refused": int(refused.get(start) or 0),
+        }
+        if start == current:
+            point["partial"] = True
+        points.append(point)
     return points
 
 

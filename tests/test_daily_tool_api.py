@@ -179,3 +179,27 @@ async def test_csv_exports_match_the_api_with_the_same_filters(app_factory, monk
         assert len(rows) - 1 == api["total"]
     bad = await call(app, "GET", f"{API}/violations.csv?command_type=nope")
     assert bad.code == 400 and bad.json["error"]["code"] == "invalid_parameter"
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_history_in_larger_buckets_sums_the_minutes(app_factory):
+    app = await app_factory(plugins={"alert_engine": {"enabled": False}})
+    await app.rules.set_global_limits("shell", {"daily": 2}, actor="t")
+    for _ in range(3):
+        await consume(app, "ann")
+    app.load.update(99.5, 10.0)
+    await consume(app, "ann")
+    app.load.update(10.0, 10.0)
+    await settle(app)
+    for minutes, bucket, count in ((60, 60, 60), (1440, 600, 144), (43200, 86400, 30)):
+        h = (await call(app, "GET", f"{API}/history?minutes={minutes}&bucket={bucket}")).json
+        points = h["activity"]
+        assert (h["bucket"], len(points)) == (bucket, count)
+        assert [p["t"] % bucket for p in points] == [0] * count
+        assert sum(p["commands"] for p in points) == 2
+        assert sum(p["violations"] for p in points) == 1
+        assert sum(p["refused"] for p in points) == 1
+        assert [bool(p.get("partial")) for p in points] == [False] * (count - 1) + [True]
+    for query in ("minutes=90&bucket=3600", "minutes=2880", "bucket=7", "minutes=43201"):
+        bad = await call(app, "GET", f"{API}/history?{query}")
+        assert bad.code == 400 and bad.json["error"]["code"] == "invalid_parameter", query

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 from .. import csv_export
 from ..admin_queries import USER_SORTS, AdminQueries, PageRequest
 from ..alerts import SEVERITIES, STATUSES
-from ..history import activity_per_minute, violations_per_day
+from ..history import activity_per_bucket, violations_per_day
 from ..ranking import BadCursor
 from ..windows import isoformat
 from .api import refuse_hidden, validate_username
@@ -103,17 +103,25 @@ class StatsHandler(AdminHandler):
 
 
 class HistoryHandler(AdminHandler):
-    """GET /api/admin/quotas/history: per-minute activity and recent load for the charts."""
+    """GET /api/admin/quotas/history?minutes=&bucket=&load_minutes=: activity per bucket
+    (a minute by default) and recent load, for the charts."""
 
     async def get(self) -> None:
-        minutes = int_arg(self, "minutes", 60, 1, 24 * 60)
+        minutes = int_arg(self, "minutes", 60, 1, 30 * 24 * 60)
+        bucket = int(choice_arg(self, "bucket", ("60", "600", "3600", "86400"), "60"))
+        points = minutes * 60 // bucket
+        if minutes * 60 % bucket or not 1 <= points <= 24 * 60:
+            raise ApiError(
+                400, "invalid_parameter", "minutes must be a whole number of buckets, 1 to 1440"
+            )
         load_minutes = int_arg(self, "load_minutes", 15, 1, 15)
         now = self.app.clock()
-        activity = await self.app.store.read(activity_per_minute, now, minutes)
+        activity = await self.app.store.read(activity_per_bucket, now, minutes, bucket)
         self.send_json(
             {
                 "server_time": isoformat(now),
                 "minutes": minutes,
+                "bucket": bucket,
                 "activity": activity,
                 "load_minutes": load_minutes,
                 "load": self.app.load.history.since(load_minutes * 60.0),

@@ -150,6 +150,27 @@ def test_load_refusals_show_on_the_card_the_chart_and_the_users_tab(browser, tmp
         page.wait_for_function(
             "() => window.quotaDashboard.charts.refusedInView() === 3", timeout=WAIT
         )
+        # Pointing at the newest bucket with refusals shows its values (the three may
+        # straddle a minute), "so far" while that bucket is still counting.
+        x, refused, current = page.evaluate(
+            "() => { const c = window.quotaDashboard.charts.commands;"
+            " const p = c.points.filter(q => q.refused > 0).at(-1);"
+            " return [c.clientXOf(p.t), p.refused, p.t + 60 > c.o.now()]; }"
+        )
+        box = page.locator("#chart-commands").bounding_box()
+        page.mouse.move(x, box["y"] + box["height"] / 2)
+        tip = page.locator("#chart-commands + .chart-tip")
+        tip.wait_for(state="visible", timeout=WAIT)
+        assert f"refused for load: {refused}" in tip.inner_text()
+        assert ("(so far)" in tip.inner_text()) is current
+        assert "admitted commands: 0" in tip.inner_text()
+        # Another range comes from the history API, the refusals in it.
+        with page.expect_response(lambda r: "bucket=600" in r.url, timeout=WAIT):
+            page.select_option("#chart-range", "24h")
+        page.wait_for_function(
+            "() => window.quotaDashboard.charts.refusedInView() === 3", timeout=WAIT
+        )
+        assert "per 10 min" in page.inner_text("#panel-live figcaption >> nth=0")
         page.click("#tab-users")
         cell = page.locator("#users-body tr[data-username='loaded-lu'] td.refused")
         cell.wait_for(timeout=WAIT)
