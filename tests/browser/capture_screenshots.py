@@ -56,6 +56,7 @@ def main() -> int:
                 browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
                 shoot(browser, server, DESKTOP, "desktop")
                 shoot(browser, server, PHONE, "phone")
+                light(browser, server)
                 browser.close()
         finally:
             server.stop()
@@ -95,6 +96,20 @@ def shoot(browser, server: Server, viewport: dict, label: str) -> None:
         page.click("#tab-live")
         database_unavailable(page, server)
         stale(page)
+    context.close()
+
+
+def light(browser, server: Server) -> None:
+    """The live view in the light theme (prefers-color-scheme: light)."""
+    context = browser.new_context(viewport=DESKTOP, device_scale_factor=1, color_scheme="light")
+    page = context.new_page()
+    page.goto(f"{server.url}/login")
+    page.fill("#token", ADMIN)
+    page.click("button[type=submit]")
+    page.wait_for_selector("#conn[data-state=connected]", timeout=WAIT)
+    page.wait_for_selector("#violations-feed li", timeout=WAIT)
+    time.sleep(3)
+    save(page, "dashboard-light")
     context.close()
 
 

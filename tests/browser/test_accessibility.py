@@ -1,5 +1,6 @@
-"""axe-core on every dashboard view, at desktop and phone width: no serious or critical
-finding (issue 25, item 8); arrow keys move between the tabs; one live region announces."""
+"""axe-core on every dashboard view, at desktop and phone width and in the light theme: no
+serious or critical finding (issue 25, item 8); arrow keys move between the tabs; one live
+region announces; the day's zone is labelled; reduced motion stops animations."""
 
 from __future__ import annotations
 
@@ -33,12 +34,16 @@ def axe_findings(page: Any) -> list[str]:
     ]
 
 
-@pytest.mark.parametrize("width", sorted(VIEWPORTS))
-def test_no_serious_axe_finding_on_any_view(server, open_dashboard, width):
-    name = f"axe-ava-{width}"  # the module shares one server
+@pytest.mark.parametrize(
+    ("width", "scheme"), [("desktop", "dark"), ("phone", "dark"), ("desktop", "light")]
+)
+def test_no_serious_axe_finding_on_any_view(server, open_dashboard, width, scheme):
+    name = f"axe-ava-{width}-{scheme}"  # the module shares one server
     server.set_user_limit(name, 1)
     assert [server.consume(name) for _ in range(2)] == [200, 429]
-    page = open_dashboard(server, viewport=VIEWPORTS[width])
+    page = open_dashboard(server, viewport=VIEWPORTS[width], context={"color_scheme": scheme})
+    background = page.evaluate("() => getComputedStyle(document.body).backgroundColor")
+    assert background == ("rgb(241, 245, 249)" if scheme == "light" else "rgb(15, 23, 42)")
     page.wait_for_selector("#violations-feed li", timeout=WAIT)
     found: dict[str, list[str]] = {}
     found["live"] = axe_findings(page)

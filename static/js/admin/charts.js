@@ -2,9 +2,11 @@
 // screens, redrawn when their box changes size. Points are {t: epoch seconds, <key>: n}.
 // Pointing at a chart shows the values of the bucket (or the nearest sample) under it.
 
+// Axis, grid and label colours for the dark and the light theme (prefers-color-scheme).
+const LIGHT = typeof matchMedia === "function" && matchMedia("(prefers-color-scheme: light)").matches;
 const AXIS = "#64748b";
-const GRID = "rgba(148, 163, 184, 0.15)";
-const TEXT = "#94a3b8";
+const GRID = LIGHT ? "rgba(71, 85, 105, 0.18)" : "rgba(148, 163, 184, 0.15)";
+const TEXT = LIGHT ? "#475569" : "#94a3b8";
 const FONT = "11px system-ui, sans-serif";
 const PAD = { top: 8, right: 10, bottom: 20, left: 38 };
 
