@@ -488,3 +488,38 @@ def test_the_url_keeps_tab_search_sort_and_filters_with_back_and_forward(server,
         timeout=WAIT,
     )
     assert page.errors == []
+
+
+def test_an_override_is_added_from_the_rules_tab(server, open_dashboard):
+    server.set_user_limit("ovr-olga", 40)
+    page = open_dashboard(server)
+    rules_row(page, "shell")
+    page.fill("#override-user", "ovr-olga")
+    page.select_option("#override-type", "shell")
+    page.select_option("#override-period", "weekly")
+    page.fill("#override-limit", "30")
+    with page.expect_response(lambda r: "/users/ovr-olga/limits/shell" in r.url, timeout=WAIT):
+        page.click("#override-add")  # weekly 3000 -> 30 would be a jump: asked first
+        page.locator("#confirm-dialog").wait_for(state="visible", timeout=WAIT)
+        assert "ovr-olga shell weekly: 3,000 → 30" in page.inner_text("#confirm-list")
+        page.click("#confirm-yes")
+    page.wait_for_function(
+        "() => [...document.querySelectorAll('#overrides-body tr')].some(r =>"
+        " r.textContent.includes('ovr-olga') && r.textContent.includes('weekly'))",
+        timeout=WAIT,
+    )
+    status, detail = server.call("GET", f"{API}/users/ovr-olga")
+    assert detail["limits"]["shell"]["weekly"]["limit"] == 30
+    assert detail["limits"]["shell"]["daily"]["limit"] == 40  # untouched
+
+    # Within 10x of the user's own daily 40: no question.
+    page.select_option("#override-period", "daily")
+    page.fill("#override-limit", "50")
+    with page.expect_response(lambda r: "/users/ovr-olga/limits/shell" in r.url, timeout=WAIT):
+        page.click("#override-add")
+    assert page.locator("#confirm-dialog").is_hidden()
+    assert server.call("GET", f"{API}/users/ovr-olga")[1]["limits"]["shell"]["daily"]["limit"] == 50
+    page.fill("#override-limit", "lots")
+    page.click("#override-add")
+    assert "whole number" in page.inner_text("#override-error")
+    assert page.errors == []

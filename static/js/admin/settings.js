@@ -56,8 +56,63 @@ export class RulesPanel {
     return items.sort((a, b) => (key(a) < key(b) ? -1 : key(a) > key(b) ? 1 : 0));
   }
 
+  /** The "Add an override" form: a user's limit for one type and period, asked first
+   * when it jumps more than 10x from the limit that applies to that user now. */
+  _setupForm(rules) {
+    const fill = (id, values) => {
+      const select = byId(id);
+      const chosen = select.value;
+      select.replaceChildren(...values.map((v) => el("option", { text: v, attrs: { value: v } })));
+      if (values.includes(chosen)) select.value = chosen;
+    };
+    fill("override-type", rules.command_types);
+    fill("override-period", rules.periods);
+    if (this.formReady || !canWrite) return;
+    this.formReady = true;
+    byId("override-form").addEventListener("submit", (event) => {
+      event.preventDefault();
+      this.addOverride();
+    });
+  }
+
+  async addOverride() {
+    const username = byId("override-user").value.trim();
+    const command = byId("override-type").value;
+    const period = byId("override-period").value;
+    const parsed = parseLimit(byId("override-limit").value);
+    setText("override-error", "");
+    if (!username || parsed.error || parsed.inherit) {
+      setText("override-error", "enter a user and a whole number or \"unlimited\"");
+      return;
+    }
+    let before = this.rules.defaults[command]?.[period] ?? null;
+    try {
+      const detail = await get(`/users/${encodeURIComponent(username)}`);
+      before = detail.limits[command][period].limit;
+    } catch (err) {
+      if (err.status !== 404) {
+        setText("override-error", err.message);
+        return;
+      }
+    }
+    if (!(await confirmJumps([{ label: `${username} ${command} ${period}`, before, after: parsed.limit }]))) return;
+    byId("override-add").disabled = true;
+    try {
+      const path = `/users/${encodeURIComponent(username)}/limits/${encodeURIComponent(command)}`;
+      await request("PUT", path, { body: { limits: { [period]: parsed.limit } } });
+      toast(`Override added: ${username} ${command} ${period}`, "success", 3000);
+      byId("override-limit").value = "";
+      this.refresh();
+    } catch (err) {
+      setText("override-error", err.message);
+    } finally {
+      byId("override-add").disabled = false;
+    }
+  }
+
   render(rules) {
     this.rules = rules;
+    this._setupForm(rules);
     const periods = rules.periods;
     byId("rules-head").replaceChildren(
       el("th", { text: "Command type" }),
