@@ -47,7 +47,7 @@ end
 def config(db_url: str, redis_url: str, workdir: str, limit: int) -> dict:
     return {
         "database": {"url": db_url, "pool_size": 8},
-        "backplane": {"url": redis_url},
+        "backplane": {"url": redis_url, "secret": "bench-backplane-secret-0123456789abcdef"},
         "auth": {
             "tokens": [{"name": "bench", "role": "admin", "sha256": SHA}],
             "token_file": os.path.join(workdir, "admin_token"),

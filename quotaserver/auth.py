@@ -18,17 +18,19 @@ Log redaction (:mod:`quotaserver.redaction`) is installed by the entry point (``
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 from .auth_failures import FailedAuthLimiter
 from .config import Config
+from .credential_sync import CredentialSync, read_version
 from .credentials import env_tokens
 from .login_codes import LoginCodes
 from .origins import HostPolicy, OriginPolicy
 from .secret_files import read_or_create_secret, write_secret
-from .sessions import SESSION_COOKIE, Sessions
+from .sessions import SESSION_COOKIE, Sessions, revoked_sessions
 from .tokens import (
     ANONYMOUS_ADMIN,
     ROLES,
@@ -74,6 +76,14 @@ class Auth:
         self.registry = TokenRegistry(self.enabled)
         self.sessions = Sessions(self.registry, config["auth.session_lifetime"])
         self.first_run_token: str | None = None  # set when generated or read from token_file
+        self.sync_interval: float = config["auth.sync_interval"]
+        #: Keeps this process's credentials equal to the database's (set by :meth:`load`).
+        self.sync: CredentialSync | None = None
+        #: Called after every reload (the app closes streams whose credentials are gone)
+        #: and after every local change has committed (the app nudges other instances).
+        self.on_reload: Callable[[], None] | None = None
+        self.on_change: Callable[[], None] | None = None
+        self._store: Store | None = None
         for entry in config["auth.tokens"]:
             if "sha256" in entry:
                 self.registry.register(
@@ -84,9 +94,15 @@ class Auth:
 
     async def load(self, store: Store, clock: Callable[[], datetime] = utc_now) -> None:
         """After migrations: stored tokens, revocations, logged-out sessions, first-run token."""
+        self._store = store
         self.registry.attach(store, clock)
+        self.login_codes.attach(store)
+        version = await store.read(read_version)
         revoked = self.registry.load_rows(await store.run(load_token_rows))
         await self.sessions.load(store, clock)
+        self.sync = CredentialSync(
+            lambda: store.read(read_version), self.reload, version, self.sync_interval
+        )
         if not self.enabled or self.registry.has_admin():
             return
         # No admin declared: use (or create) the first-run token so the server is usable
@@ -96,6 +112,25 @@ class Auth:
             token = write_secret(self.token_file, 24, "auth.token_file")
         self.registry.register(digest(token), "first-run-admin", "admin", "first-run")
         self.first_run_token = token
+
+    async def reload(self) -> int:
+        """Rebuild tokens and revoked sessions from the database; return the version read.
+
+        The version is read before the rows: a change committed in between is loaded now
+        and loaded again at the next check, never missed.
+        """
+        assert self._store is not None
+        async with self.registry.changing:  # a local change in flight finishes first
+            version, rows, sessions = await self._store.read(_load_credentials, time.time())
+            self.registry.load_rows(rows)
+            self.sessions.revoked = sessions
+        if self.on_reload is not None:
+            self.on_reload()
+        return version
+
+    def _changed(self) -> None:
+        if self.on_change is not None:
+            self.on_change()
 
     # -- the request path --------------------------------------------------------------
     @property
@@ -115,32 +150,34 @@ class Auth:
     def session_identity(self, payload: dict[str, Any] | None) -> Identity | None:
         return self.sessions.identity(payload)
 
-    def new_session(self, identity: Identity) -> dict[str, Any]:
-        return self.sessions.new_session(identity)
+    def new_session(self, identity: Identity, xsrf: str) -> dict[str, Any]:
+        return self.sessions.new_session(identity, xsrf)
 
     async def end_session(self, identity: Identity) -> None:
         await self.sessions.end(identity)
+        self._changed()
 
     def origin_allowed(self, origin: str, host: str, scheme: str) -> bool:
         return self.origins.allowed_for(origin, host, scheme)
 
     def still_valid(self, identity: Identity) -> bool:
         """Whether a request admitted as ``identity`` would still be admitted now."""
+        return self.valid_ids(identity.token_id, identity.session_id)
+
+    def valid_ids(self, token_id: str, session_id: str | None) -> bool:
+        """:meth:`still_valid` by the ids a live connection keeps."""
         if not self.enabled:
             return True
-        if identity.session_id and identity.session_id in self.sessions.revoked:
+        if session_id and session_id in self.sessions.revoked:
             return False
-        return self.registry.active(identity.token_id)
+        return self.registry.active(token_id)
 
-    def issue_login_code(self, code: str | None = None) -> str | None:
+    async def issue_login_code(self, code: str | None = None) -> str | None:
         """A one-time code for the first-run admin token (the start-up link), if in use;
-        ``code`` adopts one issued by the parent of worker processes instead."""
+        ``code`` stores one made by the parent of worker processes instead."""
         if self.first_run_token is None:
             return None
-        if code is not None:
-            self.login_codes.adopt(code, digest(self.first_run_token))
-            return code
-        return self.login_codes.issue(digest(self.first_run_token))
+        return await self.login_codes.issue(digest(self.first_run_token), code)
 
     # -- token administration ----------------------------------------------------------
     def add_token(self, token: str, name: str, role: str) -> None:
@@ -152,8 +189,20 @@ class Auth:
     async def token_list(self) -> list[dict[str, Any]]:
         return await self.registry.token_list()
 
-    async def create_token(self, name: Any, role: Any, actor: str) -> tuple[str, TokenInfo]:
-        return await self.registry.create_token(name, role, actor)
+    async def create_token(
+        self, name: Any, role: Any, actor: str, by: Identity | None = None
+    ) -> tuple[str, TokenInfo]:
+        created = await self.registry.create_token(name, role, actor, by)
+        self._changed()
+        return created
 
-    async def revoke_token(self, token_id: str, actor: str) -> TokenInfo:
-        return await self.registry.revoke_token(token_id, actor)
+    async def revoke_token(
+        self, token_id: str, actor: str, by: Identity | None = None
+    ) -> TokenInfo:
+        info = await self.registry.revoke_token(token_id, actor, by)
+        self._changed()
+        return info
+
+
+def _load_credentials(now: float) -> tuple[int, list[Any], dict[str, float]]:
+    return read_version(), load_token_rows(), revoked_sessions(now)

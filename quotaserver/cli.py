@@ -1,4 +1,5 @@
-"""The ``quotaserver`` command: ``serve`` (default), ``check-config``, ``plugins``, ``new-plugin``.
+"""The ``quotaserver`` command: ``serve`` (default), ``check-config``, ``migrate``, ``plugins``,
+``new-plugin``.
 
 ``python -m quotaserver``, the ``quotaserver`` console script and ``run.py`` all land here.
 Exit status: 0 after a clean stop, 2 for a configuration error, 1 if the server cannot
@@ -139,6 +140,22 @@ def check_config(args: argparse.Namespace) -> int:
     for line in _plugin_lines(pm):
         print(f"#   {line}")
     return 0
+
+
+def _config_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help="YAML configuration file")
+
+
+@command(
+    "migrate",
+    "apply pending database migrations and seed default limits, then exit (a release step)",
+    _config_options,
+)
+def migrate_command(args: argparse.Namespace) -> int:
+    from .server import run_migrations
+
+    config, pm = load(args)
+    return run_migrations(config, pm)
 
 
 def _plugins_options(parser: argparse.ArgumentParser) -> None:

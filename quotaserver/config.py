@@ -61,6 +61,9 @@ def _check_database_url(value: str) -> str | None:
     return None
 
 
+MIN_SECRET_BYTES = 32  # backplane.secret
+
+
 def _check_backplane_url(value: str) -> str | None:
     if value and not value.startswith(("redis://", "rediss://", "unix://")):
         return "must be empty (in-process) or a redis://, rediss:// or unix:// URL"
@@ -219,6 +222,14 @@ SETTINGS: tuple[Setting, ...] = (
         "",
         "Fan-out between instances: empty for in-process, or redis://host:port/db.",
         check=_check_backplane_url,
+    ),
+    Setting(
+        "backplane.secret",
+        str,
+        "",
+        "Cluster secret (at least 32 bytes) that signs every backplane message "
+        "(HMAC-SHA256); required with backplane.url. Set it through "
+        "QUOTASERVER_BACKPLANE_SECRET rather than in the file.",
     ),
     Setting(
         "backplane.channel",
@@ -441,6 +452,16 @@ SETTINGS: tuple[Setting, ...] = (
         3600,
     ),
     Setting(
+        "auth.sync_interval",
+        float,
+        1.0,
+        "How often each process re-reads the credentials version from the database (s): "
+        "the bound for a token, revocation or logout made elsewhere to hold here when no "
+        "backplane nudge arrives.",
+        0.1,
+        60,
+    ),
+    Setting(
         "auth.failed_attempts_per_ip",
         int,
         30,
@@ -577,7 +598,7 @@ class Config(Mapping[str, Any]):
         """The effective configuration as YAML-shaped nested dicts (secrets redacted)."""
         out: dict[str, Any] = {}
         for key, value in self._values.items():
-            if key == "auth.cookie_secret" and value:
+            if key in ("auth.cookie_secret", "backplane.secret") and value:
                 value = "<redacted>"
             node = out
             *parents, leaf = key.split(".")
@@ -752,6 +773,19 @@ def load_config(
 
 def _check_combination(values: dict[str, Any], source: str | None) -> None:
     """Settings that are valid alone but not together."""
+    secret = values["backplane.secret"]
+    if secret and len(secret.encode()) < MIN_SECRET_BYTES:
+        raise ConfigError(
+            f"backplane.secret: must be at least {MIN_SECRET_BYTES} bytes "
+            f"(e.g. python3 -c 'import secrets; print(secrets.token_hex(32))'){_where(source)}"
+        )
+    # Several workers of one machine may share a secret their parent generates.
+    if values["backplane.url"] and not secret and values["server.workers"] == 1:
+        raise ConfigError(
+            "backplane.secret: required with backplane.url (every instance signs what it "
+            "publishes with it); set QUOTASERVER_BACKPLANE_SECRET to the same value of at "
+            f"least {MIN_SECRET_BYTES} bytes on every instance{_where(source)}"
+        )
     if values["server.workers"] > 1 and not values["backplane.url"]:
         raise ConfigError(
             "server.workers: more than one worker needs backplane.url (a Redis URL) so that "

@@ -108,6 +108,8 @@ def redacted(config: Config) -> dict[str, Any]:
     out["backplane"]["url"] = redact_url(config["backplane.url"])  # redis://:password@...
     if config["auth.cookie_secret"]:
         out["auth"]["cookie_secret"] = REDACTED
+    if config["backplane.secret"]:
+        out["backplane"]["secret"] = REDACTED
     out["auth"]["tokens"] = [
         {**t, "sha256": REDACTED} if "sha256" in t else dict(t) for t in config["auth.tokens"]
     ]

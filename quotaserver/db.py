@@ -140,6 +140,32 @@ def _migration_4(db: Database) -> None:
     )
 
 
+def _migration_5(db: Database) -> None:
+    """Credentials as cluster state: the credentials version and shared sign-in codes."""
+    for sql in (
+        'CREATE TABLE IF NOT EXISTS "auth_state" '
+        '("id" INTEGER NOT NULL PRIMARY KEY, "version" BIGINT NOT NULL)',
+        'INSERT INTO "auth_state" ("id", "version") VALUES (1, 0) ON CONFLICT DO NOTHING',
+        'CREATE TABLE IF NOT EXISTS "login_code" ("code_hash" VARCHAR(64) NOT NULL PRIMARY KEY, '
+        '"token_digest" VARCHAR(64) NOT NULL, "expires_at" BIGINT NOT NULL)',
+    ):
+        db.execute_sql(sql)
+
+
+# Tables whose ids grow without bound (one row per event, violation, counter window or
+# audited change): 64-bit on PostgreSQL. SQLite's INTEGER PRIMARY KEY is 64-bit already.
+_GROWING_IDS = ("event", "violation", "usage", "audit_log")
+
+
+def _migration_6(db: Database) -> None:
+    """64-bit ids on PostgreSQL for the tables that grow without bound."""
+    if not isinstance(db, PostgresqlDatabase):
+        return
+    for table in _GROWING_IDS:
+        db.execute_sql(f'ALTER TABLE "{table}" ALTER COLUMN "id" TYPE BIGINT')
+        db.execute_sql(f'ALTER SEQUENCE "{table}_id_seq" AS BIGINT')
+
+
 def _migration_9(db: Database) -> None:
     """Consumes refused for load: per minute, and per user and day."""
     minute, day = models.LoadRefusalMinute._meta.table_name, models.LoadRefusalDay._meta.table_name
@@ -167,9 +193,12 @@ MIGRATIONS: tuple[tuple[int, Callable[[Database], None]], ...] = (
     (2, _migration_2),
     (3, _migration_3),
     (4, _migration_4),
-    # 5-8 belong to work in flight on other branches (migrate runs every step not applied).
+    (5, _migration_5),
+    (6, _migration_6),
+    # 7-8 belong to work in flight on other branches (migrate runs every step not applied).
     (9, _migration_9),
 )
+SCHEMA_VERSION = MIGRATIONS[-1][0]  # what this code knows; a newer database is refused
 
 
 def open_database(
@@ -237,13 +266,53 @@ def open_database(
         raise ConfigError("database.url: unsupported database URL") from None
 
 
-def migrate(db: Database) -> int:
-    """Apply pending migrations in order, each in its own transaction; return the version."""
+class SchemaTooNew(ConfigError):
+    """The database was migrated by a newer quotaserver than this one (exit 2)."""
+
+    def __init__(self, found: int):
+        from . import __version__
+
+        super().__init__(
+            f"database.url: the database's schema is version {found}, newer than this "
+            f"quotaserver ({__version__}) knows (schema version {SCHEMA_VERSION}); run the "
+            "newer version, or see docs/operations.md (upgrades)"
+        )
+        self.found = found
+
+
+# The key of the PostgreSQL advisory lock held while migrating and seeding (any constant
+# distinct from events._EVENT_LOCK): instances started together take turns.
+_MIGRATION_LOCK = 0x71756F7462
+
+
+def migrate(db: Database, *then: Callable[[], None]) -> int:
+    """Apply pending migrations in order, each in its own transaction, then run ``then``
+    (the seeding), all under one lock so that instances started together on an empty
+    database take turns (PostgreSQL: an advisory lock; SQLite: its write lock, since the
+    group committer runs this in one transaction). Returns the schema version; raises
+    :class:`SchemaTooNew` for a database migrated by a newer version."""
+    postgres = isinstance(db, PostgresqlDatabase)
+    if postgres:
+        db.execute_sql("SELECT pg_advisory_lock(%s)", (_MIGRATION_LOCK,))
+    try:
+        version = _migrate(db)
+        for step in then:
+            step()
+        return version
+    finally:
+        if postgres:
+            with contextlib.suppress(peewee.PeeweeException):  # the connection is gone
+                db.execute_sql("SELECT pg_advisory_unlock(%s)", (_MIGRATION_LOCK,))
+
+
+def _migrate(db: Database) -> int:
     db.create_tables([models.SchemaVersion])
     # Each applied step has its row: a step numbered below one already applied (merged from
     # a branch that was in flight meanwhile) still runs once.
     applied = {row.version for row in models.SchemaVersion.select(models.SchemaVersion.version)}
     version = max(applied, default=0)
+    if version > SCHEMA_VERSION:
+        raise SchemaTooNew(version)
     for number, step in MIGRATIONS:
         if number in applied:
             continue
@@ -484,8 +553,9 @@ class Store:
             statement_timeout=config["database.statement_timeout"],
         )
 
-    def migrate(self) -> int:
-        return migrate(self.db)
+    def migrate(self, *then: Callable[[], None]) -> int:
+        """Migrate, then run ``then`` (seeding) under the same lock (see :func:`migrate`)."""
+        return migrate(self.db, *then)
 
     async def run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Run ``fn`` on a database worker thread and return its result (once committed).

@@ -1,9 +1,11 @@
 """One-time login codes: how the start-up link signs a browser in without a token in a URL.
 
-A code stands for a token (by its digest) for a few minutes and works once. The link printed
-at start-up carries it in the fragment (``/login#code=...``), which browsers never send to a
-server, a proxy's access log or a Referer; the login page POSTs it with its XSRF token.
-Codes live in memory only: a restart invalidates them, and prints a new one.
+A code stands for a token (by its digest) for a few minutes and works once in total, on any
+worker or instance: codes are rows of the shared database (only their SHA-256), and
+redeeming one deletes its row, so two processes racing for one code cannot both win. The
+link printed at start-up carries the code in the fragment (``/login#code=...``), which
+browsers never send to a server, a proxy's access log or a Referer; the login page POSTs it
+with its XSRF token.
 """
 
 from __future__ import annotations
@@ -12,44 +14,58 @@ import hashlib
 import secrets
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-MAX_CODES = 64
+from .models import LoginCode
 
-
-@dataclass(frozen=True, slots=True)
-class _Code:
-    token_digest: str
-    expires: float
+if TYPE_CHECKING:
+    from .db import Store
 
 
 class LoginCodes:
-    def __init__(self, lifetime: float, clock: Callable[[], float] = time.monotonic):
+    def __init__(self, lifetime: float, clock: Callable[[], float] = time.time):
         self.lifetime = lifetime
-        self.clock = clock
-        self._codes: dict[str, _Code] = {}  # sha256(code) -> what it stands for
+        self.clock = clock  # wall clock: every process of the cluster compares with it
+        self._store: Store | None = None
 
-    def issue(self, token_digest: str) -> str:
-        """A new code for the token with this digest."""
+    def attach(self, store: Store) -> None:
+        self._store = store
+
+    async def issue(self, token_digest: str, code: str | None = None) -> str:
+        """Store a new code (or ``code``, made by the parent of worker processes) for the
+        token with this digest; return it."""
+        code = code or secrets.token_urlsafe(24)
         now = self.clock()
-        self._codes = {k: c for k, c in self._codes.items() if c.expires > now}
-        while len(self._codes) >= MAX_CODES:
-            self._codes.pop(next(iter(self._codes)))
-        code = secrets.token_urlsafe(24)
-        self._codes[_key(code)] = _Code(token_digest, now + self.lifetime)
+        await self._require_store().run(
+            _insert, _key(code), token_digest, int(now + self.lifetime), int(now)
+        )
         return code
 
-    def adopt(self, code: str, token_digest: str) -> None:
-        """Accept a code issued elsewhere: the parent of worker processes issues the start-up
-        link's code once and every worker adopts it (so it works once per worker)."""
-        self._codes[_key(code)] = _Code(token_digest, self.clock() + self.lifetime)
-
-    def redeem(self, code: str) -> str | None:
+    async def redeem(self, code: str) -> str | None:
         """The token digest of a valid code, which is spent by this call; else None."""
-        entry = self._codes.pop(_key(code), None)
-        if entry is None or entry.expires <= self.clock():
-            return None
-        return entry.token_digest
+        return await self._require_store().run(_redeem, _key(code), int(self.clock()))
+
+    def _require_store(self) -> Store:
+        if self._store is None:
+            raise RuntimeError("Auth.load() has not run")
+        return self._store
+
+
+# -- storage (runs on a database worker thread) ------------------------------------------
+def _insert(key: str, token_digest: str, expires: int, now: int) -> None:
+    LoginCode.delete().where(LoginCode.expires_at <= now).execute()
+    LoginCode.insert(code_hash=key, token_digest=token_digest, expires_at=expires).on_conflict(
+        conflict_target=[LoginCode.code_hash], update={LoginCode.expires_at: expires}
+    ).execute()
+
+
+def _redeem(key: str, now: int) -> str | None:
+    row = LoginCode.get_or_none(LoginCode.code_hash == key)
+    if row is None:
+        return None
+    # Whoever deletes the row has spent the code: a concurrent redeemer deletes nothing.
+    spent = LoginCode.delete().where(LoginCode.code_hash == key).execute()
+    return row.token_digest if spent == 1 and row.expires_at > now else None
 
 
 def _key(code: str) -> str:

@@ -210,6 +210,24 @@ class LoadRefusalDay(BaseModel):
         primary_key = CompositeKey("user", "day")
 
 
+class AuthState(BaseModel):
+    """One row (``id`` 1): the version of the credentials, bumped in the transaction of
+    every token creation, revocation and logout. Every process compares it with the
+    version it loaded and reloads its credentials when they differ (quotaserver.credential_sync)."""
+
+    id = IntegerField(primary_key=True)
+    version = BigIntegerField(default=0)
+
+
+class LoginCode(BaseModel):
+    """A one-time sign-in code (its SHA-256 only), shared by every worker and instance:
+    redeeming deletes the row, so a code works once in total."""
+
+    code_hash = CharField(max_length=64, primary_key=True)
+    token_digest = CharField(max_length=64)
+    expires_at = BigIntegerField()  # epoch seconds
+
+
 ALL_MODELS = (SchemaVersion, User, QuotaRule, Usage, Violation, Event, Alert, AuditLog, Activity)
 # Added by migration 2 (kept out of ALL_MODELS so that migration 1 stays what it was).
 AUTH_MODELS = (ApiToken, RevokedSession)
@@ -217,3 +235,5 @@ AUTH_MODELS = (ApiToken, RevokedSession)
 SCALE_MODELS = (DailyPeak,)
 # Added by migration 9 (its own CREATE TABLE statements, not these definitions).
 LOAD_MODELS = (LoadRefusalMinute, LoadRefusalDay)
+# Added by migration 5 (written out as SQL there).
+CLUSTER_AUTH_MODELS = (AuthState, LoginCode)

@@ -1,9 +1,13 @@
 """Secrets at rest: the token file, the cookie secret and the SQLite files, owner-only.
 
 A secret file the server creates is written with mode 0600 under umask 077, in a directory
-made with mode 0700. A secret file that already exists is trusted only if nobody but its
-owner can read or write it and it holds at least :data:`MIN_SECRET_LENGTH` characters;
-otherwise start-up stops with a :class:`ConfigError` that says which and why (exit 2).
+made with mode 0700, through a new file opened with ``O_CREAT | O_EXCL | O_NOFOLLOW`` and
+renamed into place (a symlink planted at the path is replaced, never written through). A
+secret file that already exists is trusted only if it is owned by the server's user (or
+root), nobody but its owner can read or write it, it sits in a directory no one else can
+write (owned by the server's user or root, not group- or world-writable) and it holds at
+least :data:`MIN_SECRET_LENGTH` characters; otherwise start-up stops with a
+:class:`ConfigError` that names the file and says why (exit 2).
 """
 
 from __future__ import annotations
@@ -36,17 +40,42 @@ def write_secret(path: str, nbytes: int, key: str) -> str:
     """A new random secret in ``path`` (mode 0600), replacing any previous one."""
     value = secrets.token_urlsafe(nbytes)
     directory = os.path.dirname(path)
+    temporary = f"{path}.{secrets.token_hex(4)}.new"
     try:
         with private_umask():
             if directory:
                 os.makedirs(directory, mode=0o700, exist_ok=True)
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            with os.fdopen(fd, "w", encoding="ascii") as fh:
-                fh.write(value + "\n")
-            os.chmod(path, 0o600)  # O_CREAT's mode does not apply to an existing file
+            _check_directory(path, key)
+            flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+            fd = os.open(temporary, flags, 0o600)
+            try:
+                with os.fdopen(fd, "w", encoding="ascii") as fh:
+                    fh.write(value + "\n")
+                    fh.flush()
+                    os.fsync(fh.fileno())
+                os.replace(temporary, path)  # rename: a symlink at path is replaced
+            finally:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(temporary)
     except OSError as exc:
         raise ConfigError(f"{key}: cannot write {path}: {exc.strerror}") from None
     return value
+
+
+def _trusted_owner(uid: int) -> bool:
+    return uid in (os.geteuid(), 0)
+
+
+def _check_directory(path: str, key: str) -> None:
+    """Refuse a secret in a directory someone else could write (they could swap it)."""
+    directory = os.path.dirname(os.path.abspath(path))
+    info = os.stat(directory)
+    if not _trusted_owner(info.st_uid) or stat.S_IMODE(info.st_mode) & 0o022:
+        raise ConfigError(
+            f"{key}: {path} is in {directory}, which other users can write (owner uid "
+            f"{info.st_uid}, mode {stat.S_IMODE(info.st_mode):04o}); keep it in a directory "
+            "only the server's user can write (chmod 700)"
+        )
 
 
 def read_secret(path: str, key: str) -> str | None:
@@ -61,12 +90,18 @@ def read_secret(path: str, key: str) -> str | None:
         info = os.fstat(fh.fileno())
         if not stat.S_ISREG(info.st_mode):
             raise ConfigError(f"{key}: {path} is not a regular file")
+        if not _trusted_owner(info.st_uid):
+            raise ConfigError(
+                f"{key}: {path} is owned by uid {info.st_uid}, not by the server's user "
+                f"(uid {os.geteuid()}); chown it (or delete it to have a new one generated)"
+            )
         mode = stat.S_IMODE(info.st_mode)
         if mode & 0o077:
             raise ConfigError(
                 f"{key}: {path} has mode {mode:04o}, so other users can read or change it; "
                 f"run chmod 600 {path} (or delete it to have a new one generated)"
             )
+        _check_directory(path, key)
         value = fh.read().strip()
     if len(value) < MIN_SECRET_LENGTH:
         raise ConfigError(

@@ -39,7 +39,6 @@ class Worker:
     index: int
     sockets: list[socket.socket]
     demo_token: str | None
-    login_code: str | None
     ready: Callable[[], object]  # tells the parent this worker listens
 
 
@@ -82,9 +81,8 @@ async def serve(
     # so full collections (seen at 1-2 s with thousands of clients) scan only newer objects.
     gc.freeze()
     if worker is None:
-        announce(app.url, config, app.auth.issue_login_code())
-    else:
-        app.auth.issue_login_code(worker.login_code)
+        announce(app.url, config, await app.auth.issue_login_code())
+    else:  # the parent stored the start-up link's code in the shared database
         worker.ready()
         log.info("worker %d (pid %d) serving as %s", worker.index, os.getpid(), app.instance_name)
     demo = None
@@ -154,17 +152,40 @@ def _run_loop(
 
 async def prepare(config: Config, plugin_manager: pluggy.PluginManager | None) -> str | None:
     """Start-up work done once, before the fork: migrations, default limits, the first-run
-    token and the cookie secret (workers racing to create them would disagree)."""
+    token, the cookie secret (workers racing to create them would disagree) and the
+    start-up link's one-time code (stored: it works once, on whichever worker). Returns
+    the code, if a first-run token is in use."""
     from .app import QuotaApp
 
     app = QuotaApp(config, plugin_manager=plugin_manager)
     try:
-        await app.store.run(app.store.migrate)
+        await app.store.run(app.store.migrate, app.quota.seed_defaults)
         await app.auth.load(app.store, app.clock)
-        await app.store.run(app.quota.seed_defaults)
-        return app.auth.first_run_token
+        return await app.auth.issue_login_code()
     finally:
         await asyncio.get_running_loop().run_in_executor(None, app.store.close)
+
+
+def run_migrations(config: Config, plugin_manager: pluggy.PluginManager | None) -> int:
+    """``quotaserver migrate``: apply the migrations and seed the default limits, alone
+    (a release step before new versions serve), then exit. Safe beside running servers
+    and other migrators: they take turns on the same lock."""
+    from .app import QuotaApp
+
+    async def run() -> int:
+        app = QuotaApp(config, plugin_manager=plugin_manager)
+        try:
+            return await app.store.run(app.store.migrate, app.quota.seed_defaults)
+        finally:
+            await asyncio.get_running_loop().run_in_executor(None, app.store.close)
+
+    try:
+        version = asyncio.run(run())
+    except (peewee.OperationalError, DatabaseError) as exc:
+        print(f"quotaserver: cannot use the database: {exc}".strip(), file=sys.stderr)
+        return 1
+    print(f"quotaserver {__version__}: the database is at schema version {version}")
+    return 0
 
 
 def _reserve_port(host: str, port: int) -> socket.socket:
@@ -216,14 +237,23 @@ def run_workers(config: Config, plugin_manager: pluggy.PluginManager | None) -> 
         os.environ.get("PROMETHEUS_MULTIPROC_DIR")
         or tempfile.mkdtemp(prefix="quotaserver-metrics-")
     )
+    if config["backplane.url"] and not config["backplane.secret"]:
+        # Workers of one machine may share a secret made here; another instance on the
+        # same Redis would need it too, so say how to set one.
+        config = config.with_overrides(backplane__secret=secrets.token_hex(32))
+        log.warning(
+            "backplane.secret is not set: generated one for these %d workers only; set "
+            "QUOTASERVER_BACKPLANE_SECRET on every instance that shares %s",
+            count,
+            config["backplane.channel"],
+        )
     try:
-        token = asyncio.run(prepare(config, plugin_manager))
+        login_code = asyncio.run(prepare(config, plugin_manager))
     except (peewee.OperationalError, DatabaseError) as exc:
         print(f"quotaserver: cannot use the database: {exc}".strip(), file=sys.stderr)
         return 1
     host = config["server.host"]
     host = "127.0.0.1" if host in ("0.0.0.0", "") else host
-    login_code = secrets.token_urlsafe(24) if token else None
     ready_read, ready_write = os.pipe()
 
     base_name = config["server.instance_name"] or f"{socket.gethostname()}:{port}"
@@ -244,9 +274,7 @@ def run_workers(config: Config, plugin_manager: pluggy.PluginManager | None) -> 
                 sockets = shared or tornado.netutil.bind_sockets(
                     port, config["server.host"], family=socket.AF_INET, reuse_port=True
                 )
-                worker = Worker(
-                    index, sockets, demo_token, login_code, lambda: os.write(ready_write, b".")
-                )
+                worker = Worker(index, sockets, demo_token, lambda: os.write(ready_write, b"."))
                 code = _run_loop(worker_config, plugin_manager, worker)
             except BaseException:  # noqa: BLE001 - report, then leave without cleanup
                 traceback.print_exc()

@@ -1,14 +1,14 @@
 """Browser sessions: signed cookies that name the token they came from, and logout.
 
 A session names its token (by token id), so revoking a token ends its sessions; logging out
-records the session as revoked (in the database too, so a restart does not bring it back),
-written and audited first, refused in memory after the COMMIT. The app closes the live
-connections of a revoked identity with 1008.
+records the session as revoked (in the database too, so a restart does not bring it back,
+and every other process reloads it: :mod:`quotaserver.credential_sync`), written and
+audited first, refused in memory after the COMMIT. The app closes the live connections of a
+revoked identity with 1008.
 """
 
 from __future__ import annotations
 
-import asyncio
 import secrets
 import time
 from collections.abc import Callable
@@ -16,6 +16,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from .audit import record_audit
+from .credential_sync import bump_version
 from .models import RevokedSession, aware
 from .tokens import Identity, TokenRegistry, write_security
 from .windows import utc_now
@@ -33,7 +34,6 @@ class Sessions:
         self.registry = registry
         self.lifetime = lifetime
         self.revoked: dict[str, float] = {}  # session id -> expiry (epoch s)
-        self._changing = asyncio.Lock()
         self._store: Store | None = None
         self._clock: Callable[[], datetime] = utc_now
 
@@ -41,13 +41,16 @@ class Sessions:
         self._store, self._clock = store, clock
         self.revoked = await store.run(_load_revoked, time.time())
 
-    def new_session(self, identity: Identity) -> dict[str, Any]:
+    def new_session(self, identity: Identity, xsrf: str) -> dict[str, Any]:
+        """The payload of a new session cookie; ``xsrf`` (the sign-in form's XSRF token,
+        hex) is bound to it: a state-changing request of this session must carry it."""
         return {
             "n": identity.name,
             "r": identity.role,
             "t": identity.token_id,
             "s": secrets.token_hex(8),
             "e": int(time.time() + self.lifetime),
+            "x": xsrf,
         }
 
     def identity(self, payload: dict[str, Any] | None) -> Identity | None:
@@ -57,6 +60,7 @@ class Sessions:
         try:
             token_id, session_id = str(payload["t"]), str(payload["s"])
             expires = float(payload["e"])
+            xsrf = str(payload["x"])  # a session signed before XSRF binding: sign in again
         except (KeyError, TypeError, ValueError):
             return None
         if not expires > time.time() or session_id in self.revoked:
@@ -64,7 +68,7 @@ class Sessions:
         info = self.registry.by_id(token_id)
         if info is None:  # the token was revoked: so are its sessions
             return None
-        return Identity(info.name, info.role, token_id, session_id)
+        return Identity(info.name, info.role, token_id, session_id, xsrf)
 
     async def end(self, identity: Identity) -> None:
         """Log out: the session's cookie is refused from now on, across restarts too.
@@ -78,7 +82,7 @@ class Sessions:
         store = self._store
         now = time.time()
         expires = now + self.lifetime
-        async with self._changing:
+        async with self.registry.changing:
             await write_security(
                 store, _record_session_end, store, identity, expires, self._clock()
             )
@@ -89,11 +93,18 @@ class Sessions:
 # -- storage (runs on a database worker thread) ------------------------------------------
 def _load_revoked(now: float) -> dict[str, float]:
     RevokedSession.delete().where(RevokedSession.expires_at < _from_epoch(now)).execute()
-    return {row.session_id: aware(row.expires_at).timestamp() for row in RevokedSession.select()}
+    return revoked_sessions(now)
+
+
+def revoked_sessions(now: float) -> dict[str, float]:
+    """Logged-out sessions that have not expired: session id -> expiry (epoch s)."""
+    query = RevokedSession.select().where(RevokedSession.expires_at >= _from_epoch(now))
+    return {row.session_id: aware(row.expires_at).timestamp() for row in query}
 
 
 def _record_session_end(store: Store, identity: Identity, expires: float, now: datetime) -> None:
     with store.db.atomic():
+        bump_version()
         RevokedSession.insert(
             session_id=identity.session_id, expires_at=_from_epoch(expires)
         ).on_conflict(

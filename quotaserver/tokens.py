@@ -10,6 +10,11 @@ Security state changes all or nothing: creating or revoking a token is written (
 audit row) to the database first, and memory changes only after the COMMIT. If the database
 refuses, the caller gets :class:`AuthError` 503 and nothing has changed anywhere, so a retry
 meets the real state.
+
+The database is the cluster's truth (see :mod:`quotaserver.credential_sync`): each write
+bumps the credentials version and checks, in its own transaction, that the actor is still
+valid and (for a revocation) that an admin remains; every process rebuilds its copy from the
+stored rows when the version moves.
 """
 
 from __future__ import annotations
@@ -27,8 +32,9 @@ from typing import TYPE_CHECKING, Any
 import peewee
 
 from .audit import record_audit
+from .credential_sync import bump_version
 from .errors import DomainError
-from .models import ApiToken, aware, naive_utc
+from .models import ApiToken, RevokedSession, aware, naive_utc
 from .redaction import redact
 from .windows import isoformat, utc_now
 
@@ -42,6 +48,9 @@ ROLES = ("admin", "viewer", "service", "metrics")
 TOKEN_PREFIX = "qs_"
 TOKEN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}$")
 STORE_UNAVAILABLE = "the database did not accept the change; nothing was changed, retry later"
+# Tokens this process declares (config, environment, first-run file, runtime); API tokens
+# come from the database.
+DECLARED_SOURCES = ("config", "env", "first-run", "runtime")
 
 
 def digest(token: str) -> str:
@@ -54,6 +63,7 @@ class Identity:
     role: str
     token_id: str  # first 16 hex digits of the token digest: ties sessions to tokens
     session_id: str | None = None  # set for browser sessions
+    xsrf: str | None = None  # a session's XSRF token (hex), bound to it at sign-in
 
     def allowed(self, roles: frozenset[str]) -> bool:
         return self.role == "admin" or self.role in roles
@@ -107,14 +117,20 @@ async def write_security(store: Store, fn: Callable[..., Any], *args: Any) -> No
 
 
 class TokenRegistry:
-    """The active tokens by digest and by token id; create, revoke, list."""
+    """The active tokens by digest and by token id; create, revoke, list.
+
+    The active set is rebuilt whole from the stored rows (:meth:`load_rows`): the tokens
+    this process declares, less every revoked digest, plus the active API tokens.
+    """
 
     def __init__(self, enabled: bool = True):
         self.enabled = enabled
-        # Serialises changes: two revocations cannot both pass the last-admin check, two
-        # creations cannot both take a name.
-        self._changing = asyncio.Lock()
-        self._tokens: dict[str, TokenInfo] = {}  # digest -> info
+        # Serialises changes and reloads: two revocations cannot both pass the last-admin
+        # check, two creations cannot both take a name, and a reload that read the rows
+        # before a local change committed cannot undo it in memory.
+        self.changing = asyncio.Lock()
+        self._declared: dict[str, TokenInfo] = {}  # digest -> info, declared by this process
+        self._tokens: dict[str, TokenInfo] = {}  # digest -> info, active
         self._ids: dict[str, str] = {}  # token id -> digest
         self._store: Store | None = None
         self._clock: Callable[[], datetime] = utc_now
@@ -123,16 +139,17 @@ class TokenRegistry:
         self._store, self._clock = store, clock
 
     def load_rows(self, rows: list[ApiToken]) -> set[str]:
-        """Apply the stored tokens: forget revoked digests, add API tokens; return the
-        revoked digests."""
+        """Rebuild the active set from the stored rows; return the revoked digests."""
         revoked = {row.digest for row in rows if row.revoked_at is not None}
-        for d in revoked:
-            self.forget(d)
+        tokens = {d: info for d, info in self._declared.items() if d not in revoked}
         for row in rows:
             if row.revoked_at is None and row.source == "api":
-                self.register(
-                    row.digest, row.name, row.role, "api", row.created_by, aware(row.created_at)
+                created = aware(row.created_at)
+                tokens[row.digest] = TokenInfo(
+                    row.name, row.role, "api", row.digest[:16], row.created_by, created
                 )
+        # Two assignments, no await between: a request sees the old set or the new one.
+        self._tokens, self._ids = tokens, {d[:16]: d for d in tokens}
         return revoked
 
     def has_admin(self) -> bool:
@@ -148,6 +165,8 @@ class TokenRegistry:
         created_at: datetime | None = None,
     ) -> TokenInfo:
         info = TokenInfo(name, role, source, d[:16], created_by, created_at)
+        if source in DECLARED_SOURCES:
+            self._declared[d] = info
         self._tokens[d] = info
         self._ids[d[:16]] = d
         return info
@@ -191,8 +210,15 @@ class TokenRegistry:
         rows = await self._require_store().run(_revoked_rows)
         return active + [_revoked_json(row) for row in rows]
 
-    async def create_token(self, name: Any, role: Any, actor: str) -> tuple[str, TokenInfo]:
-        """A new random token; only its digest is stored. Returns (token, info)."""
+    async def create_token(
+        self, name: Any, role: Any, actor: str, by: Identity | None = None
+    ) -> tuple[str, TokenInfo]:
+        """A new random token; only its digest is stored. Returns (token, info).
+
+        ``by`` (the caller's identity) must still be valid in the database when the token
+        is written: a revoked admin cannot create tokens on a process that has not heard of
+        the revocation yet.
+        """
         if not isinstance(role, str) or role not in ROLES:
             raise AuthError(400, "invalid_field", "role must be one of " + ", ".join(ROLES))
         if not isinstance(name, str) or not TOKEN_NAME.match(name):
@@ -202,38 +228,48 @@ class TokenRegistry:
                 "name must be 1-64 letters, digits or . _ @ - (starting with a letter or digit)",
             )
         store = self._require_store()
-        async with self._changing:
+        async with self.changing:
             if any(t.name == name for t in self._tokens.values()):
                 raise AuthError(409, "conflict", "an active token already has this name")
             token = TOKEN_PREFIX + secrets.token_urlsafe(32)
             d = digest(token)
             info = TokenInfo(name, role, "api", d[:16], actor, self._clock())
-            await write_security(store, _insert_token, store, d, info)
+            await write_security(store, _insert_token, store, d, info, by)
             self.register(d, name, role, "api", actor, info.created_at)  # after COMMIT
         log.info("token %s (%s) created by %s", name, role, actor)
         return token, info
 
-    async def revoke_token(self, token_id: str, actor: str) -> TokenInfo:
+    async def revoke_token(
+        self, token_id: str, actor: str, by: Identity | None = None
+    ) -> TokenInfo:
         """Revoke a token of any source, persistently. The caller ends its connections.
 
         Until the revocation has committed the token keeps working; once it has, it is
-        refused. A failed write leaves it active (503), so a retry can succeed.
+        refused. A failed write leaves it active (503), so a retry can succeed. The last
+        admin rule and ``by``'s own validity are checked in the database, in the
+        revocation's transaction, so they hold across every process.
         """
         store = self._require_store()
-        async with self._changing:
+        async with self.changing:
             d = self._ids.get(token_id)
             if d is None:
                 revoked = await store.run(_revoked_row, token_id)
                 if revoked is not None:  # a retry after success: say so
-                    when = isoformat(aware(revoked.revoked_at))
-                    message = f"this token was already revoked by {revoked.revoked_by} at {when}"
-                    raise AuthError(404, "unknown_token", message)
+                    raise _already_revoked(revoked)
                 raise AuthError(404, "unknown_token", "no active token has this id")
             info = self._tokens[d]
-            admins = sum(1 for t in self._tokens.values() if t.role == "admin")
-            if info.role == "admin" and admins <= 1 and self.enabled:
-                raise AuthError(409, "last_admin", "the last admin token cannot be revoked")
-            await write_security(store, _record_revocation, store, d, info, actor, self._clock())
+            declared_admins = [k for k, t in self._declared.items() if t.role == "admin"]
+            await write_security(
+                store,
+                _record_revocation,
+                store,
+                d,
+                info,
+                actor,
+                self._clock(),
+                by,
+                declared_admins if self.enabled else None,
+            )
             self.forget(d)  # after COMMIT
         log.info("token %s (%s) revoked by %s", info.name, info.role, actor)
         return info
@@ -249,9 +285,30 @@ def load_token_rows() -> list[ApiToken]:
     return list(ApiToken.select())
 
 
-def _insert_token(store: Store, d: str, info: TokenInfo) -> None:
+def check_actor(by: Identity | None) -> None:
+    """401 unless ``by`` is still valid in the database (call inside the transaction)."""
+    if by is None or by.token_id == "-":  # internal callers; authentication disabled
+        return
+    revoked = ApiToken.select().where(
+        ApiToken.digest.startswith(by.token_id), ApiToken.revoked_at.is_null(False)
+    )
+    ended = by.session_id is not None and (
+        RevokedSession.select().where(RevokedSession.session_id == by.session_id).exists()
+    )
+    if ended or revoked.exists():
+        raise AuthError(401, "unauthorized", "these credentials were revoked")
+
+
+def _insert_token(store: Store, d: str, info: TokenInfo, by: Identity | None) -> None:
     assert info.created_at is not None and info.created_by is not None
     with store.db.atomic():
+        bump_version()
+        check_actor(by)
+        taken = ApiToken.select().where(
+            ApiToken.name == info.name, ApiToken.source == "api", ApiToken.revoked_at.is_null()
+        )
+        if taken.exists():  # created on another process a moment ago
+            raise AuthError(409, "conflict", "an active token already has this name")
         ApiToken.create(
             digest=d,
             name=info.name,
@@ -264,14 +321,28 @@ def _insert_token(store: Store, d: str, info: TokenInfo) -> None:
         record_audit(info.created_by, "token.create", info.name, details, info.created_at)
 
 
-def _record_revocation(store: Store, d: str, info: TokenInfo, actor: str, now: datetime) -> None:
+def _record_revocation(
+    store: Store,
+    d: str,
+    info: TokenInfo,
+    actor: str,
+    now: datetime,
+    by: Identity | None,
+    declared_admins: list[str] | None,
+) -> None:
     with store.db.atomic():
-        updated = (
-            ApiToken.update(revoked_by=actor, revoked_at=naive_utc(now))
-            .where(ApiToken.digest == d)
-            .execute()
-        )
-        if not updated:  # a token declared outside the database: remember its digest
+        bump_version()  # first: on PostgreSQL this row lock serialises the cluster's changes
+        check_actor(by)
+        row = ApiToken.get_or_none(ApiToken.digest == d)
+        if row is not None and row.revoked_at is not None:  # revoked on another process
+            raise _already_revoked(row)
+        if info.role == "admin" and declared_admins is not None:
+            _keep_an_admin(d, declared_admins)
+        if row is not None:
+            ApiToken.update(revoked_by=actor, revoked_at=naive_utc(now)).where(
+                ApiToken.digest == d
+            ).execute()
+        else:  # a token declared outside the database: remember its digest
             ApiToken.create(
                 digest=d,
                 name=info.name,
@@ -284,6 +355,27 @@ def _record_revocation(store: Store, d: str, info: TokenInfo, actor: str, now: d
             )
         details = {"token_id": info.token_id, "role": info.role, "source": info.source}
         record_audit(actor, "token.revoke", info.name, details, now)
+
+
+def _keep_an_admin(d: str, declared_admins: list[str]) -> None:
+    """409 if revoking the admin token ``d`` would leave no admin in the cluster: the
+    active API admin tokens and the declared admin tokens not revoked, as committed."""
+    revoked = {
+        row.digest
+        for row in ApiToken.select(ApiToken.digest).where(ApiToken.revoked_at.is_null(False))
+    }
+    stored = ApiToken.select(ApiToken.digest).where(
+        ApiToken.role == "admin", ApiToken.source == "api", ApiToken.revoked_at.is_null()
+    )
+    admins = {row.digest for row in stored} | {a for a in declared_admins if a not in revoked}
+    if not admins - {d}:
+        raise AuthError(409, "last_admin", "the last admin token cannot be revoked")
+
+
+def _already_revoked(row: ApiToken) -> AuthError:
+    when = isoformat(aware(row.revoked_at))
+    message = f"this token was already revoked by {row.revoked_by} at {when}"
+    return AuthError(404, "unknown_token", message)
 
 
 def _revoked_row(token_id: str) -> ApiToken | None:

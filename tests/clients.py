@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 from typing import Any
+from urllib.parse import quote
 
 from tornado.httpclient import AsyncHTTPClient, HTTPRequest
 from tornado.websocket import WebSocketClientConnection, websocket_connect
@@ -14,6 +15,8 @@ ADMIN = "admin-token-for-tests-0123456789"
 VIEWER = "viewer-token-for-tests-0123456789"
 SERVICE = "service-token-for-tests-0123456789"
 METRICS = "metrics-token-for-tests-0123456789"
+FORM = "application/x-www-form-urlencoded"
+SESSION_COOKIE = "qs_session"  # quotaserver.sessions.SESSION_COOKIE
 
 
 class Response:
@@ -58,6 +61,35 @@ async def call(
     )
     resp = await AsyncHTTPClient().fetch(request, raise_error=False)
     return Response(resp.code, resp.headers, resp.body or b"")
+
+
+def cookies_of(resp: Any) -> dict[str, str]:
+    """The cookies a response sets, by name."""
+    jar = {}
+    for header in resp.headers.get_list("Set-Cookie"):
+        name, _, value = header.split(";", 1)[0].partition("=")
+        jar[name.strip()] = value.strip().strip('"')
+    return jar
+
+
+async def login(
+    app: Any, field: str, value: str, headers: dict[str, str] | None = None
+) -> tuple[Response, str]:
+    """The login form as a browser uses it: GET (XSRF cookie), then POST ``field``
+    (``token`` or ``code``). Returns the POST's response and the XSRF token."""
+    form = await call(app, "GET", "/login", token=None)
+    xsrf = cookies_of(form)["_xsrf"]
+    body = f"{field}={quote(value)}&_xsrf={xsrf}"
+    hdrs = {"Cookie": f"_xsrf={xsrf}", "Content-Type": FORM, **(headers or {})}
+    return await call(app, "POST", "/login", raw=body, token=None, headers=hdrs), xsrf
+
+
+async def session_headers(app: Any, token: str) -> dict[str, str]:
+    """The headers of a signed-in browser: session and XSRF cookies, the XSRF header."""
+    resp, xsrf = await login(app, "token", token)
+    assert resp.code == 302, resp
+    jar = f"{SESSION_COOKIE}={cookies_of(resp)[SESSION_COOKIE]}; _xsrf={xsrf}"
+    return {"Cookie": jar, "X-XSRFToken": xsrf}
 
 
 async def consume(

@@ -29,7 +29,10 @@ def run(tmp_path, command: str, config: dict | None = None, **env: str):
 def test_every_secret_is_redacted(tmp_path):
     config = {
         "database": {"url": "postgresql://qs:s3cret-pw@db.example:5432/qs?password=q-pw"},
-        "backplane": {"url": "rediss://:redis-pw@redis.example:6380/0"},
+        "backplane": {
+            "url": "rediss://:redis-pw@redis.example:6380/0",
+            "secret": "backplane-secret-value-0123456789abcdef",
+        },
         "auth": {
             "cookie_secret": "cookie-secret-value-0123456789",
             "tokens": [
@@ -48,6 +51,7 @@ def test_every_secret_is_redacted(tmp_path):
         "cookie-secret-value",
         "ab" * 32,
         "plugin-key-value",
+        "backplane-secret-value",
     )
     for secret in secrets:
         assert secret not in result.stdout, secret

@@ -7,14 +7,30 @@ PostgreSQL cluster and a ``redis-server`` started for this module.
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import hmac
+import json
 import os
+import re
 import signal
+import subprocess
+import sys
 import threading
 
 import pytest
-from clients import ADMIN, VIEWER, call, consume, sse_connect, ws_connect
+from clients import (
+    ADMIN,
+    VIEWER,
+    call,
+    consume,
+    cookies_of,
+    login,
+    session_headers,
+    sse_connect,
+    ws_connect,
+)
 from conftest import TOKENS
-from services import INITDB, REDIS, Postgres, Redis, start_server
+from services import INITDB, REDIS, ROOT, Postgres, Redis, start_server, write_config
 
 pytestmark = pytest.mark.skipif(
     INITDB is None or REDIS is None,
@@ -22,6 +38,7 @@ pytestmark = pytest.mark.skipif(
 )
 
 LIMIT = 200
+SECRET = "cluster-test-secret-0123456789abcdef"  # backplane.secret of every instance
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +64,9 @@ def cluster(pg, redis_server, tmp_path, io_loop):
     db_url = pg.create_database()
     started = []
 
-    async def start(count: int = 2, *args: str, database: str | None = None, **extra) -> list:
+    async def start(
+        count: int = 2, *args: str, database: str | None = None, at_once: bool = False, **extra
+    ) -> list:
         config = {
             "dev": True,
             "database": {
@@ -56,7 +75,11 @@ def cluster(pg, redis_server, tmp_path, io_loop):
                 "connect_timeout": 1.0,
                 "statement_timeout": 2.0,
             },
-            "backplane": {"url": redis_server.url, "channel": f"qs-{os.path.basename(db_url)}"},
+            "backplane": {
+                "url": redis_server.url,
+                "channel": f"qs-{os.path.basename(db_url)}",
+                "secret": SECRET,
+            },
             "auth": {"tokens": TOKENS, "token_file": str(tmp_path / "admin_token")},
             "realtime": {"stats_interval": 0.2, "heartbeat_interval": 1.0},
             # The real processes sample this machine: a busy test machine must not throttle.
@@ -68,6 +91,15 @@ def cluster(pg, redis_server, tmp_path, io_loop):
         }
         for section, values in extra.items():
             config.setdefault(section, {}).update(values)
+        start.config = config
+        if at_once:  # every process starts before any is listening
+            starting = [start_server(str(tmp_path), config, *args) for _ in range(count)]
+            outcomes = await asyncio.gather(*starting, return_exceptions=True)
+            started.extend(o for o in outcomes if not isinstance(o, BaseException))
+            for outcome in outcomes:
+                if isinstance(outcome, BaseException):
+                    raise outcome
+            return list(outcomes)
         servers = []
         for _ in range(count):
             server = await start_server(str(tmp_path), config, *args)
@@ -441,3 +473,277 @@ async def test_demo_traffic_and_dev_endpoints_under_workers(cluster):
     await wait_for(demo_counted, "demo traffic to be counted")
     assert await server.stop(signal.SIGTERM) == 0
     assert not [line for line in server.output if " 401 " in line or "Traceback" in line]
+
+
+# -- who may enter is decided once, for the whole cluster ----------------------------------
+NOT_NUDGED = {"sync_interval": 30.0}  # only the backplane nudge can make a change this quick
+ADMIN_ID = hashlib.sha256(ADMIN.encode()).hexdigest()[:16]
+
+
+async def status(server, token: str | None = None, headers: dict | None = None) -> int:
+    """The status of an authenticated read on a fresh connection."""
+    return (await call(server, "GET", "/api/ws/health", token=token, headers=headers)).code
+
+
+async def holds(servers, token: str | None, code: int, what: str, bound: float, headers=None):
+    """Wait until every server answers ``code`` for these credentials (at most ``bound``)."""
+
+    async def everywhere():
+        codes = [await status(s, token, headers) for s in servers]
+        return all(c == code for c in codes)
+
+    await wait_for(everywhere, what, timeout=bound)
+
+
+async def create_token(server, name: str, role: str = "viewer", token: str = ADMIN) -> dict:
+    created = await call(server, "POST", "/api/admin/tokens", {"name": name, "role": role}, token)
+    assert created.code == 201, created
+    return created.json
+
+
+async def _tokens_and_sessions_hold_everywhere(a, b, bound: float) -> None:
+    """Created on A: works on B; revoked on A: B refuses it and ends B's streams (1008);
+    logged out on A: B refuses the session and ends its stream."""
+    created = await create_token(a, "ci-bot")
+    await holds([b], created["token"], 200, "B to accept a token created on A", bound)
+    ws = await ws_connect(b, "types=violation", token=created["token"])
+    await ws.recv_type("welcome")
+    sse = await sse_connect(b, "types=violation", token=created["token"])
+    await sse.next_type("welcome")
+    revoked = await call(a, "DELETE", f"/api/admin/tokens/{created['token_id']}")
+    assert revoked.code == 200, revoked
+    assert await ws.closed(timeout=bound) == 1008
+    closing = await sse.next_type("close", timeout=bound)
+    assert closing["message"]["data"]["code"] == 1008
+    assert await status(b, created["token"]) == 401
+
+    browser = await session_headers(b, VIEWER)
+    watcher = await ws_connect(b, "types=violation", token=None, headers=browser)
+    await watcher.recv_type("welcome")
+    out = await call(
+        a, "POST", "/logout", token=None, headers=browser | {"Accept": "application/json"}
+    )
+    assert out.code == 200 and out.json == {"logged_out": True}, out
+    assert await watcher.closed(timeout=bound) == 1008
+    assert await status(b, headers=browser) == 401
+
+
+@pytest.mark.gen_test(timeout=120)
+async def test_tokens_revocations_and_logouts_hold_on_every_instance_through_the_backplane(cluster):
+    a, b = await cluster(2, auth=NOT_NUDGED)
+    await _tokens_and_sessions_hold_everywhere(a, b, bound=5.0)
+    health = (await call(b, "GET", "/api/ws/health", token=VIEWER)).json
+    assert health["backplane"]["rejected"] == 0
+
+
+@pytest.mark.gen_test(timeout=120)
+async def test_tokens_revocations_and_logouts_hold_through_the_database_alone(cluster):
+    a, b = await cluster(2, backplane={"url": ""})  # no Redis: auth.sync_interval (1 s) polls
+    await _tokens_and_sessions_hold_everywhere(a, b, bound=5.0)
+
+
+@pytest.mark.gen_test(timeout=180)
+async def test_tokens_hold_on_every_worker(cluster):
+    (server,) = await cluster(1, "--workers", "2", auth=NOT_NUDGED)
+    created = await create_token(server, "worker-bot")
+    # Each call is a new connection, spread over both workers by SO_REUSEPORT.
+    await holds([server] * 12, created["token"], 200, "both workers to accept it", 5.0)
+    revoked = await call(server, "DELETE", f"/api/admin/tokens/{created['token_id']}")
+    assert revoked.code == 200, revoked
+    await holds([server] * 12, created["token"], 401, "both workers to refuse it", 5.0)
+
+
+@pytest.mark.gen_test(timeout=120)
+async def test_a_revoked_admin_can_change_nothing_on_a_process_that_has_not_reloaded(cluster):
+    # No backplane and a long poll: B keeps believing in the revoked token, yet the
+    # database refuses what it tries.
+    a, b = await cluster(2, backplane={"url": ""}, auth=NOT_NUDGED)
+    rogue = await create_token(a, "rogue", "admin")
+    other = await create_token(a, "other", "admin")
+    await holds([b], rogue["token"], 200, "B to load the new admin tokens", 60.0)
+    assert (await call(a, "DELETE", f"/api/admin/tokens/{rogue['token_id']}")).code == 200
+    assert await status(b, rogue["token"]) == 200  # B has not reloaded yet (stale for 30 s)
+    made = await call(
+        b, "POST", "/api/admin/tokens", {"name": "x", "role": "admin"}, rogue["token"]
+    )
+    assert made.code == 401 and made.json["error"]["code"] == "unauthorized", made
+    gone = await call(b, "DELETE", f"/api/admin/tokens/{other['token_id']}", token=rogue["token"])
+    assert gone.code == 401, gone
+    listed = (await call(a, "GET", "/api/admin/tokens")).json["tokens"]
+    assert {t["name"] for t in listed if not t["revoked"]} >= {"test-admin", "other"}
+    assert "x" not in {t["name"] for t in listed}
+
+
+@pytest.mark.gen_test(timeout=120)
+async def test_the_last_admin_cannot_be_revoked_from_two_processes_at_once(cluster):
+    a, b = await cluster(2, backplane={"url": ""}, auth=NOT_NUDGED)
+    second = await create_token(a, "second-admin", "admin")
+    await holds([b], second["token"], 200, "B to load the second admin", 60.0)
+    # A revokes the config admin with the second; B revokes the second with the config admin.
+    results = await asyncio.gather(
+        call(a, "DELETE", f"/api/admin/tokens/{ADMIN_ID}", token=second["token"]),
+        call(b, "DELETE", f"/api/admin/tokens/{second['token_id']}", token=ADMIN),
+    )
+    codes = sorted(r.code for r in results)
+    assert codes[0] == 200 and codes[1] in (401, 409), results
+    # The database, the cluster's truth, revoked exactly one of the two.
+    assert (
+        scalar(cluster.db_url, "SELECT count(*) FROM api_token WHERE revoked_at IS NOT NULL") == 1
+    )
+
+
+async def _login_code(server) -> str:
+    """The code of the sign-in link the server prints after "listening on"."""
+
+    async def printed():
+        return re.findall(r"/login#code=([\w-]+)", "".join(server.output))
+
+    (code,) = await wait_for(printed, "the sign-in link")
+    return code
+
+
+@pytest.mark.gen_test(timeout=120)
+async def test_a_sign_in_code_works_once_on_any_instance(cluster):
+    a, b = await cluster(2, auth={"tokens": []})  # no admin configured: the first-run token
+    code = await _login_code(a)
+    resp, _ = await login(b, "code", code)
+    assert resp.code == 302 and "qs_session" in cookies_of(resp)
+    for server in (a, b):
+        again, _ = await login(server, "code", code)
+        assert again.code == 401, again
+
+
+@pytest.mark.gen_test(timeout=180)
+async def test_a_sign_in_code_works_once_across_workers(cluster):
+    (server,) = await cluster(1, "--workers", "2", auth={"tokens": []})
+    code = await _login_code(server)
+    resp, _ = await login(server, "code", code)
+    assert resp.code == 302, resp
+    # Ten new connections, spread over both workers: none gets in with the spent code.
+    for _ in range(10):
+        again, _ = await login(server, "code", code)
+        assert again.code == 401, again
+
+
+@pytest.mark.gen_test(timeout=120)
+async def test_backplane_messages_without_the_secret_reach_no_dashboard(cluster, redis_server):
+    import redis.asyncio as redis
+
+    a, b = await cluster(2)
+    channel = cluster.config["backplane"]["channel"]
+    spy = redis.Redis.from_url(redis_server.url)
+    pubsub = spy.pubsub(ignore_subscribe_messages=True)
+    await pubsub.subscribe(channel)
+    watchers = []
+    for server in (a, b):
+        ws = await ws_connect(server, "types=violation,alert")
+        await ws.recv_type("welcome")
+        watchers.append(ws)
+    try:
+        await violate(a, "mallory")
+        raw = None
+        while raw is None:
+            item = await pubsub.get_message(timeout=5.0)
+            if item and item["type"] == "message":
+                raw = item["data"]
+        envelope = json.loads(raw.split(b".", 1)[1])
+        assert envelope["type"] == "violation"  # a real message, as published
+        forged = {**envelope, "seq": envelope["seq"] + 1}
+        forged["data"] = {**envelope["data"], "username": "eve"}
+        as_alert = {**forged, "type": "alert", "data": {"message": "forged alert"}}
+        wrong_key = hmac.new(b"not-the-secret" * 3, json.dumps(forged).encode(), "sha256")
+        for fake in (
+            json.dumps(forged),  # unsigned
+            json.dumps(as_alert),
+            f"{wrong_key.hexdigest()}.{json.dumps(forged)}",  # signed with another key
+        ):
+            await spy.publish(channel, fake)
+
+        async def rejected():
+            health = (await call(b, "GET", "/api/ws/health", token=VIEWER)).json
+            return health["backplane"]["rejected"] >= 3
+
+        await wait_for(rejected, "B to reject the three forged messages")
+        await violate(a, "trudy")
+        seen = []
+        for ws in watchers:
+            got = []
+            while not got or got[-1]["data"].get("username") != "trudy":
+                got.append(await ws.recv_type("violation", timeout=15))
+            seen.append([(m["seq"], m["data"]["username"]) for m in got])
+            everything = json.dumps(ws.messages)
+            assert "eve" not in everything and "forged alert" not in everything
+        assert seen[0] == seen[1], seen  # the same real events, same seqs, on A and B
+    finally:
+        await pubsub.aclose()
+        await spy.aclose()
+
+
+@pytest.mark.gen_test(timeout=180)
+async def test_three_instances_started_together_on_an_empty_database_all_come_up(cluster, tmp_path):
+    servers = await cluster(3, at_once=True)
+    for server in servers:
+        assert (await call(server, "GET", "/api/health")).code == 200
+    assert scalar(cluster.db_url, "SELECT max(version) FROM schema_version") >= 6
+    assert scalar(cluster.db_url, "SELECT count(*) FROM quota_rule WHERE scope = ''") == 3
+    # A database migrated by a newer version is refused, naming both versions.
+    import psycopg2
+
+    with psycopg2.connect(cluster.db_url) as conn, conn.cursor() as cur:
+        cur.execute("INSERT INTO schema_version VALUES (999, now())")
+    path = write_config(str(tmp_path / "newer.yaml"), cluster.config)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("QUOTASERVER_")}
+    refused = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "run.py"), "--config", path, "--port", "0"],
+        capture_output=True, text=True, timeout=60, env=env, cwd=tmp_path,
+    )  # fmt: skip
+    assert refused.returncode == 2, refused.stderr
+    assert "schema is version 999" in refused.stderr and "schema version 6" in refused.stderr
+    assert "Traceback" not in refused.stderr
+
+
+@pytest.mark.gen_test(timeout=120)
+async def test_failed_authentications_are_limited_for_the_cluster_not_per_instance(cluster):
+    a, b = await cluster(2, auth={"failed_attempts_per_ip": 40})
+    answers = []
+    for i in range(100):  # alternating, as a guesser spreading over instances would
+        answers.append(await status((a, b)[i % 2], f"guess-{i}-0123456789abcdef"))
+    refused_as_wrong = answers.count(401)
+    # 40, plus at most one per other instance while its cluster count is in flight; one
+    # process counting alone would let 2 x 40 through.
+    assert 40 <= refused_as_wrong <= 41, answers
+    assert answers[-10:] == [429] * 10
+    assert await status(a, ADMIN) == 429 and await status(b, ADMIN) == 429  # the address
+
+
+@pytest.mark.gen_test(timeout=120)
+async def test_the_connection_cap_per_identity_counts_every_instance(cluster):
+    a, b = await cluster(2, auth={"max_connections_per_identity": 3})
+    held = []
+    for _ in range(3):
+        ws = await ws_connect(a, "types=violation", token=VIEWER)
+        await ws.recv_type("welcome")
+        held.append(ws)
+
+    async def refused_on_b():  # B hears A's counts within a second
+        try:
+            ws = await ws_connect(b, "types=violation", token=VIEWER)
+        except Exception as exc:  # the 429 before the upgrade
+            return getattr(exc, "code", None) == 429
+        ws.close()
+        return False
+
+    await wait_for(refused_on_b, "B to count A's connections of the same identity")
+    for ws in held:
+        ws.close()
+    await wait_for(lambda: _admitted(b), "B to admit the identity again once A's are closed")
+
+
+async def _admitted(server) -> bool:
+    try:
+        ws = await ws_connect(server, "types=violation", token=VIEWER)
+    except Exception:  # noqa: BLE001 - still refused
+        return False
+    await ws.recv_type("welcome")
+    ws.close()
+    return True

@@ -16,50 +16,36 @@ import sqlite3
 import stat
 import subprocess
 import sys
+import time
 from typing import Any
 from urllib.parse import quote
 
 import pytest
-from clients import ADMIN, SERVICE, VIEWER, call, consume, sse_connect, ws_connect
+from clients import (
+    ADMIN,
+    FORM,
+    SERVICE,
+    VIEWER,
+    call,
+    consume,
+    cookies_of,
+    login,
+    session_headers,
+    sse_connect,
+    ws_connect,
+)
 from tornado.httpclient import HTTPClientError
 
 from quotaserver.auth import SESSION_COOKIE
 from quotaserver.config import ConfigError, load_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FORM = "application/x-www-form-urlencoded"
 API = "/api/admin/quotas"
-
-
-def cookies_of(resp: Any) -> dict[str, str]:
-    jar = {}
-    for header in resp.headers.get_list("Set-Cookie"):
-        name, _, value = header.split(";", 1)[0].partition("=")
-        jar[name.strip()] = value.strip().strip('"')
-    return jar
 
 
 def set_cookie_flags(resp: Any, name: str) -> list[str]:
     header = next(c for c in resp.headers.get_list("Set-Cookie") if c.startswith(name + "="))
     return [f.strip().lower() for f in header.split(";")[1:]]
-
-
-async def login(
-    app: Any, field: str, value: str, headers: dict[str, str] | None = None
-) -> tuple[Any, str]:
-    """The login form as a browser uses it: GET (XSRF cookie), then POST ``field``."""
-    form = await call(app, "GET", "/login", token=None)
-    xsrf = cookies_of(form)["_xsrf"]
-    body = f"{field}={quote(value)}&_xsrf={xsrf}"
-    hdrs = {"Cookie": f"_xsrf={xsrf}", "Content-Type": FORM, **(headers or {})}
-    return await call(app, "POST", "/login", raw=body, token=None, headers=hdrs), xsrf
-
-
-async def session_headers(app: Any, token: str) -> dict[str, str]:
-    resp, xsrf = await login(app, "token", token)
-    assert resp.code == 302, resp
-    jar = f"{SESSION_COOKIE}={cookies_of(resp)[SESSION_COOKIE]}; _xsrf={xsrf}"
-    return {"Cookie": jar, "X-XSRFToken": xsrf}
 
 
 def audit(tmp_path: Any, action: str) -> list[tuple]:
@@ -168,7 +154,7 @@ async def test_logout_under_a_locked_database_changes_nothing_then_applies_whole
 async def test_login_by_url_makes_no_session_and_codes_work_once_then_expire(app_factory):
     app = await app_factory(auth__tokens=[])  # no admin configured: the first-run token
     assert app.auth.first_run_token
-    code = app.auth.issue_login_code()
+    code = await app.auth.issue_login_code()
     for query in (f"token={quote(app.auth.first_run_token)}", f"code={code}"):
         resp = await call(app, "GET", f"/login?{query}", token=None)
         assert resp.code == 200 and SESSION_COOKIE not in cookies_of(resp), query
@@ -178,10 +164,10 @@ async def test_login_by_url_makes_no_session_and_codes_work_once_then_expire(app
     again, _ = await login(app, "code", code)
     assert again.code == 401 and SESSION_COOKIE not in cookies_of(again)
 
-    # A code expires: the login codes run on an injectable monotonic clock.
-    now = [1000.0]
+    # A code expires: the login codes run on an injectable wall clock.
+    now = [time.time()]
     app.auth.login_codes.clock = lambda: now[0]
-    late = app.auth.issue_login_code()
+    late = await app.auth.issue_login_code()
     now[0] += app.config["auth.login_code_lifetime"] + 1
     resp, _ = await login(app, "code", late)
     assert resp.code == 401 and SESSION_COOKIE not in cookies_of(resp)
@@ -440,6 +426,76 @@ def test_weak_or_readable_secret_files_stop_start_up_with_exit_2(
     assert "Traceback" not in done.stderr
     if len(content.strip()) >= 16:
         assert content.strip() not in done.stderr + done.stdout
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="giving a file to another user needs root (CI is)")
+@pytest.mark.parametrize(
+    ("case", "key", "why"),
+    [
+        ("owner", "auth.token_file: data/admin_token", "owned by uid 65534"),
+        # The cookie secret is the first file the server reads or writes there.
+        ("directory", "auth.cookie_secret: data/cookie_secret", "which other users can write"),
+    ],
+)
+def test_secret_files_of_another_user_or_in_a_shared_directory_stop_start_up(
+    tmp_path, case, key, why
+):
+    data = tmp_path / "data"
+    data.mkdir()
+    path = data / "admin_token"
+    path.write_text("a-long-enough-token-0123456789\n")
+    os.chmod(path, 0o600)
+    if case == "owner":
+        os.chown(path, 65534, 65534)  # nobody: they could have chosen our admin token
+    else:
+        os.chmod(data, 0o777)  # anyone could swap the file for one of theirs
+    done = run_server_until_exit(tmp_path)
+    assert done.returncode == 2, done.stderr
+    line = done.stderr.strip().splitlines()[-1]
+    assert line.startswith(f"quotaserver: configuration error: {key} "), line
+    assert why in line, line
+    assert "Traceback" not in done.stderr
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_a_symlink_planted_at_a_secret_path_is_replaced_not_written_through(
+    app_factory, tmp_path
+):
+    target = tmp_path / "somewhere-else"
+    link = tmp_path / "admin_token"
+    link.symlink_to(target)  # dangling: an attacker waiting for the server to write there
+    app = await app_factory(auth__tokens=[], auth__token_file=str(link))
+    assert app.auth.first_run_token
+    assert not target.exists() and not link.is_symlink()
+    assert link.read_text().strip() == app.auth.first_run_token
+    assert stat.S_IMODE(link.stat().st_mode) == 0o600
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_the_xsrf_token_is_bound_to_its_session(app_factory):
+    app = await app_factory()
+    mine = await session_headers(app, ADMIN)
+    body = {"name": "bound", "role": "viewer"}
+    ok = await call(app, "POST", "/api/admin/tokens", body, token=None, headers=mine)
+    assert ok.code == 201, ok
+    # Another XSRF token, valid as a pair (cookie = header) but issued to no session of ours:
+    # what a cookie planted from a sibling domain would give.
+    planted = cookies_of(await call(app, "GET", "/login", token=None))["_xsrf"]
+    session = mine["Cookie"].split(";")[0]
+    forged = {"Cookie": f"{session}; _xsrf={planted}", "X-XSRFToken": planted}
+    body = {"name": "forged", "role": "admin"}
+    refused = await call(app, "POST", "/api/admin/tokens", body, token=None, headers=forged)
+    assert refused.code == 403 and refused.json["error"]["code"] == "xsrf", refused
+    names = {t["name"] for t in (await call(app, "GET", "/api/admin/tokens")).json["tokens"]}
+    assert "bound" in names and "forged" not in names
+    # The dashboard hands a browser that lost its _xsrf cookie the session's token again.
+    page = await call(app, "GET", "/admin/quotas", token=None, headers={"Cookie": session})
+    restored = cookies_of(page)["_xsrf"]
+    again = {"Cookie": f"{session}; _xsrf={restored}", "X-XSRFToken": restored}
+    body = {"name": "restored", "role": "viewer"}
+    assert (
+        await call(app, "POST", "/api/admin/tokens", body, token=None, headers=again)
+    ).code == 201
 
 
 # -- 3. connection hygiene (in process; the fd-limit attack is in test_hardening_net.py) --

@@ -24,7 +24,18 @@ from urllib.parse import quote, urlsplit
 import pytest
 import tornado.web
 import tornado.websocket
-from clients import ADMIN, METRICS, SERVICE, VIEWER, call, consume, sse_connect, ws_connect
+from clients import (
+    ADMIN,
+    FORM,
+    METRICS,
+    SERVICE,
+    VIEWER,
+    call,
+    consume,
+    cookies_of,
+    sse_connect,
+    ws_connect,
+)
 from conftest import FakeMonotonic
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -59,7 +70,6 @@ WS_UPGRADE = {
     "Sec-WebSocket-Version": "13",
 }
 MANY = 100_000  # connection limits out of the way of tests about something else
-FORM = "application/x-www-form-urlencoded"
 
 
 # -- helpers -----------------------------------------------------------------------------
@@ -169,14 +179,6 @@ async def raw_request(
 
 def auth_headers(role: str | None) -> dict[str, str]:
     return {"Authorization": f"Bearer {TOKENS[role]}"} if role else {}
-
-
-def cookies_of(resp: Any) -> dict[str, str]:
-    jar = {}
-    for header in resp.headers.get_list("Set-Cookie"):
-        name, _, value = header.split(";", 1)[0].partition("=")
-        jar[name.strip()] = value.strip().strip('"')
-    return jar
 
 
 async def login_post(

@@ -18,9 +18,11 @@ method against these declarations.
 
 from __future__ import annotations
 
+import hmac
 import json
 import logging
-from collections.abc import Collection, Mapping
+import time
+from collections.abc import Awaitable, Collection, Mapping
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, ClassVar
 from urllib.parse import urlencode
@@ -180,6 +182,15 @@ def json_body(
     return body
 
 
+def unauthorized() -> ApiError:
+    return ApiError(
+        401,
+        "unauthorized",
+        "credentials required",
+        {"WWW-Authenticate": 'Bearer realm="quotaserver"'},
+    )
+
+
 def client_address(handler: tornado.web.RequestHandler) -> str:
     return handler.request.remote_ip or "?"
 
@@ -260,11 +271,29 @@ class BaseHandler(tornado.web.RequestHandler):
             )
 
     def check_xsrf(self) -> None:
-        """403 unless the request carries the XSRF token of its cookie session."""
+        """403 unless the request carries the XSRF token of its cookie session: the token
+        must match the ``_xsrf`` cookie (Tornado's check) and, for a session, the token the
+        session was issued with (a cookie planted by someone else does not do)."""
         try:
             self.check_xsrf_cookie()
         except tornado.web.HTTPError:
             raise ApiError(403, "xsrf", "missing or invalid XSRF token") from None
+        identity = self.identity
+        if identity is not None and identity.session_id:
+            _version, raw, _when = self._get_raw_xsrf_token()
+            if not hmac.compare_digest(raw.hex(), identity.xsrf or ""):
+                raise ApiError(403, "xsrf", "the XSRF token is not this session's")
+
+    def session_xsrf_token(self) -> str:
+        """The XSRF token for a page: the session's own (the ``_xsrf`` cookie is set to it
+        again if a browser lost or replaced it), else Tornado's."""
+        identity = self.identity
+        if identity is not None and identity.xsrf:
+            _version, raw, _when = self._get_raw_xsrf_token()
+            if raw.hex() != identity.xsrf:
+                # Tornado (re)sets the cookie for a token it did not read from one.
+                self._raw_xsrf_token = (None, bytes.fromhex(identity.xsrf), time.time())
+        return self.xsrf_token.decode("ascii")
 
     def _request_summary(self) -> str:
         return request_summary(self)
@@ -306,17 +335,21 @@ class BaseHandler(tornado.web.RequestHandler):
                     target += "?" + self.request.query
                 # Tornado skips the method once prepare() has finished the response.
                 return self.redirect("/login?" + urlencode({"next": target}))
-            raise ApiError(
-                401,
-                "unauthorized",
-                "credentials required",
-                {"WWW-Authenticate": 'Bearer realm="quotaserver"'},
-            )
+            counting = self.app.auth.failures.counting(client_address(self))
+            if counting is not None:
+                # A refused credential: answer once the cluster has counted it (Tornado
+                # awaits what prepare returns), so the next guess anywhere meets the count.
+                return self._unauthorized_after(counting)
+            raise unauthorized()
         if not self.identity.allowed(roles):
             raise ApiError(403, "forbidden", "this role may not use this route")
         # A bearer token is not an ambient credential: only cookie sessions need XSRF.
         if self.identity.session_id and self.request.method in STATE_CHANGING:
             self.check_xsrf()
+
+    async def _unauthorized_after(self, counting: Awaitable[Any]) -> None:
+        await counting
+        raise unauthorized()
 
     @property
     def actor(self) -> str:

@@ -57,8 +57,8 @@ class DashboardHandler(BaseHandler):
         self.set_header("Content-Security-Policy", csp)
         self.render(
             "admin_quotas_dashboard.html",
-            # Reading xsrf_token sets the _xsrf cookie the page echoes in X-XSRFToken.
-            xsrf=self.xsrf_token.decode("ascii"),
+            # Sets the _xsrf cookie (the session's token) the page echoes in X-XSRFToken.
+            xsrf=self.session_xsrf_token(),
             actor=identity.name if identity else "anonymous",
             role=identity.role if identity else "admin",
             session=bool(identity and identity.session_id),

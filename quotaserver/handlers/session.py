@@ -48,11 +48,11 @@ class LoginHandler(BaseHandler):
     def get(self) -> None:
         self._form()
 
-    def post(self) -> None:
+    async def post(self) -> None:
         self.check_xsrf()
         code = self.get_body_argument("code", "").strip()
         if code:
-            d = self.app.auth.login_codes.redeem(code)
+            d = await self.app.auth.login_codes.redeem(code)
             identity = self.app.auth.authenticate_digest(d) if d else None
             if identity is None:
                 return self._refused("That sign-in link has expired or was already used.")
@@ -70,7 +70,9 @@ class LoginHandler(BaseHandler):
         self._form(message)
 
     def _sign_in(self, identity: Identity) -> None:
-        session = self.app.auth.new_session(identity)
+        # The form's XSRF token (checked above) becomes the session's own.
+        _version, raw_xsrf, _when = self._get_raw_xsrf_token()
+        session = self.app.auth.new_session(identity, raw_xsrf.hex())
         self.set_signed_cookie(
             SESSION_COOKIE,
             json.dumps(session, separators=(",", ":")),

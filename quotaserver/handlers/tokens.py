@@ -23,7 +23,7 @@ class TokensHandler(BaseHandler):
         body = self.json_body(CREATE_FIELDS)
         # Refusals are AuthError (a domain error with its status): rendered by write_error.
         token, info = await self.app.auth.create_token(
-            body.get("name"), body.get("role"), self.actor
+            body.get("name"), body.get("role"), self.actor, self.identity
         )
         self.send_json({"token": token, **info.to_json()}, status=201)
 
@@ -32,7 +32,7 @@ class TokenHandler(BaseHandler):
     """DELETE /api/admin/tokens/{token_id}: revoke, and end its live connections."""
 
     async def delete(self, token_id: str) -> None:
-        info = await self.app.auth.revoke_token(token_id, self.actor)
+        info = await self.app.auth.revoke_token(token_id, self.actor, self.identity)
         closed = self.app.end_identity(token_ids=[info.token_id])
         self.send_json(
             {"revoked": info.to_json() | {"revoked": True}, "connections_closed": closed}

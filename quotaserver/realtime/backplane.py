@@ -10,13 +10,22 @@ consume path: publishing only queues, and an outage costs live latency, never ev
 Live-only events (``durable=False``: a plugin's ``usage`` updates, say) have no seq and no
 log to backfill from: they travel best effort on a second channel (``<channel>:live``),
 tagged with the sending process so it does not deliver its own twice, and are lost while
-Redis is unreachable, as they would be for a client that is not connected.
+Redis is unreachable, as they would be for a client that is not connected. A third channel
+(``<channel>:control``) carries nudges between instances ("the credentials changed: reload
+them now"); losing one costs the database poll's bound, never a decision.
+
+Every message on every channel is signed: ``<hex HMAC-SHA256 of the text>.<text>`` with the
+cluster secret (``backplane.secret``). Anything that does not verify is dropped before it is
+decoded, counted in ``rejected`` and logged at most once a minute, so a client of Redis
+without the secret can neither inject, shadow nor reorder an event.
 """
 
 from __future__ import annotations
 
 import abc
 import asyncio
+import hashlib
+import hmac
 import json
 import logging
 import random
@@ -33,6 +42,24 @@ log = logging.getLogger(__name__)
 
 Deliver = Callable[[Message], None]
 Resync = Callable[[], None]
+Control = Callable[[dict[str, Any]], None]
+_MAC_HEX = 64  # hex digits of an HMAC-SHA256
+
+
+def sign(secret: bytes, text: str) -> str:
+    """``text`` as published: its HMAC-SHA256 with ``secret`` (hex), a dot, the text."""
+    mac = hmac.new(secret, text.encode("utf-8", "surrogatepass"), hashlib.sha256).hexdigest()
+    return f"{mac}.{text}"
+
+
+def verify(secret: bytes, raw: bytes | str) -> bytes | None:
+    """The text of a signed message, or None if its signature does not verify."""
+    data = raw.encode("utf-8", "surrogatepass") if isinstance(raw, str) else raw
+    if len(data) <= _MAC_HEX or data[_MAC_HEX : _MAC_HEX + 1] != b".":
+        return None
+    mac, text = data[:_MAC_HEX], data[_MAC_HEX + 1 :]
+    expected = hmac.new(secret, text, hashlib.sha256).hexdigest().encode()
+    return text if hmac.compare_digest(mac, expected) else None
 
 
 class Backplane(abc.ABC):
@@ -47,14 +74,19 @@ class Backplane(abc.ABC):
         self.lag: float | None = None  # seconds from commit to arrival, last remote event
         self.received = 0
         self.dropped = 0
+        self.rejected = 0  # messages whose signature did not verify
 
     @abc.abstractmethod
     async def start(
-        self, deliver: Deliver, resync: Resync, deliver_live: Deliver | None = None
+        self,
+        deliver: Deliver,
+        resync: Resync,
+        deliver_live: Deliver | None = None,
+        control: Control | None = None,
     ) -> None:
         """Begin delivering remote events to ``deliver`` (live-only ones to
-        ``deliver_live``); call ``resync`` after each (re)connection so the caller can
-        backfill what it missed."""
+        ``deliver_live``, nudges to ``control``); call ``resync`` after each (re)connection
+        so the caller can backfill what it missed."""
 
     @abc.abstractmethod
     def publish(self, message: Message) -> None:
@@ -62,6 +94,9 @@ class Backplane(abc.ABC):
 
     def publish_live(self, message: Message) -> None:  # noqa: B027 - nobody else to tell
         """Queue a live-only event (no seq) for the other instances, best effort."""
+
+    def publish_control(self, data: dict[str, Any]) -> None:  # noqa: B027 - nobody to tell
+        """Queue a nudge for the other instances (e.g. ``{"credentials": version}``)."""
 
     async def stop(self) -> None:  # noqa: B027 - optional: nothing to release by default
         """Stop delivering and release connections."""
@@ -77,6 +112,7 @@ class Backplane(abc.ABC):
             "lag": round(self.lag, 4) if self.lag is not None else None,
             "received": self.received,
             "dropped": self.dropped,
+            "rejected": self.rejected,
         }
 
 
@@ -94,7 +130,11 @@ class LocalBackplane(Backplane):
         self.connected = True
 
     async def start(
-        self, deliver: Deliver, resync: Resync, deliver_live: Deliver | None = None
+        self,
+        deliver: Deliver,
+        resync: Resync,
+        deliver_live: Deliver | None = None,
+        control: Control | None = None,
     ) -> None:
         return None
 
@@ -143,20 +183,27 @@ class RedisBackplane(Backplane):
     #: other instances backfill them from the event log).
     max_queue = 10_000
 
-    def __init__(self, url: str, channel: str, *, max_backoff: float = 5.0):
+    def __init__(self, url: str, channel: str, secret: str, *, max_backoff: float = 5.0):
         super().__init__()
+        if not secret:  # the config requires one (backplane.secret)
+            raise ValueError("a Redis backplane needs a secret")
         self.url = url
         self.channel = channel
         self.live_channel = f"{channel}:live"
+        self.control_channel = f"{channel}:control"
+        self._secret = secret.encode()
+        self._rejected_logged = 0.0
         self.origin = uuid.uuid4().hex  # this process, on the live channel
         self.max_backoff = max_backoff
         self._queue: asyncio.Queue[tuple[str, str]] = asyncio.Queue(self.max_queue)
         self._tasks: list[asyncio.Task] = []
         self._deliver: Deliver | None = None
         self._deliver_live: Deliver | None = None
+        self._control: Control | None = None
         self._resync: Resync | None = None
 
-    def _client(self) -> Any:
+    def client(self) -> Any:
+        """A new redis.asyncio client for this backplane's Redis."""
         import redis.asyncio as redis
 
         # Bounded waits: a dead or hung Redis is noticed within seconds.
@@ -165,9 +212,14 @@ class RedisBackplane(Backplane):
         )
 
     async def start(
-        self, deliver: Deliver, resync: Resync, deliver_live: Deliver | None = None
+        self,
+        deliver: Deliver,
+        resync: Resync,
+        deliver_live: Deliver | None = None,
+        control: Control | None = None,
     ) -> None:
         self._deliver, self._resync, self._deliver_live = deliver, resync, deliver_live
+        self._control = control
         self._tasks = [
             asyncio.create_task(self._subscribe_forever(), name="backplane-subscribe"),
             asyncio.create_task(self._publish_forever(), name="backplane-publish"),
@@ -179,9 +231,12 @@ class RedisBackplane(Backplane):
     def publish_live(self, message: Message) -> None:
         self._put(self.live_channel, encode_live(self.origin, message))
 
+    def publish_control(self, data: dict[str, Any]) -> None:
+        self._put(self.control_channel, json.dumps({"from": self.origin, "data": data}))
+
     def _put(self, channel: str, text: str) -> None:
         try:
-            self._queue.put_nowait((channel, text))
+            self._queue.put_nowait((channel, sign(self._secret, text)))
         except asyncio.QueueFull:
             self.dropped += 1
 
@@ -204,13 +259,18 @@ class RedisBackplane(Backplane):
         await asyncio.sleep(delay * random.uniform(0.5, 1.0))
 
     async def _subscribe_forever(self) -> None:
-        live = self.live_channel.encode()
+        handlers = {
+            self.channel: self._received,
+            self.live_channel: self._received_live,
+            self.control_channel: self._received_control,
+        }
+        handlers.update({name.encode(): fn for name, fn in list(handlers.items())})
         attempt = 0
         while True:
-            client = self._client()
+            client = self.client()
             pubsub = client.pubsub(ignore_subscribe_messages=True)
             try:
-                await pubsub.subscribe(self.channel, self.live_channel)
+                await pubsub.subscribe(self.channel, self.live_channel, self.control_channel)
                 if not self.connected:
                     log.info("backplane connected to %s", self.channel)
                 self.connected, attempt = True, 0
@@ -219,10 +279,12 @@ class RedisBackplane(Backplane):
                 while True:
                     item = await pubsub.get_message(timeout=1.0)
                     if item is not None and item.get("type") == "message":
-                        if item.get("channel") in (live, self.live_channel):
-                            self._received_live(item["data"])
-                        else:
-                            self._received(item["data"])
+                        handle = handlers.get(item.get("channel"))
+                        text = verify(self._secret, item["data"])
+                        if text is None:
+                            self._reject()
+                        elif handle is not None:
+                            handle(text)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # noqa: BLE001 - any fault: reconnect
@@ -243,6 +305,30 @@ class RedisBackplane(Backplane):
         assert self._deliver is not None
         self._deliver(message)
 
+    def _reject(self) -> None:
+        """A message without a valid signature: never decoded, counted, logged once a
+        minute at most (a flood must not flood the log too)."""
+        self.rejected += 1
+        now = time.monotonic()
+        if now - self._rejected_logged >= 60:
+            self._rejected_logged = now
+            log.warning(
+                "backplane: dropped a message without a valid signature (%d so far): "
+                "something that is not an instance of this deployment publishes on %s",
+                self.rejected,
+                self.channel,
+            )
+
+    def _received_control(self, raw: bytes) -> None:
+        try:
+            outer = json.loads(raw)
+            origin, data = outer["from"], outer["data"]
+        except (ValueError, KeyError, TypeError):
+            log.warning("backplane: ignored a malformed control message")
+            return
+        if origin != self.origin and isinstance(data, dict) and self._control is not None:
+            self._control(data)
+
     def _received_live(self, raw: bytes) -> None:
         try:
             origin, message = decode_live(raw)
@@ -253,7 +339,7 @@ class RedisBackplane(Backplane):
             self._deliver_live(message)
 
     async def _publish_forever(self) -> None:
-        client = self._client()
+        client = self.client()
         attempt = 0
         try:
             while True:
@@ -281,6 +367,6 @@ async def _close(pubsub: Any, client: Any) -> None:
         log.debug("backplane: close failed", exc_info=True)
 
 
-def make_backplane(url: str, channel: str) -> Backplane:
+def make_backplane(url: str, channel: str, secret: str = "") -> Backplane:
     """The backplane named by ``backplane.url`` (empty: in-process)."""
-    return RedisBackplane(url, channel) if url else LocalBackplane()
+    return RedisBackplane(url, channel, secret) if url else LocalBackplane()
