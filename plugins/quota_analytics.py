@@ -2,10 +2,11 @@
 
 A stats tick reads in-memory figures only. At start-up they are read from the database
 with a few indexed counts (never a pass over users or usage rows): the users, today's
-commands and violations from the per-minute activity, and today's active and
+commands, violations and load refusals from the per-minute tables, and today's active and
 high-utilisation users from the maintained ``daily_peak`` table. Afterwards:
 
-- commands and violations are counted from decisions and ``violation`` events;
+- commands, violations and load refusals are counted from decisions and ``violation``
+  events;
 - new users are counted from the user ids that decisions, ``quota_change`` and
   ``violation`` events carry (ids above the highest at start-up are kept in a set, so a
   user seen twice counts once);
@@ -37,7 +38,7 @@ from peewee import fn
 
 from quotaserver import hookimpl
 from quotaserver.db import DatabaseError
-from quotaserver.models import Activity, DailyPeak, User
+from quotaserver.models import Activity, DailyPeak, LoadRefusalMinute, User
 from quotaserver.realtime.emitters import PeriodicEmitter
 from quotaserver.standings import utilization
 
@@ -61,6 +62,7 @@ class Figures:
         self.high = 0  # users at >= HIGH_PERCENT of a daily limit today
         self.commands = 0
         self.violations = 0
+        self.load_refusals = 0  # consumes refused for load (throttle factor 0) today
         self.recounting = False  # a recount of active/high is running
         self.dirty = False  # ... and another one is wanted after it
         self.next_recount = 0.0  # monotonic time before which no recount starts
@@ -74,7 +76,7 @@ class Figures:
     def new_day(self, day_key: int) -> None:
         self.day_key = day_key
         self.active = self.high = 0
-        self.commands = self.violations = 0
+        self.commands = self.violations = self.load_refusals = 0
 
     @property
     def total_users(self) -> int:
@@ -136,6 +138,11 @@ def _rebuild(app: Any) -> dict[str, Any]:
         Activity.minute >= today.key
     )
     commands, violations = totals.tuples().first() or (0, 0)
+    refused = (
+        LoadRefusalMinute.select(fn.SUM(LoadRefusalMinute.refused))
+        .where(LoadRefusalMinute.minute >= today.key)
+        .scalar()
+    )
     return {
         "day_key": today.key,
         "total_users": User.select().count(),
@@ -144,6 +151,7 @@ def _rebuild(app: Any) -> dict[str, Any]:
         "high": high,
         "commands": int(commands or 0),  # PostgreSQL sums are Decimals
         "violations": int(violations or 0),
+        "load_refusals": int(refused or 0),
     }
 
 
@@ -155,6 +163,7 @@ async def rebuild(app: Any) -> None:
     fig.new_users = set()
     fig.active, fig.high = data["active"], data["high"]
     fig.commands, fig.violations = data["commands"], data["violations"]
+    fig.load_refusals = data["load_refusals"]
 
 
 def request_recount(app: Any) -> None:
@@ -216,6 +225,8 @@ def on_decision(app: Any, decision: Any) -> None:
         fig.new_day(day_key)
     fig.add_factor(decision.throttle_factor, time.time())
     fig.saw_user(decision.user_id)
+    if decision.reason == "system_overloaded":
+        fig.load_refusals += 1
     if decision.consumed and decision.user_id is not None:
         fig.commands += decision.count
         if _may_change_peaks(decision):
@@ -307,6 +318,7 @@ def stats_fields(app: Any) -> dict[str, Any]:
         "active_users_today": fig.active,
         "commands_today": fig.commands,
         "violations_today": fig.violations,
+        "load_refusals_today": fig.load_refusals,
         "high_utilization_count": fig.high,
         "average_throttle_factor": fig.average_factor(time.time()),
         "system_load": {

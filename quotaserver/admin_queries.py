@@ -50,7 +50,7 @@ if TYPE_CHECKING:
 
 # Utilisation risk levels, highest first: (name, percent at or above which it applies).
 RISK_LEVELS = (("critical", 95.0), ("high", 90.0), ("elevated", 80.0))
-USER_SORTS = ("username", "utilization")
+USER_SORTS = ("username", "utilization", "violations")
 MAX_ID = 2**62  # ids in cursors stay inside every database's integer range
 
 
@@ -142,7 +142,9 @@ class AdminQueries:
     def _today(self) -> Any:
         return self.quota.calendar.window("daily", self.quota.clock())
 
-    def _user_json(self, user: Any, used: dict[str, int], rules: Rules, violations: int) -> dict:
+    def _user_json(
+        self, user: Any, used: dict[str, int], rules: Rules, violations: int, refused: int = 0
+    ) -> dict:
         usage = {}
         percents = []
         for command_type in self.quota.command_types:
@@ -166,6 +168,7 @@ class AdminQueries:
             "max_percent": top,
             "risk": risk(top),
             "violations_today": violations,
+            "load_refusals_today": refused,
         }
 
     def _violations_today(self, user_ids: list[int], since: datetime) -> dict[int, int]:
@@ -186,7 +189,13 @@ class AdminQueries:
         today = self._today()
         ranking = FastRanking(self.store.db, search, today.key)
         after = decode_cursor(cursor) if cursor else None
-        if sort == "utilization":
+        total = None
+        if sort == "violations":
+            if cursor:
+                raise BadCursor("the violations order pages by page number only")
+            users, total = ranking.by_violations(page, today.start)
+            last = None
+        elif sort == "utilization":
             users, last = ranking.by_utilization(page, after)
         else:
             users, last = ranking.by_name(page, after)
@@ -194,9 +203,11 @@ class AdminQueries:
         rules = ranking.rules(ids)
         used = ranking.daily_usage(ids)
         violations = ranking.violations_today(ids, today.start)
-        items = [self._user_json(u, used.get(u.id, {}), rules, violations.get(u.id, 0))
+        refused = ranking.load_refusals_today(ids)
+        items = [self._user_json(u, used.get(u.id, {}), rules, violations.get(u.id, 0),
+                                 refused.get(u.id, 0))
                  for u in users]  # fmt: skip
-        result = page.result(items, ranking.total(), ranking.seq())
+        result = page.result(items, ranking.total() if total is None else total, ranking.seq())
         result["next_cursor"] = encode_cursor(last) if last is not None else None
         return result
 
@@ -245,6 +256,9 @@ class AdminQueries:
             {c: used.get((c, "daily"), 0) for c in self.quota.command_types},
             rules,
             self._violations_today([user.id], today.start).get(user.id, 0),
+            FastRanking(self.store.db, "", today.key)
+            .load_refusals_today([user.id])
+            .get(user.id, 0),
         )
         return {
             **daily,
@@ -326,6 +340,7 @@ class AdminQueries:
         statuses: list[str] | None,
         severity: str | None,
         cursor: str | None = None,
+        user: str | None = None,
     ) -> dict[str, Any]:
         after = None
         if cursor is not None:
@@ -337,7 +352,7 @@ class AdminQueries:
             if at.tzinfo is not None or not 0 < key["id"] <= MAX_ID:
                 raise BadCursor("cursor is not valid")
             after = (at, key["id"])
-        return await self._read(self._alerts_sync, page, statuses, severity, after)
+        return await self._read(self._alerts_sync, page, statuses, severity, after, user)
 
     def _alerts_sync(
         self,
@@ -345,10 +360,13 @@ class AdminQueries:
         statuses: list[str] | None,
         severity: str | None,
         after: tuple[datetime, int] | None,
+        user: str | None = None,
     ) -> dict[str, Any]:
         query = Alert.select(Alert, User.id, User.username).join(
             User, JOIN.LEFT_OUTER, on=(Alert.user == User.id)
         )
+        if user is not None:
+            query = query.where(User.username == user)
         if statuses is not None:
             query = query.where(Alert.status.in_(statuses))
         if severity is not None:
@@ -387,17 +405,33 @@ class AdminQueries:
         action: str | None,
         actor: str | None,
         cursor: str | None = None,
+        user: str | None = None,
     ) -> dict[str, Any]:
-        return await self._read(self._audit_sync, page, action, actor, after_id(cursor))
+        after = after_id(cursor)
+        return await self._read(self._audit_sync, page, action, actor, after, user)
+
+    def user_targets(self, username: str) -> list[str]:
+        """Every audit target that names the user: its usage, and its rules of each type
+        (exact strings, so the filter is an index-free IN list, never a LIKE on names that
+        may contain ``%`` or ``_``)."""
+        rules = [f"rule:{c}:user:{username}" for c in self.quota.command_types]
+        return [f"user:{username}", *rules]
 
     def _audit_sync(
-        self, page: PageRequest, action: str | None, actor: str | None, after: int | None
+        self,
+        page: PageRequest,
+        action: str | None,
+        actor: str | None,
+        after: int | None,
+        user: str | None = None,
     ) -> dict:
         query = AuditLog.select()
         if action is not None:
             query = query.where(AuditLog.action == action)
         if actor is not None:
             query = query.where(AuditLog.actor == actor)
+        if user is not None:
+            query = query.where(AuditLog.target.in_(self.user_targets(user)))
         total = query.count()
         rows, cursor = newest_first(query, AuditLog.id, page, after)
         return {**page.result([audit_json(r) for r in rows], total, last_seq()),

@@ -23,7 +23,17 @@ from peewee import Database
 
 from .db import add_to_commit
 from .limits import effective_limits, limits_sql
-from .models import GLOBAL_SCOPE, Activity, DailyPeak, QuotaRule, Usage, User, naive_utc
+from .models import (
+    GLOBAL_SCOPE,
+    Activity,
+    DailyPeak,
+    LoadRefusalDay,
+    LoadRefusalMinute,
+    QuotaRule,
+    Usage,
+    User,
+    naive_utc,
+)
 from .windows import Window
 
 
@@ -79,6 +89,18 @@ class CounterSQL:
             'ON CONFLICT ("minute") DO UPDATE SET '
             f'"commands" = {activity}."commands" + excluded."commands", '
             f'"violations" = {activity}."violations" + excluded."violations"'
+        )
+        refused_minute = _q(LoadRefusalMinute._meta.table_name)
+        refused_day = _q(LoadRefusalDay._meta.table_name)
+        self.sql_refused_minute = (
+            f'INSERT INTO {refused_minute} ("minute", "refused") VALUES ({p}, {p}) '
+            f'ON CONFLICT ("minute") DO UPDATE SET "refused" = {refused_minute}."refused" + '
+            'excluded."refused"'
+        )
+        self.sql_refused_day = (
+            f'INSERT INTO {refused_day} ("user_id", "day", "refused") VALUES ({p}, {p}, {p}) '
+            f'ON CONFLICT ("user_id", "day") DO UPDATE SET "refused" = {refused_day}."refused" + '
+            'excluded."refused"'
         )
         peak = _q(DailyPeak._meta.table_name)
         # Today's peak only rises with usage (resets and limit changes recompute it); a row
@@ -207,6 +229,25 @@ class CounterSQL:
     def _write_activity(self, totals: dict) -> None:
         for minute, (commands, violations) in sorted(totals.items()):
             self._run(self.sql_activity, (minute, commands, violations))
+
+    def bump_refused(self, minute: int, user_id: int | None, day: int) -> None:
+        """Count one consume refused for load (a request, as a violation is one): in the
+        minute's total, and in the user's day when the user is known (summed per group
+        commit, like the activity)."""
+        if not add_to_commit(self._write_refused_minutes, minute, (1,)):
+            self._run(self.sql_refused_minute, (minute, 1))
+        if user_id is None:
+            return
+        if not add_to_commit(self._write_refused_days, (user_id, day), (1,)):
+            self._run(self.sql_refused_day, (user_id, day, 1))
+
+    def _write_refused_minutes(self, totals: dict) -> None:
+        for minute, (count,) in sorted(totals.items()):
+            self._run(self.sql_refused_minute, (minute, count))
+
+    def _write_refused_days(self, totals: dict) -> None:
+        for (user_id, day), (count,) in sorted(totals.items()):
+            self._run(self.sql_refused_day, (user_id, day, count))
 
     def raise_peak(self, user_id: int, username: str, day: int, percent: float | None) -> None:
         """Record ``percent`` of a daily limit (None: unlimited) as a candidate for the

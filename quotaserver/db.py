@@ -204,6 +204,24 @@ def _migration_8(db: Database) -> None:
     )
 
 
+def _migration_9(db: Database) -> None:
+    """Consumes refused for load: per minute, and per user and day."""
+    minute, day = models.LoadRefusalMinute._meta.table_name, models.LoadRefusalDay._meta.table_name
+    user = models.User._meta.table_name
+    # Written out (not created from the models) so this step stays what it is when the
+    # models change later.
+    for sql in (
+        f'CREATE TABLE IF NOT EXISTS "{minute}" ('
+        '"minute" BIGINT NOT NULL PRIMARY KEY, "refused" BIGINT NOT NULL DEFAULT 0)',
+        f'CREATE TABLE IF NOT EXISTS "{day}" ('
+        f'"user_id" INTEGER NOT NULL REFERENCES "{user}" ("id") ON DELETE CASCADE, '
+        '"day" BIGINT NOT NULL, "refused" BIGINT NOT NULL DEFAULT 0, '
+        'PRIMARY KEY ("user_id", "day"))',
+        f'CREATE INDEX IF NOT EXISTS "{day}_day" ON "{day}" ("day")',
+    ):
+        db.execute_sql(sql)
+
+
 # Append-only: (version, function). Never edit a released migration; add a new one.
 # Migrations 1 and 2 create tables from the models as they are today. The first change to
 # an existing model must therefore come with an explicit ALTER migration (playhouse.migrate)
@@ -217,6 +235,7 @@ MIGRATIONS: tuple[tuple[int, Callable[[Database], None]], ...] = (
     (6, _migration_6),
     (7, _migration_7),
     (8, _migration_8),
+    (9, _migration_9),
 )
 SCHEMA_VERSION = MIGRATIONS[-1][0]  # what this code knows; a newer database is refused
 
@@ -333,12 +352,14 @@ def migrate(db: Database, *then: Callable[[], None]) -> int:
 
 def _migrate(db: Database) -> int:
     db.create_tables([models.SchemaVersion])
-    current = models.SchemaVersion.select().order_by(models.SchemaVersion.version.desc()).first()
-    version = current.version if current else 0
+    # Each applied step has its row: a step numbered below one already applied (merged from
+    # a branch that was in flight meanwhile) still runs once.
+    applied = {row.version for row in models.SchemaVersion.select(models.SchemaVersion.version)}
+    version = max(applied, default=0)
     if version > SCHEMA_VERSION:
         raise SchemaTooNew(version)
     for number, step in MIGRATIONS:
-        if number <= version:
+        if number in applied:
             continue
         with db.atomic():
             step(db)
@@ -346,7 +367,7 @@ def _migrate(db: Database) -> int:
                 version=number, applied_at=datetime.now(UTC).replace(tzinfo=None)
             )
         log.info("applied migration %d: %s", number, (step.__doc__ or "").strip())
-        version = number
+        version = max(version, number)
     return version
 
 

@@ -190,6 +190,26 @@ class DailyPeak(BaseModel):
     username = CharField(max_length=255)
 
 
+class LoadRefusalMinute(BaseModel):
+    """Consumes refused for load (throttle factor 0) per minute: the third series of the
+    commands chart, next to ``Activity``'s admitted and denied (a table of its own, created
+    by migration 9, so that migration 1 keeps creating ``Activity`` as it was)."""
+
+    minute = BigIntegerField(primary_key=True)  # epoch seconds of the minute's start
+    refused = BigIntegerField(default=0)
+
+
+class LoadRefusalDay(BaseModel):
+    """Consumes of a known user refused for load on one day (the daily window's key)."""
+
+    user = ForeignKeyField(User, on_delete="CASCADE")
+    day = BigIntegerField()
+    refused = BigIntegerField(default=0)
+
+    class Meta:
+        primary_key = CompositeKey("user", "day")
+
+
 class AuthState(BaseModel):
     """One row (``id`` 1): the version of the credentials, bumped in the transaction of
     every token creation, revocation and logout. Every process compares it with the
@@ -253,6 +273,8 @@ ALL_MODELS = (SchemaVersion, User, QuotaRule, Usage, Violation, Event, Alert, Au
 AUTH_MODELS = (ApiToken, RevokedSession)
 # Added by migration 3.
 SCALE_MODELS = (DailyPeak,)
+# Added by migration 9 (its own CREATE TABLE statements, not these definitions).
+LOAD_MODELS = (LoadRefusalMinute, LoadRefusalDay)
 # Added by migration 5 (written out as SQL there).
 CLUSTER_AUTH_MODELS = (AuthState, LoginCode)
 # Added by migration 7.

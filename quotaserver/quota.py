@@ -215,13 +215,10 @@ class QuotaService:
             return await self._consume_keyed(user, command_type, count, key)
         factor = self.load.factor
         overloaded = factor <= 0.0
-        work = self._check_sync if overloaded else self._consume_sync
+        work = self._refuse_for_load_sync if overloaded else self._consume_sync
 
         def run() -> Change[Decision]:
             decision = work(user, command_type, count, factor)
-            if overloaded:
-                decision.allowed = False
-                decision.reason = "system_overloaded"
             return Change(decision, decision.events)
 
         # Persist, then publish (quotaserver.change); the plugins' on_decision after that.
@@ -320,6 +317,21 @@ class QuotaService:
             decision.violation = self._violation_fields(
                 exhausted, limits[exhausted], used[exhausted] + count, command_type
             )
+        return decision
+
+    def _refuse_for_load_sync(
+        self, user: str, command_type: str, count: int, factor: float
+    ) -> Decision:
+        """A consume refused because the throttle factor is 0: nothing is admitted, but the
+        refusal is counted (per minute, and per known user today) so that the dashboard can
+        show what load turned away; the counters of the windows stay as they were."""
+        with nullcontext() if self.db.in_transaction() else self.db.atomic():
+            decision = self._check_sync(user, command_type, count, factor)
+            decision.allowed = False
+            decision.reason = "system_overloaded"
+            day = self.calendar.window("daily", decision.at).key
+            minute = int(decision.at.timestamp()) // 60 * 60
+            self.sql.bump_refused(minute, decision.user_id, day)
         return decision
 
     @staticmethod

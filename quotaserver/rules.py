@@ -7,7 +7,7 @@ event is published after the commit.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from peewee import JOIN
@@ -122,6 +122,7 @@ class RuleService:
         with self.store.db.atomic():
             user = self._user(username, create=True) if username is not None else None
             scope = GLOBAL_SCOPE if user is None else str(user.id)
+            before = self.quota.limits_for(user.id if user else None, command_type)
             for period, limit in limits.items():
                 QuotaRule.insert(
                     scope=scope,
@@ -149,7 +150,9 @@ class RuleService:
                 "actor": actor,
             }
             target = f"rule:{command_type}" + (f":user:{username}" if username else ":global")
-            record_audit(actor, "limits.update", target, {"limits": limits}, now)
+            details = {"limits": limits, **_before_after(before, payload["effective"], limits)}
+            payload["before"] = details["before"]
+            record_audit(actor, "limits.update", target, details, now)
             return Change(payload, [append_event("quota_change", payload, now)])
 
     def _remove_sync(
@@ -158,6 +161,7 @@ class RuleService:
         now = self.quota.clock()
         with self.store.db.atomic():
             user = self._user(username, create=False)
+            before = self.quota.limits_for(user.id, command_type)
             query = QuotaRule.delete().where(
                 (QuotaRule.scope == str(user.id)) & (QuotaRule.command_type == command_type)
             )
@@ -181,7 +185,10 @@ class RuleService:
                 actor,
                 "limits.remove_override",
                 f"rule:{command_type}:user:{username}",
-                {"periods": periods},
+                {
+                    "periods": periods,
+                    **_before_after(before, payload["effective"], periods or self.quota.periods),
+                },
                 now,
             )
             return Change(payload, [append_event("quota_change", payload, now)])
@@ -219,3 +226,12 @@ class RuleService:
                 now,
             )
             return Change(payload, [append_event("quota_change", payload, now)])
+
+
+def _before_after(before: Limits, after: Limits, periods: Iterable[str]) -> dict[str, Limits]:
+    """The effective limits of the changed periods before and after a change, for the audit
+    log: "limit 800 -> 800800" must be readable there, not only the new value."""
+    return {
+        "before": {p: before.get(p) for p in periods},
+        "after": {p: after.get(p) for p in periods},
+    }

@@ -20,7 +20,17 @@ from peewee import Database, PostgresqlDatabase
 
 from . import ranking
 from .limits import Rules
-from .models import GLOBAL_SCOPE, DailyPeak, Event, QuotaRule, Usage, User, Violation, naive_utc
+from .models import (
+    GLOBAL_SCOPE,
+    DailyPeak,
+    Event,
+    LoadRefusalDay,
+    QuotaRule,
+    Usage,
+    User,
+    Violation,
+    naive_utc,
+)
 from .ranking import _all_users, _upper_bound
 
 U = f'"{User._meta.table_name}"'
@@ -74,6 +84,22 @@ def _dialect(param: str, collate: bool) -> dict[str, str]:
         "violations": (
             f'SELECT "user_id", COUNT("id") FROM "{Violation._meta.table_name}" '
             'WHERE "created_at" >= ? AND "user_id" IN '
+        ),
+        # Today's violators, most violations first: a range of the created_at index, grouped.
+        "violators": (
+            f'SELECT "t1"."id", "t1"."username", "t1"."created_at" FROM {U} AS "t1" '
+            f'JOIN "{Violation._meta.table_name}" AS "v" ON "v"."user_id" = "t1"."id" '
+            'WHERE "v"."created_at" >= ? {} GROUP BY "t1"."id", "t1"."username", '
+            f'"t1"."created_at" ORDER BY COUNT("v"."id") DESC, {low}, "t1"."username" '
+            "LIMIT ? OFFSET ?"
+        ),
+        "violators_count": (
+            f'SELECT COUNT(DISTINCT "v"."user_id") FROM "{Violation._meta.table_name}" AS "v" '
+            f'JOIN {U} AS "t1" ON "t1"."id" = "v"."user_id" WHERE "v"."created_at" >= ? {{}}'
+        ),
+        "refused": (
+            f'SELECT "user_id", "refused" FROM "{LoadRefusalDay._meta.table_name}" '
+            'WHERE "day" = ? AND "user_id" IN '
         ),
         "rules": (
             'SELECT "scope", "user_id", "command_type", "period", "limit" '
@@ -226,6 +252,25 @@ class FastRanking:
         since_value = Violation.created_at.db_value(naive_utc(since))
         sql = self.sql["violations"] + self._in(user_ids) + ' GROUP BY "user_id"'
         return dict(self._rows(sql, [since_value, *user_ids]))
+
+    def by_violations(self, page: Any, since: datetime) -> tuple[list[UserRow], int]:
+        """The users with violations today, most first (then by name), and how many there
+        are. Offset pages only: the order changes with every violation, a cursor would not
+        hold. The cost grows with today's violations, not with the users."""
+        cond, params = self._match()
+        extra = f"AND {cond}" if cond else ""
+        since_value = Violation.created_at.db_value(naive_utc(since))
+        sql = self.sql["violators"].format(extra)
+        rows = self._rows(sql, [since_value, *params, page.per_page, page.offset])
+        total = self._rows(self.sql["violators_count"].format(extra), [since_value, *params])
+        return self._users(rows), total[0][0]
+
+    def load_refusals_today(self, user_ids: list[int]) -> dict[int, int]:
+        """Consumes of these users refused for load today (the primary key's range)."""
+        if not user_ids:
+            return {}
+        sql = self.sql["refused"] + self._in(user_ids)
+        return dict(self._rows(sql, [self.day, *user_ids]))
 
 
 def _page(rows: list, size: int, key: Any) -> tuple[list, dict | None]:

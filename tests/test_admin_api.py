@@ -1,5 +1,7 @@
 """The admin REST API over real HTTP against a real SQLite file (and the dashboard page)."""
 
+import base64
+import hashlib
 import re
 from datetime import UTC, datetime
 from http.cookies import SimpleCookie
@@ -299,7 +301,11 @@ async def test_rule_changes_apply_broadcast_and_are_audited(app_factory):
     assert [e["action"] for e in audit["items"]] == ["limits.update"] * 4
     assert audit["items"][0]["target"] == "rule:code:global"
     assert audit["items"][0]["actor"] == "test-admin"
-    assert audit["items"][-1]["details"] == {"limits": {"daily": 2}}
+    assert audit["items"][-1]["details"] == {
+        "limits": {"daily": 2},
+        "before": {"daily": 500},  # the configured default, replaced: both are audited
+        "after": {"daily": 2},
+    }
     only = (await call(app, "GET", f"{API}/audit?actor=nobody")).json
     assert only["items"] == [] and only["total"] == 0
     ws.close()
@@ -449,12 +455,15 @@ async def test_dashboard_redirects_strangers_and_serves_a_csp_clean_page(app_fac
     assert "script-src 'self'" in resp.headers["Content-Security-Policy"]
     html = resp.body.decode()
     assert 'data-role="viewer"' in html
-    # Nothing inline: every script is a file, no style attribute, no <style> element.
-    scripts = re.findall(r"<script\b[^>]*>", html)
-    assert scripts and all("src=" in s for s in scripts)
-    assert all(
-        not body.strip() for body in re.findall(r"<script\b[^>]*>(.*?)</script>", html, re.S)
-    )
+    # Nothing inline but the import map (issue 25), which the CSP admits by its hash alone:
+    # every other script is a file, no style attribute, no <style> element.
+    scripts = re.findall(r"<script\b([^>]*)>(.*?)</script>", html, re.S)
+    inline = [body for attrs, body in scripts if "src=" not in attrs]
+    assert [attrs for attrs, body in scripts if "src=" not in attrs] == [' type="importmap"']
+    digest = base64.b64encode(hashlib.sha256(inline[0].encode()).digest()).decode()
+    csp = resp.headers["Content-Security-Policy"]
+    assert f"script-src 'self' 'sha256-{digest}';" in csp and "unsafe-inline" not in csp
+    assert all(not body.strip() for attrs, body in scripts if "src=" in attrs)
     assert " style=" not in html and "<style" not in html
     assert "_xsrf" in cookies_of(resp)
     for asset in re.findall(r'(?:src|href)="(/static/[^"]+)"', html):

@@ -285,6 +285,7 @@ async def test_daily_alerts_end_at_a_new_day(app_factory):
     ]
 
 
+@pytest.mark.gen_test(timeout=30)
 async def test_reloaded_rules_apply_at_once_and_keep_the_day_in_progress(app_factory):
     from quotaserver.builtin_plugins import alert_engine
 

@@ -34,7 +34,7 @@ def _reset() -> None:
     from quotaserver import models
 
     db = models.database_proxy.obj
-    tables = [m._meta.table_name for m in models.ALL_MODELS]
+    tables = [m._meta.table_name for m in (*models.ALL_MODELS, *models.LOAD_MODELS)]
     db.execute_sql("DROP TABLE IF EXISTS " + ", ".join(f'"{t}"' for t in tables) + " CASCADE")
 
 
@@ -228,3 +228,32 @@ async def test_plugin_storage_and_alerts_that_end_on_postgresql(pg_app):
     assert ended["alert_id"] == opened["alert_id"] and ended["resolved_by"] == "system"
     again = await app.alerts.raise_alert("high_system_load", "critical", "load high")
     assert again["alert_id"] != opened["alert_id"] and again["count"] == 1
+
+
+@pytest.mark.gen_test(timeout=90)
+async def test_load_refusals_history_buckets_and_violators_on_postgresql(pg_app):
+    """Issue 25's SQL on PostgreSQL: refusal upserts, grouped history, the violators order."""
+    app = await pg_app(plugins={"alert_engine": {"enabled": False}})
+    api = "/api/admin/quotas"
+    await app.rules.set_global_limits("shell", {"daily": 1}, actor="t")
+    for name, denied in (("Pat", 2), ("al", 3)):
+        assert (await consume(app, name)).code == 200
+        for _ in range(denied):
+            assert (await consume(app, name)).code == 429
+    app.load.update(99.5, 10.0)
+    for _ in range(2):
+        assert (await consume(app, "al")).code == 503
+    app.load.update(10.0, 10.0)
+    users = (await call(app, "GET", f"{api}/users?sort=violations")).json
+    assert [(u["username"], u["violations_today"]) for u in users["items"]] == [
+        ("al", 3),
+        ("Pat", 2),
+    ]
+    assert [u["load_refusals_today"] for u in users["items"]] == [2, 0]
+    for minutes, bucket in ((60, 60), (1440, 600), (43200, 86400)):
+        h = (await call(app, "GET", f"{api}/history?minutes={minutes}&bucket={bucket}")).json
+        points = h["activity"]
+        assert sum(p["refused"] for p in points) == 2 and sum(p["violations"] for p in points) == 5
+        assert sum(p["commands"] for p in points) == 2
+        assert all(isinstance(p["commands"], int) for p in points)
+    assert app.stats_snapshot()["load_refusals_today"] == 2

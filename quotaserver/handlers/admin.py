@@ -10,9 +10,10 @@ from __future__ import annotations
 from collections.abc import Awaitable
 from typing import TYPE_CHECKING, Any
 
-from ..admin_queries import USER_SORTS, AdminQueries
+from .. import csv_export
+from ..admin_queries import USER_SORTS, AdminQueries, PageRequest
 from ..alerts import SEVERITIES, STATUSES
-from ..history import activity_per_minute, violations_per_day
+from ..history import activity_per_bucket, violations_per_day
 from ..ranking import BadCursor
 from ..text import normalize_name
 from ..windows import isoformat
@@ -68,6 +69,23 @@ class AdminHandler(BaseHandler):
         """The ``cursor`` of a keyset page (its content is checked by the query)."""
         return str_arg(self, "cursor", 1024)
 
+    async def send_csv(self, name: str, header: list[str], pages: Any, row: Any) -> None:
+        """Stream a CSV download: the header, then each page's rows as it is read. An error
+        before the first page is the usual JSON envelope; after it, the download is cut."""
+        first = True
+        try:
+            async for page in pages:
+                if first:
+                    self.set_header("Content-Type", "text/csv; charset=utf-8")
+                    self.set_header("Content-Disposition", f'attachment; filename="{name}"')
+                    self.write(csv_export.encode([header]))
+                    first = False
+                self.write(csv_export.encode([row(item) for item in page["items"]]))
+                await self.flush()
+        except BadCursor:
+            raise ApiError(400, "invalid_parameter", "cursor is not valid") from None
+        self.finish()
+
     async def listing(self, call: Awaitable[dict[str, Any]]) -> None:
         """Send one page of a list; a cursor this server did not issue is a 400."""
         try:
@@ -91,17 +109,25 @@ class StatsHandler(AdminHandler):
 
 
 class HistoryHandler(AdminHandler):
-    """GET /api/admin/quotas/history: per-minute activity and recent load for the charts."""
+    """GET /api/admin/quotas/history?minutes=&bucket=&load_minutes=: activity per bucket
+    (a minute by default) and recent load, for the charts."""
 
     async def get(self) -> None:
-        minutes = int_arg(self, "minutes", 60, 1, 24 * 60)
+        minutes = int_arg(self, "minutes", 60, 1, 30 * 24 * 60)
+        bucket = int(choice_arg(self, "bucket", ("60", "600", "3600", "86400"), "60"))
+        points = minutes * 60 // bucket
+        if minutes * 60 % bucket or not 1 <= points <= 24 * 60:
+            raise ApiError(
+                400, "invalid_parameter", "minutes must be a whole number of buckets, 1 to 1440"
+            )
         load_minutes = int_arg(self, "load_minutes", 15, 1, 15)
         now = self.app.clock()
-        activity = await self.app.store.read(activity_per_minute, now, minutes)
+        activity = await self.app.store.read(activity_per_bucket, now, minutes, bucket)
         self.send_json(
             {
                 "server_time": isoformat(now),
                 "minutes": minutes,
+                "bucket": bucket,
                 "activity": activity,
                 "load_minutes": load_minutes,
                 "load": self.app.load.history.since(load_minutes * 60.0),
@@ -149,6 +175,26 @@ class UsersHandler(AdminHandler):
             raise ApiError(400, "invalid_parameter", "cursor is not valid") from None
         result["command_types"] = list(self.app.quota.command_types)
         self.send_json(result)
+
+
+class UsersCsvHandler(AdminHandler):
+    """GET /api/admin/quotas/users.csv?q=&sort=: every user of the list, as CSV."""
+
+    async def get(self) -> None:
+        search = str_arg(self, "q", self.app.config["quotas.max_username_length"]) or ""
+        sort = choice_arg(self, "sort", USER_SORTS, "username")
+        types = list(self.app.quota.command_types)
+
+        def read(cursor: str | None, number: int) -> Awaitable[dict[str, Any]]:
+            page = PageRequest(number, csv_export.PAGE)
+            return self.queries.users(search, sort, page, cursor)
+
+        await self.send_csv(
+            "users.csv",
+            csv_export.user_header(types),
+            csv_export.pages(read),
+            lambda item: csv_export.user_row(item, types),
+        )
 
 
 class UserHandler(AdminHandler):
@@ -266,8 +312,28 @@ class ViolationsHandler(AdminHandler):
         await self.listing(self.queries.violations(page, user, command_type, since, cursor))
 
 
+class ViolationsCsvHandler(AdminHandler):
+    """GET /api/admin/quotas/violations.csv?user=&command_type=&since=: as CSV, newest first."""
+
+    async def get(self) -> None:
+        user = str_arg(self, "user", self.app.config["quotas.max_username_length"])
+        command_type = choice_arg(self, "command_type", self.app.quota.command_types)
+        since = time_arg(self, "since")
+
+        def read(cursor: str | None, number: int) -> Awaitable[dict[str, Any]]:
+            page = PageRequest(number, csv_export.PAGE)
+            return self.queries.violations(page, user, command_type, since, cursor)
+
+        await self.send_csv(
+            "violations.csv",
+            csv_export.VIOLATION_HEADER,
+            csv_export.pages(read),
+            csv_export.violation_row,
+        )
+
+
 class AlertsHandler(AdminHandler):
-    """GET /api/admin/quotas/alerts?status=&severity=&page=&per_page=&cursor="""
+    """GET /api/admin/quotas/alerts?status=&severity=&user=&page=&per_page=&cursor="""
 
     async def get(self) -> None:
         status = choice_arg(self, "status", ALERT_STATUS_FILTERS, "all")
@@ -276,8 +342,9 @@ class AlertsHandler(AdminHandler):
             "active": ["open", "acknowledged"],
         }.get(status, [status])
         severity = choice_arg(self, "severity", SEVERITIES)
+        user = str_arg(self, "user", self.app.config["quotas.max_username_length"])
         page = page_arg(self)
-        await self.listing(self.queries.alerts(page, statuses, severity, self.cursor_arg()))
+        await self.listing(self.queries.alerts(page, statuses, severity, self.cursor_arg(), user))
 
 
 class AlertActionHandler(AdminHandler):
@@ -295,10 +362,11 @@ class AlertActionHandler(AdminHandler):
 
 
 class AuditHandler(AdminHandler):
-    """GET /api/admin/quotas/audit?action=&actor=&page=&per_page=&cursor="""
+    """GET /api/admin/quotas/audit?action=&actor=&user=&page=&per_page=&cursor="""
 
     async def get(self) -> None:
         action = str_arg(self, "action", 64)
         actor = str_arg(self, "actor", 128)
+        user = str_arg(self, "user", self.app.config["quotas.max_username_length"])
         page = page_arg(self)
-        await self.listing(self.queries.audit(page, action, actor, self.cursor_arg()))
+        await self.listing(self.queries.audit(page, action, actor, self.cursor_arg(), user))

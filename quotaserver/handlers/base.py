@@ -471,10 +471,27 @@ class NotFoundHandler(BaseHandler):
 
 class StaticHandler(tornado.web.StaticFileHandler):
     """Static files with the same security headers (and no version banner), the JSON error
-    envelope and the one-line error logging of the API."""
+    envelope and the one-line error logging of the API, gzip-compressed for browsers that
+    accept it.
+
+    Compression is on here only: the application keeps ``compress_response`` off, because
+    its JSON answers carry secrets (a new token) next to attacker-chosen text, which is what
+    BREACH needs, and SSE must not wait for a compressor. The page's scripts and styles are
+    public and fixed. A range request is answered uncompressed (a gzip stream has no byte
+    ranges of the file).
+    """
 
     def set_default_headers(self) -> None:
         security_headers(self, cache=True)
+
+    async def _execute(
+        self, transforms: list[tornado.web.OutputTransform], *args: bytes, **kwargs: bytes
+    ) -> None:
+        if "Range" not in self.request.headers and not any(
+            isinstance(t, tornado.web.GZipContentEncoding) for t in transforms
+        ):
+            transforms = [*transforms, tornado.web.GZipContentEncoding(self.request)]
+        await super()._execute(transforms, *args, **kwargs)
 
     def _request_summary(self) -> str:
         return request_summary(self)

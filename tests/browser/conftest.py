@@ -54,13 +54,15 @@ def own_server(tmp_path: Any) -> Iterator[Server]:
 
 @pytest.fixture
 def open_dashboard(browser: Any) -> Iterator[Any]:
-    """``page = open_dashboard(server, token=ADMIN, ws=True)``: a signed-in, live page."""
+    """``page = open_dashboard(server, token=ADMIN, block_websocket=False, viewport=...,
+    context=...)``: a signed-in, live page."""
     contexts = []
 
     def open_(server: Server, token: str = ADMIN, block_websocket: bool = False, **kw: Any):
+        viewport = kw.pop("viewport", {"width": 1280, "height": 800})
+        # context={...}: more browser context options (color_scheme, timezone_id, ...).
         context = browser.new_context(
-            viewport=kw.pop("viewport", {"width": 1280, "height": 800}),
-            permissions=kw.pop("permissions", []),
+            viewport=viewport, permissions=kw.pop("permissions", []), **kw.pop("context", {})
         )
         contexts.append(context)
         if "init_script" in kw:

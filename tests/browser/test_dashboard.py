@@ -114,6 +114,7 @@ def test_editing_limits_in_one_page_updates_the_other(server, open_dashboard):
     one.click(f"{row} button:has-text('Edit limits')")
     one.fill("input[data-command=shell][data-period=daily]", "8")
     one.click("#limits-save")
+    one.click("#confirm-yes")  # 500 -> 8 is below a tenth: asked first (issue 25)
     one.wait_for_selector("#limits-dialog", state="hidden", timeout=WAIT)
     two.wait_for_function(
         "sel => document.querySelector(sel)?.textContent === '2 / 8'", arg=cell, timeout=WAIT
@@ -275,7 +276,8 @@ def test_backoff_gives_up_after_ten_attempts_until_reconnect_and_flags_stale(own
             seen.append(page.inner_text("#conn-text"))
             page.clock.fast_forward(31_000)
         page.wait_for_selector("#conn[data-state=disconnected]", timeout=WAIT)
-        assert page.inner_text("#conn-text") == "disconnected: gave up after 10 attempts"
+        # Issue 25: giving up is not for good (network back, tab visible, every 5 min).
+        assert page.inner_text("#conn-text").startswith("disconnected: gave up after 10 attempts")
         assert seen[0].startswith("reconnecting in ") and "attempt 1 of 10" in seen[0]
         page.clock.fast_forward(120_000)  # no more attempts once it has given up
         assert page.get_attribute("#conn", "data-state") == "disconnected"

@@ -70,3 +70,11 @@ export async function request(method, path, { query, body, accept } = {}) {
 }
 
 export const get = (path, query) => request("GET", path, { query });
+
+/** The URL of an API path with a query (empty values left out), e.g. for a download link. */
+export function csvUrl(path, query) {
+  const params = new URLSearchParams();
+  for (const [key, value] of Object.entries(query)) if (value) params.append(key, value);
+  const text = params.toString();
+  return API + path + (text ? `?${text}` : "");
+}

@@ -1,9 +1,12 @@
 // Time-series charts drawn on <canvas>: no third-party code, no network, sharp on HiDPI
 // screens, redrawn when their box changes size. Points are {t: epoch seconds, <key>: n}.
+// Pointing at a chart shows the values of the bucket (or the nearest sample) under it.
 
+// Axis, grid and label colours for the dark and the light theme (prefers-color-scheme).
+const LIGHT = typeof matchMedia === "function" && matchMedia("(prefers-color-scheme: light)").matches;
 const AXIS = "#64748b";
-const GRID = "rgba(148, 163, 184, 0.15)";
-const TEXT = "#94a3b8";
+const GRID = LIGHT ? "rgba(71, 85, 105, 0.18)" : "rgba(148, 163, 184, 0.15)";
+const TEXT = LIGHT ? "#475569" : "#94a3b8";
 const FONT = "11px system-ui, sans-serif";
 const PAD = { top: 8, right: 10, bottom: 20, left: 38 };
 
@@ -35,22 +38,74 @@ export class TimeChart {
   /**
    * @param {HTMLCanvasElement} canvas
    * @param {object} o
-   * @param {{key: string, color: string, fill?: string}[]} o.series
+   * @param {{key: string, color: string, label?: string, fill?: string}[]} o.series
    * @param {() => [number, number]} o.domain  visible time range, epoch seconds
    * @param {number} [o.bucket]  bar width in seconds: draw bars instead of lines
    * @param {number} [o.yMax]    fixed top of the y axis (e.g. 100 for percentages)
    * @param {string} [o.unit]    suffix of y labels ("%")
    * @param {"clock"|"day"} [o.labels]
    * @param {number} [o.gap]     seconds between points that break a line
+   * @param {() => number} [o.now] the current time: a bucket that has not ended yet is drawn
+   *   faded (it is still being counted, so a low bar is not a drop)
    */
   constructor(canvas, o) {
     this.canvas = canvas;
     this.o = { labels: "clock", unit: "", gap: Infinity, ...o };
     this.points = [];
     this.drawn = false;
+    this.layout = null; // {t0, t1, plot} of the last drawing, for pointing
     if (typeof ResizeObserver !== "undefined") {
       new ResizeObserver(() => this.draw()).observe(canvas);
     }
+    this.tip = document.createElement("div");
+    this.tip.className = "chart-tip";
+    this.tip.hidden = true;
+    canvas.parentElement.append(this.tip);
+    canvas.addEventListener("pointermove", (event) => this._point(event));
+    canvas.addEventListener("pointerleave", () => (this.tip.hidden = true));
+  }
+
+  /** The point under client x (a bucket containing it, else the nearest sample). */
+  pointAt(clientX) {
+    if (!this.layout) return null;
+    const { t0, t1, plot } = this.layout;
+    const x = clientX - this.canvas.getBoundingClientRect().left;
+    if (x < plot.x || x > plot.x + plot.w) return null;
+    const t = t0 + ((x - plot.x) / plot.w) * (t1 - t0);
+    if (this.o.bucket) return this.points.find((p) => p.t <= t && t < p.t + this.o.bucket) || null;
+    let best = null;
+    for (const p of this.points) if (!best || Math.abs(p.t - t) < Math.abs(best.t - t)) best = p;
+    return best;
+  }
+
+  /** The client x of time `t` (the middle of its bucket), for tests and the tooltip. */
+  clientXOf(t) {
+    const { t0, t1, plot } = this.layout;
+    const mid = this.o.bucket ? t + this.o.bucket / 2 : t;
+    return this.canvas.getBoundingClientRect().left + plot.x + ((mid - t0) / (t1 - t0)) * plot.w;
+  }
+
+  _point(event) {
+    const p = this.pointAt(event.clientX);
+    if (!p) {
+      this.tip.hidden = true;
+      return;
+    }
+    const when = this.o.labels === "day" ? day(p.t) : clock(p.t);
+    const span = this.o.bucket && this.o.bucket < 86400 ? `${when}–${clock(p.t + this.o.bucket)}` : when;
+    const lines = this.o.series.map((s) => {
+      const v = p[s.key];
+      const text = typeof v === "number" ? `${Math.round(v * 10) / 10}${this.o.unit}` : "–";
+      return `${s.label || s.key}: ${text}`;
+    });
+    const partial = this.o.now && this.o.bucket && p.t + this.o.bucket > this.o.now() ? " (so far)" : "";
+    this.tip.textContent = [`${span}${partial}`, ...lines].join("\n");
+    this.tip.hidden = false;
+    // Beside the pointer, inside the figure (CSSOM, which the CSP allows).
+    const box = this.canvas.parentElement.getBoundingClientRect();
+    const left = Math.min(event.clientX - box.left + 12, box.width - this.tip.offsetWidth - 4);
+    this.tip.style.left = `${Math.max(4, left)}px`;
+    this.tip.style.top = `${event.clientY - box.top + 12}px`;
   }
 
   setPoints(points) {
@@ -87,6 +142,7 @@ export class TimeChart {
       h: Math.max(10, height - PAD.top - PAD.bottom),
     };
     const xOf = (t) => plot.x + ((t - t0) / (t1 - t0)) * plot.w;
+    this.layout = { t0, t1, plot };
     const yOf = (v) => plot.y + plot.h - (v / top) * plot.h;
 
     // Grid and y labels.
@@ -148,7 +204,9 @@ export class TimeChart {
 
   _bars(ctx, points, xOf, yOf) {
     const n = this.o.series.length;
+    const now = this.o.now ? this.o.now() : Infinity;
     for (const p of points) {
+      const partial = p.t + this.o.bucket > now;
       const left = xOf(p.t);
       const full = Math.max(1, xOf(p.t + this.o.bucket) - left);
       const gap = full > 4 ? Math.min(2, full * 0.2) : 0;
@@ -158,8 +216,10 @@ export class TimeChart {
         if (typeof v !== "number" || v <= 0) return;
         const y = yOf(v);
         ctx.fillStyle = s.color;
+        ctx.globalAlpha = partial ? 0.4 : 1;
         ctx.fillRect(left + gap / 2 + i * w, y, Math.max(1, w), yOf(0) - y);
       });
+      ctx.globalAlpha = 1;
     }
   }
 

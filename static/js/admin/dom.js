@@ -14,6 +14,16 @@ export function el(tag, options = {}, children = []) {
   return node;
 }
 
+/** The path of a user's view (/admin/quotas/users/<name>); every name links there. */
+export function userPath(username) {
+  return `/admin/quotas/users/${encodeURIComponent(username)}`;
+}
+
+/** A link to a user's view, the name as text. */
+export function userLink(username, className = "username") {
+  return el("a", { class: className, text: username, attrs: { href: userPath(username) } });
+}
+
 export function byId(id) {
   return document.getElementById(id);
 }

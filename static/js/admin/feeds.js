@@ -1,9 +1,11 @@
 // The two live feeds. Violations are keyed by their event seq, so an event that arrives
-// twice (replay after a reconnect overlapping a REST reload) is shown once. Alerts are
+// twice (replay after a reconnect overlapping a REST reload) is shown once. A filter (user,
+// command type) shows the API's matching violations (GET /violations, newest 100) and the
+// live ones that match and are newer than that answer. Alerts are
 // keyed by id and carry the seq of the state shown, so an older state never wins.
 
-import { get, request } from "./api.js";
-import { byId, formatTime, fromTemplate, setText, throttle } from "./dom.js";
+import { csvUrl, get, request } from "./api.js";
+import { byId, debounce, el, formatTime, fromTemplate, setText, throttle, userLink } from "./dom.js";
 import { canWrite, reportError, toast } from "./ui.js";
 
 const MAX_VIOLATIONS = 100;
@@ -13,6 +15,68 @@ export class ViolationFeed {
     this.list = byId("violations-feed");
     this.items = new Map(); // seq -> envelope
     this.nodes = new Map(); // seq -> <li>
+    this.filter = { user: "", type: "" };
+    this.view = null; // while filtered: key -> envelope (REST "v<id>", live <seq>)
+    this.viewSeq = 0; // the filtered REST answer's seq
+    const user = byId("violations-user");
+    const type = byId("violations-type");
+    const apply = () => this.setFilter({ user: user.value.trim(), type: type.value });
+    user.addEventListener("input", debounce(apply, 300));
+    type.addEventListener("change", apply);
+    byId("violations-clear").addEventListener("click", () => {
+      user.value = "";
+      type.value = "";
+      apply();
+    });
+    byId("violations-filter").addEventListener("submit", (event) => event.preventDefault());
+  }
+
+  /** The command types the filter offers (the server's list, in its order). */
+  setTypes(types) {
+    const select = byId("violations-type");
+    const chosen = select.value;
+    select.replaceChildren(
+      el("option", { text: "all", attrs: { value: "" } }),
+      ...types.map((t) => el("option", { text: t, attrs: { value: t } })),
+    );
+    select.value = chosen;
+  }
+
+  matches(msg) {
+    const d = msg.data;
+    return (!this.filter.user || d.username === this.filter.user) && (!this.filter.type || d.command_type === this.filter.type);
+  }
+
+  /** Show only the violations of a user and/or a command type ("" = any). */
+  async setFilter(filter) {
+    this.filter = filter;
+    this.onState?.();
+    byId("violations-csv").href = csvUrl("/violations.csv", { user: filter.user, command_type: filter.type });
+    byId("violations-clear").hidden = !filter.user && !filter.type;
+    if (!filter.user && !filter.type) {
+      this.view = null;
+      this.render();
+      return;
+    }
+    try {
+      const page = await get("/violations", {
+        user: filter.user || undefined,
+        command_type: filter.type || undefined,
+        per_page: MAX_VIOLATIONS,
+      });
+      if (filter !== this.filter) return; // a newer filter was chosen meanwhile
+      this.view = new Map();
+      this.viewSeq = page.seq;
+      for (const v of page.items) {
+        this.view.set(`v${v.id}`, { type: "violation", seq: null, timestamp: v.created_at, data: v });
+      }
+      // Live ones newer than the answer that match (the answer could not have them).
+      for (const m of this.items.values()) if (m.seq > page.seq && this.matches(m)) this.view.set(m.seq, m);
+      this.total = page.total;
+      this.render();
+    } catch (err) {
+      reportError(err, "Filtering violations");
+    }
   }
 
   /** Replace the feed with a REST page (newest first), keeping newer live items. */
@@ -21,7 +85,8 @@ export class ViolationFeed {
     this.items.clear();
     for (const m of [...response.items, ...keep]) this.items.set(m.seq, m);
     this._trim();
-    this.render();
+    if (this.view) this.setFilter(this.filter); // a reload reloads the filtered answer too
+    else this.render();
   }
 
   /** Forget every item (their seqs belong to another event log). */
@@ -34,6 +99,15 @@ export class ViolationFeed {
   add(msg) {
     if (this.items.has(msg.seq)) return false;
     this.items.set(msg.seq, msg);
+    if (this.view) {
+      this._trim();
+      if (msg.seq > this.viewSeq && this.matches(msg)) {
+        this.view.set(msg.seq, msg);
+        this.total = (this.total || 0) + 1;
+        this.render();
+      }
+      return true;
+    }
     const node = this._node(msg);
     // Newest first: find the first shown item with a lower seq.
     const before = [...this.nodes.entries()]
@@ -49,6 +123,14 @@ export class ViolationFeed {
 
   render() {
     this.nodes.clear();
+    if (this.view) {
+      // Newest first by time (REST rows carry no seq); live rows are newer than all of them.
+      const ordered = [...this.view.values()].sort((a, b) => (b.seq ?? 0) - (a.seq ?? 0) || (b.timestamp > a.timestamp ? 1 : b.timestamp < a.timestamp ? -1 : 0));
+      this.list.replaceChildren(...ordered.slice(0, MAX_VIOLATIONS).map((m) => this._node(m)));
+      setText("violations-count", this.total);
+      byId("violations-empty").hidden = ordered.length > 0;
+      return;
+    }
     const ordered = [...this.items.values()].sort((a, b) => b.seq - a.seq);
     this.list.replaceChildren(
       ...ordered.map((m) => {
@@ -62,6 +144,12 @@ export class ViolationFeed {
 
   _trim() {
     if (this.items.size <= MAX_VIOLATIONS) return;
+    if (this.view) {
+      // Not shown while filtered: just bounded.
+      const seqs = [...this.items.keys()].sort((a, b) => a - b);
+      for (const seq of seqs.slice(0, this.items.size - MAX_VIOLATIONS)) this.items.delete(seq);
+      return;
+    }
     const seqs = [...this.items.keys()].sort((a, b) => a - b);
     for (const seq of seqs.slice(0, this.items.size - MAX_VIOLATIONS)) {
       this.items.delete(seq);
@@ -72,6 +160,7 @@ export class ViolationFeed {
   }
 
   _summary() {
+    if (this.view) return; // the filtered view counts itself (render)
     setText("violations-count", this.items.size);
     byId("violations-empty").hidden = this.items.size > 0;
   }
@@ -79,9 +168,9 @@ export class ViolationFeed {
   _node(msg) {
     const d = msg.data;
     const li = fromTemplate("tpl-violation");
-    li.dataset.seq = String(msg.seq);
+    if (msg.seq !== null) li.dataset.seq = String(msg.seq);
     li.dataset.period = d.period || "";
-    setText(li.querySelector(".v-user"), d.username);
+    li.querySelector(".v-user").replaceChildren(userLink(d.username, "user-link"));
     setText(li.querySelector(".v-type"), d.command_type);
     const time = li.querySelector(".v-time");
     time.setAttribute("datetime", msg.timestamp);
@@ -202,10 +291,11 @@ export class AlertFeed {
     action.hidden = !a.action_needed || a.status === "resolved";
     setText(li.querySelector(".a-action-text"), a.action || "");
     const meta = [];
-    if (a.username) meta.push(`user ${a.username}`);
     if (a.acknowledged_by) meta.push(`acknowledged by ${a.acknowledged_by}`);
     if (a.resolved_by) meta.push(`resolved by ${a.resolved_by}`);
-    setText(li.querySelector(".a-meta"), meta.join(" · "));
+    const metaNode = li.querySelector(".a-meta");
+    setText(metaNode, meta.join(" · "));
+    if (a.username) metaNode.prepend("user ", userLink(a.username, "user-link"), meta.length ? " · " : "");
     const ack = li.querySelector(".a-ack");
     const resolve = li.querySelector(".a-resolve");
     ack.hidden = !canWrite || a.status !== "open";

@@ -12,8 +12,15 @@ const BLUE = "#60a5fa";
 const RED = "#f87171";
 const AMBER = "#fbbf24";
 const VIOLET = "#a78bfa";
-const MINUTES = 60;
+const ORANGE = "#fb923c";
 const LOAD_SECONDS = 15 * 60;
+// The ranges of the two activity charts: minutes shown, bucket seconds, caption.
+export const RANGES = {
+  "15m": { minutes: 15, bucket: 60, text: "per minute, last 15 min" },
+  "1h": { minutes: 60, bucket: 60, text: "per minute, last hour" },
+  "24h": { minutes: 1440, bucket: 600, text: "per 10 min, last 24 hours" },
+  "30d": { minutes: 43200, bucket: 86400, text: "per UTC day, last 30 days" },
+};
 
 function epoch(iso) {
   return Date.parse(iso) / 1000;
@@ -28,25 +35,37 @@ export class LiveCharts {
     this.daily = [];
     this.dailyAt = Infinity;
     this.commandsToday = null;
+    this.refusedToday = null;
     const now = () => Date.now() / 1000 + this.offset;
+    this.range = RANGES["1h"];
     const lastHour = () => {
-      const minute = Math.floor(now() / 60) * 60;
-      return [minute - (MINUTES - 1) * 60, minute + 60];
+      const size = this.range.bucket;
+      const current = Math.floor(now() / size) * size;
+      return [current - (this.range.minutes * 60 / size - 1) * size, current + size];
     };
     this.commands = new TimeChart(byId("chart-commands"), {
-      series: [{ key: "commands", color: BLUE }],
+      // A dip in admitted commands reads as "traffic stopped" unless what was turned away
+      // stands next to it: denied (over quota) and refused for load.
+      series: [
+        { key: "commands", color: BLUE, label: "admitted commands" },
+        { key: "violations", color: RED, label: "denied (violations)" },
+        { key: "refused", color: ORANGE, label: "refused for load" },
+      ],
       domain: lastHour,
       bucket: 60,
+      now,
     });
     this.violations = new TimeChart(byId("chart-violations"), {
-      series: [{ key: "violations", color: RED }],
+      series: [{ key: "violations", color: RED, label: "violations" }],
       domain: lastHour,
       bucket: 60,
+      now,
     });
+    byId("chart-range").addEventListener("change", (event) => this.setRange(event.target.value));
     this.loadChart = new TimeChart(byId("chart-load"), {
       series: [
-        { key: "cpu_percent", color: AMBER },
-        { key: "memory_percent", color: VIOLET },
+        { key: "cpu_percent", color: AMBER, label: "CPU" },
+        { key: "memory_percent", color: VIOLET, label: "memory" },
       ],
       domain: () => [now() - LOAD_SECONDS, now()],
       yMax: 100,
@@ -54,21 +73,34 @@ export class LiveCharts {
       gap: 30,
     });
     this.dailyChart = new TimeChart(byId("chart-daily"), {
-      series: [{ key: "violations", color: RED }],
+      series: [{ key: "violations", color: RED, label: "violations" }],
       domain: () => {
         if (!this.daily.length) return [now() - 30 * 86400, now()];
         return [this.daily[0].t, this.daily[this.daily.length - 1].t + 86400];
       },
       bucket: 86400,
       labels: "day",
+      now,
     });
     // The time axis slides even when nothing happens.
     setInterval(() => this.drawAll(), 5000);
   }
 
+  /** Show the activity charts over another range (loaded from the history API). */
+  setRange(name) {
+    if (!RANGES[name]) return;
+    this.range = RANGES[name];
+    this.commands.o.bucket = this.violations.o.bucket = this.range.bucket;
+    for (const node of document.querySelectorAll(".range-text")) node.textContent = this.range.text;
+    byId("chart-range").value = name;
+    this.loadHistory();
+  }
+
   async loadHistory() {
+    const range = this.range;
     try {
-      const h = await get("/history", { minutes: MINUTES, load_minutes: 15 });
+      const h = await get("/history", { minutes: range.minutes, bucket: range.bucket, load_minutes: 15 });
+      if (range !== this.range) return; // another range was chosen meanwhile
       const serverNow = epoch(h.server_time);
       this.offset = serverNow - Date.now() / 1000;
       this.activity = new Map(h.activity.map((p) => [p.t, { ...p }]));
@@ -93,12 +125,13 @@ export class LiveCharts {
   }
 
   _bucket(t) {
-    const minute = Math.floor(t / 60) * 60;
-    let point = this.activity.get(minute);
+    const size = this.range.bucket;
+    const start = Math.floor(t / size) * size;
+    let point = this.activity.get(start);
     if (!point) {
-      point = { t: minute, commands: 0, violations: 0 };
-      this.activity.set(minute, point);
-      const oldest = minute - (MINUTES + 5) * 60;
+      point = { t: start, commands: 0, violations: 0, refused: 0 };
+      this.activity.set(start, point);
+      const oldest = start - (this.range.minutes * 60 + 5 * size);
       for (const key of this.activity.keys()) if (key < oldest) this.activity.delete(key);
     }
     return point;
@@ -137,6 +170,14 @@ export class LiveCharts {
         this.drawActivity();
       }
     }
+    if (typeof data.load_refusals_today === "number") {
+      const before = this.refusedToday;
+      this.refusedToday = data.load_refusals_today;
+      if (data.delta && before !== null && data.load_refusals_today > before && t > this.activityAt) {
+        this._bucket(t).refused += data.load_refusals_today - before;
+        this.drawActivity();
+      }
+    }
     const load = data.system_load;
     if (load && (load.cpu_percent > 0 || load.memory_percent > 0)) {
       const last = this.load[this.load.length - 1];
@@ -147,6 +188,14 @@ export class LiveCharts {
         this.loadChart.setPoints(this.load);
       }
     }
+  }
+
+  /** Consumes refused for load in the commands chart's hour (for tests and debugging). */
+  refusedInView() {
+    const [t0, t1] = this.commands.o.domain();
+    let sum = 0;
+    for (const p of this.activity.values()) if (p.t >= t0 && p.t < t1) sum += p.refused || 0;
+    return sum;
   }
 
   drawActivity() {

@@ -10,6 +10,7 @@ const CORE_FIELDS = new Set([
   "active_users_today",
   "commands_today",
   "violations_today",
+  "load_refusals_today",
   "high_utilization_count",
   "average_throttle_factor",
   "system_load",

@@ -8,6 +8,7 @@
 export const MAX_ATTEMPTS = 10;
 export const MAX_DELAY = 30; // seconds
 export const STALE_AFTER = 30000; // ms without any message (heartbeats come every 10 s)
+export const RETRY_GIVEN_UP = 5 * 60 * 1000; // ms: after giving up, try again this often
 const DEAD_AFTER = 60000; // ms without any message: the connection is presumed dead
 const CLOSE_POLICY = 1008; // credentials revoked (logout elsewhere) or policy violation
 
@@ -43,7 +44,24 @@ export class LiveStream {
     this.countdown = null;
     this.lastMessageAt = 0;
     this.status = { state: "connecting" };
+    this.lastLiveAt = null; // Date.now() of the last message while connected
     this.watchdog = setInterval(() => this._checkStale(), 1000);
+    // Giving up is not for good: the network, the tab or the clock may bring it back.
+    window.addEventListener("online", () => this.wake("network back"));
+    document.addEventListener("visibilitychange", () => {
+      if (document.visibilityState === "visible") this.wake("tab visible again");
+    });
+    setInterval(() => this.wake("periodic retry"), RETRY_GIVEN_UP);
+  }
+
+  /** Try again now if the stream gave up or is waiting out a back-off (not when the
+   * session ended: that needs a new sign-in). */
+  wake(cause) {
+    const state = this.status.state;
+    if (this.status.sessionEnded) return;
+    if (state !== "disconnected" && !(state === "reconnecting" && cause === "network back")) return;
+    this.wakeCause = cause;
+    this.reconnectNow();
   }
 
   start() {
@@ -171,6 +189,7 @@ export class LiveStream {
 
   _receive(entry, msg) {
     this.lastMessageAt = Date.now();
+    this.lastLiveAt = this.lastMessageAt;
     if (msg.type === "welcome") {
       entry.welcomed = true;
       if (entry.kind === "sse" && entry.afterWsFailure) this.wsBroken = true;
@@ -200,7 +219,7 @@ export class LiveStream {
   // -- losing it -------------------------------------------------------------------
   _lost(code) {
     if (code === CLOSE_POLICY) {
-      this._setStatus({ state: "disconnected", reason: "session ended: sign in again" });
+      this._setStatus({ state: "disconnected", reason: "session ended: sign in again", sessionEnded: true });
       return;
     }
     this._schedule();
@@ -215,7 +234,10 @@ export class LiveStream {
     this.attempt += 1;
     if (this.attempt > MAX_ATTEMPTS) {
       this.attempt = MAX_ATTEMPTS;
-      this._setStatus({ state: "disconnected", reason: `gave up after ${MAX_ATTEMPTS} attempts` });
+      this._setStatus({
+        state: "disconnected",
+        reason: `gave up after ${MAX_ATTEMPTS} attempts; retrying when the network or tab comes back, or in 5 min`,
+      });
       return;
     }
     const delay = backoffDelay(this.attempt);

@@ -8,6 +8,12 @@ export const actor = document.body.dataset.actor || "";
 const MAX_TOASTS = 3;
 const keyed = new Map(); // key -> {node, timer, repeats}
 
+/** Say `text` through the page's one live region (screen readers read it once, politely). */
+export function announce(text) {
+  const region = byId("announcer");
+  if (region) region.textContent = text;
+}
+
 /**
  * A short message in the corner; `kind` is info, success, warn or error. Toasts with the
  * same `key` replace each other (a burst of violations is one toast, counting the rest).
@@ -17,13 +23,15 @@ export function toast(text, kind = "info", ms = 6000, key = null) {
   const current = key && keyed.get(key);
   if (current && current.node.isConnected) {
     current.repeats += 1;
+    announce(text);
     current.node.textContent = `${text} (+${current.repeats} more)`;
     current.node.className = `toast toast-${kind}`;
     clearTimeout(current.timer);
     current.timer = setTimeout(() => current.node.remove(), ms);
     return current.node;
   }
-  const node = el("div", { class: `toast toast-${kind}`, text, attrs: { role: "status" } });
+  announce(text);
+  const node = el("div", { class: `toast toast-${kind}`, text });
   box.append(node);
   while (box.children.length > MAX_TOASTS) box.firstElementChild.remove();
   const timer = setTimeout(() => node.remove(), ms);

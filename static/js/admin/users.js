@@ -7,9 +7,10 @@
 // is added when it sorts into it. Rows that would move across a page boundary are exact
 // again at the next reload (the Reload button, or after `recovered: false`).
 
-import { get, request } from "./api.js";
-import { byId, debounce, el, formatInt, formatLimit, formatPercent, setText, throttle } from "./dom.js";
-import { canWrite, reportError, toast } from "./ui.js";
+import { csvUrl, get, request } from "./api.js";
+import { byId, debounce, el, formatInt, formatLimit, formatPercent, setText, throttle, userLink } from "./dom.js";
+import { confirmJumps, selectOnFocus } from "./edits.js";
+import { actor, announce, canWrite, reportError, toast } from "./ui.js";
 
 const RISK_TITLE = {
   elevated: "at or above 80% of a daily limit",
@@ -20,12 +21,29 @@ const PER_PAGE = 25;
 // Durable events kept to re-apply over a REST answer read before them (see render).
 const RECENT_EVENTS = 500;
 const RISKS = [["critical", 95], ["high", 90], ["elevated", 80]];
+// Column headers that sort (the server's orders; per-type columns have no index to sort by).
+const SORTABLE = { User: "username", Risk: "utilization", "Violations today": "violations" };
 
-/** Percent of limit used, as the server computes it (null: unlimited; 0 limit: 100). */
-function utilization(used, limit) {
+/**
+ * Percent of limit used, exactly as the server's ``round(100.0 * used / limit, 1)`` (null:
+ * unlimited; 0 limit: 100). Only for a limit changed by an event, whose new percent the
+ * server does not send; usage events carry the server's own percent, used as it is.
+ *
+ * Python rounds the double's exact value, ties to even. The same double here, then
+ * toFixed(1) (exact value, ties up) agrees except on exact ties, which are the doubles with
+ * a quarter as fraction (x.25, x.75): those go to the even tenth. (Math.round(10 * x) / 10
+ * made 5/16 read 31.3 % live and 31.2 % after a reload.)
+ */
+export function utilization(used, limit) {
   if (limit === null || limit === undefined) return null;
   if (limit === 0) return 100;
-  return Math.round((1000 * used) / limit) / 10;
+  const x = (100.0 * used) / limit;
+  const quarters = x * 4;
+  if (Number.isInteger(quarters) && quarters % 2 !== 0) {
+    const low = Math.floor(x * 10);
+    return (low % 2 === 0 ? low : low + 1) / 10;
+  }
+  return Number(x.toFixed(1));
 }
 
 function byName(a, b) {
@@ -78,11 +96,7 @@ export class UsersTable {
       this.refresh();
     }, 250);
     search.addEventListener("input", searchLater);
-    byId("users-sort").addEventListener("change", (event) => {
-      this.sort = event.target.value;
-      this.page = 1;
-      this.refresh();
-    });
+    byId("users-sort").addEventListener("change", (event) => this.setSort(event.target.value));
     byId("users-prev").addEventListener("click", () => this.go(this.page - 1));
     byId("users-next").addEventListener("click", () => this.go(this.page + 1));
     this.refreshSoon = throttle(() => this.refresh(), 1000);
@@ -96,6 +110,9 @@ export class UsersTable {
 
   async refresh() {
     const query = { q: this.q, sort: this.sort, page: this.page, per_page: PER_PAGE };
+    this.onState?.(); // the URL follows the search, order and page
+    // The download is the whole list in the same order and search.
+    byId("users-csv").href = csvUrl("/users.csv", { q: this.q, sort: this.sort });
     try {
       const response = await get("/users", query);
       // A slower, older answer must not overwrite a newer one.
@@ -130,18 +147,35 @@ export class UsersTable {
     if (this.recent.length > RECENT_EVENTS) this.recent.shift();
   }
 
+  /** A header that sorts the list by the server's order `sort` (aria-sort says which). */
+  _sortHeader(label, className) {
+    const sort = SORTABLE[label];
+    const active = this.sort === sort;
+    const button = el("button", { class: "th-sort", text: active ? `${label} ▼` : label, attrs: { type: "button" } });
+    button.addEventListener("click", () => this.setSort(sort));
+    return el("th", { class: className, attrs: { scope: "col", "aria-sort": active ? "descending" : "none" } }, [button]);
+  }
+
+  setSort(sort) {
+    this.sort = sort;
+    byId("users-sort").value = sort;
+    this.page = 1;
+    this.refresh();
+  }
+
   _draw() {
     const head = byId("users-head");
     head.replaceChildren(
-      el("th", { text: "User" }),
+      this._sortHeader("User"),
       ...this.commandTypes.map((c) => el("th", { text: c, attrs: { scope: "col" } })),
-      el("th", { text: "Risk" }),
-      el("th", { text: "Violations today", class: "num" }),
+      this._sortHeader("Risk"),
+      this._sortHeader("Violations today", "num"),
+      el("th", { text: "Refused for load", class: "num", attrs: { title: "consumes answered 503 today because the throttle factor was 0" } }),
       canWrite ? el("th", { text: "Actions" }) : null,
     );
     const rows = this.items.map((u) => this._row(u));
     if (!rows.length) {
-      const span = this.commandTypes.length + (canWrite ? 4 : 3);
+      const span = this.commandTypes.length + (canWrite ? 5 : 4);
       rows.push(el("tr", {}, [el("td", { class: "empty-row", text: "No users match.", attrs: { colspan: span } })]));
     }
     byId("users-body").replaceChildren(...rows);
@@ -156,10 +190,11 @@ export class UsersTable {
     return this.items.find((u) => u.username === username);
   }
 
+  /** The row's peak and risk from its percents (the server's thresholds). */
   _recompute(u) {
     const percents = [];
     for (const usage of Object.values(u.usage)) {
-      usage.percent = utilization(usage.used, usage.limit);
+      if (usage.percent === undefined) usage.percent = utilization(usage.used, usage.limit);
       if (usage.percent !== null) percents.push(usage.percent);
     }
     u.max_percent = percents.length ? Math.max(...percents) : null;
@@ -204,11 +239,12 @@ export class UsersTable {
     let changed = false;
     for (const row of data.users) {
       let u = this._find(row.username);
+      if (!u && this.sort === "violations") continue; // that list holds violators only
       if (!u) {
         if (this.q && !row.username.toLowerCase().startsWith(this.q.toLowerCase())) continue;
         u = { user_id: row.user_id, username: row.username, usage: {}, violations_today: 0, created_at: null };
         for (const c of this.commandTypes) {
-          u.usage[c] = { used: 0, limit: this._defaultLimit(c), percent: null, overridden: false };
+          u.usage[c] = { used: 0, limit: this._defaultLimit(c), percent: undefined, overridden: false };
         }
         u.isNew = true;
       }
@@ -218,6 +254,7 @@ export class UsersTable {
       if (typeof usage.used === "number" && row.used < usage.used) continue;
       usage.used = row.used;
       usage.limit = row.limit;
+      usage.percent = row.percent; // the server's figure, not recomputed here
       this._recompute(u);
       if (u.isNew) {
         delete u.isNew;
@@ -249,6 +286,7 @@ export class UsersTable {
         : [this._find(data.username)].filter(Boolean);
       for (const u of targets) {
         u.usage[c].limit = daily;
+        u.usage[c].percent = undefined; // a new limit: recomputed with the server's rounding
         if (data.scope === "user") u.usage[c].overridden = true;
         touched.push(u);
       }
@@ -256,13 +294,16 @@ export class UsersTable {
       const u = this._find(data.username);
       if (u && u.usage[c] && (!data.periods || data.periods.includes("daily"))) {
         u.usage[c].limit = daily;
+        u.usage[c].percent = undefined; // a new limit: recomputed with the server's rounding
         u.usage[c].overridden = false;
         touched.push(u);
       }
     } else if (data.action === "usage_reset") {
       const u = this._find(data.username);
       if (u) {
-        for (const [type, usage] of Object.entries(u.usage)) if (!c || type === c) usage.used = 0;
+        for (const [type, usage] of Object.entries(u.usage)) {
+          if (!c || type === c) Object.assign(usage, { used: 0, percent: undefined });
+        }
         touched.push(u);
       }
     } else if (data.action !== "limits_updated") {
@@ -284,6 +325,10 @@ export class UsersTable {
 
   _violation(msg) {
     if (typeof msg.seq === "number" && msg.seq <= this.seq) return; // already counted
+    if (this.sort === "violations") {
+      this.refreshSoon(); // the order (and who is listed) changed: the server sorts it
+      return;
+    }
     const u = this._find(msg.data.username);
     if (!u) return;
     u.violations_today += 1;
@@ -293,7 +338,7 @@ export class UsersTable {
   _row(u) {
     const row = el("tr", { attrs: { "data-username": u.username } });
     row.append(el("td", { class: "user-cell", attrs: { "data-label": "User" } }, [
-      el("span", { class: "username", text: u.username }),
+      userLink(u.username),
     ]));
     for (const c of this.commandTypes) {
       const usage = u.usage[c] || { used: 0, limit: null, percent: null, overridden: false };
@@ -317,6 +362,7 @@ export class UsersTable {
     }
     row.append(riskCell);
     row.append(el("td", { class: "num", text: formatInt(u.violations_today), attrs: { "data-label": "Violations today" } }));
+    row.append(el("td", { class: "num refused", text: formatInt(u.load_refusals_today ?? 0), attrs: { "data-label": "Refused for load" } }));
     if (canWrite) {
       const edit = el("button", { class: "btn btn-small", text: "Edit limits", attrs: { type: "button" } });
       const reset = el("button", { class: "btn btn-small btn-ghost", text: "Reset usage", attrs: { type: "button" } });
@@ -343,6 +389,7 @@ export class LimitsDialog {
     this.username = null;
     this.detail = null;
     byId("limits-cancel").addEventListener("click", () => this.dialog.close());
+    byId("limits-reload").addEventListener("click", () => this.open(this.username));
     byId("limits-form").addEventListener("submit", (event) => {
       event.preventDefault();
       this.save();
@@ -383,17 +430,32 @@ export class LimitsDialog {
           },
         });
         input.value = original;
+        input.dataset.current = info.limit === null ? "" : String(info.limit);
+        input.dataset.default = info.default === null || info.default === undefined ? "" : String(info.default);
+        selectOnFocus(input);
         const used = el("span", { class: "muted small", text: `used ${formatInt(info.used)}` });
         return el("td", { attrs: { "data-label": period } }, [input, used]);
       });
       return el("tr", {}, [el("th", { text: command, attrs: { scope: "row" } }), ...cells]);
     });
     byId("limits-body").replaceChildren(...rows);
-    this.dialog.showModal();
+    byId("limits-notice").hidden = true;
+    if (!this.dialog.open) this.dialog.showModal();
+  }
+
+  /** A `quota_change` while the dialog is open: say so, keep what is typed. */
+  noteChange(msg) {
+    const d = msg.data;
+    if (!this.dialog.open || (d.username !== this.username && d.scope !== "global")) return;
+    if (d.actor === actor) return; // this page's own save, still on its way back
+    setText("limits-notice-text", `Limits changed by ${d.actor || "another admin"} meanwhile.`);
+    byId("limits-notice").hidden = false;
+    announce(byId("limits-notice-text").textContent);
   }
 
   async save() {
     const changes = new Map(); // command -> {set: {}, remove: []}
+    const jumps = [];
     for (const input of this.dialog.querySelectorAll("input.limit-input")) {
       const { command, period, original } = input.dataset;
       if (input.value.trim() === original) continue;
@@ -407,11 +469,15 @@ export class LimitsDialog {
       if (parsed.inherit) change.remove.push(period);
       else change.set[period] = parsed.limit;
       changes.set(command, change);
+      const limitOf = (text) => (text === "" ? null : Number(text));
+      const after = parsed.inherit ? limitOf(input.dataset.default) : parsed.limit;
+      jumps.push({ label: `${command} ${period}`, before: limitOf(input.dataset.current), after });
     }
     if (!changes.size) {
       this.dialog.close();
       return;
     }
+    if (!(await confirmJumps(jumps))) return;
     const name = encodeURIComponent(this.username);
     byId("limits-save").disabled = true;
     try {
