@@ -233,7 +233,10 @@ async def test_plugin_storage_and_alerts_that_end_on_postgresql(pg_app):
 @pytest.mark.gen_test(timeout=90)
 async def test_load_refusals_history_buckets_and_violators_on_postgresql(pg_app):
     """Issue 25's SQL on PostgreSQL: refusal upserts, grouped history, the violators order."""
-    app = await pg_app(plugins={"alert_engine": {"enabled": False}})
+    app = await pg_app(
+        plugins={"alert_engine": {"enabled": False}},
+        throttle__cpu_bands=[[80, 0.5], [95, 0.0]],  # a band at 0: the defaults never refuse
+    )
     api = "/api/admin/quotas"
     await app.rules.set_global_limits("shell", {"daily": 1}, actor="t")
     for name, denied in (("Pat", 2), ("al", 3)):
