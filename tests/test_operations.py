@@ -378,7 +378,11 @@ async def test_a_differing_yaml_default_is_warned_about_under_seed_and_applied_u
         audit = await call(enforced, "GET", "/api/admin/quotas/audit?actor=config")
         (row,) = audit.json["items"]
         assert (row["action"], row["target"]) == ("limits.update", "rule:shell:global")
-        assert row["details"] == {"limits": {"daily": 600}}
+        assert row["details"] == {  # the audit shows what the file changed, from and to
+            "limits": {"daily": 600},
+            "before": {"daily": 500},
+            "after": {"daily": 600},
+        }
     finally:
         assert await enforced.stop() == 0
     again = await start(tmp_path, limits_config(tmp_path, 600, "enforce"))
