@@ -181,15 +181,20 @@ async def prepare(config: Config, plugin_manager: pluggy.PluginManager | None) -
 
 
 def run_migrations(config: Config, plugin_manager: pluggy.PluginManager | None) -> int:
-    """``quotaserver migrate``: apply the migrations and seed the default limits, alone
-    (a release step before new versions serve), then exit. Safe beside running servers
-    and other migrators: they take turns on the same lock."""
+    """``quotaserver migrate``: apply the migrations, seed the default limits and apply
+    ``quotas.defaults_policy`` as ``serve`` would, alone (a release step before new
+    versions serve), then exit. Safe beside running servers and other migrators: they take
+    turns on the same lock."""
     from .app import QuotaApp
 
     async def run() -> int:
         app = QuotaApp(config, plugin_manager=plugin_manager)
         try:
-            return await app.store.run(app.store.migrate, app.quota.seed_defaults)
+            version = await app.store.run(app.store.migrate, app.quota.seed_defaults)
+            # Limits are read from the database per decision, so running servers enforce an
+            # applied change at once; this process has no client to notify of it.
+            await reconcile_defaults(app.quota, config, publish=lambda messages: None)
+            return version
         finally:
             await asyncio.get_running_loop().run_in_executor(None, app.store.close)
 
