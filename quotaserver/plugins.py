@@ -28,7 +28,7 @@ import yaml
 
 from . import __version__, hookspecs
 from .config import PLUGIN_ENV_PREFIX, Config, ConfigError
-from .isolation import current_plugin, plugin_context
+from .isolation import current_plugin, plugin_context, running_hook
 from .realtime.emitters import PluginError
 from .realtime.hub import CONTROL_TYPES
 from .realtime.messages import CLIENT_TYPES, DURABLE_TYPES
@@ -517,6 +517,7 @@ class Hooks:
         """
         started = time.monotonic()
         token = current_plugin.set(impl.plugin_name)  # (not plugin_context: the hot path)
+        running_hook.enter(impl.plugin_name, hook)
         try:
             result = impl.function(**{k: kwargs[k] for k in impl.argnames})
             if not awaitable and inspect.isawaitable(result):
@@ -527,6 +528,7 @@ class Hooks:
             self._failed(impl.plugin_name, hook, exc)
             return False, None
         finally:
+            running_hook.leave()
             current_plugin.reset(token)
         blocked = time.monotonic() - started
         if blocked > self.timeout:
@@ -615,10 +617,13 @@ class Hooks:
             if inspect.iscoroutine(awaitable):
                 # Run the first step now: most reactions finish without suspending, and
                 # then need no timer at all.
+                running_hook.enter(plugin, hook)
                 try:
                     suspended_on = awaitable.send(None)
                 except StopIteration as done:
                     return done.value
+                finally:
+                    running_hook.leave()
                 awaitable = _Resume(awaitable, suspended_on)
             timer = asyncio.timeout(limit)
             try:
