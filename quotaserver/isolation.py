@@ -264,3 +264,62 @@ def watch_signals(
     thread._quotaserver_sockets = (reader, writer)  # type: ignore[attr-defined]  # keep alive
     thread.start()
     return thread
+
+
+class LoopWatchdog:
+    """Notice an event loop blocked longer than ``threshold`` seconds, and by whom.
+
+    The loop beats every ``threshold / 5`` seconds; a thread checks the beat. A block is
+    logged at once from the thread (naming :data:`running_hook`) and reported once per
+    block to ``on_block(plugin, hook, seconds)``, called on the loop when it is free again
+    (``plugin`` None: core code, or a plugin's code the host does not call).
+    """
+
+    def __init__(
+        self,
+        on_block: Callable[[str | None, str | None, float], None],
+        threshold: float = 0.5,
+    ):
+        self.on_block = on_block
+        self.threshold = threshold
+        self.blocks = 0
+        self._beat = time.monotonic()
+        self._stopped = threading.Event()
+        self._loop: Any = None
+        self._timer: Any = None
+
+    def start(self, loop: Any) -> None:
+        self._loop = loop
+        self._tick()
+        threading.Thread(target=self._watch, name="loop-watchdog", daemon=True).start()
+
+    def stop(self) -> None:
+        self._stopped.set()
+        if self._timer is not None:
+            self._timer.cancel()
+
+    def _tick(self) -> None:
+        self._beat = time.monotonic()
+        if not self._stopped.is_set():
+            self._timer = self._loop.call_later(self.threshold / 5, self._tick)
+
+    def _watch(self) -> None:
+        reported = None  # the beat of the block already reported
+        while not self._stopped.wait(self.threshold / 5):
+            beat = self._beat
+            blocked = time.monotonic() - beat
+            if blocked <= self.threshold or reported == beat:
+                continue
+            reported = beat
+            plugin, hook = running_hook.plugin, running_hook.hook
+            self.blocks += 1
+            if plugin is None:
+                log.warning("the event loop is blocked (%.1f s so far) by core code", blocked)
+            else:
+                log.error(
+                    "plugin %s blocks the event loop in %s (%.1f s so far)", plugin, hook, blocked
+                )
+            try:
+                self._loop.call_soon_threadsafe(self.on_block, plugin, hook, blocked)
+            except RuntimeError:  # the loop closed
+                return

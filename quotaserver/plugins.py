@@ -407,6 +407,24 @@ class Hooks:
         self.timeout = timeout
         self.failures: dict[tuple[str, str], HookFailure] = {}
         self._abandoned: set[asyncio.Future] = set()
+        #: Times each plugin blocked the event loop (over the watchdog's threshold).
+        self.loop_blocks: dict[str, int] = {}
+        #: Plugins whose hooks are no longer called: ``{plugin: reason}``.
+        self.disabled: dict[str, str] = {}
+
+    #: A plugin that blocks the event loop this many times has its hooks disabled.
+    MAX_LOOP_BLOCKS = 3
+
+    def loop_blocked(self, plugin: str | None, hook: str | None, seconds: float) -> None:
+        """Count a block the watchdog saw; disable ``plugin`` at :attr:`MAX_LOOP_BLOCKS`."""
+        if plugin is None or hook is None:
+            return
+        count = self.loop_blocks[plugin] = self.loop_blocks.get(plugin, 0) + 1
+        self._failed(plugin, hook, TimeoutError(f"blocked the event loop ({seconds:.1f} s)"))
+        if count >= self.MAX_LOOP_BLOCKS and plugin not in self.disabled:
+            reason = f"blocked the event loop {count} times (last in {hook})"
+            self.disabled[plugin] = reason
+            log.error("plugin %s disabled: %s", plugin, reason)
 
     @property
     def errors(self) -> dict[str, str]:
@@ -506,7 +524,10 @@ class Hooks:
 
     # -- calling --------------------------------------------------------------------------
     def _impls(self, hook: str) -> list[Any]:
-        return list(reversed(getattr(self.pm.hook, hook).get_hookimpls()))
+        impls = reversed(getattr(self.pm.hook, hook).get_hookimpls())
+        if self.disabled:
+            return [i for i in impls if i.plugin_name not in self.disabled]
+        return list(impls)
 
     def _invoke(
         self, impl: Any, hook: str, kwargs: dict[str, Any], awaitable: bool
