@@ -96,6 +96,7 @@ class QuotaApp:
         # Plugin threads: a bounded pool per plugin, installed as the loop's default
         # executor at start so even asyncio.to_thread in a plugin cannot starve the others.
         self.threads = PluginThreads()
+        self.hooks.threads = self.threads  # plain third-party hooks run in their pools
         self.quota = QuotaService(
             config, self.store, self.load, clock, publish=self.publish, on_decision=self._decided
         )

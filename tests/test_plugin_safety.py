@@ -7,34 +7,70 @@ import textwrap
 import time
 
 import pytest
-from clients import ADMIN, call, consume
+from clients import ADMIN, call, consume, ws_connect
 from services import start_server
 from waits import wait_for_check, wait_until
 
-# A plain on_violation that never returns: it holds the event loop's thread for good.
+# An async on_violation that blocks and never returns: it holds the event loop for good.
 FROZEN = """
 import os
 import threading
 from quotaserver import hookimpl
 
 @hookimpl
-def on_violation(app, violation):
+async def on_violation(app, violation):
     open(os.environ["FROZEN_MARKER"], "w").close()
     threading.Event().wait()
 """
 
 
-# A plain on_violation that holds the loop for 0.8 s on every call.
+# An async on_violation that holds the loop for 0.8 s on every call (time.sleep).
 SLOW = """
 import os
 import time
 from quotaserver import hookimpl
 
 @hookimpl
-def on_violation(app, violation):
+async def on_violation(app, violation):
     with open(os.environ["SLOW_CALLS"], "a") as fh:
         fh.write("call\\n")
     time.sleep(0.8)
+"""
+
+
+# A plain on_violation that never returns: it runs in its plugin's pool, not on the loop.
+NEVER = """
+import os
+import threading
+from quotaserver import hookimpl
+
+@hookimpl
+def on_violation(app, violation):
+    with open(os.environ["NEVER_CALLS"], "a") as fh:
+        fh.write("call\\n")
+    threading.Event().wait()
+"""
+
+
+# Called first (registered last): it vandalises the violation it is given.
+VANDAL = """
+from quotaserver import hookimpl
+
+@hookimpl
+def on_violation(app, violation):
+    violation["username"] = "someone-else"
+    violation.clear()
+"""
+
+WATCHER = """
+import json
+import os
+from quotaserver import hookimpl
+
+@hookimpl
+async def on_violation(app, violation):
+    with open(os.environ["WATCHER_SEEN"], "a") as fh:
+        fh.write(json.dumps(violation.get("username")) + "\\n")
 """
 
 
@@ -54,8 +90,9 @@ async def _blocks_are(server, n: int) -> bool:
     return (await loop_blocks(server)).get("slow", 0) == n
 
 
-def settings(tmp_path, plugins_dir: str, shutdown_timeout: float) -> dict:
+def settings(tmp_path, plugins_dir: str, shutdown_timeout: float, **more) -> dict:
     return {
+        **more,
         "plugins_dir": plugins_dir,
         "server": {"shutdown_timeout": shutdown_timeout},
         "quotas": {"defaults": {"shell": {"daily": 1}}},
@@ -126,6 +163,87 @@ async def test_the_watchdog_names_counts_and_disables_a_plugin_that_blocks_the_l
         output = "".join(server.output)
         assert "plugin slow blocks the event loop in on_violation" in output, output
         assert "plugin slow disabled: blocked the event loop 3 times" in output, output
+        assert await server.stop() == 0
+    finally:
+        server.kill()
+
+
+@pytest.mark.gen_test(timeout=90)
+async def test_a_plain_hook_that_never_returns_costs_its_pool_not_the_loop(tmp_path):
+    calls = tmp_path / "never-calls"
+    budget = 3.0
+    server = await start_server(
+        str(tmp_path),
+        settings(
+            tmp_path,
+            third_party_plugins(tmp_path, never=NEVER),
+            budget,
+            plugin_timeout=0.5,
+            realtime={"heartbeat_interval": 0.2},
+        ),
+        env={"QUOTASERVER_ADMIN_TOKEN": ADMIN, "NEVER_CALLS": str(calls)},
+    )
+    try:
+        ws = await ws_connect(server)
+        assert (await consume(server, "nia", token=ADMIN)).code == 200
+        # Six violations: more than the plugin's 4 threads, every one of them hung.
+        for _ in range(6):
+            started = time.monotonic()
+            assert (await consume(server, "nia", token=ADMIN)).code == 429
+            assert time.monotonic() - started < 1.0
+        await wait_until(
+            lambda: calls.exists() and len(calls.read_text().split()) == 4, "the hung calls"
+        )
+        for user in ("ana", "bo", "cy"):
+            started = time.monotonic()
+            assert (await consume(server, user, token=ADMIN)).code == 200
+            assert time.monotonic() - started < 1.0
+        # Heartbeats keep flowing, one every interval.
+        pings = []
+        for _ in range(3):
+            await ws.recv_type("ping", timeout=2.0)
+            pings.append(time.monotonic())
+        assert pings[-1] - pings[0] < 2 * 0.2 + 1.0
+        await wait_for_check(lambda: _never_timed_out(server), "the culprit in health")
+        health = (await call(server, "GET", "/api/ws/health", token=ADMIN)).json
+        culprits = {f["plugin"] for f in health["plugin_failures"] if f["failing"]}
+        assert culprits == {"never"}, health["plugin_failures"]
+        assert health["loop_blocks"] == {}
+        started = time.monotonic()
+        status = await server.stop(timeout=budget + 2 + 5)
+        assert time.monotonic() - started < budget + 2
+        assert status == 0, "".join(server.output)
+    finally:
+        server.kill()
+    assert "Traceback" not in "".join(server.output)
+
+
+async def _never_timed_out(server) -> bool:
+    health = (await call(server, "GET", "/api/ws/health", token=ADMIN)).json
+    return any(
+        f["plugin"] == "never" and f["hook"] == "on_violation" and f["timeouts"] >= 4
+        for f in health["plugin_failures"]
+    )
+
+
+@pytest.mark.gen_test(timeout=90)
+async def test_a_plugin_that_mutates_a_violation_changes_nothing_for_the_next(tmp_path):
+    seen = tmp_path / "seen"
+    server = await start_server(
+        str(tmp_path),
+        settings(tmp_path, third_party_plugins(tmp_path, a_watcher=WATCHER, zz_vandal=VANDAL), 3.0),
+        env={"QUOTASERVER_ADMIN_TOKEN": ADMIN, "WATCHER_SEEN": str(seen)},
+    )
+    try:
+        for user in ("nia", "bo"):
+            assert (await consume(server, user, token=ADMIN)).code == 200
+            assert (await consume(server, user, token=ADMIN)).code == 429
+        await wait_until(
+            lambda: seen.exists() and len(seen.read_text().split()) == 2, "the watcher's calls"
+        )
+        assert seen.read_text().split() == ['"nia"', '"bo"']
+        listed = (await call(server, "GET", "/api/admin/quotas/violations", token=ADMIN)).json
+        assert "someone-else" not in str(listed)
         assert await server.stop() == 0
     finally:
         server.kill()
