@@ -24,7 +24,7 @@ from .db import Store
 from .defaults_policy import reconcile as reconcile_defaults
 from .events import events_after, events_since, last_seq
 from .handlers.base import MisdirectedHandler, StaticHandler
-from .isolation import PluginThreads, current_plugin, stop_requested
+from .isolation import LoopWatchdog, PluginThreads, current_plugin, stop_requested
 from .logs import log_request
 from .metrics import Metrics
 from .netguard import make_http_server
@@ -96,6 +96,7 @@ class QuotaApp:
         # Plugin threads: a bounded pool per plugin, installed as the loop's default
         # executor at start so even asyncio.to_thread in a plugin cannot starve the others.
         self.threads = PluginThreads()
+        self.hooks.threads = self.threads  # plain third-party hooks run in their pools
         self.quota = QuotaService(
             config, self.store, self.load, clock, publish=self.publish, on_decision=self._decided
         )
@@ -122,6 +123,7 @@ class QuotaApp:
                 {"blocked": address, "seconds": seconds}
             )
         self.metrics = Metrics(self)
+        self.watchdog = LoopWatchdog(self._loop_blocked)
         # database_busy -> "busy", database_unavailable -> "unavailable"
         self.store.on_error = lambda exc: self.metrics.db_error(exc.code.removeprefix("database_"))
         self.web = tornado.web.Application(routes(self), **self._settings())
@@ -187,6 +189,7 @@ class QuotaApp:
         self.auth.sync.start()
         if self.cluster_counts is not None:
             self.cluster_counts.start(lambda: self.hub.per_identity)
+        self.watchdog.start(asyncio.get_running_loop())
         await self.hooks.call_async("startup", app=self)
         self.scheduler.add(retention.emitter(self), "quotaserver")
         for plugin, emitters in self.hooks.call("register_emitters", app=self):
@@ -232,6 +235,10 @@ class QuotaApp:
         self.hub.instance = self.instance_name
         self.hub.sync_on_recover = self.clustered
 
+    def _loop_blocked(self, plugin: str | None, hook: str | None, seconds: float) -> None:
+        self.hooks.loop_blocked(plugin, hook, seconds)
+        self.metrics.loop_blocks.labels(plugin or "core").inc()
+
     async def stop(
         self, code: int = CLOSE_GOING_AWAY, reason: str = "server shutting down"
     ) -> None:
@@ -240,6 +247,7 @@ class QuotaApp:
             return
         self.stopped = True
         stop_requested.set()
+        self.watchdog.stop()
         if self.server is not None:
             self.server.stop()
         self.running = False

@@ -15,6 +15,8 @@ import contextvars
 import logging
 import os
 import queue
+import signal
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -30,6 +32,34 @@ stop_requested = threading.Event()
 current_plugin: contextvars.ContextVar[str | None] = contextvars.ContextVar(
     "quotaserver_plugin", default=None
 )
+
+
+class RunningHook:
+    """Which plugin hook the event loop's thread is running now (the host sets it around
+    each call); read by the watchdogs in other threads, so plain attributes, no lock."""
+
+    __slots__ = ("plugin", "hook", "started")
+
+    def __init__(self) -> None:
+        self.plugin: str | None = None
+        self.hook: str | None = None
+        self.started = 0.0
+
+    def enter(self, plugin: str, hook: str) -> None:
+        self.plugin, self.hook, self.started = plugin, hook, time.monotonic()
+
+    def leave(self) -> None:
+        self.plugin = self.hook = None
+
+    def describe(self) -> str:
+        plugin, hook, started = self.plugin, self.hook, self.started
+        if plugin is None:
+            return "no plugin hook was running"
+        return f"plugin {plugin} was running {hook} for {time.monotonic() - started:.1f} s"
+
+
+#: The hook the loop's thread is in (one loop per process serves plugin calls).
+running_hook = RunningHook()
 
 
 @contextlib.contextmanager
@@ -179,10 +209,117 @@ def exit_guard(budget: float) -> threading.Thread:
     def watch() -> None:
         stop_requested.wait()
         time.sleep(budget)
-        log.error("shutdown exceeded %.1f s (a plugin is stuck): exiting now", budget)
+        log.error(
+            "shutdown exceeded %.1f s (a plugin is stuck; %s): exiting now",
+            budget,
+            running_hook.describe(),
+        )
         logging.shutdown()
         os._exit(1)
 
     thread = threading.Thread(target=watch, name="exit-guard", daemon=True)
     thread.start()
     return thread
+
+
+def watch_signals(
+    signals: tuple[int, ...], deliver: Callable[[int], None], stopping: frozenset[int]
+) -> threading.Thread:
+    """Receive ``signals`` in a thread of their own, so they win over a blocked loop.
+
+    The C-level handler writes each signal's number to a wakeup socket whatever the main
+    thread is doing; this thread reads it, sets :data:`stop_requested` for a signal in
+    ``stopping`` (which arms :func:`exit_guard`) and calls ``deliver`` (which should hand
+    the number to the loop with ``call_soon_threadsafe``). For the ``serve`` command only:
+    it replaces the process's handlers of ``signals``.
+    """
+    reader, writer = socket.socketpair()
+    reader.setblocking(True)
+    writer.setblocking(False)
+    for sig in signals:
+        signal.signal(sig, lambda _signum, _frame: None)  # the wakeup fd does the work
+    signal.set_wakeup_fd(writer.fileno(), warn_on_full_buffer=False)
+
+    def watch() -> None:
+        while True:
+            data = reader.recv(64)
+            if not data:
+                return
+            for signum in data:
+                if signum not in signals:
+                    continue
+                if signum in stopping:
+                    if stop_requested.is_set():
+                        log.warning("received %s again while stopping", signal.Signals(signum).name)
+                    stop_requested.set()
+                    if running_hook.plugin is not None:
+                        log.warning("received %s while %s", signal.Signals(signum).name,
+                                    running_hook.describe())  # fmt: skip
+                try:
+                    deliver(signum)
+                except RuntimeError:  # the loop has closed: the process is ending anyway
+                    return
+
+    thread = threading.Thread(target=watch, name="signal-watch", daemon=True)
+    thread._quotaserver_sockets = (reader, writer)  # type: ignore[attr-defined]  # keep alive
+    thread.start()
+    return thread
+
+
+class LoopWatchdog:
+    """Notice an event loop blocked longer than ``threshold`` seconds, and by whom.
+
+    The loop beats every ``threshold / 5`` seconds; a thread checks the beat. A block is
+    logged at once from the thread (naming :data:`running_hook`) and reported once per
+    block to ``on_block(plugin, hook, seconds)``, called on the loop when it is free again
+    (``plugin`` None: core code, or a plugin's code the host does not call).
+    """
+
+    def __init__(
+        self,
+        on_block: Callable[[str | None, str | None, float], None],
+        threshold: float = 0.5,
+    ):
+        self.on_block = on_block
+        self.threshold = threshold
+        self.blocks = 0
+        self._beat = time.monotonic()
+        self._stopped = threading.Event()
+        self._loop: Any = None
+        self._timer: Any = None
+
+    def start(self, loop: Any) -> None:
+        self._loop = loop
+        self._tick()
+        threading.Thread(target=self._watch, name="loop-watchdog", daemon=True).start()
+
+    def stop(self) -> None:
+        self._stopped.set()
+        if self._timer is not None:
+            self._timer.cancel()
+
+    def _tick(self) -> None:
+        self._beat = time.monotonic()
+        if not self._stopped.is_set():
+            self._timer = self._loop.call_later(self.threshold / 5, self._tick)
+
+    def _watch(self) -> None:
+        reported = None  # the beat of the block already reported
+        while not self._stopped.wait(self.threshold / 5):
+            beat = self._beat
+            blocked = time.monotonic() - beat
+            if blocked <= self.threshold or reported == beat:
+                continue
+            reported = beat
+            plugin, hook = running_hook.plugin, running_hook.hook
+            self.blocks += 1
+            if plugin is None:
+                log.warning("the event loop is blocked (%.1f s so far) by core code", blocked)
+            else:
+                log.error(
+                    "plugin %s blocks the event loop in %s (%.1f s so far)", plugin, hook, blocked
+                )
+            try:
+                self._loop.call_soon_threadsafe(self.on_block, plugin, hook, blocked)
+            except RuntimeError:  # the loop closed
+                return

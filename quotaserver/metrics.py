@@ -253,6 +253,12 @@ class Metrics:
             ["kind"],
             registry=own,
         )
+        self.loop_blocks = Counter(
+            "quotaserver_loop_blocks",
+            "Times the event loop was blocked over 0.5 s, by the plugin running (core: none).",
+            ["plugin"],
+            registry=own,
+        )
         self.throttle_refusals = Counter(
             "quotaserver_throttle_refusals",
             "Consumes refused with 503 system_overloaded (throttle factor 0), by the load "

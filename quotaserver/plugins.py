@@ -8,6 +8,7 @@ exist or cannot be registered stops start-up (and ``check-config``) with a
 from __future__ import annotations
 
 import asyncio
+import copy
 import difflib
 import importlib
 import importlib.metadata
@@ -28,7 +29,7 @@ import yaml
 
 from . import __version__, hookspecs
 from .config import PLUGIN_ENV_PREFIX, Config, ConfigError
-from .isolation import current_plugin, plugin_context
+from .isolation import current_plugin, plugin_context, running_hook
 from .realtime.emitters import PluginError
 from .realtime.hub import CONTROL_TYPES
 from .realtime.messages import CLIENT_TYPES, DURABLE_TYPES
@@ -361,6 +362,37 @@ class _Resume:
                     return done.value
 
 
+class _Steps:
+    """Awaits a plugin's coroutine step by step with :data:`running_hook` set around each
+    step, so the loop watchdog can name a coroutine that blocks the loop."""
+
+    def __init__(self, coro: Any, plugin: str, hook: str):
+        self.coro, self.plugin, self.hook = coro, plugin, hook
+
+    def __await__(self) -> Any:
+        coro, sent, error = self.coro, None, None
+        while True:
+            running_hook.enter(self.plugin, self.hook)
+            try:
+                value = coro.send(sent) if error is None else coro.throw(error)
+            except StopIteration as done:
+                return done.value
+            finally:
+                running_hook.leave()
+            sent, error = None, None
+            try:
+                sent = yield value
+            except GeneratorExit:
+                coro.close()
+                raise
+            except BaseException as exc:  # cancellation and the like go to the coroutine
+                error = exc
+
+
+async def _tracked(coro: Any, plugin: str, hook: str) -> Any:
+    return await _Steps(coro, plugin, hook)
+
+
 @dataclass
 class HookFailure:
     """The failures of one plugin's implementation of one hook."""
@@ -394,6 +426,17 @@ class _Call:
     done: bool = field(default=False)
 
 
+def _call_in_thread(impl: Any, hook: str, args: dict[str, Any]) -> Any:
+    """Run a plain hook function on a thread of its plugin's pool, as its plugin."""
+    with plugin_context(impl.plugin_name):
+        result = impl.function(**args)
+    if inspect.isawaitable(result):
+        if inspect.iscoroutine(result):
+            result.close()
+        raise TypeError(f"{hook} returned an awaitable from a plain function")
+    return result
+
+
 class Hooks:
     """Calls every hook implementation in isolation from the others.
 
@@ -407,6 +450,28 @@ class Hooks:
         self.timeout = timeout
         self.failures: dict[tuple[str, str], HookFailure] = {}
         self._abandoned: set[asyncio.Future] = set()
+        #: Times each plugin blocked the event loop (over the watchdog's threshold).
+        self.loop_blocks: dict[str, int] = {}
+        #: Plugins whose hooks are no longer called: ``{plugin: reason}``.
+        self.disabled: dict[str, str] = {}
+        #: Set by the application: plain hook functions of third-party plugins run in their
+        #: plugin's pool (``threads.pool(name)``) rather than on the event loop.
+        self.threads: Any = None
+        self._offload: dict[int, bool] = {}
+
+    #: A plugin that blocks the event loop this many times has its hooks disabled.
+    MAX_LOOP_BLOCKS = 3
+
+    def loop_blocked(self, plugin: str | None, hook: str | None, seconds: float) -> None:
+        """Count a block the watchdog saw; disable ``plugin`` at :attr:`MAX_LOOP_BLOCKS`."""
+        if plugin is None or hook is None:
+            return
+        count = self.loop_blocks[plugin] = self.loop_blocks.get(plugin, 0) + 1
+        self._failed(plugin, hook, TimeoutError(f"blocked the event loop ({seconds:.1f} s)"))
+        if count >= self.MAX_LOOP_BLOCKS and plugin not in self.disabled:
+            reason = f"blocked the event loop {count} times (last in {hook})"
+            self.disabled[plugin] = reason
+            log.error("plugin %s disabled: %s", plugin, reason)
 
     @property
     def errors(self) -> dict[str, str]:
@@ -506,7 +571,10 @@ class Hooks:
 
     # -- calling --------------------------------------------------------------------------
     def _impls(self, hook: str) -> list[Any]:
-        return list(reversed(getattr(self.pm.hook, hook).get_hookimpls()))
+        impls = reversed(getattr(self.pm.hook, hook).get_hookimpls())
+        if self.disabled:
+            return [i for i in impls if i.plugin_name not in self.disabled]
+        return list(impls)
 
     def _invoke(
         self, impl: Any, hook: str, kwargs: dict[str, Any], awaitable: bool
@@ -517,6 +585,7 @@ class Hooks:
         """
         started = time.monotonic()
         token = current_plugin.set(impl.plugin_name)  # (not plugin_context: the hot path)
+        running_hook.enter(impl.plugin_name, hook)
         try:
             result = impl.function(**{k: kwargs[k] for k in impl.argnames})
             if not awaitable and inspect.isawaitable(result):
@@ -527,6 +596,7 @@ class Hooks:
             self._failed(impl.plugin_name, hook, exc)
             return False, None
         finally:
+            running_hook.leave()
             current_plugin.reset(token)
         blocked = time.monotonic() - started
         if blocked > self.timeout:
@@ -572,11 +642,45 @@ class Hooks:
 
     def _start(self, hook: str, kwargs: dict[str, Any]) -> list[tuple[str, Any]]:
         calls: list[tuple[str, Any]] = []
+        copied = self.COPIED.get(hook)
+        original = kwargs.get(copied) if copied else None
         for impl in self._impls(hook):
+            if copied:  # each implementation its own copy: none sees another's changes
+                kwargs = {**kwargs, copied: copy.deepcopy(original)}
+            if self._offloaded(impl):
+                future = self._hand_off(impl, hook, kwargs)
+                if future is not None:
+                    calls.append((impl.plugin_name, future))
+                continue
             ok, result = self._invoke(impl, hook, kwargs, awaitable=True)
             if ok:
                 calls.append((impl.plugin_name, result))
         return calls
+
+    def _offloaded(self, impl: Any) -> bool:
+        """Whether ``impl`` is a plain function of a third-party plugin (run in its pool)."""
+        key = id(impl)
+        offload = self._offload.get(key)
+        if offload is None:
+            info = getattr(self.pm, "info", {}).get(impl.plugin_name)
+            third_party = info is not None and info.source != "built-in"
+            offload = third_party and not inspect.iscoroutinefunction(impl.function)
+            self._offload[key] = offload
+        return offload and self.threads is not None
+
+    def _hand_off(self, impl: Any, hook: str, kwargs: dict[str, Any]) -> Any:
+        """Submit a plain implementation to its plugin's pool: an asyncio future, or None
+        (a failure recorded) when the pool is full of hung calls or shut down."""
+        plugin = impl.plugin_name
+        try:
+            pool = self.threads.pool(plugin)
+            if pool.busy >= pool.workers:
+                raise TimeoutError(f"all {pool.workers} threads of the plugin are hung")
+            args = {k: kwargs[k] for k in impl.argnames}
+            return asyncio.wrap_future(pool.submit(_call_in_thread, impl, hook, args))
+        except (RuntimeError, TimeoutError) as exc:
+            self._failed(plugin, hook, exc)
+            return None
 
     async def _complete(
         self, hook: str, calls: list[tuple[str, Any]], limit: float
@@ -591,6 +695,8 @@ class Hooks:
             tasks = {}
             for i in waiting:
                 name, awaitable = calls[i]
+                if inspect.iscoroutine(awaitable):
+                    awaitable = _tracked(awaitable, name, hook)
                 with plugin_context(name):  # the task's threads come from the plugin's pool
                     tasks[i] = asyncio.ensure_future(awaitable)
                 calls[i] = (name, tasks[i])
@@ -606,6 +712,9 @@ class Hooks:
                 results.append((name, result))
         return results
 
+    #: Hooks whose argument each implementation receives a deep copy of (rare, small).
+    COPIED = {"on_violation": "violation"}
+
     #: Never awaited in place: a stop must not wait on a plugin that ignores cancellation.
     LIFECYCLE = frozenset({"startup", "shutdown"})
 
@@ -615,10 +724,13 @@ class Hooks:
             if inspect.iscoroutine(awaitable):
                 # Run the first step now: most reactions finish without suspending, and
                 # then need no timer at all.
+                running_hook.enter(plugin, hook)
                 try:
                     suspended_on = awaitable.send(None)
                 except StopIteration as done:
                     return done.value
+                finally:
+                    running_hook.leave()
                 awaitable = _Resume(awaitable, suspended_on)
             timer = asyncio.timeout(limit)
             try:

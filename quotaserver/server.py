@@ -28,7 +28,7 @@ from . import __version__
 from .config import Config, ConfigError
 from .db import DatabaseError
 from .defaults_policy import reconcile as reconcile_defaults
-from .isolation import exit_guard
+from .isolation import exit_guard, watch_signals
 from .metrics import MULTIPROC_ENV, disable_multiprocess, enable_multiprocess, worker_exited
 from .realtime.gc_steps import GcSteps
 from .realtime.messages import CLOSE_GOING_AWAY, CLOSE_RESTART
@@ -151,8 +151,13 @@ def _run_loop(
     async def runner() -> int:
         queue: asyncio.Queue = asyncio.Queue()
         loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-            loop.add_signal_handler(sig, queue.put_nowait, sig)
+        # Not loop.add_signal_handler: a loop blocked by plugin code would never read
+        # them. A thread receives them, arms the exit guard and hands them to the loop.
+        watch_signals(
+            (signal.SIGINT, signal.SIGTERM, signal.SIGHUP),
+            lambda sig: loop.call_soon_threadsafe(queue.put_nowait, sig),
+            stopping=frozenset({signal.SIGINT, signal.SIGTERM}),
+        )
         try:
             return await serve(config, queue, plugin_manager, worker)
         except ConfigError as exc:

@@ -23,6 +23,7 @@ class StreamHealthHandler(BaseHandler):
             and all(s["healthy"] for s in sources)
             and all(fields.get("healthy", True) is not False for fields in plugins_health.values())
             and not app.hooks.failing
+            and not app.hooks.disabled
             and app.backplane.connected
             and app.store.available
         )
@@ -47,6 +48,8 @@ class StreamHealthHandler(BaseHandler):
                 "sources": sources,
                 "plugin_errors": app.hooks.errors,
                 "plugin_failures": app.hooks.failures_json(),
+                "loop_blocks": app.hooks.loop_blocks,
+                "plugins_disabled": app.hooks.disabled,
                 "plugins_health": plugins_health,
             }
         )

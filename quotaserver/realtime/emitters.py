@@ -20,7 +20,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from ..config import ConfigError
-from ..isolation import ThreadPool, plugin_context
+from ..isolation import ThreadPool, plugin_context, running_hook
 from ..windows import isoformat
 
 log = logging.getLogger(__name__)
@@ -293,8 +293,13 @@ class Scheduler:
                 async with asyncio.timeout(timeout):
                     value = await asyncio.shield(future)
             else:
+                running_hook.enter(health.plugin, "collect")
+                try:
+                    result = collect()
+                finally:
+                    running_hook.leave()
                 async with asyncio.timeout(timeout):
-                    value = await maybe_await(collect())
+                    value = await maybe_await(result)
                 health.running = False
         except BaseException:
             if pool is None:
