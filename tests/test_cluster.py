@@ -30,12 +30,12 @@ from clients import (
     ws_connect,
 )
 from conftest import TOKENS
-from services import INITDB, REDIS, ROOT, Postgres, Redis, start_server, write_config
+from services import INITDB, REDIS, ROOT, Postgres, Redis, needs, start_server, write_config
 
 from quotaserver.db import SCHEMA_VERSION
 
-pytestmark = pytest.mark.skipif(
-    INITDB is None or REDIS is None,
+pytestmark = needs(
+    INITDB is not None and REDIS is not None,
     reason="needs PostgreSQL server binaries and redis-server (.ci/run installs them)",
 )
 
