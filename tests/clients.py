@@ -8,6 +8,7 @@ from typing import Any
 from urllib.parse import quote
 
 from tornado.httpclient import AsyncHTTPClient, HTTPRequest
+from tornado.httputil import HTTPHeaders
 from tornado.websocket import WebSocketClientConnection, websocket_connect
 from waits import DEFAULT_TIMEOUT, wait_until
 
@@ -228,3 +229,49 @@ async def sse_connect(
     )
     client.fetch = asyncio.ensure_future(AsyncHTTPClient().fetch(request, raise_error=False))
     return client
+
+
+class Head:
+    """Status line and headers of a response; the body is never awaited (streams)."""
+
+    def __init__(self, code: int, headers: HTTPHeaders):
+        self.code = code
+        self.headers = headers
+
+    def __repr__(self) -> str:
+        return f"<Head {self.code}>"
+
+
+async def raw_request(
+    app: Any,
+    method: str,
+    path: str,
+    headers: dict[str, str] | None = None,
+    body: bytes = b"",
+    raw_headers: bytes = b"",
+) -> Head:
+    """Send one request on a fresh socket and read only the response head."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", app.port)
+    try:
+        hdrs = {"Host": f"127.0.0.1:{app.port}", "Connection": "close"}
+        hdrs.update(headers or {})
+        if body or method in ("POST", "PUT", "PATCH"):
+            hdrs["Content-Length"] = str(len(body))
+        head = f"{method} {path} HTTP/1.1\r\n" + "".join(f"{k}: {v}\r\n" for k, v in hdrs.items())
+        writer.write(head.encode("latin-1") + raw_headers + b"\r\n" + body)
+        data = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+    finally:
+        writer.close()
+    status_line, _, rest = data.decode("latin-1").partition("\r\n")
+    return Head(int(status_line.split()[1]), HTTPHeaders.parse(rest))
+
+
+async def login_post(
+    app: Any, token: str, nxt: str | None = None, headers: dict[str, str] | None = None
+) -> tuple[Any, str]:
+    """Sign in through the login form (GET for the XSRF cookie, then POST)."""
+    form = await call(app, "GET", "/login", token=None, headers=headers)
+    xsrf = cookies_of(form)["_xsrf"]
+    body = f"token={quote(token)}&_xsrf={xsrf}" + (f"&next={quote(nxt)}" if nxt else "")
+    hdrs = {**(headers or {}), "Cookie": f"_xsrf={xsrf}", "Content-Type": FORM}
+    return await call(app, "POST", "/login", raw=body, token=None, headers=hdrs), xsrf

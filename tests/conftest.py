@@ -24,6 +24,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import psutil  # noqa: E402
 from clients import ADMIN, METRICS, SERVICE, VIEWER  # noqa: E402
+from pg_fixtures import pg_app, pg_url  # noqa: E402, F401  (fixtures, one server per module)
+from services import CI, missing  # noqa: E402
 from waits import wait_until_sync  # noqa: E402
 
 from quotaserver.app import QuotaApp  # noqa: E402
@@ -32,6 +34,24 @@ from quotaserver.redaction import install_log_redaction  # noqa: E402
 
 # In-process servers get the log redaction the entry point (quotaserver.cli) installs.
 install_log_redaction()
+
+
+# CI replays a red run: examples derived from the test, the failing one printed as a blob.
+hypothesis.settings.register_profile("ci", derandomize=True, print_blob=True)
+if CI:
+    hypothesis.settings.load_profile("ci")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "needs_binary(present, reason): skip (fail under CI=true) without a binary"
+    )
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    for mark in item.iter_markers("needs_binary"):
+        if not mark.kwargs["present"]:
+            missing(mark.kwargs["reason"])
 
 
 def sha(token: str) -> str:
@@ -117,6 +137,11 @@ def app_factory(io_loop: Any, tmp_path: Any) -> Callable[..., Any]:
     yield start
     for app in apps:
         io_loop.run_sync(app.stop, timeout=15)  # idempotent: tests may have stopped it
+    # The test is over and its loop closes next: end the core threads now instead of after
+    # their 2 s idle timeout (the app keeps them for other apps on a shared loop). A thread
+    # still running work keeps running and is reported by ``nothing_left_behind``.
+    for app in apps:
+        app.threads.core.shutdown()
 
 
 @pytest.fixture(autouse=True)

@@ -20,15 +20,34 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Any
+from typing import Any, NoReturn
 
 import psutil
+import pytest
 import yaml
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BINDIRS = sorted(glob.glob("/usr/lib/postgresql/*/bin"), reverse=True)
 INITDB = next((os.path.join(d, "initdb") for d in BINDIRS if os.path.exists(f"{d}/initdb")), None)
 REDIS = shutil.which("redis-server")
+# `.ci/run` sets CI=true: there a missing server binary or browser fails the run.
+CI = os.environ.get("CI", "").lower() == "true"
+
+
+def missing(reason: str) -> NoReturn:
+    """A binary the test needs is absent: skip locally, fail under ``CI=true``.
+
+    A CI machine without PostgreSQL, Redis, nginx or Chromium must go red, not green with
+    every test that needs them skipped.
+    """
+    if CI:
+        pytest.fail(f"{reason} (CI=true: a missing binary fails the run)", pytrace=False)
+    pytest.skip(reason)
+
+
+def needs(present: bool, reason: str) -> pytest.MarkDecorator:
+    """Mark tests that need a binary; ``conftest`` calls :func:`missing` when it is absent."""
+    return pytest.mark.needs_binary(present=bool(present), reason=reason)
 
 
 def free_port() -> int:

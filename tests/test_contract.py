@@ -12,9 +12,17 @@ import sys
 from datetime import UTC, datetime
 
 import pytest
-from clients import ADMIN, SERVICE, VIEWER, call, consume, sse_connect, ws_connect
+from clients import (
+    ADMIN,
+    SERVICE,
+    VIEWER,
+    call,
+    consume,
+    raw_request,
+    sse_connect,
+    ws_connect,
+)
 from conftest import ROOT, FakeClock, sha
-from test_security import raw_request
 from waits import wait_until
 
 from quotaserver.auth import Auth

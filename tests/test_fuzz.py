@@ -349,7 +349,7 @@ PLAUSIBLE = {
 
 def _route_strategy() -> st.SearchStrategy[tuple[str, str, str]]:
     """(method, pattern, path) over every HTTP route; path groups drawn from their regex."""
-    from test_security import group_spans, implemented
+    from routes import group_spans, implemented
 
     choices = []
     for pattern, cls in urls.ROUTES + urls.DEV_ROUTES:
@@ -563,7 +563,7 @@ def test_stream_handshake_parameters_are_validated(server):
         headers = {"Last-Event-ID": last_event_id} if last_event_id else {}
 
         async def sse_head() -> int:
-            from test_security import raw_request
+            from clients import raw_request
 
             head = await raw_request(
                 srv.app, "GET", "/sse/admin/quotas" + (f"?{query}" if query else ""),

@@ -342,6 +342,28 @@ async def test_too_many_missed_from_the_log_is_refused():
     assert [m for m in client.sent if m.seq] == []
 
 
+@pytest.mark.parametrize("ring_size", [0, 100])
+@pytest.mark.gen_test
+async def test_exactly_the_replay_limit_is_replayed_one_more_is_refused(ring_size):
+    async def log_source(after, limit):
+        return [durable(s) for s in range(after + 1, min(after + limit, 13) + 1)]
+
+    hub = Hub(log_source, ring_size=ring_size, replay_limit=3)
+    hub.last_seq = 9
+    for seq in range(10, 14):  # the ring (when there is one) holds 10..13
+        hub.publish(durable(seq))
+    at_limit = PendingClient()
+    await hub.attach(at_limit, "10")  # 11, 12, 13: exactly the limit
+    assert [m.seq for m in at_limit.sent if m.seq] == [11, 12, 13]
+    assert at_limit.sent[-1].data == {"recovered": True, "missed": 3, "seq": 13}
+    over = PendingClient()
+    await hub.attach(over, "9")  # 10..13: one more
+    assert [m.seq for m in over.sent if m.seq] == []
+    assert over.sent[-1].data == {
+        "recovered": False, "missed": None, "seq": 13, "reason": "too_many_missed",
+    }  # fmt: skip
+
+
 @pytest.mark.parametrize(("cursor", "reason"), [("x", "invalid_cursor"), (None, None),
                                                 ("-1", "invalid_cursor"),
                                                 ("8", "unknown_cursor")])  # fmt: skip

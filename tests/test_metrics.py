@@ -7,33 +7,21 @@ import os
 import signal
 
 import pytest
-from clients import ADMIN, METRICS, SERVICE, VIEWER, call, consume, settle, sse_connect, ws_connect
-from prometheus_client.parser import text_string_to_metric_families
+from clients import (
+    ADMIN,
+    METRICS,
+    SERVICE,
+    VIEWER,
+    call,
+    consume,
+    login_post,
+    settle,
+    sse_connect,
+    ws_connect,
+)
+from scrape import samples, scrape, value
 from services import Server, start_server
-from test_security import login_post
 from waits import wait_until_async
-
-
-def samples(text: str) -> dict[tuple[str, tuple], float]:
-    """{(sample name, sorted labels): value} of a scrape."""
-    out = {}
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
-    return out
-
-
-def value(scrape: dict, name: str, **labels: str) -> float:
-    key = (name, tuple(sorted(labels.items())))
-    assert key in scrape, f"{name}{labels} not in the scrape: {sorted(k for k in scrape)[:50]}"
-    return scrape[key]
-
-
-async def scrape(app, token: str | None = METRICS) -> dict:
-    resp = await call(app, "GET", "/metrics", token=token)
-    assert resp.code == 200, resp
-    assert resp.headers["Content-Type"].startswith("text/plain; version=")
-    return samples(resp.body.decode())
 
 
 @pytest.mark.gen_test(timeout=30)

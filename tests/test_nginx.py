@@ -16,7 +16,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from services import Server, free_port, make_certificate, start_server
+from services import Server, free_port, make_certificate, needs, start_server
 from tornado.httpclient import AsyncHTTPClient, HTTPRequest
 from tornado.websocket import websocket_connect
 
@@ -25,9 +25,7 @@ SITE = os.path.join(ROOT, "deploy", "nginx-quotaserver.conf")
 NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
 TOKEN = "nginx-test-admin-token-0123456789abcdef"
 
-pytestmark = pytest.mark.skipif(
-    not os.path.exists(NGINX), reason=f"no nginx at {NGINX} (apt-get install nginx)"
-)
+pytestmark = needs(os.path.exists(NGINX), reason=f"no nginx at {NGINX} (apt-get install nginx)")
 
 
 def replace(text: str, old: str, new: str) -> str:

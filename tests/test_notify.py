@@ -29,8 +29,8 @@ import yaml
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import AuthResult
 from clients import ADMIN, call, consume, settle
+from scrape import scrape, value
 from services import free_port, make_certificate, start_server
-from test_metrics import scrape, value
 from waits import wait_for_check, wait_until
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

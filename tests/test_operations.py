@@ -22,7 +22,17 @@ import pytest
 from clients import METRICS, call, consume, sse_connect, ws_connect
 from conftest import TOKENS
 from prometheus_client.parser import text_string_to_metric_families
-from services import INITDB, REDIS, ROOT, Postgres, Redis, Server, start_server, write_config
+from services import (
+    INITDB,
+    REDIS,
+    ROOT,
+    Postgres,
+    Redis,
+    Server,
+    needs,
+    start_server,
+    write_config,
+)
 from waits import wait_until, wait_until_async
 
 from quotaserver import __version__
@@ -136,7 +146,7 @@ async def timed_get(server: Server, path: str, answers: list) -> int:
     return response.code
 
 
-@pytest.mark.skipif(INITDB is None, reason="PostgreSQL server binaries not installed")
+@needs(INITDB is not None, reason="PostgreSQL server binaries not installed")
 @pytest.mark.gen_test(timeout=120)
 async def test_health_answers_within_a_second_while_postgresql_is_stopped(tmp_path):
     pytest.importorskip("psycopg2", reason="pip install psycopg2-binary (the test extras do)")
@@ -211,7 +221,7 @@ async def test_a_nul_in_a_static_path_is_a_400_envelope_and_one_log_line(tmp_pat
     assert not any("Traceback" in line or "ValueError" in line for line in server.output)
 
 
-@pytest.mark.skipif(INITDB is None, reason="PostgreSQL server binaries not installed")
+@needs(INITDB is not None, reason="PostgreSQL server binaries not installed")
 @pytest.mark.gen_test(timeout=120)
 async def test_a_driver_error_is_one_log_line_and_the_answer_names_only_its_id(tmp_path):
     pytest.importorskip("psycopg2", reason="pip install psycopg2-binary (the test extras do)")
@@ -268,7 +278,7 @@ async def exercise(server: Server) -> dict:
     return await scrape(server)
 
 
-@pytest.mark.skipif(REDIS is None, reason="redis-server not installed")
+@needs(REDIS is not None, reason="redis-server not installed")
 @pytest.mark.gen_test(timeout=120)
 async def test_metrics_under_two_workers_have_no_launcher_series_and_one_label_set(tmp_path):
     redis = Redis()

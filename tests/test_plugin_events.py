@@ -2,7 +2,7 @@
 
 import pytest
 from clients import VIEWER, call, ws_connect
-from test_plugins import plugin_dir
+from plugin_files import plugin_dir
 from waits import wait_until
 
 from quotaserver.plugins import PluginError, PluginEventError

@@ -13,8 +13,8 @@ from datetime import datetime
 
 import pytest
 from clients import ADMIN, VIEWER, call, consume, ws_connect
+from plugin_files import plugin_dir
 from services import free_port
-from test_plugins import plugin_dir
 from waits import wait_until
 
 from quotaserver.isolation import ThreadPool

@@ -10,7 +10,7 @@ import sysconfig
 import venv
 
 import pytest
-from test_plugins import DOCS, HOOKS
+from plugin_files import DOCS, HOOKS
 
 import quotaserver
 from quotaserver import hookspecs

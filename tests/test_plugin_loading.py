@@ -6,8 +6,8 @@ import sys
 import textwrap
 
 import pytest
+from plugin_files import plugin_dir
 from services import free_port
-from test_plugins import plugin_dir
 
 COMMANDS = {
     "serve": lambda: ["serve", "--port", str(free_port())],

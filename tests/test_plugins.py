@@ -1,6 +1,5 @@
 """The plugin contract: every hook is documented and tested here; failures stay local."""
 
-import os
 import re
 import signal
 import sys
@@ -9,15 +8,12 @@ import threading
 
 import pytest
 from clients import VIEWER, call, consume, ws_connect
+from plugin_files import DOCS, HOOKS, plugin_dir
 from services import start_server, write_config
 from waits import wait_until, wait_until_sync
 
-from quotaserver import hookspecs
 from quotaserver.config import ConfigError, load_config
 from quotaserver.plugins import PluginError, get_plugin_manager, secret_settings
-
-HOOKS = sorted(n for n in dir(hookspecs) if hasattr(getattr(hookspecs, n), "quotaserver_spec"))
-DOCS = os.path.join(os.path.dirname(__file__), "..", "docs", "plugins.md")
 
 RECORDER = """
 from quotaserver import MetricSample, hookimpl
@@ -127,14 +123,6 @@ def on_decision(app, decision):
 """
 
 
-def plugin_dir(tmp_path, **files):
-    directory = tmp_path / "plugins"
-    directory.mkdir(exist_ok=True)
-    for name, text in files.items():
-        (directory / f"{name}.py").write_text(textwrap.dedent(text))
-    return str(directory)
-
-
 async def recorder_app(app_factory, tmp_path, **overrides):
     marker = tmp_path / "shutdown-marker"
     app = await app_factory(
@@ -228,7 +216,7 @@ async def test_hook_health_fields(app_factory, tmp_path):
 
 @pytest.mark.gen_test(timeout=30)
 async def test_hook_metric_samples(app_factory, tmp_path):
-    from test_metrics import scrape, value
+    from scrape import scrape, value
 
     app, _ = await recorder_app(app_factory, tmp_path)
     await consume(app, "eli")

@@ -10,45 +10,14 @@ import asyncio
 
 import pytest
 from clients import SERVICE, call, consume, ws_connect
-from services import INITDB, Postgres
+from services import INITDB, needs
 
 from quotaserver.models import Alert, Usage, User, Violation
 
-pytestmark = pytest.mark.skipif(
-    INITDB is None, reason="PostgreSQL server binaries not installed (apt-get install postgresql)"
+pytestmark = needs(
+    INITDB is not None,
+    reason="PostgreSQL server binaries not installed (apt-get install postgresql)",
 )
-
-
-@pytest.fixture(scope="module")
-def pg_url():
-    pytest.importorskip("psycopg2", reason="pip install psycopg2-binary (the test extras do)")
-    server = Postgres()
-    server.start()
-    try:
-        yield server.create_database()
-    finally:
-        server.destroy()
-
-
-def _reset() -> None:
-    from quotaserver import models
-
-    db = models.database_proxy.obj
-    tables = [m._meta.table_name for m in (*models.ALL_MODELS, *models.LOAD_MODELS)]
-    db.execute_sql("DROP TABLE IF EXISTS " + ", ".join(f'"{t}"' for t in tables) + " CASCADE")
-
-
-@pytest.fixture
-def pg_app(app_factory, pg_url, io_loop):
-    """Start the real app on the PostgreSQL database, emptied first."""
-
-    async def start(**overrides):
-        app = await app_factory(database__url=pg_url, **overrides)
-        await app.store.run(_reset)
-        await app.stop()
-        return await app_factory(database__url=pg_url, **overrides)
-
-    return start
 
 
 async def count(app, model, *where):

@@ -56,10 +56,10 @@ async def test_reads_cannot_write(app_factory):
 
 @pytest.fixture(scope="module")
 def pg():
-    from services import INITDB, Postgres
+    from services import INITDB, Postgres, missing
 
     if INITDB is None:
-        pytest.skip("PostgreSQL server binaries not installed")
+        missing("PostgreSQL server binaries not installed")
     pytest.importorskip("psycopg2", reason="pip install psycopg2-binary (the test extras do)")
     server = Postgres()
     server.start()

@@ -122,3 +122,11 @@ async def test_a_cursor_older_than_what_is_kept_gets_recovered_false_pruned(app_
     replayed = [(await ws2.recv_type("violation"))["seq"] for _ in kept]
     assert replayed == kept
     assert (await ws2.recv_type("recovered"))["data"]["recovered"] is True
+    # Two before the oldest kept: the event right after the cursor is gone, a gap.
+    ws3 = await ws_connect(app, f"last_seq={kept[0] - 2}")
+    assert (await ws3.recv_type("recovered"))["data"] == {
+        "recovered": False,
+        "missed": None,
+        "seq": app.hub.last_seq,
+        "reason": "pruned",
+    }

@@ -30,15 +30,19 @@ from clients import (
     METRICS,
     SERVICE,
     VIEWER,
+    Head,
     call,
     consume,
     cookies_of,
+    login_post,
+    raw_request,
     sse_connect,
     ws_connect,
 )
 from conftest import FakeMonotonic
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from routes import group_spans, implemented
 from tornado.httpclient import HTTPClientError
 from tornado.httputil import HTTPHeaders, HTTPServerRequest, RequestStartLine
 from waits import wait_until
@@ -72,7 +76,6 @@ SERVICE_ROUTES = {
 # The only state-changing route a viewer may use.
 VIEWER_WRITES = {("/logout", "POST")}
 
-METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
 STATE_CHANGING = ("POST", "PUT", "PATCH", "DELETE")
 # Values for path groups; the first that the group (and the route) accepts is used.
 SAMPLES = ("alice", "shell", "daily", "1", "0123456789abcdef", "acknowledge", "resolve")
@@ -87,30 +90,6 @@ MANY = 100_000  # connection limits out of the way of tests about something else
 
 
 # -- helpers -----------------------------------------------------------------------------
-def group_spans(pattern: str) -> list[tuple[int, int]]:
-    """Top-level capture groups of a route pattern, as (start, end) spans."""
-    spans, depth, start, i, in_class = [], 0, 0, 0, False
-    while i < len(pattern):
-        c = pattern[i]
-        if c == "\\":
-            i += 2
-            continue
-        if in_class:
-            in_class = c != "]"
-        elif c == "[":
-            in_class = True
-        elif c == "(":
-            if depth == 0:
-                start = i
-            depth += 1
-        elif c == ")":
-            depth -= 1
-            if depth == 0:
-                spans.append((start, i + 1))
-        i += 1
-    return spans
-
-
 def sample_path(pattern: str) -> str:
     """A concrete path that the route table sends to this route's handler."""
     spans = group_spans(pattern)
@@ -147,63 +126,12 @@ def declared_roles(app: Any, cls: type, method: str, path: str) -> frozenset[str
     return handler.roles_for(method)
 
 
-def implemented(cls: type) -> list[str]:
-    base = tornado.web.RequestHandler
-    return [m for m in METHODS if getattr(cls, m.lower()) is not getattr(base, m.lower())]
-
-
 def is_websocket(cls: type) -> bool:
     return issubclass(cls, tornado.websocket.WebSocketHandler)
 
 
-class Head:
-    """Status line and headers of a response; the body is never awaited (streams)."""
-
-    def __init__(self, code: int, headers: HTTPHeaders):
-        self.code = code
-        self.headers = headers
-
-    def __repr__(self) -> str:
-        return f"<Head {self.code}>"
-
-
-async def raw_request(
-    app: Any,
-    method: str,
-    path: str,
-    headers: dict[str, str] | None = None,
-    body: bytes = b"",
-    raw_headers: bytes = b"",
-) -> Head:
-    """Send one request on a fresh socket and read only the response head."""
-    reader, writer = await asyncio.open_connection("127.0.0.1", app.port)
-    try:
-        hdrs = {"Host": f"127.0.0.1:{app.port}", "Connection": "close"}
-        hdrs.update(headers or {})
-        if body or method in ("POST", "PUT", "PATCH"):
-            hdrs["Content-Length"] = str(len(body))
-        head = f"{method} {path} HTTP/1.1\r\n" + "".join(f"{k}: {v}\r\n" for k, v in hdrs.items())
-        writer.write(head.encode("latin-1") + raw_headers + b"\r\n" + body)
-        data = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
-    finally:
-        writer.close()
-    status_line, _, rest = data.decode("latin-1").partition("\r\n")
-    return Head(int(status_line.split()[1]), HTTPHeaders.parse(rest))
-
-
 def auth_headers(role: str | None) -> dict[str, str]:
     return {"Authorization": f"Bearer {TOKENS[role]}"} if role else {}
-
-
-async def login_post(
-    app: Any, token: str, nxt: str | None = None, headers: dict[str, str] | None = None
-) -> tuple[Any, str]:
-    """Sign in through the login form (GET for the XSRF cookie, then POST)."""
-    form = await call(app, "GET", "/login", token=None, headers=headers)
-    xsrf = cookies_of(form)["_xsrf"]
-    body = f"token={quote(token)}&_xsrf={xsrf}" + (f"&next={quote(nxt)}" if nxt else "")
-    hdrs = {**(headers or {}), "Cookie": f"_xsrf={xsrf}", "Content-Type": FORM}
-    return await call(app, "POST", "/login", raw=body, token=None, headers=hdrs), xsrf
 
 
 async def browser_session(app: Any, token: str = ADMIN) -> dict[str, str]:

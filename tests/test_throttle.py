@@ -35,6 +35,20 @@ def test_a_band_is_left_only_below_its_threshold_minus_the_margin():
     assert load.factor == 0.0
 
 
+def test_memory_bands_keep_the_same_margin_as_cpu_bands():
+    load = SystemLoad(QUIET, CPU, hysteresis=5.0)
+    assert load.update(10, 85, now=0)[0].factor == 0.8
+    for memory in (79.9, 77, 75.1):  # under 80 but not under 75: still in the 80 band
+        sample, changed = load.update(10, memory, now=1)
+        assert (sample.factor, changed) == (0.8, False), memory
+    assert load.update(10, 74.9, now=2) == (load.current, True)
+    assert load.factor == 1.0
+    load.update(10, 96, now=3)
+    assert (load.factor, load.refusing) == (0.3, "none")
+    load.update(10, 88, now=4)  # leaves 95 but 88 + 5 >= 90 keeps the 90 band
+    assert load.factor == 0.6
+
+
 def test_a_change_applies_only_after_it_held():
     load = SystemLoad(CPU, QUIET, hysteresis=0.0, hold_seconds=10.0)
     assert load.update(91, 10, now=0) == (load.current, False)

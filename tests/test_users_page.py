@@ -10,7 +10,7 @@ import pytest
 from clients import call, consume
 from conftest import FakeClock
 from peewee import fn
-from test_postgres import INITDB, pg_app, pg_url  # noqa: F401, F811  (fixtures)
+from services import INITDB, needs
 
 from quotaserver import ranking
 from quotaserver.admin_queries import AdminQueries, PageRequest
@@ -64,9 +64,9 @@ async def test_the_sql_users_page_equals_the_orm_page_on_a_mixed_dataset(app_fac
     await compare_pages(await app_factory(clock=FakeClock()), monkeypatch)
 
 
-@pytest.mark.skipif(INITDB is None, reason="PostgreSQL server binaries not installed")
+@needs(INITDB is not None, reason="PostgreSQL server binaries not installed")
 @pytest.mark.gen_test(timeout=60)
-async def test_the_sql_users_page_equals_the_orm_page_on_postgresql(pg_app, monkeypatch):  # noqa: F811
+async def test_the_sql_users_page_equals_the_orm_page_on_postgresql(pg_app, monkeypatch):
     await compare_pages(await pg_app(clock=FakeClock()), monkeypatch)
 
 

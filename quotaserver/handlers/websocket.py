@@ -26,7 +26,7 @@ from ..realtime.messages import (
     Message,
     error_message,
 )
-from .admission import Refusal, admit, server_full
+from .admission import Refusal, admit
 from .base import (
     VIEWER,
     ApiError,
@@ -127,9 +127,6 @@ class AdminSocketHandler(tornado.websocket.WebSocketHandler):
         return self.app.auth.origin_allowed(origin, self.request.host, scheme)
 
     def open(self, *args: Any, **kwargs: Any) -> None:
-        if self.app.hub.full:  # another handshake took the last slot during the upgrade
-            self.close(server_full().close_code, "server full, try again later")
-            return
         if self.identity is not None and not self.app.auth.still_valid(self.identity):
             # Revoked or logged out while the handshake was answered.
             self.close(CLOSE_POLICY, "credentials revoked")

@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from services import missing, needs
 
 from .support import ADMIN, CHROMIUM, CHROMIUM_ARGS, WAIT, Server
 
@@ -14,7 +15,7 @@ from .support import ADMIN, CHROMIUM, CHROMIUM_ARGS, WAIT, Server
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     if os.path.exists(CHROMIUM):
         return
-    skip = pytest.mark.skip(reason=f"no Chromium at {CHROMIUM} (apt-get install chromium)")
+    skip = needs(False, reason=f"no Chromium at {CHROMIUM} (apt-get install chromium)")
     for item in items:
         if "browser" in item.keywords:
             item.add_marker(skip)
@@ -25,7 +26,7 @@ def browser() -> Iterator[Any]:
     # Module scope: while Playwright's sync API is open, this thread's asyncio loop counts
     # as running, which the pytest-tornado tests of other modules cannot share.
     if not os.path.exists(CHROMIUM):
-        pytest.skip(f"no Chromium at {CHROMIUM}")
+        missing(f"no Chromium at {CHROMIUM}")
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as p:

@@ -15,6 +15,7 @@ import time
 from typing import Any
 
 import pytest
+from services import needs
 
 from .support import CHROMIUM, ROOT, WAIT
 
@@ -42,7 +43,7 @@ def first_run(tmp_path: Any):
         proc.wait(15)
 
 
-@pytest.mark.skipif(not os.path.exists(CHROMIUM), reason=f"no Chromium at {CHROMIUM}")
+@needs(os.path.exists(CHROMIUM), reason=f"no Chromium at {CHROMIUM}")
 def test_the_start_up_link_signs_in_once_and_leaves_no_code_behind(browser, first_run):
     link = first_run
     code = link.split("#code=", 1)[1]
