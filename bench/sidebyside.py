@@ -479,18 +479,42 @@ async def fanout(
     return results
 
 
+def start_postgres(cpus: str) -> tuple[Any, str]:
+    """A throw-away PostgreSQL cluster (tests/services.py: fsync off) pinned to ``cpus``
+    (its backends are forked from the pinned postmaster); returns it and a database URL."""
+    sys.path.insert(0, os.path.join(ROOT, "tests"))
+    from services import Postgres
+
+    pg = Postgres()
+    pg.start()
+    with open(os.path.join(pg.data, "postmaster.pid"), encoding="ascii") as fh:
+        postmaster = psutil.Process(int(fh.readline()))
+    for process in [postmaster, *postmaster.children(recursive=True)]:
+        process.cpu_affinity([int(c) for c in cpus.split(",")])
+    return pg, pg.create_database()
+
+
 async def consume(
-    name: str, connections: int, seconds: float, server_cpus: str, workers: int = 1
+    name: str,
+    connections: int,
+    seconds: float,
+    server_cpus: str,
+    workers: int = 1,
+    database_url: str | None = None,
 ) -> dict:
     """``connections`` keep-alive clients consuming as fast as answers come back."""
     # The run saturates the server's core on purpose: load shedding (503 at high CPU) would
     # measure the throttle, not the path.
+    settings: dict[str, Any] = {}
+    if database_url:
+        settings = {"database_url": database_url, "database_pool_size": 8}
     server = launch(
         name,
         server_cpus,
         workers,
         database_sqlite_synchronous="full",
         throttle_cpu_bands="[[100, 1.0]]",
+        **settings,
     )
     try:
         latencies: list[float] = []
@@ -525,6 +549,7 @@ async def consume(
         cpu_server = server.cpu() - cpu_server
         result = {
             "server": server.label,
+            "database": "postgresql" if database_url else "sqlite",
             "connections": connections,
             "seconds": round(elapsed, 1),
             "requests": len(latencies),
@@ -565,6 +590,12 @@ def main() -> None:
     con.add_argument("--server", choices=("quotaserver", "tornado"), default="quotaserver")
     con.add_argument("--connections", type=int, default=32)
     con.add_argument("--seconds", type=float, default=10.0)
+    con.add_argument(
+        "--postgres",
+        action="store_true",
+        help="quotaserver on its own PostgreSQL cluster (pinned to --postgres-cpus)",
+    )
+    con.add_argument("--postgres-cpus", help="PostgreSQL's cores (default: the server's)")
     for p in (fan, con):
         p.add_argument("--server-cpus", default="0")
         p.add_argument("--client-cpus", default="1")
@@ -585,9 +616,25 @@ def main() -> None:
             fanout(args.server, args.transport, sizes, events, args.server_cpus, args.workers)
         )
     else:
-        asyncio.run(
-            consume(args.server, args.connections, args.seconds, args.server_cpus, args.workers)
+        pg, url = (
+            start_postgres(args.postgres_cpus or args.server_cpus)
+            if args.postgres
+            else (None, None)
         )
+        try:
+            asyncio.run(
+                consume(
+                    args.server,
+                    args.connections,
+                    args.seconds,
+                    args.server_cpus,
+                    args.workers,
+                    url,
+                )
+            )
+        finally:
+            if pg is not None:
+                pg.destroy()
 
 
 if __name__ == "__main__":
