@@ -9,10 +9,12 @@ only syntax SQLite (3.35+) and PostgreSQL share: ``ON CONFLICT ... DO NOTHING / 
 An admitted consume is three statements, whether the user and its counters exist or not:
 the user's id and limits in one ``SELECT``, one conditional upsert of every window's counter
 (``INSERT ... ON CONFLICT DO UPDATE ... WHERE used + n <= limit RETURNING``), and the daily
-peak. A first-sight user adds one ``INSERT``; a refusal adds one ``UPDATE`` per window that
-took the count (taken back in the same transaction) and a read of the counters. The
-per-minute activity is summed per group commit (:func:`db.add_to_commit`) and written once
-per transaction; without a group commit (PostgreSQL) it is one more statement.
+peak (on PostgreSQL the upsert and the peak are one statement). A first-sight user adds one
+``INSERT``; a refusal adds one ``UPDATE`` per window that took the count (taken back in the
+same transaction) and a read of the counters. The per-minute activity is summed per group
+commit (:func:`db.add_to_commit`) and written once per transaction on SQLite; on PostgreSQL
+admitted commands are summed per process and flushed (quotaserver.activity) and a
+violation's count is one more statement.
 """
 
 from __future__ import annotations
