@@ -122,6 +122,7 @@ class Server:
 
 PROFILE: str | None = None  # --profile: run the server under cProfile, stats to this file
 GC_LOG: str | None = None  # --gc-log: every collection's generation and pause, JSON lines
+POOL_SIZE = 8  # --pool-size: database.pool_size of each worker (PostgreSQL)
 PYSPY: str | None = None  # --py-spy: sample the server (every thread), collapsed stacks here
 
 
@@ -507,7 +508,7 @@ async def consume(
     # measure the throttle, not the path.
     settings: dict[str, Any] = {}
     if database_url:
-        settings = {"database_url": database_url, "database_pool_size": 8}
+        settings = {"database_url": database_url, "database_pool_size": POOL_SIZE}
     server = launch(
         name,
         server_cpus,
@@ -596,6 +597,7 @@ def main() -> None:
         help="quotaserver on its own PostgreSQL cluster (pinned to --postgres-cpus)",
     )
     con.add_argument("--postgres-cpus", help="PostgreSQL's cores (default: the server's)")
+    con.add_argument("--pool-size", type=int, default=8, help="database.pool_size per worker")
     for p in (fan, con):
         p.add_argument("--server-cpus", default="0")
         p.add_argument("--client-cpus", default="1")
@@ -604,8 +606,9 @@ def main() -> None:
         p.add_argument("--py-spy", help="sample the server with py-spy; collapsed stacks here")
         p.add_argument("--gc-log", help="record the server's garbage-collector pauses here")
     args = parser.parse_args()
-    global PROFILE, PYSPY, GC_LOG
+    global PROFILE, PYSPY, GC_LOG, POOL_SIZE
     PROFILE, PYSPY, GC_LOG = args.profile, args.py_spy, args.gc_log
+    POOL_SIZE = getattr(args, "pool_size", POOL_SIZE)
     raise_fd_limit()
     pin(args.client_cpus)
     use_uvloop()
