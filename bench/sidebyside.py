@@ -122,6 +122,7 @@ class Server:
 
 PROFILE: str | None = None  # --profile: run the server under cProfile, stats to this file
 GC_LOG: str | None = None  # --gc-log: every collection's generation and pause, JSON lines
+POOL_SIZE = 8  # --pool-size: database.pool_size of each worker (PostgreSQL)
 PYSPY: str | None = None  # --py-spy: sample the server (every thread), collapsed stacks here
 
 
@@ -479,18 +480,42 @@ async def fanout(
     return results
 
 
+def start_postgres(cpus: str) -> tuple[Any, str]:
+    """A throw-away PostgreSQL cluster (tests/services.py: fsync off) pinned to ``cpus``
+    (its backends are forked from the pinned postmaster); returns it and a database URL."""
+    sys.path.insert(0, os.path.join(ROOT, "tests"))
+    from services import Postgres
+
+    pg = Postgres()
+    pg.start()
+    with open(os.path.join(pg.data, "postmaster.pid"), encoding="ascii") as fh:
+        postmaster = psutil.Process(int(fh.readline()))
+    for process in [postmaster, *postmaster.children(recursive=True)]:
+        process.cpu_affinity([int(c) for c in cpus.split(",")])
+    return pg, pg.create_database()
+
+
 async def consume(
-    name: str, connections: int, seconds: float, server_cpus: str, workers: int = 1
+    name: str,
+    connections: int,
+    seconds: float,
+    server_cpus: str,
+    workers: int = 1,
+    database_url: str | None = None,
 ) -> dict:
     """``connections`` keep-alive clients consuming as fast as answers come back."""
     # The run saturates the server's core on purpose: load shedding (503 at high CPU) would
     # measure the throttle, not the path.
+    settings: dict[str, Any] = {}
+    if database_url:
+        settings = {"database_url": database_url, "database_pool_size": POOL_SIZE}
     server = launch(
         name,
         server_cpus,
         workers,
         database_sqlite_synchronous="full",
         throttle_cpu_bands="[[100, 1.0]]",
+        **settings,
     )
     try:
         latencies: list[float] = []
@@ -525,6 +550,7 @@ async def consume(
         cpu_server = server.cpu() - cpu_server
         result = {
             "server": server.label,
+            "database": "postgresql" if database_url else "sqlite",
             "connections": connections,
             "seconds": round(elapsed, 1),
             "requests": len(latencies),
@@ -565,6 +591,13 @@ def main() -> None:
     con.add_argument("--server", choices=("quotaserver", "tornado"), default="quotaserver")
     con.add_argument("--connections", type=int, default=32)
     con.add_argument("--seconds", type=float, default=10.0)
+    con.add_argument(
+        "--postgres",
+        action="store_true",
+        help="quotaserver on its own PostgreSQL cluster (pinned to --postgres-cpus)",
+    )
+    con.add_argument("--postgres-cpus", help="PostgreSQL's cores (default: the server's)")
+    con.add_argument("--pool-size", type=int, default=8, help="database.pool_size per worker")
     for p in (fan, con):
         p.add_argument("--server-cpus", default="0")
         p.add_argument("--client-cpus", default="1")
@@ -573,8 +606,9 @@ def main() -> None:
         p.add_argument("--py-spy", help="sample the server with py-spy; collapsed stacks here")
         p.add_argument("--gc-log", help="record the server's garbage-collector pauses here")
     args = parser.parse_args()
-    global PROFILE, PYSPY, GC_LOG
+    global PROFILE, PYSPY, GC_LOG, POOL_SIZE
     PROFILE, PYSPY, GC_LOG = args.profile, args.py_spy, args.gc_log
+    POOL_SIZE = getattr(args, "pool_size", POOL_SIZE)
     raise_fd_limit()
     pin(args.client_cpus)
     use_uvloop()
@@ -585,9 +619,25 @@ def main() -> None:
             fanout(args.server, args.transport, sizes, events, args.server_cpus, args.workers)
         )
     else:
-        asyncio.run(
-            consume(args.server, args.connections, args.seconds, args.server_cpus, args.workers)
+        pg, url = (
+            start_postgres(args.postgres_cpus or args.server_cpus)
+            if args.postgres
+            else (None, None)
         )
+        try:
+            asyncio.run(
+                consume(
+                    args.server,
+                    args.connections,
+                    args.seconds,
+                    args.server_cpus,
+                    args.workers,
+                    url,
+                )
+            )
+        finally:
+            if pg is not None:
+                pg.destroy()
 
 
 if __name__ == "__main__":

@@ -269,6 +269,7 @@ class QuotaApp:
             for task in list(self._tasks):  # plugin reactions still hanging: abandoned
                 task.cancel()
         await self.hooks.call_async("shutdown", timeout=2, app=self)
+        await self.quota.flush_activity(closing=True)
         self.threads.shutdown(wait=False)
         if self.server is not None:
             try:

@@ -9,17 +9,19 @@ only syntax SQLite (3.35+) and PostgreSQL share: ``ON CONFLICT ... DO NOTHING / 
 An admitted consume is three statements, whether the user and its counters exist or not:
 the user's id and limits in one ``SELECT``, one conditional upsert of every window's counter
 (``INSERT ... ON CONFLICT DO UPDATE ... WHERE used + n <= limit RETURNING``), and the daily
-peak. A first-sight user adds one ``INSERT``; a refusal adds one ``UPDATE`` per window that
-took the count (taken back in the same transaction) and a read of the counters. The
-per-minute activity is summed per group commit (:func:`db.add_to_commit`) and written once
-per transaction; without a group commit (PostgreSQL) it is one more statement.
+peak (on PostgreSQL the upsert and the peak are one statement). A first-sight user adds one
+``INSERT``; a refusal adds one ``UPDATE`` per window that took the count (taken back in the
+same transaction) and a read of the counters. The per-minute activity is summed per group
+commit (:func:`db.add_to_commit`) and written once per transaction on SQLite; on PostgreSQL
+admitted commands are summed per process and flushed (quotaserver.activity) and a
+violation's count is one more statement.
 """
 
 from __future__ import annotations
 
 from datetime import datetime
 
-from peewee import Database
+from peewee import Database, PostgresqlDatabase
 
 from .db import add_to_commit
 from .limits import effective_limits, limits_sql
@@ -60,6 +62,9 @@ class CounterSQL:
         )
         self.sql_decrement = f'UPDATE {usage} SET "used" = "used" - {p} WHERE {key}'
         self._many: dict[tuple, str] = {}
+        #: PostgreSQL runs the counters' upsert and the daily peak as one statement (a
+        #: data-modifying WITH, which SQLite lacks).
+        self.peak_in_upsert = isinstance(db, PostgresqlDatabase)
         # The user's id (a row (id, NULL, NULL, NULL), none for an unknown user) and the
         # rules that apply to it (global ones, and its own), in one round trip.
         self.sql_user_limits = (
@@ -111,6 +116,24 @@ class CounterSQL:
             'ON CONFLICT ("user_id") DO UPDATE SET '
             f'"rank" = CASE WHEN {peak}."day" = excluded."day" AND {peak}."rank" < excluded."rank" '
             f'THEN {peak}."rank" ELSE excluded."rank" END, "day" = excluded."day"'
+        )
+
+        # PostgreSQL: the peak rides on the upsert, written only when every window took the
+        # count; the rank as utilization() computes it (PostgreSQL's round of a double
+        # rounds half to even, as Python's round does).
+        self.sql_upsert_peak = (
+            "WITH up AS ({upsert}), pk AS ("
+            f'INSERT INTO {peak} ("user_id", "day", "rank", "username") '
+            f'SELECT {p}, {p}, {{rank}}, {p} FROM up WHERE up."period" = {p} '
+            f'AND (SELECT count(*) FROM up WHERE up."used" > 0 OR {p} = 0) = {p} '
+            'ON CONFLICT ("user_id") DO UPDATE SET '
+            f'"rank" = CASE WHEN {peak}."day" = excluded."day" AND {peak}."rank" < excluded."rank" '
+            f'THEN {peak}."rank" ELSE excluded."rank" END, "day" = excluded."day") '
+            'SELECT "period", "used" FROM up'
+        )
+        self.sql_rank_fixed = f"CAST({p} AS DOUBLE PRECISION)"
+        self.sql_rank_used = (
+            f'-(round(100.0 * CAST(up."used" AS DOUBLE PRECISION) / {p} * 10) / 10)'
         )
 
     def _run(self, sql: str, params: tuple):
@@ -170,22 +193,31 @@ class CounterSQL:
         windows: dict[str, Window],
         count: int,
         limits: dict[str, int | None],
+        peak: tuple[str, int] | None = None,
     ) -> tuple[dict[str, int], str | None]:
         """Add ``count`` to every window's counter, or to none if any would pass its limit.
 
         Returns the counters after the call and the first refusing window (None: admitted).
         Runs inside the caller's transaction: a refusal takes back what it added, so the
-        transaction sees the counters unchanged (no savepoint needed).
+        transaction sees the counters unchanged (no savepoint needed). With ``peak`` (the
+        user name and daily key; only where :attr:`peak_in_upsert`) an admitted consume's
+        daily peak is raised by the same statement, as :meth:`raise_peak` would.
         """
-        shape = tuple((p, limits[p] is None) for p in windows)
+        daily = limits.get("daily", 0) if peak is not None else 0
+        rank_form = None if peak is None else ("used" if daily else "fixed")
+        shape = (tuple((p, limits[p] is None) for p in windows), rank_form)
         sql = self._many.get(shape)
         if sql is None:
             rows = ", ".join([self.sql_window_row_used] * len(windows))
             terms = " OR ".join(
                 self.sql_upsert_unlimited if unlimited else self.sql_upsert_limited
-                for _, unlimited in shape
+                for _, unlimited in shape[0]
             )
-            sql = self._many[shape] = self.sql_upsert.format(rows=rows, terms=terms)
+            sql = self.sql_upsert.format(rows=rows, terms=terms)
+            if rank_form is not None:
+                rank = self.sql_rank_used if rank_form == "used" else self.sql_rank_fixed
+                sql = self.sql_upsert_peak.format(upsert=sql, rank=rank)
+            self._many[shape] = sql
         params: list = []
         for period, window in windows.items():
             limit = limits[period]
@@ -195,6 +227,10 @@ class CounterSQL:
         for period in windows:  # the terms, in shape order
             limit = limits[period]
             params += (period,) if limit is None else (period, count, limit)
+        if peak is not None:
+            username, day = peak
+            rank = (1.0 if daily is None else -100.0) if rank_form == "fixed" else daily
+            params += (user_id, day, rank, username, "daily", count, len(windows))
         # A returned row took ``count`` unless it is a new row left at 0 (it did not fit).
         added = {
             period: used
@@ -223,10 +259,11 @@ class CounterSQL:
     def bump_activity(self, minute: int, commands: int = 0, violations: int = 0) -> None:
         """Add to the minute's totals in this transaction: summed with the other units of a
         group commit and written once, before its COMMIT; written at once otherwise."""
-        if not add_to_commit(self._write_activity, minute, (commands, violations)):
+        if not add_to_commit(self.write_activity, minute, (commands, violations)):
             self._run(self.sql_activity, (minute, commands, violations))
 
-    def _write_activity(self, totals: dict) -> None:
+    def write_activity(self, totals: dict) -> None:
+        """Add ``{minute: (commands, violations)}`` to the minutes' rows."""
         for minute, (commands, violations) in sorted(totals.items()):
             self._run(self.sql_activity, (minute, commands, violations))
 

@@ -84,13 +84,36 @@ class _Postgres(PostgresqlDatabase):
         super().__init__(*args, **kwargs)
         self._counts = threading.local()
 
+    def begin(self, isolation_level: Any = None) -> None:
+        """Defer the ``BEGIN``: it is sent with the transaction's first statement, in the
+        same round trip (psycopg2 sends a string of statements as one query). A transaction
+        that runs nothing sends nothing."""
+        if isolation_level is not None or self._isolation_level:
+            super().begin(isolation_level)
+            return
+        if self.is_closed():  # now, as BEGIN would: connecting later resets the state
+            self.connect()
+        self._counts.begin = True
+
     def execute_sql(self, sql: str, params: Any = None) -> Any:
         self._counts.statements = getattr(self._counts, "statements", 0) + 1
+        if getattr(self._counts, "begin", False):
+            self._counts.begin = False
+            sql = "BEGIN; " + sql
         return super().execute_sql(sql, params)
 
     def commit(self) -> None:
+        if getattr(self._counts, "begin", False):  # nothing ran: nothing to commit
+            self._counts.begin = False
+            return
         self._counts.commits = getattr(self._counts, "commits", 0) + 1
         super().commit()
+
+    def rollback(self) -> None:
+        if getattr(self._counts, "begin", False):
+            self._counts.begin = False
+            return
+        super().rollback()
 
     def progress(self) -> tuple[int, int]:
         return getattr(self._counts, "statements", 0), getattr(self._counts, "commits", 0)
@@ -101,6 +124,7 @@ class _Postgres(PostgresqlDatabase):
 
     def discard_connection(self) -> None:
         """Forget this thread's connection (it is broken: closing it may fail too)."""
+        self._counts.begin = False
         conn, self._state.conn = self._state.conn, None
         self._state.reset()
         if conn is not None:

@@ -20,6 +20,7 @@ from typing import Any
 
 from peewee import Database
 
+from .activity import ActivityBuffer
 from .change import Change, commit
 from .config import PERIODS, Config
 from .counters import CounterSQL
@@ -181,6 +182,13 @@ class QuotaService:
         self.defaults: dict[str, dict[str, int | None]] = config["quotas.defaults"]
         self.sql = CounterSQL(store.db)
         self.keys = KeySQL(store.db)
+        self._peak_in_upsert = self.sql.peak_in_upsert and "daily" in self.periods
+        #: PostgreSQL: admitted commands per minute summed in this process after COMMIT and
+        #: flushed every ``ActivityBuffer.interval`` (one row per minute would otherwise be
+        #: locked by every consume until its COMMIT). SQLite sums them per group commit.
+        self.activity: ActivityBuffer | None = (
+            None if store.is_sqlite else ActivityBuffer(store, self.sql.write_activity)
+        )
         self.in_flight = InFlight()
         self.key_ttl: float = config["quotas.idempotency_ttl"]
         self.unknown_command_status: int = config["quotas.unknown_command_status"]
@@ -222,7 +230,21 @@ class QuotaService:
             return Change(decision, decision.events)
 
         # Persist, then publish (quotaserver.change); the plugins' on_decision after that.
-        return await commit(self.store, run, self.publish, lambda c: self.on_decision(c.payload))
+        return await commit(self.store, run, self.publish, self._committed)
+
+    async def flush_activity(self, closing: bool = False) -> None:
+        """Write the buffered per-minute activity now (before a read; at shutdown)."""
+        if self.activity is not None:
+            await (self.activity.close() if closing else self.activity.flush())
+
+    def _committed(self, change: Change[Decision]) -> None:
+        self._counted(change.payload)
+        self.on_decision(change.payload)
+
+    def _counted(self, decision: Decision) -> None:
+        """After COMMIT: add an admitted consume to the buffered per-minute activity."""
+        if self.activity is not None and decision.consumed:
+            self.activity.add(int(decision.at.timestamp()) // 60 * 60, decision.count)
 
     async def _consume_keyed(
         self, user: str, command_type: str, count: int, key: RequestKey
@@ -242,9 +264,7 @@ class QuotaService:
                 return Change(decision, decision.events)
 
             try:
-                return await commit(
-                    self.store, run, self.publish, lambda c: self.on_decision(c.payload)
-                )
+                return await commit(self.store, run, self.publish, self._committed)
             except KeyTaken:
                 stored = await self.store.run(self.keys.find, key.owner, key.key, self.clock())
                 return replay(stored, key, self.clock())
@@ -399,6 +419,7 @@ class QuotaService:
         def decided(change: Change[list[BatchResult]]) -> None:
             for result in change.payload:
                 if isinstance(result, Decision):
+                    self._counted(result)
                     self.on_decision(result)
 
         return await commit(self.store, run, self.publish, decided)
@@ -438,8 +459,12 @@ class QuotaService:
     ) -> Decision:
         """Count in every window or refuse (the caller holds the transaction)."""
         user_id, new_user, limits = self.sql.user_and_limits(user, command_type, self.periods, now)
-        # All windows or none; a refusal leaves the counters as they were.
-        used, exhausted = self.sql.increment_all(user_id, command_type, windows, count, limits)
+        # All windows or none; a refusal leaves the counters as they were. PostgreSQL raises
+        # the daily peak in the same statement.
+        peak = (user, windows["daily"].key) if self._peak_in_upsert else None
+        used, exhausted = self.sql.increment_all(
+            user_id, command_type, windows, count, limits, peak
+        )
         decision = Decision(
             allowed=exhausted is None,
             user=user,
@@ -454,12 +479,11 @@ class QuotaService:
         )
         if exhausted is None:
             daily = decision.periods.get("daily")
-            if daily is not None:
+            if daily is not None and peak is None:
                 percent = utilization(daily.used, daily.limit)
                 self.sql.raise_peak(user_id, user, windows["daily"].key, percent)
-            # Last: on PostgreSQL this row is shared by every consume of the minute and
-            # stays locked until COMMIT.
-            self.sql.bump_activity(int(now.timestamp()) // 60 * 60, commands=count)
+            if self.activity is None:  # SQLite: summed per group commit, in this transaction
+                self.sql.bump_activity(int(now.timestamp()) // 60 * 60, commands=count)
             return decision
         fields = self._violation_fields(
             exhausted, limits[exhausted], used[exhausted] + count, command_type

@@ -122,6 +122,7 @@ class HistoryHandler(AdminHandler):
             )
         load_minutes = int_arg(self, "load_minutes", 15, 1, 15)
         now = self.app.clock()
+        await self.app.quota.flush_activity()  # this process's buffered minutes, if any
         activity = await self.app.store.read(activity_per_bucket, now, minutes, bucket)
         self.send_json(
             {
