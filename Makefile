@@ -24,9 +24,13 @@ install-test: $(VENV)/.installed-test
 run: install
 	$(PY) run.py --config conf/quotaserver.yaml --demo
 
-## The whole suite (unit, API, real-time, browser).
+## The whole suite (unit, API, real-time, browser), in TEST_WORKERS processes (pytest-xdist):
+## most tests wait on sockets, servers and browsers, not on the CPU, so 4 processes on 2 cores
+## halve the wall time (docs/testing.md). Each file runs whole in one process (--dist loadfile);
+## TEST_WORKERS=0 runs everything in this process.
+TEST_WORKERS ?= 4
 test: install-test
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 ## The suite under coverage.py, run.py server subprocesses included (coverage's .pth starts
 ## it in every Python process when COVERAGE_PROCESS_START is set); then per-module branch
