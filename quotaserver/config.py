@@ -722,6 +722,7 @@ def _parse_env(setting: Setting, raw: str) -> Any:
 
 
 def _flatten(data: dict, source: str | None) -> tuple[dict[str, Any], dict[str, dict]]:
+    """The file's settings as ``{"section.key": value}`` plus its plugin blocks."""
     flat: dict[str, Any] = {}
     plugins: dict[str, dict] = {}
     where = _where(source)
@@ -729,27 +730,9 @@ def _flatten(data: dict, source: str | None) -> tuple[dict[str, Any], dict[str, 
         if not isinstance(top, str):
             raise ConfigError(f"{top!r}: keys must be strings{where}")
         if top == "plugins":
-            if value is None:
-                continue
-            if not isinstance(value, dict):
-                raise ConfigError(f"plugins: must be a mapping of plugin name to settings{where}")
-            for name, block in value.items():
-                block = {} if block is None else block
-                if not isinstance(block, dict):
-                    raise ConfigError(f"plugins.{name}: must be a mapping{where}")
-                if "enabled" in block and not isinstance(block["enabled"], bool):
-                    raise ConfigError(f"plugins.{name}.enabled: expected bool{where}")
-                plugins[str(name)] = dict(block)
+            plugins.update(_plugin_blocks(value, where))
         elif top in SECTIONS:
-            if value is None:
-                continue
-            if not isinstance(value, dict):
-                raise ConfigError(f"{top}: must be a mapping{where}")
-            for key, sub in value.items():
-                full = f"{top}.{key}"
-                if full not in BY_KEY:
-                    raise ConfigError(f"{full}: unknown setting{where}")
-                flat[full] = sub
+            flat.update(_section(top, value, where))
         elif top in BY_KEY:
             flat[top] = value
         else:
@@ -757,34 +740,55 @@ def _flatten(data: dict, source: str | None) -> tuple[dict[str, Any], dict[str, 
     return flat, plugins
 
 
-def load_config(
-    path: str | None = None,
-    env: Mapping[str, str] | None = None,
-    overrides: Mapping[str, Any] | None = None,
-) -> Config:
-    """Build the effective configuration; raises :class:`ConfigError` on any problem."""
-    env = os.environ if env is None else env
-    raw: dict[str, Any] = {}
-    plugins: dict[str, dict] = {}
-    if path:
-        try:
-            with open(path, encoding="utf-8") as fh:
-                data = yaml.safe_load(fh)
-        except FileNotFoundError:
-            raise ConfigError(f"config file not found: {path}") from None
-        except OSError as exc:
-            raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
-        except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            at = f" at line {mark.line + 1}" if mark else ""
-            raise ConfigError(f"invalid YAML{at} (in {path})") from None
-        if data is not None and not isinstance(data, dict):
-            raise ConfigError(f"the top level must be a mapping (in {path})")
-        raw, plugins = _flatten(data or {}, path)
+def _plugin_blocks(value: Any, where: str) -> dict[str, dict]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ConfigError(f"plugins: must be a mapping of plugin name to settings{where}")
+    blocks: dict[str, dict] = {}
+    for name, block in value.items():
+        block = {} if block is None else block
+        if not isinstance(block, dict):
+            raise ConfigError(f"plugins.{name}: must be a mapping{where}")
+        if "enabled" in block and not isinstance(block["enabled"], bool):
+            raise ConfigError(f"plugins.{name}.enabled: expected bool{where}")
+        blocks[str(name)] = dict(block)
+    return blocks
 
-    values = {s.key: copy.deepcopy(s.default) for s in SETTINGS}
-    for key, value in raw.items():
-        values[key] = _validate(BY_KEY[key], value, path)
+
+def _section(top: str, value: Any, where: str) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ConfigError(f"{top}: must be a mapping{where}")
+    flat: dict[str, Any] = {}
+    for key, sub in value.items():
+        full = f"{top}.{key}"
+        if full not in BY_KEY:
+            raise ConfigError(f"{full}: unknown setting{where}")
+        flat[full] = sub
+    return flat
+
+
+def _read_file(path: str) -> tuple[dict[str, Any], dict[str, dict]]:
+    try:
+        with open(path, encoding="utf-8") as fh:
+            data = yaml.safe_load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        at = f" at line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"invalid YAML{at} (in {path})") from None
+    if data is not None and not isinstance(data, dict):
+        raise ConfigError(f"the top level must be a mapping (in {path})")
+    return _flatten(data or {}, path)
+
+
+def _apply_env(values: dict[str, Any], env: Mapping[str, str]) -> dict[str, str]:
+    """Apply ``QUOTASERVER_*`` variables to ``values``; returns the plugins' own variables."""
     plugin_env: dict[str, str] = {}
     for name, value in env.items():
         if not name.startswith(ENV_PREFIX) or name == "QUOTASERVER_ADMIN_TOKEN":
@@ -796,20 +800,28 @@ def load_config(
         if setting is None:
             raise ConfigError(f"{name}: unknown setting in the environment")
         values[setting.key] = _validate(setting, _parse_env(setting, value), name)
+    return plugin_env
+
+
+def load_config(
+    path: str | None = None,
+    env: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Config:
+    """Build the effective configuration; raises :class:`ConfigError` on any problem.
+
+    Precedence, lowest first: the defaults, the file, the environment, the command line.
+    """
+    env = os.environ if env is None else env
+    raw, plugins = _read_file(path) if path else ({}, {})
+    values = {s.key: copy.deepcopy(s.default) for s in SETTINGS}
+    for key, value in raw.items():
+        values[key] = _validate(BY_KEY[key], value, path)
+    plugin_env = _apply_env(values, env)
     for key, value in (overrides or {}).items():
         if value is not None:
             values[key] = _validate(BY_KEY[key], value, "command line")
-
-    if (
-        not values["auth.enabled"]
-        and not values["auth.allow_disabled_on_network"]
-        and not is_loopback_host(values["server.host"])
-    ):
-        raise ConfigError(
-            f"auth.enabled: false is refused on server.host {values['server.host']} (not a "
-            "loopback address: anyone who can reach it would be an admin); set "
-            f"auth.allow_disabled_on_network: true to accept that{_where(path)}"
-        )
+    _check_auth_exposure(values, path)
     unknown = set(values["quotas.defaults"]) - set(values["quotas.command_types"])
     if unknown:
         name = sorted(unknown)[0]
@@ -818,6 +830,19 @@ def load_config(
         )
     _check_combination(values, path)
     return Config(values, plugins, path, plugin_env)
+
+
+def _check_auth_exposure(values: dict[str, Any], source: str | None) -> None:
+    if (
+        not values["auth.enabled"]
+        and not values["auth.allow_disabled_on_network"]
+        and not is_loopback_host(values["server.host"])
+    ):
+        raise ConfigError(
+            f"auth.enabled: false is refused on server.host {values['server.host']} (not a "
+            "loopback address: anyone who can reach it would be an admin); set "
+            f"auth.allow_disabled_on_network: true to accept that{_where(source)}"
+        )
 
 
 def _check_combination(values: dict[str, Any], source: str | None) -> None:

@@ -7,20 +7,14 @@ import json
 import os
 import re
 import signal
-import socket
 import sys
 
 import pytest
 from clients import ADMIN
+from services import free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STAMP = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 async def run_and_stop(tmp_path, log_format: str) -> str:

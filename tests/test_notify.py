@@ -31,7 +31,7 @@ from aiosmtpd.smtp import AuthResult
 from clients import ADMIN, call, consume, settle
 from scrape import scrape, value
 from services import free_port, make_certificate, start_server
-from waits import wait_for_check, wait_until
+from waits import wait_until, wait_until_async
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OPS_SECRET = "ops-webhook-secret-0123456789"
@@ -128,7 +128,7 @@ async def all_done(app) -> None:
         found = await targets(app)
         return all(t["cursor"] >= last and t["queued"] == 0 for t in found.values())
 
-    await wait_for_check(done, "every target to reach the end of the event log")
+    await wait_until_async(done, "every target to reach the end of the event log")
 
 
 async def target_is(app, name: str, **expected) -> None:
@@ -136,7 +136,7 @@ async def target_is(app, name: str, **expected) -> None:
         state = (await targets(app))[name]
         return all(state[k] == v for k, v in expected.items())
 
-    await wait_for_check(check, f"target {name} to have {expected}")
+    await wait_until_async(check, f"target {name} to have {expected}")
 
 
 @pytest.mark.gen_test(timeout=60)
@@ -288,7 +288,7 @@ async def test_a_kill_9_mid_queue_loses_nothing_and_repeats_carry_the_same_id(tm
         async def all_queued() -> bool:
             return (await targets(server))["audit"]["queued"] == 3
 
-        await wait_for_check(all_queued, "the three violations queued")
+        await wait_until_async(all_queued, "the three violations queued")
     finally:
         server.kill()  # SIGKILL: no shutdown hook, nothing flushed
     await server.wait()
@@ -304,7 +304,7 @@ async def test_a_kill_9_mid_queue_loses_nothing_and_repeats_carry_the_same_id(tm
             state = (await targets(again))["audit"]
             return state["queued"] == 0 and state["delivered"] >= 3
 
-        await wait_for_check(decided, "the queue delivered after the restart")
+        await wait_until_async(decided, "the queue delivered after the restart")
     finally:
         await again.stop()
     delivered = receiver.at("/hook")

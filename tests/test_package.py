@@ -11,7 +11,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -20,15 +19,10 @@ import urllib.request
 from http.cookiejar import CookieJar
 
 import pytest
+from services import free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOKEN = "package-test-admin-token-0123456789"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _run(*args: str, **kwargs) -> subprocess.CompletedProcess:
@@ -96,7 +90,7 @@ def test_no_top_level_plugins_module_is_installed(installed, tmp_path):
 
 
 def test_the_installed_command_serves_the_dashboard_and_static_files(installed, tmp_path):
-    port = _free_port()
+    port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("QUOTASERVER_", "PYTHON"))}
     env.update(
         {

@@ -9,7 +9,7 @@ import time
 import pytest
 from clients import ADMIN, call, consume, ws_connect
 from services import start_server
-from waits import wait_for_check, wait_until
+from waits import wait_until, wait_until_async
 
 # An async on_violation that blocks and never returns: it holds the event loop for good.
 FROZEN = """
@@ -146,7 +146,7 @@ async def test_the_watchdog_names_counts_and_disables_a_plugin_that_blocks_the_l
                 lambda n=expected: calls.exists() and len(calls.read_text().split()) == n,
                 "the slow plugin's call",
             )
-            await wait_for_check(
+            await wait_until_async(
                 lambda n=expected: _blocks_are(server, n), "the watchdog to count the block"
             )
         health = (await call(server, "GET", "/api/ws/health", token=ADMIN)).json
@@ -204,7 +204,7 @@ async def test_a_plain_hook_that_never_returns_costs_its_pool_not_the_loop(tmp_p
             await ws.recv_type("ping", timeout=2.0)
             pings.append(time.monotonic())
         assert pings[-1] - pings[0] < 2 * 0.2 + 1.0
-        await wait_for_check(lambda: _never_timed_out(server), "the culprit in health")
+        await wait_until_async(lambda: _never_timed_out(server), "the culprit in health")
         health = (await call(server, "GET", "/api/ws/health", token=ADMIN)).json
         culprits = {f["plugin"] for f in health["plugin_failures"] if f["failing"]}
         assert culprits == {"never"}, health["plugin_failures"]

@@ -21,6 +21,7 @@ import pytest
 from clients import ADMIN, consume, ws_connect
 from services import Server, start_server
 from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest
+from waits import wait_until
 
 from quotaserver.realtime.messages import CLOSE_RESTART, CLOSE_SLOW_CONSUMER
 
@@ -34,13 +35,6 @@ async def start_process(cwd, **settings: str) -> Server:
         **settings,
     }
     return await start_server(str(cwd), {}, env=env)
-
-
-async def until(condition, what: str, timeout: float = 30.0) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not condition():
-        assert asyncio.get_running_loop().time() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.02)
 
 
 def report(row: str, **figures) -> None:
@@ -75,7 +69,7 @@ async def test_kill_9_during_a_burst_loses_nothing_acknowledged(tmp_path):
             acked[user] += 1
 
     tasks = [asyncio.ensure_future(worker(f"burst-{i}")) for i in range(workers)]
-    await until(lambda: sum(acked.values()) >= 400, "400 acknowledged consumes")
+    await wait_until(lambda: sum(acked.values()) >= 400, "400 acknowledged consumes")
     proc.send_signal(signal.SIGKILL)
     await proc.wait()
     await asyncio.gather(*tasks)
@@ -178,7 +172,7 @@ async def test_1500_connect_disconnect_cycles_return_to_baseline(app_factory):
     async def run(n: int) -> None:
         for start in range(0, n, 10):
             await asyncio.gather(*[cycle(i) for i in range(start, start + 10)])
-        await until(lambda: not app.hub.clients, "every hub client to be gone")
+        await wait_until(lambda: not app.hub.clients, "every hub client to be gone")
 
     def port_sockets() -> int:
         # Both ends of every connection live in this process: the server's accepted sockets
@@ -194,8 +188,8 @@ async def test_1500_connect_disconnect_cycles_return_to_baseline(app_factory):
     await run(100)  # warm-up: lazily created pools, caches and buffers
     fds, tasks, rss = port_sockets(), len(asyncio.all_tasks()), me.memory_info().rss
     await run(1500)
-    await until(lambda: port_sockets() <= fds, f"sockets on the app's port back to {fds}")
-    await until(lambda: len(asyncio.all_tasks()) <= tasks, f"tasks back to {tasks}")
+    await wait_until(lambda: port_sockets() <= fds, f"sockets on the app's port back to {fds}")
+    await wait_until(lambda: len(asyncio.all_tasks()) <= tasks, f"tasks back to {tasks}")
     growth = me.memory_info().rss - rss
     assert app.hub.count() == 0
     assert growth < 32 * 2**20, f"RSS grew {growth / 2**20:.1f} MiB over 1,500 cycles"
@@ -226,7 +220,7 @@ async def test_a_stalled_reader_stays_within_its_cap_and_others_get_everything(a
     baseline = sorted([(await one_event(n))[0] for n in range(300)])
     (normal_client,) = app.hub.clients
     reader, writer = await raw_upgrade(app.port, rcvbuf=4096)  # never read from again
-    await until(lambda: app.hub.count() == 2, "the stalled client to attach")
+    await wait_until(lambda: app.hub.count() == 2, "the stalled client to attach")
     (stalled,) = app.hub.clients - {normal_client}
     peak, published, seqs, received_seqs = 0, 0, [], []
     latencies = []

@@ -23,18 +23,6 @@ async def wait_until(
         await asyncio.sleep(0.01)
 
 
-async def wait_for_check(
-    check: Callable[[], Awaitable[object]], what: str, timeout: float = DEFAULT_TIMEOUT
-) -> None:
-    """Like :func:`wait_until` for a check that must await (an HTTP call, a query)."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not await check():
-        if loop.time() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        await asyncio.sleep(0.02)
-
-
 def wait_until_sync(
     predicate: Callable[[], object], what: str, timeout: float = DEFAULT_TIMEOUT
 ) -> None:
