@@ -102,6 +102,8 @@ def _check_bands(value: Any) -> str | None:
         threshold, factor = band
         if not 0 <= threshold <= 100 or not 0 <= factor <= 1:
             return "threshold must be within 0..100 and factor within 0..1"
+    if len({band[0] for band in value}) != len(value):
+        return "each threshold may appear once"
     return None
 
 

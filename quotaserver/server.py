@@ -293,16 +293,66 @@ def _supervise(
     login_code: str | None,
 ) -> int:
     """Fork the workers, announce once all listen, replace those that die, stop them."""
-    host = config["server.host"]
-    host = "127.0.0.1" if host in ("0.0.0.0", "") else host
-    ready_read, ready_write = os.pipe()
+    supervisor = _Supervisor(config, plugin_manager, count, port, shared, login_code)
+    try:
+        return supervisor.run()
+    finally:
+        for sock in shared or [reservation]:
+            sock.close()
+        supervisor.close()
 
-    base_name = config["server.instance_name"] or f"{socket.gethostname()}:{port}"
-    demo_token = secrets.token_urlsafe(24) if config["demo"] else None
-    children: dict[int, tuple[int, float]] = {}  # pid -> (worker index, start time)
 
-    def spawn(index: int) -> None:
-        worker_config = config.with_overrides(server__instance_name=f"{base_name}/{index}")
+class _Supervisor:
+    """The parent of ``server.workers`` processes (see :func:`run_workers`)."""
+
+    def __init__(
+        self,
+        config: Config,
+        plugin_manager: pluggy.PluginManager | None,
+        count: int,
+        port: int,
+        shared: list[socket.socket] | None,
+        login_code: str | None,
+    ):
+        self.config, self.plugin_manager = config, plugin_manager
+        self.count, self.port, self.shared, self.login_code = count, port, shared, login_code
+        self.base_name = config["server.instance_name"] or f"{socket.gethostname()}:{port}"
+        self.demo_token = secrets.token_urlsafe(24) if config["demo"] else None
+        self.ready_read, self.ready_write = os.pipe()
+        self.children: dict[int, tuple[int, float]] = {}  # pid -> (worker index, start)
+        self.stopping: list[int] = []
+        self.ready = 0
+        self.status = 0
+        self.deadline: float | None = None
+        self.restarts = 0
+
+    def close(self) -> None:
+        os.close(self.ready_read)
+        os.close(self.ready_write)
+
+    def run(self) -> int:
+        signal.signal(signal.SIGTERM, self.forward)
+        signal.signal(signal.SIGINT, self.forward)
+        signal.signal(signal.SIGHUP, self.signal_all)  # each worker reloads its own settings
+        for index in range(self.count):
+            self.spawn(index)
+        os.set_blocking(self.ready_read, False)
+        while self.children:
+            self._count_ready()
+            self._enforce_shutdown_budget()
+            try:
+                pid, raw = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                break
+            if pid == 0:
+                time.sleep(0.05)
+                continue
+            self._reap(pid, os.waitstatus_to_exitcode(raw))
+        return self.status
+
+    def spawn(self, index: int) -> None:
+        config = self.config
+        worker_config = config.with_overrides(server__instance_name=f"{self.base_name}/{index}")
         sys.stdout.flush()
         sys.stderr.flush()
         pid = os.fork()
@@ -312,86 +362,68 @@ def _supervise(
                 signal.signal(signal.SIGINT, signal.SIG_DFL)
                 signal.signal(signal.SIGTERM, signal.SIG_DFL)
                 signal.signal(signal.SIGHUP, signal.SIG_IGN)  # until the worker's loop has it
-                os.close(ready_read)
-                sockets = shared or tornado.netutil.bind_sockets(
-                    port, config["server.host"], family=socket.AF_INET, reuse_port=True
+                os.close(self.ready_read)
+                sockets = self.shared or tornado.netutil.bind_sockets(
+                    self.port, config["server.host"], family=socket.AF_INET, reuse_port=True
                 )
-                worker = Worker(index, sockets, demo_token, lambda: os.write(ready_write, b"."))
-                code = _run_loop(worker_config, plugin_manager, worker)
+                ready_write = self.ready_write
+                worker = Worker(
+                    index, sockets, self.demo_token, lambda: os.write(ready_write, b".")
+                )
+                code = _run_loop(worker_config, self.plugin_manager, worker)
             except BaseException:  # noqa: BLE001 - report, then leave without cleanup
                 traceback.print_exc()
             finally:
                 sys.stdout.flush()
                 sys.stderr.flush()
                 os._exit(code)
-        children[pid] = (index, time.monotonic())
+        self.children[pid] = (index, time.monotonic())
 
-    stopping: list[int] = []
-
-    def forward(signum: int, _frame: object) -> None:
-        stopping.append(signum)
-        for pid in list(children):
+    def signal_all(self, signum: int, _frame: object = None) -> None:
+        for pid in list(self.children):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signum)
 
-    def reload(signum: int, _frame: object) -> None:
-        for pid in list(children):  # each worker reloads its own settings
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signum)
+    def forward(self, signum: int, _frame: object = None) -> None:
+        self.stopping.append(signum)
+        self.signal_all(signum)
 
-    signal.signal(signal.SIGTERM, forward)
-    signal.signal(signal.SIGINT, forward)
-    signal.signal(signal.SIGHUP, reload)
-    for index in range(count):
-        spawn(index)
-    os.set_blocking(ready_read, False)
-    ready = 0
-    status = 0
-    deadline: float | None = None
-    restarts = 0
-    while children:
-        if ready < count:
-            with contextlib.suppress(BlockingIOError):
-                ready += len(os.read(ready_read, 256))
-            if ready >= count:  # every worker listens: now clients can come
-                announce(f"http://{host}:{port}", config, login_code, count)
-        if stopping and deadline is None:
-            deadline = time.monotonic() + config["server.shutdown_timeout"] + 1
-        if deadline is not None and time.monotonic() > deadline:
+    def _count_ready(self) -> None:
+        if self.ready >= self.count:
+            return
+        with contextlib.suppress(BlockingIOError):
+            self.ready += len(os.read(self.ready_read, 256))
+        if self.ready >= self.count:  # every worker listens: now clients can come
+            host = self.config["server.host"]
+            host = "127.0.0.1" if host in ("0.0.0.0", "") else host
+            announce(f"http://{host}:{self.port}", self.config, self.login_code, self.count)
+
+    def _enforce_shutdown_budget(self) -> None:
+        if self.stopping and self.deadline is None:
+            self.deadline = time.monotonic() + self.config["server.shutdown_timeout"] + 1
+        if self.deadline is not None and time.monotonic() > self.deadline:
             log.error("workers still running after the shutdown budget: killing them")
-            for pid in list(children):
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
-            status = 1
-            deadline = float("inf")
-        try:
-            pid, raw = os.waitpid(-1, os.WNOHANG)
-        except ChildProcessError:
-            break
-        if pid == 0:
-            time.sleep(0.05)
-            continue
-        index, started = children.pop(pid)
+            self.signal_all(signal.SIGKILL)
+            self.status = 1
+            self.deadline = float("inf")
+
+    def _reap(self, pid: int, code: int) -> None:
+        """A worker exited: count it while stopping, else stop all or start a new one."""
+        index, started = self.children.pop(pid)
         worker_exited(pid)
-        code = os.waitstatus_to_exitcode(raw)
-        if stopping:
-            if code != 0 and status == 0:
-                status = 1
-            continue
+        if self.stopping:
+            if code != 0 and self.status == 0:
+                self.status = 1
+            return
         if code == 2:  # a configuration error: every worker would fail the same way
-            forward(signal.SIGTERM, None)
-            status = 2
-            continue
+            self.forward(signal.SIGTERM)
+            self.status = 2
+            return
         log.error("worker %d (pid %d) exited with %d; starting a new one", index, pid, code)
-        restarts += 1
-        if time.monotonic() - started < 1 and restarts > 10 * count:
+        self.restarts += 1
+        if time.monotonic() - started < 1 and self.restarts > 10 * self.count:
             log.error("workers keep failing at start-up; giving up")
-            forward(signal.SIGTERM, None)
-            status = 1
-            continue
-        spawn(index)
-    for sock in shared or [reservation]:
-        sock.close()
-    os.close(ready_read)
-    os.close(ready_write)
-    return status
+            self.forward(signal.SIGTERM)
+            self.status = 1
+            return
+        self.spawn(index)

@@ -42,7 +42,7 @@ class Bands:
     """Thresholds in ascending order; a *level* is how many of them a value reaches."""
 
     def __init__(self, bands: list[list[float]]):
-        ordered = sorted(bands, key=lambda b: b[0])
+        ordered = sorted(bands)  # by threshold (config refuses a threshold twice)
         self.thresholds = [float(t) for t, _ in ordered]
         self.factors = [1.0] + [float(f) for _, f in ordered]
 
@@ -51,10 +51,7 @@ class Bands:
 
     def next_level(self, current: int, value: float, margin: float) -> int:
         """Up at once; down only as far as ``value + margin`` allows (hysteresis)."""
-        reached = self.level(value)
-        if reached >= current:
-            return reached
-        return min(current, self.level(value + margin))
+        return max(self.level(value), min(current, self.level(value + margin)))
 
     def factor(self, level: int) -> float:
         return self.factors[level]
@@ -130,8 +127,9 @@ class SystemLoad:
         self.current = LoadSample(0.0, 0.0, 1.0, 0.0)
         self.history = LoadRing()
         self._levels = (0, 0)  # (cpu, memory) levels in effect
-        self._pending_since: float | None = None  # monotonic start of a wanted change
-        self._pending_direction = 0
+        # A wanted change not yet held: (direction, monotonic start), direction 1 for a
+        # higher factor and -1 for a lower one.
+        self._pending: tuple[int, float] | None = None
 
     @classmethod
     def from_config(cls, config: Config) -> SystemLoad:
@@ -175,12 +173,13 @@ class SystemLoad:
         direction = (wanted_factor > factor) - (wanted_factor < factor)
         if direction == 0:
             self._levels = wanted  # same factor: levels may move without an event
-            self._pending_since, self._pending_direction = None, 0
-        elif direction != self._pending_direction or self._pending_since is None:
-            self._pending_since, self._pending_direction = now, direction
-        if direction != 0 and now - self._pending_since >= self.hold_seconds:
-            self._levels, factor = wanted, wanted_factor
-            self._pending_since, self._pending_direction = None, 0
+            self._pending = None
+        else:
+            if self._pending is None or self._pending[0] != direction:
+                self._pending = (direction, now)  # a new wish: its hold starts now
+            if now - self._pending[1] >= self.hold_seconds:
+                self._levels, factor = wanted, wanted_factor
+                self._pending = None
         changed = factor != self.current.factor
         self.current = LoadSample(
             round(cpu_percent, 1), round(memory_percent, 1), factor, time.time()

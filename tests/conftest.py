@@ -18,6 +18,14 @@ import pytest
 # depth mismatch") when pytest rewrites its modules. Importing it here, shallow, avoids that
 # for runs that select no hypothesis test (tests/test_cluster.py alone, say).
 
+# `make mutation` (mutmut): its stats run, which learns which tests execute which function,
+# cannot follow a test into a server process the test starts (the child would look for
+# mutmut's settings in the test's working directory and fail). Such children run the code
+# unmutated; this process keeps its own copy of the setting. A mutant run leaves it as is,
+# so a child runs the mutant too.
+if os.environ.get("MUTANT_UNDER_TEST") == "stats":
+    del os.environ["MUTANT_UNDER_TEST"]
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))

@@ -79,6 +79,11 @@ def test_environment_and_flags_override_yaml(tmp_path):
         ("quotas:\n  defaults:\n    shell: {yearly: 5}\n", {}, "unknown period"),
         ("quotas:\n  defaults:\n    deploy: {daily: 5}\n", {}, "quotas.defaults.deploy"),
         ("throttle:\n  cpu_bands: [[120, 0.5]]\n", {}, "throttle.cpu_bands"),
+        (
+            "throttle:\n  memory_bands: [[90, 0.5], [90, 0.0]]\n",
+            {},
+            "throttle.memory_bands: each threshold may appear once",
+        ),  # fmt: skip
         ("server: [1, 2]\n", {}, "server: must be a mapping"),
         ("- just\n- a list\n", {}, "top level must be a mapping"),
         ("server:\n  port: [unclosed\n", {}, "invalid YAML at line"),

@@ -18,6 +18,7 @@ import sys
 import tomllib
 from collections.abc import Iterator
 
+import psutil
 import pytest
 from clients import METRICS, call, consume, sse_connect, ws_connect
 from conftest import TOKENS
@@ -499,3 +500,36 @@ async def test_the_version_is_the_package_metadata_and_has_a_changelog_entry(tmp
         assert health.json["version"] == installed
     finally:
         assert await server.stop() == 0
+
+
+@needs(REDIS is not None, reason="redis-server not installed")
+@pytest.mark.gen_test(timeout=120)
+async def test_a_worker_that_dies_is_replaced_and_sigterm_stops_all_with_0(tmp_path):
+    redis = Redis()
+    redis.start()
+    config = {
+        "database": {"url": f"sqlite:///{tmp_path}/shared.db"},
+        "backplane": {"url": redis.url, "secret": "a-backplane-secret-for-tests-0123456789"},
+        "throttle": {"source": "off"},
+    }
+    workers = await start(tmp_path, config, "--workers", "2")
+    try:
+        launcher = psutil.Process(workers.pid)
+        first = {child.pid for child in launcher.children()}
+        assert len(first) == 2
+        victim = min(first)
+        os.kill(victim, signal.SIGKILL)
+        await wait_until(
+            lambda: len({c.pid for c in launcher.children()} - first) == 1,
+            "a new worker in place of the killed one",
+        )
+        assert printed(workers, f"(pid {victim}) exited with -9; starting a new one")
+        now = {child.pid for child in launcher.children()}
+        assert victim not in now and len(now) == 2
+        for n in range(6):  # whichever worker answers, each decides
+            assert (await consume(workers, f"after-{n}")).code == 200
+        assert await workers.stop() == 0
+        assert not any(psutil.pid_exists(pid) for pid in now)
+    finally:
+        workers.kill()
+        redis.kill()
