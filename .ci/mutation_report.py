@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
             f"| {count['survived']} | {count['no tests']} | {other} | {score:.1f} % |"
         )
     if args.survivors:
-        for module, statuses in by_module.items():
+        for statuses in by_module.values():
             for name, status in statuses.items():
                 if status not in DETECTED | {"skipped"}:
                     print(f"{status}: {name}")
