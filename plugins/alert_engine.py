@@ -59,19 +59,24 @@ def _check_rules(rules: Any) -> str | None:
         if not isinstance(rule, dict):
             return f"{name}: must be a mapping"
         for field, value in rule.items():
-            if field == "enabled":
-                ok = isinstance(value, bool)
-            elif field == "severity":
-                ok = value in SEVERITIES
-            elif field == "duration":  # 0: raise as soon as the factor is low
-                ok = positive_number(value) is None or value == 0
-            elif field in DEFAULT_RULES[name]:
-                ok = positive_number(value) is None
-            else:
-                return f"{name}.{field}: unknown setting"
-            if not ok:
-                return f"{name}.{field}: invalid value {value!r}"
+            error = _rule_field_error(name, field, value)
+            if error:
+                return error
     return None
+
+
+def _rule_field_error(name: str, field: str, value: Any) -> str | None:
+    if field == "enabled":
+        ok = isinstance(value, bool)
+    elif field == "severity":
+        ok = value in SEVERITIES
+    elif field == "duration":  # 0: raise as soon as the factor is low
+        ok = positive_number(value) is None or value == 0
+    elif field in DEFAULT_RULES[name]:
+        ok = positive_number(value) is None
+    else:
+        return f"{name}.{field}: unknown setting"
+    return None if ok else f"{name}.{field}: invalid value {value!r}"
 
 
 @hookimpl
@@ -274,48 +279,63 @@ def register_emitters(app: Any) -> list[PeriodicEmitter]:
         if day_key != engine.day_key:
             engine.day_key, engine.violations = day_key, Counter()
             await _new_day(app, day)
-        resolve_after = app.config["alerts.resolve_after"]
+        if not load.sampled_at:
+            return  # nothing measured yet
         throttling = engine.rule("sustained_throttling")
-        if throttling is not None and load.sampled_at:
-            if load.factor < throttling["threshold"]:
-                engine.throttled_since = engine.throttled_since or now
-                engine.throttle_clear_since = None
-                lasted = now - engine.throttled_since
-                if lasted >= throttling["duration"] and not engine.throttle_alerted:
-                    engine.throttle_alerted = True
-                    await app.alerts.raise_alert(
-                        "sustained_throttling",
-                        throttling["severity"],
-                        f"Throttle factor below {throttling['threshold']} for "
-                        f"{int(lasted)} s (now {load.factor})",
-                        action="Add capacity or find the source of the load",
-                        dedupe_day=day,
-                    )
-            else:
-                engine.throttled_since = None
-                if engine.throttle_alerted:
-                    engine.throttle_clear_since = engine.throttle_clear_since or now
-                    if now - engine.throttle_clear_since >= resolve_after:
-                        await app.alerts.end("sustained_throttling")
-                        engine.throttle_alerted, engine.throttle_clear_since = False, None
+        if throttling is not None:
+            await _check_throttling(app, engine, throttling, load, now, day)
         high = engine.rule("high_system_load")
-        if high is not None and load.sampled_at:
-            peak = max(load.cpu_percent, load.memory_percent)
-            if peak >= high["threshold"]:
-                engine.load_clear_since = None
-                if not engine.load_alerted:
-                    engine.load_alerted = True
-                    await app.alerts.raise_alert(
-                        "high_system_load",
-                        high["severity"],
-                        f"System load high: CPU {load.cpu_percent}%, memory {load.memory_percent}%",
-                        action="Check the host; consumes are throttled",
-                        dedupe_day=day,
-                    )
-            elif engine.load_alerted:
-                engine.load_clear_since = engine.load_clear_since or now
-                if now - engine.load_clear_since >= resolve_after:
-                    await app.alerts.end("high_system_load")
-                    engine.load_alerted, engine.load_clear_since = False, None
+        if high is not None:
+            await _check_high_load(app, engine, high, load, now, day)
 
     return [PeriodicEmitter("alert_rules", engine.check_interval, check_load)]
+
+
+async def _check_throttling(
+    app: Any, engine: Engine, rule: dict[str, Any], load: Any, now: float, day: str
+) -> None:
+    """Raise once the factor stayed below the threshold for the duration; end the alert
+    once it has been clear for alerts.resolve_after."""
+    if load.factor < rule["threshold"]:
+        engine.throttled_since = engine.throttled_since or now
+        engine.throttle_clear_since = None
+        lasted = now - engine.throttled_since
+        if lasted >= rule["duration"] and not engine.throttle_alerted:
+            engine.throttle_alerted = True
+            await app.alerts.raise_alert(
+                "sustained_throttling",
+                rule["severity"],
+                f"Throttle factor below {rule['threshold']} for "
+                f"{int(lasted)} s (now {load.factor})",
+                action="Add capacity or find the source of the load",
+                dedupe_day=day,
+            )
+        return
+    engine.throttled_since = None
+    if engine.throttle_alerted:
+        engine.throttle_clear_since = engine.throttle_clear_since or now
+        if now - engine.throttle_clear_since >= app.config["alerts.resolve_after"]:
+            await app.alerts.end("sustained_throttling")
+            engine.throttle_alerted, engine.throttle_clear_since = False, None
+
+
+async def _check_high_load(
+    app: Any, engine: Engine, rule: dict[str, Any], load: Any, now: float, day: str
+) -> None:
+    """Raise at once when CPU or memory reaches the threshold; end as for throttling."""
+    if max(load.cpu_percent, load.memory_percent) >= rule["threshold"]:
+        engine.load_clear_since = None
+        if not engine.load_alerted:
+            engine.load_alerted = True
+            await app.alerts.raise_alert(
+                "high_system_load",
+                rule["severity"],
+                f"System load high: CPU {load.cpu_percent}%, memory {load.memory_percent}%",
+                action="Check the host; consumes are throttled",
+                dedupe_day=day,
+            )
+    elif engine.load_alerted:
+        engine.load_clear_since = engine.load_clear_since or now
+        if now - engine.load_clear_since >= app.config["alerts.resolve_after"]:
+            await app.alerts.end("high_system_load")
+            engine.load_alerted, engine.load_clear_since = False, None

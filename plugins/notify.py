@@ -108,26 +108,54 @@ def _target_errors(i: int, target: Any, names: set[str], block: dict[str, Any]) 
         return [f"{key}: must be a mapping"]
     known = {"name", "kind", "url", "secret", "to"} | set(TARGET_DEFAULTS)
     errors = [f"{key}.{k}: unknown setting" for k in target if k not in known]
-    name, kind = target.get("name"), target.get("kind")
+    errors += _identity_errors(key, target, names)
+    errors += _endpoint_errors(key, target, block)
+    errors += _filter_errors(key, target)
+    return errors
+
+
+def _identity_errors(key: str, target: dict[str, Any], names: set[str]) -> list[str]:
+    """A unique name and a known kind."""
+    errors = []
+    name = target.get("name")
     if not isinstance(name, str) or not TARGET_NAME.match(name):
         errors.append(f"{key}.name: required, letters, digits, '_', '.', '-' (up to 64)")
     elif name in names:
         errors.append(f"{key}.name: {name!r} is used by another target")
     else:
         names.add(name)
-    if kind not in KINDS:
+    if target.get("kind") not in KINDS:
         errors.append(f"{key}.kind: must be one of {', '.join(KINDS)}")
-    url = target.get("url")
+    return errors
+
+
+def _endpoint_errors(key: str, target: dict[str, Any], block: dict[str, Any]) -> list[str]:
+    """Where the kind delivers: a URL (and for a webhook its secret), or mail recipients."""
+    errors = []
+    kind, url, secret = target.get("kind"), target.get("url"), target.get("secret")
     if kind in ("webhook", "chat"):
         if not isinstance(url, str) or not re.match(r"^https?://[^\s/]+", url):
             errors.append(f"{key}.url: required, an http:// or https:// URL")
     elif url is not None:
         errors.append(f"{key}.url: only for webhook and chat targets")
-    secret = target.get("secret")
     if kind == "webhook" and secret is None:
         errors.append(f"{key}.secret: required for a webhook (the HMAC key)")
     if secret is not None and (not isinstance(secret, str) or len(secret) < MIN_SECRET):
         errors.append(f"{key}.secret: must be a string of at least {MIN_SECRET} characters")
+    if "to" in target and (kind != "email" or not _str_list(target["to"]) or not target["to"]):
+        errors.append(f"{key}.to: a non-empty list of addresses, for email targets")
+    if kind == "email":
+        smtp = block.get("smtp")
+        if not isinstance(smtp, dict):
+            errors.append(f"{key}: an email target needs plugins.{NAME}.smtp")
+        elif "to" not in target and "to" not in smtp:
+            errors.append(f"{key}.to: no recipients (set it here or in smtp.to)")
+    return errors
+
+
+def _filter_errors(key: str, target: dict[str, Any]) -> list[str]:
+    """Which alerts reach the target, and how long a delivery may take."""
+    errors = []
     events = target.get("events", TARGET_DEFAULTS["events"])
     if not _str_list(events) or not events or any(e not in EVENTS for e in events):
         errors.append(f"{key}.events: a non-empty list of {', '.join(EVENTS)}")
@@ -137,14 +165,6 @@ def _target_errors(i: int, target: Any, names: set[str], block: dict[str, Any]) 
         errors.append(f"{key}.alert_types: a list of alert types (rule names)")
     if "timeout" in target and not _positive(target["timeout"]):
         errors.append(f"{key}.timeout: must be a positive number of seconds")
-    if "to" in target and (kind != "email" or not _str_list(target["to"]) or not target["to"]):
-        errors.append(f"{key}.to: a non-empty list of addresses, for email targets")
-    if kind == "email":
-        smtp = block.get("smtp")
-        if not isinstance(smtp, dict):
-            errors.append(f"{key}: an email target needs plugins.{NAME}.smtp")
-        elif "to" not in target and "to" not in smtp:
-            errors.append(f"{key}.to: no recipients (set it here or in smtp.to)")
     return errors
 
 
@@ -174,6 +194,12 @@ def _smtp_errors(smtp: Any) -> list[str]:
         and not _loopback(str(smtp.get("host")))
     ):
         errors.append(f"{key}.username: needs starttls: true (the password would travel in clear)")
+    return errors + _smtp_timing_errors(key, smtp)
+
+
+def _smtp_timing_errors(key: str, smtp: dict[str, Any]) -> list[str]:
+    """How long a delivery may take, and when alerts are sent as one digest."""
+    errors = []
     for name in ("timeout", "digest_window"):
         if name in smtp and not _positive(smtp[name]):
             errors.append(f"{key}.{name}: must be a positive number of seconds")

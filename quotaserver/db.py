@@ -476,66 +476,78 @@ class GroupCommitter:
 
     def _run(self, batch: list[tuple[Any, Callable[[], Any]]]) -> None:
         outcomes: list[tuple[Any, bool, Any]] = []
-        totals: dict = {}
-        execute = self.db.execute_sql
         try:
             with self.db.atomic():  # BEGIN IMMEDIATE: waits busy_timeout for the lock
+                totals: dict = {}
                 for future, fn in batch:
-                    if not _start(future):
-                        continue
-                    # A savepoint per unit; one fixed name (peewee's atomic() draws a
-                    # uuid4 for each), nested units of peewee's own still work inside it.
-                    execute("SAVEPOINT unit")
-                    _batch.unit = {}
-                    try:
-                        result = fn()
-                    except BaseException as exc:  # noqa: BLE001 - handed to the caller
-                        _batch.unit = None
-                        execute("ROLLBACK TO SAVEPOINT unit")
-                        execute("RELEASE SAVEPOINT unit")
-                        outcomes.append((future, False, exc))
-                        if _is_busy(exc):
-                            # Every later unit would wait busy_timeout again: give up on
-                            # the whole batch (rolled back below) and answer at once.
-                            raise
-                        continue
-                    finally:
-                        unit, _batch.unit = getattr(_batch, "unit", None), None
-                    execute("RELEASE SAVEPOINT unit")
-                    if unit:
-                        _merge(totals, unit)
-                    outcomes.append((future, True, result))
+                    if _start(future):
+                        self._run_unit(future, fn, outcomes, totals)
                 for write, values in totals.items():
                     write(values)
         except BaseException as exc:  # nothing of this batch was committed
-            error: BaseException = exc
+            outcomes = _failed(batch, outcomes, exc)
+        _answer(outcomes)  # only now: every result handed out has been committed
+
+    def _run_unit(self, future: Any, fn: Callable[[], Any], outcomes: list, totals: dict) -> None:
+        """One unit in a savepoint of the batch's transaction; its outcome is appended."""
+        execute = self.db.execute_sql
+        # One fixed savepoint name (peewee's atomic() draws a uuid4 for each); nested
+        # units of peewee's own still work inside it.
+        execute("SAVEPOINT unit")
+        _batch.unit = {}
+        try:
+            result = fn()
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller
+            _batch.unit = None
+            execute("ROLLBACK TO SAVEPOINT unit")
+            execute("RELEASE SAVEPOINT unit")
+            outcomes.append((future, False, exc))
             if _is_busy(exc):
-                error = DatabaseBusy("the database is locked by another process; retry")
-            else:
-                log.exception("group commit failed")
-            answered = {id(f) for f, ok, _ in outcomes if not ok and not _is_busy(_)}
-            outcomes = [(f, False, v) for f, ok, v in outcomes if id(f) in answered]
-            for future, _fn in batch:
-                if id(future) in answered:
-                    continue
-                if not isinstance(future, Future):
-                    outcomes.append((future, False, error))  # (_settle skips cancelled ones)
-                elif not future.done() and (
-                    future.running() or future.set_running_or_notify_cancel()
-                ):
-                    outcomes.append((future, False, error))
-        # Answer only now: every result handed out has been committed.
-        loops: dict[asyncio.AbstractEventLoop, list] = {}
-        for future, ok, value in outcomes:
-            if not isinstance(future, Future):
-                loops.setdefault(future.get_loop(), []).append((future, ok, value))
-            elif ok:
-                future.set_result(value)
-            else:
-                future.set_exception(value)
-        for loop, answers in loops.items():
-            with contextlib.suppress(RuntimeError):  # that loop is closed: nobody waits
-                loop.call_soon_threadsafe(_settle, answers)
+                # Every later unit would wait busy_timeout again: give up on the whole
+                # batch (rolled back by the caller) and answer at once.
+                raise
+            return
+        finally:
+            unit, _batch.unit = getattr(_batch, "unit", None), None
+        execute("RELEASE SAVEPOINT unit")
+        if unit:
+            _merge(totals, unit)
+        outcomes.append((future, True, result))
+
+
+def _failed(batch: list, outcomes: list, exc: BaseException) -> list:
+    """The outcomes of a batch whose transaction failed: a unit that raised keeps its own
+    error (but a busy one), every other started unit gets the batch's error."""
+    error: BaseException = exc
+    if _is_busy(exc):
+        error = DatabaseBusy("the database is locked by another process; retry")
+    else:
+        log.exception("group commit failed")
+    answered = {id(f) for f, ok, v in outcomes if not ok and not _is_busy(v)}
+    kept = [(f, False, v) for f, ok, v in outcomes if id(f) in answered]
+    for future, _fn in batch:
+        if id(future) in answered:
+            continue
+        if not isinstance(future, Future):
+            kept.append((future, False, error))  # (_settle skips cancelled ones)
+        elif not future.done() and (future.running() or future.set_running_or_notify_cancel()):
+            kept.append((future, False, error))
+    return kept
+
+
+def _answer(outcomes: list[tuple[Any, bool, Any]]) -> None:
+    """Thread futures at once; asyncio futures with one wake-up per loop."""
+    loops: dict[asyncio.AbstractEventLoop, list] = {}
+    for future, ok, value in outcomes:
+        if not isinstance(future, Future):
+            loops.setdefault(future.get_loop(), []).append((future, ok, value))
+        elif ok:
+            future.set_result(value)
+        else:
+            future.set_exception(value)
+    for loop, answers in loops.items():
+        with contextlib.suppress(RuntimeError):  # that loop is closed: nobody waits
+            loop.call_soon_threadsafe(_settle, answers)
 
 
 def _start(future: Any) -> bool:

@@ -70,8 +70,8 @@ async def test_the_sql_users_page_equals_the_orm_page_on_postgresql(pg_app, monk
     await compare_pages(await pg_app(clock=FakeClock()), monkeypatch)
 
 
-async def compare_pages(app: Any, monkeypatch: Any) -> None:
-    rng = random.Random(11)
+async def seed_mixed(app: Any, rng: random.Random) -> None:
+    """Overrides, violations, unlimited and idle users."""
     await app.rules.set_global_limits("shell", {"daily": 30}, actor="t")
     await app.rules.set_global_limits("test", {"daily": None}, actor="t")  # unlimited
     for name in NAMES:
@@ -86,6 +86,40 @@ async def compare_pages(app: Any, monkeypatch: Any) -> None:
         await app.rules.set_user_limits(name, "review", {"daily": 0}, "t")
         await consume(app, name, "review", 1)
         await consume(app, name, "shell", 50)
+
+
+async def compare_one_order(
+    app: Any, queries: AdminQueries, sort: str, search: str, per_page: int
+) -> int:
+    """Numbered pages (offsets beyond the active users too), then every cursor page, of
+    one order: the SQL page equals the ORM page each time. Returns the cursor pages."""
+    for number in (1, 2, 9):
+        page = PageRequest(number, per_page)
+        fast, slow = await app.store.read(
+            lambda p=page: (
+                queries._users_sync(search, sort, p, None),
+                orm_page(queries, search, sort, p, None),
+            )
+        )
+        assert fast == slow, (sort, search, per_page, number)
+    compared, cursor = 0, None
+    while True:
+        page = PageRequest(1, per_page)
+        fast, slow = await app.store.read(
+            lambda p=page, c=cursor: (
+                queries._users_sync(search, sort, p, c),
+                orm_page(queries, search, sort, p, c),
+            )
+        )
+        assert fast == slow, (sort, search, per_page, cursor)
+        compared += 1
+        cursor = fast["next_cursor"]
+        if cursor is None:
+            return compared
+
+
+async def compare_pages(app: Any, monkeypatch: Any) -> None:
+    await seed_mixed(app, random.Random(11))
     queries = AdminQueries(app)
     compared = 0
     for few in (0, 10_000):  # both index paths of a searched utilisation order
@@ -93,29 +127,7 @@ async def compare_pages(app: Any, monkeypatch: Any) -> None:
         for sort in ("utilization", "username"):
             for search in ("", "ab", "É", "u", "zz"):
                 for per_page in (1, 7, 100):
-                    for number in (1, 2, 9):  # offsets, also beyond the active users
-                        page = PageRequest(number, per_page)
-                        fast, slow = await app.store.read(
-                            lambda p=page, s=search, o=sort: (
-                                queries._users_sync(s, o, p, None),
-                                orm_page(queries, s, o, p, None),
-                            )
-                        )
-                        assert fast == slow, (few, sort, search, per_page, number)
-                    cursor = None
-                    while True:  # every cursor page of that order
-                        page = PageRequest(1, per_page)
-                        fast, slow = await app.store.read(
-                            lambda p=page, s=search, o=sort, c=cursor: (
-                                queries._users_sync(s, o, p, c),
-                                orm_page(queries, s, o, p, c),
-                            )
-                        )
-                        assert fast == slow, (few, sort, search, per_page, cursor)
-                        compared += 1
-                        cursor = fast["next_cursor"]
-                        if cursor is None:
-                            break
+                    compared += await compare_one_order(app, queries, sort, search, per_page)
     assert compared > 100
     # The dataset is mixed: overrides, violations, unlimited and idle users all appear.
     body = (await call(app, "GET", "/api/admin/quotas/users?per_page=100")).json

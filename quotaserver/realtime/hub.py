@@ -250,11 +250,8 @@ class Hub:
 
     async def _recover(self, client: Client, cursor: str) -> None:
         head = self.last_seq
-        try:
-            after = int(cursor)
-            if after < 0:
-                raise ValueError(cursor)
-        except (TypeError, ValueError):
+        after = _cursor_value(cursor)
+        if after is None:
             return self._recovered(client, False, head, reason="invalid_cursor")
         if after > head or self.sync_on_recover:
             # A cursor ahead of this instance (it came from another one), or a cluster:
@@ -269,17 +266,11 @@ class Hub:
             head = self.last_seq
             if after > head:
                 return self._recovered(client, False, head, reason="unknown_cursor")
-        missed = self._from_ring(after)
-        if missed is None:
-            try:
-                missed = await self.replay_source(after, self.replay_limit + 1)
-            except EventsPruned:
-                return self._recovered(client, False, head, reason="pruned")
-            except Exception:
-                log.exception("replay from the event log failed")
-                return self._recovered(client, False, head, reason="replay_failed")
-            if client.closed:
-                return None
+        missed = await self._missed_since(after)
+        if client.closed:
+            return None
+        if isinstance(missed, str):
+            return self._recovered(client, False, head, reason=missed)
         if len(missed) > self.replay_limit:
             return self._recovered(client, False, head, reason="too_many_missed")
         sent = 0
@@ -289,6 +280,20 @@ class Hub:
                 sent += 1
             client.last_seq = max(client.last_seq, message.seq)
         return self._recovered(client, True, head, missed=sent)
+
+    async def _missed_since(self, after: int) -> list[Message] | str:
+        """The events after ``after`` (from the ring, else the event log, at most one more
+        than the replay limit), or why they cannot be had."""
+        missed = self._from_ring(after)
+        if missed is not None:
+            return missed
+        try:
+            return await self.replay_source(after, self.replay_limit + 1)
+        except EventsPruned:
+            return "pruned"
+        except Exception:
+            log.exception("replay from the event log failed")
+            return "replay_failed"
 
     def _recovered(
         self, client: Client, ok: bool, head: int, missed: int | None = None, reason: str = ""
@@ -371,3 +376,12 @@ class Hub:
         if client.pending == 0 and client.stats_stale and not client.closed:
             client.stats_stale = False
             self._send(client, self.stats.full_message())
+
+
+def _cursor_value(cursor: str) -> int | None:
+    """The event id a ``last_seq`` / ``Last-Event-ID`` names, or None if it names none."""
+    try:
+        after = int(cursor)
+    except (TypeError, ValueError):
+        return None
+    return after if after >= 0 else None
