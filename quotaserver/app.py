@@ -38,7 +38,7 @@ from .realtime.cluster_counts import ClusterCounts
 from .realtime.emitters import Scheduler
 from .realtime.hub import Hub
 from .realtime.limits import ConnectionLimiter
-from .realtime.messages import CLOSE_GOING_AWAY, CLOSE_POLICY, Message
+from .realtime.messages import CLOSE_GOING_AWAY, CLOSE_POLICY, CONTROL_TYPES, CORE_TYPES, Message
 from .refunds import RefundService
 from .rules import RuleService
 from .secret_files import private_database_files, read_or_create_secret
@@ -434,6 +434,10 @@ class QuotaApp:
     def plugin_state(self, name: str) -> dict[str, Any]:
         """A dict private to plugin ``name`` for the life of this application."""
         return self._plugin_state.setdefault(name, {})
+
+    def stream_types(self) -> frozenset[str]:
+        """The event types a stream filter may name: the core's and the plugins' own."""
+        return CORE_TYPES | CONTROL_TYPES | frozenset(self.hooks.event_types)
 
     def connection_refusal(self, identity: Identity) -> str | None:
         """Why one more live connection for ``identity`` is refused now, or None (with

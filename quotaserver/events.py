@@ -50,7 +50,7 @@ def events_after(after: int, limit: int) -> list[Message]:
     Raises :class:`EventsPruned` when some of them are gone (see :func:`pruned_after`).
     """
     if pruned_after(after):
-        raise EventsPruned(after)
+        raise EventsPruned
     return events_since(after, limit)
 
 

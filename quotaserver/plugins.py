@@ -31,8 +31,7 @@ from . import __version__, hookspecs
 from .config import PLUGIN_ENV_PREFIX, Config, ConfigError
 from .isolation import current_plugin, plugin_context, running_hook
 from .realtime.emitters import PluginError
-from .realtime.hub import CONTROL_TYPES
-from .realtime.messages import CLIENT_TYPES, DURABLE_TYPES
+from .realtime.messages import RESERVED_TYPES
 from .windows import isoformat, utc_now
 
 log = logging.getLogger(__name__)
@@ -50,7 +49,6 @@ BUILTIN_PLUGINS = tuple(
 RETIRED_PLUGINS = {
     "load_history": "the load history is part of the core now (throttle); remove this block",
 }
-RESERVED_TYPES = DURABLE_TYPES | CONTROL_TYPES | CLIENT_TYPES | {"stats", "subscribed"}
 SOURCES = ("built-in", "entry point", "file")
 
 __all__ = ["PluginError", "PluginEventError", "get_plugin_manager", "plugin_list", "Hooks"]

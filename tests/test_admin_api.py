@@ -62,6 +62,7 @@ async def test_bad_input_is_a_4xx_envelope_never_a_500(app_factory):
         ("GET", "alerts?status=sleeping", None, 400),
         ("GET", "alerts?severity=mild", None, 400),
         ("GET", "events?types=Bad-Type", None, 400),
+        ("GET", "events?types=foo", None, 400),  # a type no one sends
         ("GET", "events?limit=-1", None, 400),
         ("GET", "history?minutes=99999", None, 400),
         ("PUT", "rules/dance", {"limits": {"daily": 1}}, 404),

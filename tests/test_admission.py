@@ -75,6 +75,8 @@ async def test_both_transports_refuse_the_same_inputs_the_same_way(app_factory):
     # Origin comes before identity: a foreign page learns nothing about credentials.
     assert await both(app, token=None, headers=foreign) == (403, "forbidden_origin", {})
     assert await both(app, query="types=Not-A-Type") == (400, "invalid_types", {})
+    # A well-formed name that nobody sends: a stream that would stay silent.
+    assert await both(app, query="types=violation,foo") == (400, "invalid_types", {})
     # Shutting down: refused alike (the flag is what stop() sets first).
     app.stopped = True
     try:

@@ -150,7 +150,12 @@ async def test_subscribe_to_nothing_means_everything_and_unknown_types_are_refus
     await ws.send({"type": "subscribe", "types": ["violation", "No Such Type"]})
     error = await ws.recv_type("error")
     assert error["data"]["code"] == "invalid_types"
-    # The refused subscribe changed nothing: still only alerts.
+    # A well-formed name that no one declared is refused the same way, and says so.
+    await ws.send({"type": "subscribe", "types": ["violation", "foo"]})
+    error = await ws.recv_type("error")
+    assert error["data"]["code"] == "invalid_types"
+    assert "unknown event type foo" in error["data"]["message"]
+    # The refused subscribes changed nothing: still only alerts.
     await app.publish_event("quota_change", {"n": 1})
     await app.alerts.raise_alert("manual", "low", "marker")
     assert (await ws.recv())["type"] == "alert"

@@ -10,7 +10,9 @@ from clients import consume, sse_connect, ws_connect
 from conftest import FakeClock
 
 from quotaserver import retention
-from quotaserver.models import Activity, Event, Violation, naive_utc
+from quotaserver.events import events_after, events_since
+from quotaserver.models import Activity, Event, Violation, aware, naive_utc
+from quotaserver.windows import isoformat
 
 
 def counts() -> dict[str, int]:
@@ -119,8 +121,13 @@ async def test_a_cursor_older_than_what_is_kept_gets_recovered_false_pruned(app_
     assert json.loads(event["data"])["data"]["reason"] == "pruned"
     # A cursor just before the oldest kept event replays normally.
     ws2 = await ws_connect(app, f"last_seq={kept[0] - 1}")
-    replayed = [(await ws2.recv_type("violation"))["seq"] for _ in kept]
-    assert replayed == kept
+    replayed = [await ws2.recv_type("violation") for _ in kept]
+    assert [m["seq"] for m in replayed] == kept
+    # As stored: the data, and the time the event happened (not the time of the replay).
+    stored = await app.store.run(
+        lambda: {e.id: (e.payload(), isoformat(aware(e.created_at))) for e in Event.select()}
+    )
+    assert [(m["data"], m["timestamp"]) for m in replayed] == [stored[seq] for seq in kept]
     assert (await ws2.recv_type("recovered"))["data"]["recovered"] is True
     # Two before the oldest kept: the event right after the cursor is gone, a gap.
     ws3 = await ws_connect(app, f"last_seq={kept[0] - 2}")
@@ -130,3 +137,18 @@ async def test_a_cursor_older_than_what_is_kept_gets_recovered_false_pruned(app_
         "seq": app.hub.last_seq,
         "reason": "pruned",
     }
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_the_event_log_reads_at_most_the_limit_oldest_first(app_factory):
+    app = await app_factory(realtime__ring_size=0)
+    await app.rules.set_global_limits("shell", {"daily": 0}, "test")
+    await deny(app, "reader", 5)
+    ids = await app.store.run(lambda: [e.id for e in Event.select().order_by(Event.id)])
+    assert len(ids) >= 5
+    first = ids[0] - 1
+    for read in (events_after, events_since):
+        got = await app.store.read(lambda r=read: [m.seq for m in r(first, 3)])
+        assert got == ids[:3], read.__name__
+        got = await app.store.read(lambda r=read: [m.seq for m in r(ids[-2], 10)])
+        assert got == ids[-1:], read.__name__

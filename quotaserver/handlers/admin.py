@@ -156,7 +156,7 @@ class EventsHandler(AdminHandler):
     """GET /api/admin/quotas/events: recent durable events with their seq (the feeds)."""
 
     async def get(self) -> None:
-        types = parse_types(self.get_query_argument("types", None))
+        types = parse_types(self.get_query_argument("types", None), self.app.stream_types())
         limit = int_arg(self, "limit", 50, 1, 500)
         before = int_arg(self, "before", None, 1, 2**62)
         await self.listing(self.queries.events(types, limit, before, self.cursor_arg()))

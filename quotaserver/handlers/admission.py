@@ -99,7 +99,7 @@ def admit(
     if not identity.allowed(roles):
         return Refusal(403, "forbidden", "this role may not use this route")
     try:
-        types = parse_types(handler.get_query_argument("types", None))
+        types = parse_types(handler.get_query_argument("types", None), app.stream_types())
     except ApiError as exc:
         return Refusal(exc.status, exc.code, exc.message)
     refusal = app.connection_refusal(identity)

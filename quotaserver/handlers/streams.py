@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Collection
 
 from .base import ApiError
 
@@ -21,12 +22,23 @@ def ascii_cursor(raw: str | None) -> str | None:
     return raw if CURSOR.match(raw) else ""
 
 
-def parse_types(raw: str | None) -> frozenset[str] | None:
-    """``"violation,alert"`` -> a set of type names; None or empty -> everything."""
+def parse_types(raw: str | None, known: Collection[str]) -> frozenset[str] | None:
+    """``"violation,alert"`` -> a set of type names; None or empty -> everything.
+
+    A name that is not in ``known`` (the core's types and those the plugins declared) is
+    refused: a filter on a type nobody sends would be a stream that stays silent.
+    """
     if raw is None or not raw.strip():
         return None
     names = [t.strip() for t in raw.split(",") if t.strip()]
     bad = [t for t in names if not TYPE_NAME.match(t)]
     if bad or len(names) > 32:
         raise ApiError(400, "invalid_types", "types must be a comma-separated list of type names")
+    unknown = sorted(set(names) - set(known))
+    if unknown:
+        raise ApiError(
+            400,
+            "invalid_types",
+            f"unknown event type {', '.join(unknown)} (known: {', '.join(sorted(known))})",
+        )
     return frozenset(names)

@@ -169,7 +169,7 @@ class AdminSocketHandler(tornado.websocket.WebSocketHandler):
             if not isinstance(raw, list) or not all(isinstance(t, str) for t in raw):
                 return self._bad_message("invalid_subscribe", "types must be a list of strings")
             try:
-                types = parse_types(",".join(raw)) if raw else None
+                types = parse_types(",".join(raw), self.app.stream_types()) if raw else None
             except ApiError as exc:
                 return self._bad_message(exc.code, exc.message)
             self.client.types = types

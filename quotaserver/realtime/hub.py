@@ -20,13 +20,10 @@ from typing import Any
 
 from ..events import EventsPruned
 from ..windows import isoformat, utc_now
-from .messages import CLOSE_GOING_AWAY, CLOSE_SLOW_CONSUMER, Message
+from .messages import CLOSE_GOING_AWAY, CLOSE_SLOW_CONSUMER, CONTROL_TYPES, Message
 from .sequencer import Sequencer
 
 log = logging.getLogger(__name__)
-
-# Delivered whatever a client subscribed to.
-CONTROL_TYPES = frozenset({"welcome", "ping", "recovered", "error"})
 
 ReplaySource = Callable[[int, int], Awaitable[list[Message]]]
 

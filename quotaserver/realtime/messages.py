@@ -12,9 +12,18 @@ from typing import Any
 
 from ..windows import isoformat, utc_now
 
+# The event-type vocabulary, defined here only.
 # Durable events are persisted in the event log and carry its id as ``seq``.
 DURABLE_TYPES = frozenset({"violation", "alert", "quota_change", "throttle"})
+# What the core streams: the durable events and the stats snapshot.
+CORE_TYPES = DURABLE_TYPES | {"stats"}
+# Delivered whatever a client's filter says.
+CONTROL_TYPES = frozenset({"welcome", "ping", "recovered", "error"})
+# What a WebSocket client may send.
 CLIENT_TYPES = frozenset({"subscribe", "pong", "ping"})
+# No plugin may declare these: the core's own, and its replies (``subscribed``, SSE's
+# final ``close``).
+RESERVED_TYPES = CORE_TYPES | CONTROL_TYPES | CLIENT_TYPES | {"subscribed", "close"}
 
 # Close codes (also documented in docs/protocol.md).
 CLOSE_GOING_AWAY = 1001
