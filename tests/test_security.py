@@ -50,6 +50,7 @@ from waits import wait_until
 from quotaserver import urls
 from quotaserver.auth import ROLES, SESSION_COOKIE
 from quotaserver.handlers.session import DEFAULT_NEXT, safe_next
+from quotaserver.tokens import TokenRegistry
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOKENS = {"admin": ADMIN, "viewer": VIEWER, "service": SERVICE, "metrics": METRICS}
@@ -763,6 +764,54 @@ async def test_revoking_a_configured_token_lasts_across_restarts(app_factory, tm
     )
     resp = await call(app, "DELETE", f"/api/admin/tokens/{admin_id}")
     assert resp.code == 409 and resp.json["error"]["code"] == "last_admin"
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_the_last_admin_rule_counts_live_admin_tokens_only(app_factory):
+    """Who keeps the server administrable: a live admin token, declared or created; not a
+    viewer token, not a revoked admin token."""
+    app = await start(app_factory)
+
+    async def revoke(name: str, token: str = ADMIN) -> Any:
+        listed = (await call(app, "GET", "/api/admin/tokens")).json["tokens"]
+        token_id = next(t["token_id"] for t in listed if t["name"] == name and not t["revoked"])
+        return await call(app, "DELETE", f"/api/admin/tokens/{token_id}", token=token)
+
+    for name, role in (("ops-viewer", "viewer"), ("ops-admin", "admin")):
+        made = await call(app, "POST", "/api/admin/tokens", {"name": name, "role": role})
+        assert made.code == 201
+    # The declared test-admin stays: revoking the created admin is allowed.
+    assert (await revoke("ops-admin")).code == 200
+    # Now test-admin is the only live admin: a viewer token and a revoked admin do not count.
+    refused = await revoke("test-admin")
+    assert refused.code == 409, refused
+    assert refused.json["error"] == {
+        "code": "last_admin",
+        "message": "the last admin token cannot be revoked",
+    }
+    assert (await call(app, "GET", "/api/ws/health", token=ADMIN)).code == 200
+    # The revoked one is listed as such, with who and when.
+    listed = (await call(app, "GET", "/api/admin/tokens")).json["tokens"]
+    (gone,) = [t for t in listed if t["name"] == "ops-admin"]
+    assert gone.keys() == {
+        "token_id", "name", "role", "source", "created_by", "created_at",
+        "revoked", "revoked_by", "revoked_at",
+    }  # fmt: skip
+    assert (gone["role"], gone["source"], gone["revoked"]) == ("admin", "api", True)
+    assert gone["created_by"] == gone["revoked_by"] == "test-admin"
+    assert gone["created_at"] <= gone["revoked_at"]
+
+
+def test_a_runtime_token_works_for_this_process_with_its_role():
+    registry = TokenRegistry()
+    with pytest.raises(ValueError):
+        registry.add_token("qs_x", "demo", "root")
+    registry.add_token("qs_demo-secret", "demo", "service")
+    who = registry.authenticate("qs_demo-secret")
+    assert (who.name, who.role) == ("demo", "service")
+    (info,) = registry.tokens()
+    assert (info.name, info.role, info.source) == ("demo", "service", "runtime")
+    assert registry.authenticate("qs_other") is None
 
 
 @pytest.mark.gen_test(timeout=30)
