@@ -172,12 +172,11 @@ class Auth:
             return False
         return self.registry.active(token_id)
 
-    async def issue_login_code(self, code: str | None = None) -> str | None:
-        """A one-time code for the first-run admin token (the start-up link), if in use;
-        ``code`` stores one made by the parent of worker processes instead."""
+    async def issue_login_code(self) -> str | None:
+        """A one-time code for the first-run admin token (the start-up link), if in use."""
         if self.first_run_token is None:
             return None
-        return await self.login_codes.issue(digest(self.first_run_token), code)
+        return await self.login_codes.issue(digest(self.first_run_token))
 
     # -- token administration ----------------------------------------------------------
     def add_token(self, token: str, name: str, role: str) -> None:

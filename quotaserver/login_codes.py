@@ -31,10 +31,9 @@ class LoginCodes:
     def attach(self, store: Store) -> None:
         self._store = store
 
-    async def issue(self, token_digest: str, code: str | None = None) -> str:
-        """Store a new code (or ``code``, made by the parent of worker processes) for the
-        token with this digest; return it."""
-        code = code or secrets.token_urlsafe(24)
+    async def issue(self, token_digest: str) -> str:
+        """Store a new code for the token with this digest; return it."""
+        code = secrets.token_urlsafe(24)
         now = self.clock()
         await self._require_store().run(
             _insert, _key(code), token_digest, int(now + self.lifetime), int(now)

@@ -50,7 +50,6 @@ from waits import wait_until
 from quotaserver import urls
 from quotaserver.auth import ROLES, SESSION_COOKIE
 from quotaserver.handlers.session import DEFAULT_NEXT, safe_next
-from quotaserver.tokens import TokenRegistry
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOKENS = {"admin": ADMIN, "viewer": VIEWER, "service": SERVICE, "metrics": METRICS}
@@ -802,16 +801,17 @@ async def test_the_last_admin_rule_counts_live_admin_tokens_only(app_factory):
     assert gone["created_at"] <= gone["revoked_at"]
 
 
-def test_a_runtime_token_works_for_this_process_with_its_role():
-    registry = TokenRegistry()
+@pytest.mark.gen_test(timeout=30)
+async def test_a_runtime_token_works_in_this_process_with_its_role(app_factory):
+    """The demo traffic's token: registered in memory, not stored."""
+    app = await start(app_factory)
     with pytest.raises(ValueError):
-        registry.add_token("qs_x", "demo", "root")
-    registry.add_token("qs_demo-secret", "demo", "service")
-    who = registry.authenticate("qs_demo-secret")
-    assert (who.name, who.role) == ("demo", "service")
-    (info,) = registry.tokens()
-    assert (info.name, info.role, info.source) == ("demo", "service", "runtime")
-    assert registry.authenticate("qs_other") is None
+        app.auth.add_token("qs_x", "demo", "root")
+    app.auth.add_token("qs_demo-secret", "demo", "service")
+    assert (await consume(app, "alice", token="qs_demo-secret")).code == 200
+    assert (await call(app, "GET", "/api/ws/health", token="qs_demo-secret")).code == 403
+    (info,) = [t for t in app.auth.tokens() if t.name == "demo"]
+    assert (info.role, info.source) == ("service", "runtime")
 
 
 @pytest.mark.gen_test(timeout=30)
