@@ -66,13 +66,44 @@ async def test_a_gap_nobody_publishes_is_read_from_the_log_and_holes_are_skipped
 
 
 @pytest.mark.gen_test
+async def test_a_read_of_one_event_skips_the_hole_before_it():
+    log = Log(1, 3)  # 2 was rolled back
+    seq, delivered = sequencer(log, head=1)
+    seq.offer(event(3))
+    await seq.settled()
+    assert delivered == [3] and seq.head == 3 and seq.pending == {}
+    assert log.reads == [(1, 2)] and seq.backfilled == 0  # 3 came live
+
+
+@pytest.mark.gen_test
+async def test_backfilled_counts_every_event_only_the_log_brought():
+    log = Log(1, 2, 3, 5)
+    seq, delivered = sequencer(log, head=1)
+    seq.offer(event(5))  # 2 and 3 lost on the way
+    await seq.settled()
+    assert delivered == [2, 3, 5] and seq.backfilled == 2
+    log.rows.update({s: event(s) for s in (6, 7, 8)})
+    seq.offer(event(8))  # 6 and 7 lost too
+    await seq.settled()
+    assert delivered == [2, 3, 5, 6, 7, 8] and seq.backfilled == 4
+
+
+@pytest.mark.gen_test
 async def test_while_the_log_cannot_be_read_the_gap_is_held_never_skipped():
-    log = Log(5, 6, 7, failures=2)
-    seq, delivered = sequencer(log, head=5)
+    log = Log(5, 6, 7, failures=3)
+    delays: list[float] = []
+
+    async def sleep(delay: float) -> None:
+        delays.append(delay)
+
+    delivered: list[int] = []
+    seq = Sequencer(lambda m: delivered.append(m.seq), log, hold=0.01, sleep=sleep)
+    seq.head = 5
     seq.offer(event(7))
-    await seq.settled()  # two failed reads, then the third answers
+    await seq.settled()  # three failed reads, then the fourth answers
     assert delivered == [6, 7]
-    assert len(log.reads) == 3
+    assert len(log.reads) == 4
+    assert delays == [0.01, 0.1, 0.2, 0.4]  # the hold, then a doubling back-off
 
 
 @pytest.mark.gen_test
