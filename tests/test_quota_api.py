@@ -100,6 +100,45 @@ async def test_check_has_no_side_effects(app_factory):
 
 
 @pytest.mark.gen_test
+async def test_check_answers_as_the_consume_would_in_every_case(app_factory):
+    """Allowed, over the user's own limit, overloaded: the check's status, headers and body
+    are the consume's that follows, but for the usage the consume then adds."""
+    app = await app_factory(clock=FakeClock(), throttle__cpu_bands=[[90, 0.0], [50, 0.5]])
+    await app.rules.set_global_limits("test", {"daily": 2, "weekly": 5}, actor="test")
+    await app.rules.set_user_limits("erin", "test", {"daily": 3, "weekly": None}, actor="test")
+    cases = [((10, 10), 2, 200), ((60, 10), 1, 200), ((60, 10), 1, 429), ((95, 10), 1, 503)]
+    for (cpu, memory), count, status in cases:
+        app.load.update(cpu, memory)
+        body = {"user": "erin", "command_type": "test", "count": count}
+        check = await call(app, "POST", "/api/quotas/check", body, token=SERVICE)
+        done = await call(app, "POST", "/api/quotas/consume", body, token=SERVICE)
+        assert (check.code, done.code) == (status, status), (cpu, count, check.json)
+        added = count if status == 200 else 0
+        checked, consumed = check.json, done.json
+        for period, window in checked.pop("periods").items():
+            after = consumed["periods"][period]
+            assert window["used"] + added == after["used"], period
+            assert (window["limit"], window["resets_at"]) == (after["limit"], after["resets_at"])
+        consumed.pop("periods")
+        assert checked == consumed, (cpu, count)
+        if status != 200:
+            assert check.headers.get("Retry-After") == done.headers.get("Retry-After")
+    assert done.json["reason"] == "system_overloaded" and done.json["throttle_factor"] == 0.0
+    app.load.update(10, 10)
+    over = await call(
+        app, "POST", "/api/quotas/check", {"user": "erin", "command_type": "test"}, token=SERVICE
+    )
+    assert (over.code, over.json["reason"], over.json["user"]) == (429, "quota_exceeded", "erin")
+    assert over.json["violation"] == {
+        "period": "daily",
+        "limit": 3,
+        "attempted": 4,
+        "message": "Daily test quota exceeded: 4 attempted, limit 3",
+    }
+    assert over.json["periods"]["weekly"]["limit"] is None  # the user's own: unlimited
+
+
+@pytest.mark.gen_test
 async def test_user_override_beats_default_and_null_is_unlimited(app_factory):
     app = await app_factory()
     await app.rules.set_global_limits("test", {"daily": 2, "weekly": 5}, actor="test")
@@ -314,7 +353,18 @@ async def test_unknown_command_status_is_configurable(app_factory):
     app = await app_factory(quotas__unknown_command_status=422)
     resp = await consume(app, "a", "deploy")
     assert resp.code == 422
-    assert resp.json["error"]["code"] == "unknown_command_type"
+    assert resp.json["error"] == {
+        "code": "unknown_command_type",
+        "message": "unknown command type 'deploy'",
+    }
+
+
+@pytest.mark.gen_test
+async def test_an_unknown_command_type_is_a_400_by_default(app_factory):
+    app = await app_factory()
+    for path in ("/api/quotas/consume", "/api/quotas/check"):
+        resp = await call(app, "POST", path, {"user": "a", "command_type": "deploy"})
+        assert (resp.code, resp.json["error"]["code"]) == (400, "unknown_command_type"), path
 
 
 @pytest.mark.gen_test
