@@ -492,3 +492,39 @@ async def test_a_browser_session_writes_only_with_the_xsrf_header(app_factory):
                       headers={**cookie, "X-XSRFToken": xsrf})  # fmt: skip
     assert resp.code == 200 and resp.json["actor"] == "test-admin"
     assert (await call(app, "GET", f"{API}/stats", token=None, headers=cookie)).code == 200
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_a_test_violation_is_recorded_as_a_denied_consume_would_be(app_factory):
+    """POST /api/ws/test-violation (dev): one more attempt than the user's own daily limit
+    allows, stored, counted and sent live like a real one."""
+    app = await app_factory(dev=True)
+    await app.rules.set_user_limits("gail", "review", {"daily": 3}, actor="test")
+    for _ in range(2):
+        assert (await consume(app, "gail", "review")).code == 200
+    assert (await consume(app, "gail", "code")).code == 200  # another type: not counted
+    watcher = await ws_connect(app, "types=violation")
+    await watcher.recv_type("welcome")
+    resp = await call(
+        app, "POST", "/api/ws/test-violation", {"user": "gail", "command_type": "review"}
+    )
+    assert resp.code == 200
+    violation = resp.json["violation"]
+    expected = {
+        "username": "gail",
+        "command_type": "review",
+        "period": "daily",
+        "limit": 3,
+        "attempted": 3,
+        "message": "Daily review quota exceeded: 3 attempted, limit 3",
+    }
+    assert {k: violation[k] for k in expected} == expected
+    live = await watcher.recv_type("violation")
+    assert live["data"] == violation
+    listed = (await call(app, "GET", "/api/admin/quotas/violations?user=gail")).json["items"]
+    assert [(v["command_type"], v["attempted"]) for v in listed] == [("review", 3)]
+    # An unlimited type: the limit reads 0.
+    await app.rules.set_user_limits("gail", "code", {"daily": None}, actor="test")
+    body = {"user": "gail", "command_type": "code"}
+    other = (await call(app, "POST", "/api/ws/test-violation", body)).json["violation"]
+    assert (other["limit"], other["attempted"]) == (0, 2)
