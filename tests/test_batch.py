@@ -6,7 +6,8 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from clients import SERVICE, call, consume, ws_connect
+from clients import SERVICE, call, consume, settle, ws_connect
+from scrape import scrape, value
 
 from quotaserver.models import Event, Usage, Violation
 
@@ -54,6 +55,7 @@ async def test_concurrent_batches_admit_exactly_the_limit_and_record_every_refus
     # Every refusal is published once the batch has committed, in seq order.
     seqs = [(await watcher.recv_type("violation", timeout=15))["seq"] for _ in range(150)]
     assert seqs == sorted(seqs) and len(set(seqs)) == 150
+    assert app.hub.sequencer.backfilled == 0  # published live, not found later in the log
 
 
 @pytest.mark.gen_test(timeout=60)
@@ -135,3 +137,43 @@ async def test_a_bad_item_refuses_the_whole_batch_and_counts_nothing(app_factory
         assert answer.json["error"]["code"] == code and words in answer.json["error"]["message"]
     assert (await call(app, "POST", BATCH, {"decisions": "x"}, token=SERVICE)).code == 400
     assert await daily_used(app) == 0 and await rows(app, Violation) == 0
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_batch_decisions_are_counted_like_single_ones(app_factory):
+    """In /metrics and in the per-minute activity of the dashboard's history."""
+    app = await app_factory(quotas__defaults={"shell": {"daily": 3}})
+    before = await scrape(app)
+    decisions = [{"user": "hal", "command_type": "shell", "count": 2}] * 3  # 2 + 2 > 3
+    results = (await batch(app, decisions)).json["results"]
+    assert [r["status"] for r in results] == [200, 429, 429]
+    await settle(app)
+    after = await scrape(app)
+    for result, n in (("allowed", 1), ("denied", 2)):
+        name = "quotaserver_decisions_total"
+        assert value(after, name, result=result) - before.get((name, (("result", result),)), 0) == n
+    history = (await call(app, "GET", "/api/admin/quotas/history?minutes=5")).json
+    assert sum(p["commands"] for p in history["activity"]) == 2
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_an_overloaded_batch_counts_nothing_and_keeps_no_key(app_factory):
+    app = await app_factory(quotas__defaults=LIMITS, throttle__cpu_bands=[[90, 0.0]])
+    app.load.update(95, 10)
+    decisions = [
+        {"user": "ida", "command_type": "shell", "count": 2, "key": "k-1"},
+        {"user": "ida", "command_type": "shell", "count": 1},
+    ]
+    shed = (await batch(app, decisions)).json["results"]
+    assert [(r["status"], r["allowed"], r["reason"]) for r in shed] == [
+        (503, False, "system_overloaded")
+    ] * 2
+    assert [(r["user"], r["count"], r["throttle_factor"]) for r in shed] == [
+        ("ida", 2, 0.0),
+        ("ida", 1, 0.0),
+    ]
+    assert await daily_used(app) == 0 and await rows(app, Violation) == 0
+    app.load.update(10, 10)
+    again = (await batch(app, decisions)).json["results"]  # decided afresh, not replayed
+    assert [(r["status"], r.get("replayed", False)) for r in again] == [(200, False)] * 2
+    assert [r["periods"]["daily"]["used"] for r in again] == [2, 3]
