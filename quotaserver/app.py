@@ -191,11 +191,7 @@ class QuotaApp:
             self.cluster_counts.start(lambda: self.hub.per_identity)
         self.watchdog.start(asyncio.get_running_loop())
         await self.hooks.call_async("startup", app=self)
-        self.scheduler.add(retention.emitter(self), "quotaserver")
-        for plugin, emitters in self.hooks.call("register_emitters", app=self):
-            for emitter in emitters:
-                self.scheduler.add(emitter, plugin)  # a clash stops start-up (PluginError)
-        self.hooks.stats(self, self.scheduler.stats_claims, strict=True)
+        self.register_sources()
         # Every type a plugin declared (hook or emitters): the welcome lists them, so a client
         # (an EventSource needs a listener per named event) knows what may arrive.
         self.hub.plugin_types = tuple(sorted(self.hooks.event_types))
@@ -234,6 +230,16 @@ class QuotaApp:
             self.port = sockets[0].getsockname()[1]
         self.hub.instance = self.instance_name
         self.hub.sync_on_recover = self.clustered
+
+    def register_sources(self) -> None:
+        """The data sources: retention, every plugin's emitters and stats fields. Two of
+        them claiming one name is a :class:`PluginError` that stops start-up; check-config
+        (:func:`quotaserver.plugins.check_setup`) runs this same step on a throw-away app."""
+        self.scheduler.add(retention.emitter(self), "quotaserver")
+        for plugin, emitters in self.hooks.call("register_emitters", app=self):
+            for emitter in emitters:
+                self.scheduler.add(emitter, plugin)
+        self.hooks.stats(self, self.scheduler.stats_claims, strict=True)
 
     def _loop_blocked(self, plugin: str | None, hook: str | None, seconds: float) -> None:
         self.hooks.loop_blocked(plugin, hook, seconds)

@@ -799,9 +799,9 @@ class Hooks:
 def check_setup(config: Config, pm: pluggy.PluginManager) -> None:
     """What start-up would refuse about the plugins' emitters, without starting anything.
 
-    For ``check-config``: calls ``register_emitters`` on an application over a throw-away
-    database and registers the result, so a duplicate emitter or stats field is a
-    :class:`PluginError` here too. Emitters are not started.
+    For ``check-config``: runs start-up's :meth:`QuotaApp.register_sources` on an
+    application over a throw-away database, so a duplicate emitter or stats field is a
+    :class:`PluginError` here too. Nothing is started (no ``startup`` hook, no emitter).
     """
     import tempfile
 
@@ -819,9 +819,7 @@ def check_setup(config: Config, pm: pluggy.PluginManager) -> None:
         )
         app = QuotaApp(dry, plugin_manager=pm)  # env tokens as start-up sees them
         try:
-            for plugin, emitters in app.hooks.call("register_emitters", app=app):
-                for emitter in emitters:
-                    app.scheduler.add(emitter, plugin)
+            app.register_sources()
         finally:
             app.store.close()
 

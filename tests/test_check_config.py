@@ -8,6 +8,7 @@ import sys
 
 import pytest
 import yaml
+from plugin_files import plugin_dir
 from services import free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -142,3 +143,23 @@ def test_urls_print_as_configured_and_secrets_show_only_their_presence(tmp_path)
     assert block["channel"] == "#quotas"
     assert shown["database"]["url"] == "sqlite:///data/quotaserver.db"  # was sqlite:/data/...
     assert "#   QUOTASERVER_ADMIN_TOKEN: set (an admin token from the environment" in result.stdout
+
+
+def test_check_config_refuses_a_stats_field_clash_as_serve_does(tmp_path):
+    """Two plugins' stats_fields claim one field: serve stops with exit 2 naming both, and
+    check-config, which starts nothing, says the same."""
+    claim = (
+        "from quotaserver import hookimpl\n\n"
+        "@hookimpl\n"
+        "def stats_fields(app):\n"
+        "    return {'queue_depth': 1}\n"
+    )
+    directory = plugin_dir(tmp_path, first_queue=claim, second_queue=claim)
+    config = {"plugins_dir": directory}
+    checked = run(tmp_path, "check-config", config)
+    served = run(tmp_path, "serve", config)
+    needle = "stats field 'queue_depth' is claimed by plugins first_queue and second_queue"
+    for result in (checked, served):
+        assert result.returncode == 2, result
+        assert needle in result.stderr
+        assert "Traceback" not in result.stderr
