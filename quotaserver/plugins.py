@@ -536,6 +536,14 @@ class Hooks:
         for plugin, fields in self.call("stats_fields", app=app):
             if not isinstance(fields, dict):
                 continue
+            try:  # one plugin's bad value must not stop the stats of every client
+                json.dumps(fields, allow_nan=False)
+            except (TypeError, ValueError) as exc:
+                problem = f"plugin {plugin}: stats_fields returned a value that is not JSON: {exc}"
+                if strict:
+                    raise PluginError(problem) from None
+                self._failed(plugin, "stats_fields", ValueError(problem))
+                continue
             for key, value in fields.items():
                 owner = owners.setdefault(key, plugin)
                 if owner == plugin:

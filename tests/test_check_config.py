@@ -163,3 +163,21 @@ def test_check_config_refuses_a_stats_field_clash_as_serve_does(tmp_path):
         assert result.returncode == 2, result
         assert needle in result.stderr
         assert "Traceback" not in result.stderr
+
+
+def test_a_stats_field_that_is_not_json_is_refused_by_check_config_and_serve(tmp_path):
+    when = (
+        "import datetime\n"
+        "from quotaserver import hookimpl\n\n"
+        "@hookimpl\n"
+        "def stats_fields(app):\n"
+        "    return {'last_run': datetime.datetime(2026, 1, 1)}\n"
+    )
+    config = {"plugins_dir": plugin_dir(tmp_path, last_run=when)}
+    checked = run(tmp_path, "check-config", config)
+    served = run(tmp_path, "serve", config)
+    needle = "plugin last_run: stats_fields returned a value that is not JSON"
+    for result in (checked, served):
+        assert result.returncode == 2, result
+        assert needle in result.stderr and "datetime" in result.stderr
+        assert "Traceback" not in result.stderr

@@ -487,3 +487,36 @@ async def test_plugin_storage_outlives_a_restart_and_read_events_is_the_outbox(a
     again = await app_factory()
     assert await again.plugin_storage.load("my_plugin") == {"cursor": {"seq": second.seq + 1}}
     assert await again.plugin_storage.load("other") == {"cursor": 7}
+
+
+TURNS_BAD = """
+import datetime
+from quotaserver import hookimpl
+
+@hookimpl
+def stats_fields(app):
+    if app.plugin_state("turns_bad").get("bad"):
+        return {"turns_bad_at": datetime.datetime(2026, 1, 1)}
+    return {"turns_bad_at": "fine"}
+"""
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_a_stats_value_that_turns_non_json_fails_that_plugin_not_the_stats(
+    app_factory, tmp_path
+):
+    app = await app_factory(
+        plugins_dir=plugin_dir(tmp_path, turns_bad=TURNS_BAD), realtime__stats_interval=0.05
+    )
+    ws = await ws_connect(app)
+    assert (await ws.recv_type("stats"))["data"]["turns_bad_at"] == "fine"
+    app.plugin_state("turns_bad")["bad"] = True
+    await consume(app, "ann")  # the stats still change, and still reach the client
+    stats = await ws.recv_type("stats")
+    while stats["data"].get("commands_today", 0) < 1:
+        stats = await ws.recv_type("stats")
+    health = (await call(app, "GET", "/api/plugins")).json
+    (plugin,) = [p for p in health["plugins"] if p["name"] == "turns_bad"]
+    (failure,) = [f for f in plugin["failures"] if f["hook"] == "stats_fields"]
+    assert failure["failing"] and "not JSON" in failure["error"]
+    ws.close()
