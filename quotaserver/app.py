@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import socket
@@ -329,7 +330,7 @@ class QuotaApp:
 
         plugin = plugin or current_plugin.get()
         if plugin is not None:
-            refusal = self.hooks.event_refusal(plugin, type)
+            refusal = self.hooks.event_refusal(plugin, type) or _payload_refusal(plugin, data)
             if refusal:
                 raise PluginEventError(refusal)
         if not durable:
@@ -438,7 +439,11 @@ class QuotaApp:
         return {k: v for k, v in self.config.plugin(name).items() if k != "enabled"}
 
     def plugin_state(self, name: str) -> dict[str, Any]:
-        """A dict private to plugin ``name`` for the life of this application."""
+        """A dict private to plugin ``name`` for the life of this application: another
+        plugin's code asking for it gets a PermissionError (the core and tests may look)."""
+        caller = current_plugin.get()
+        if caller is not None and caller != name:
+            raise PermissionError(f"plugin {caller} may not use the state of plugin {name}")
         return self._plugin_state.setdefault(name, {})
 
     def stream_types(self) -> frozenset[str]:
@@ -482,3 +487,21 @@ def reap_interval(client_timeout: float) -> float:
     """Seconds between reaper runs: a tenth of the timeout, at most 1 s (one pass over the
     clients costs microseconds per client)."""
     return min(1.0, client_timeout / 10)
+
+
+#: The largest plugin event (its ``data`` as JSON): every event is stored and sent to every
+#: dashboard, so a runaway payload would cost all of them.
+MAX_PLUGIN_EVENT_BYTES = 64 * 1024
+
+
+def _payload_refusal(plugin: str, data: Any) -> str | None:
+    """Why a plugin's event ``data`` may not be published, or None."""
+    if not isinstance(data, dict):
+        return f"plugin {plugin}: event data must be a mapping, not {type(data).__name__}"
+    try:
+        size = len(json.dumps(data, allow_nan=False, separators=(",", ":")).encode())
+    except (TypeError, ValueError) as exc:
+        return f"plugin {plugin}: event data is not JSON: {exc}"
+    if size > MAX_PLUGIN_EVENT_BYTES:
+        return f"plugin {plugin}: event data is {size} bytes, over {MAX_PLUGIN_EVENT_BYTES}"
+    return None

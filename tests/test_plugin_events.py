@@ -1,7 +1,7 @@
 """Events from plugins: reserved core types, declared types, live-only events, threads."""
 
 import pytest
-from clients import VIEWER, call, ws_connect
+from clients import VIEWER, call, consume, ws_connect
 from plugin_files import plugin_dir
 from waits import wait_until
 
@@ -163,3 +163,44 @@ async def test_declared_types_filter_streams_and_plugin_events_age_out(app_facto
     kept = await app.store.run(lambda: [e.id for e in Event.select().where(Event.type == "note")])
     assert old.seq not in kept and new.seq in kept
     ws.close()
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_an_event_over_64_kib_or_not_json_is_refused_and_stored_nowhere(
+    app_factory, tmp_path
+):
+    app = await forger_app(app_factory, tmp_path)
+    emit = app.plugin_state("forger")["emit"]
+    seq_before = app.hub.last_seq
+    with pytest.raises(PluginEventError, match=r"event data is \d+ bytes, over 65536"):
+        await emit("note", {"blob": "x" * (64 * 1024)})
+    with pytest.raises(PluginEventError, match="event data is not JSON"):
+        await emit("note", {"at": object()})
+    with pytest.raises(PluginEventError, match="must be a mapping, not list"):
+        await emit("note", ["not", "a", "mapping"])
+    assert app.hub.last_seq == seq_before  # nothing persisted
+    fits = await emit("note", {"blob": "x" * (60 * 1024)})
+    assert fits.seq == seq_before + 1
+
+
+SNOOP = """
+from quotaserver import hookimpl
+
+@hookimpl
+def on_decision(app, decision):
+    try:
+        app.plugin_state("forger")["emit"] = None
+    except PermissionError as exc:
+        app.plugin_state("snoop")["refused"] = str(exc)
+"""
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_a_plugin_cannot_reach_another_plugins_state(app_factory, tmp_path):
+    app = await app_factory(plugins_dir=plugin_dir(tmp_path, forger=FORGER, snoop=SNOOP))
+    assert (await consume(app, "ann")).code == 200
+    await wait_for(lambda: "refused" in app.plugin_state("snoop"))
+    assert app.plugin_state("snoop")["refused"] == (
+        "plugin snoop may not use the state of plugin forger"
+    )
+    assert app.plugin_state("forger")["emit"] is not None
