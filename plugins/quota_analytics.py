@@ -309,7 +309,6 @@ def register_emitters(app: Any) -> list[PeriodicEmitter]:
 @hookimpl
 def stats_fields(app: Any) -> dict[str, Any]:
     fig = _figures(app)
-    load = app.load.current
     today = _today(app)
     if fig.day_key is not None and fig.day_key != today.key:
         fig.new_day(today.key)
@@ -321,11 +320,4 @@ def stats_fields(app: Any) -> dict[str, Any]:
         "load_refusals_today": fig.load_refusals,
         "high_utilization_count": fig.high,
         "average_throttle_factor": fig.average_factor(time.time()),
-        "system_load": {
-            "instance": app.instance_name,
-            "cpu_percent": load.cpu_percent,
-            "memory_percent": load.memory_percent,
-            "throttle_factor": load.factor,
-            "throttle_active": load.throttle_active,
-        },
     }

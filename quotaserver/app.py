@@ -240,7 +240,7 @@ class QuotaApp:
         for plugin, emitters in self.hooks.call("register_emitters", app=self):
             for emitter in emitters:
                 self.scheduler.add(emitter, plugin)
-        self.hooks.stats(self, self.scheduler.stats_claims, strict=True)
+        self.hooks.stats(self, self._stats_claims(), strict=True)
 
     def _loop_blocked(self, plugin: str | None, hook: str | None, seconds: float) -> None:
         self.hooks.loop_blocked(plugin, hook, seconds)
@@ -403,10 +403,26 @@ class QuotaApp:
         self.hub.publish_stats(self.stats_snapshot())
 
     def stats_snapshot(self) -> dict[str, Any]:
-        snapshot = self.hooks.stats(self, self.scheduler.stats_claims)
+        """The plugins' stats fields, then the core's own: the load and throttle factor of
+        this instance and whether its database answers (there with every plugin off)."""
+        snapshot = self.hooks.stats(self, self._stats_claims())
         snapshot.update(self.scheduler.stats_fields())
+        load = self.load.current
+        snapshot["system_load"] = {
+            "instance": self.instance_name,
+            "cpu_percent": load.cpu_percent,
+            "memory_percent": load.memory_percent,
+            "throttle_factor": load.factor,
+            "throttle_active": load.throttle_active,
+        }
         snapshot["database_available"] = self.store.available
         return snapshot
+
+    def _stats_claims(self) -> dict[str, str]:
+        """Who owns which stats field: the core its own, the emitters theirs."""
+        return {"system_load": "quotaserver", "database_available": "quotaserver"} | dict(
+            self.scheduler.stats_claims
+        )
 
     def _decided(self, decision: Decision) -> None:
         self.metrics.decided(decision)

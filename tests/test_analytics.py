@@ -1,7 +1,10 @@
 """Quota analytics: incremental stats figures, rebuilt from the database at start-up."""
 
 import pytest
-from clients import consume, settle, ws_connect
+from clients import call, consume, settle, ws_connect
+from plugin_files import plugin_dir
+
+from quotaserver.plugins import PluginError
 
 
 @pytest.mark.gen_test(timeout=30)
@@ -62,3 +65,44 @@ async def test_admitted_commands_reach_dashboards_as_one_coalesced_live_usage_ev
     assert rows[("bob", "shell")]["used"] == 1
     assert message["data"]["truncated"] is False
     ws.close()
+
+
+BUILT_INS_OFF = {
+    name: {"enabled": False}
+    for name in ("quota_analytics", "system_metrics", "alert_engine", "notify", "disk_usage")
+}
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_the_core_figures_stay_with_every_plugin_disabled(app_factory):
+    """The load and throttle factor are the core's: without the analytics plugin the
+    snapshot still carries them; the plugin's figures go with it."""
+    app = await app_factory(plugins=BUILT_INS_OFF, throttle__cpu_bands=[[50, 0.5]])
+    app.load.update(60, 20)
+    stats = (await call(app, "GET", "/api/admin/quotas/stats")).json["stats"]
+    assert stats == {
+        "system_load": {
+            "instance": app.instance_name,
+            "cpu_percent": 60.0,
+            "memory_percent": 20.0,
+            "throttle_factor": 0.5,
+            "throttle_active": True,
+        },
+        "database_available": True,
+    }
+    app.broadcast_stats()  # what the next stats tick sends
+    ws = await ws_connect(app)
+    assert (await ws.recv_type("stats"))["data"]["system_load"]["throttle_factor"] == 0.5
+    ws.close()
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_a_plugin_cannot_claim_a_core_stats_field(app_factory, tmp_path):
+    claim = (
+        "from quotaserver import hookimpl\n\n"
+        "@hookimpl\n"
+        "def stats_fields(app):\n"
+        "    return {'system_load': {'cpu_percent': 0}}\n"
+    )
+    with pytest.raises(PluginError, match="'system_load' is claimed by plugins fake_load and quo"):
+        await app_factory(plugins_dir=plugin_dir(tmp_path, fake_load=claim))

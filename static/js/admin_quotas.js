@@ -27,7 +27,12 @@ const background = new BackgroundAlerts(); // the tab title's count, opt-in noti
 const charts = new LiveCharts();
 const rules = new RulesPanel();
 const audit = new AuditPanel();
-const plugins = new PluginPanel((document.body.dataset.pluginTypes || "").split(",").filter(Boolean));
+// The stats fields the page shows itself: each element that renders one names it.
+const ownFields = document.querySelectorAll("main [data-field], #db-banner");
+const plugins = new PluginPanel(
+  (document.body.dataset.pluginTypes || "").split(",").filter(Boolean),
+  new Set([...ownFields].map((node) => node.dataset.field)),
+);
 const limitsDialog = new LimitsDialog();
 const resetDialog = new ResetDialog();
 const users = new UsersTable({
@@ -46,15 +51,12 @@ function applyStats(data) {
   if (data.delta === false) for (const key of Object.keys(stats)) delete stats[key];
   Object.assign(stats, data);
   delete stats.delta;
-  for (const key of [
-    "total_users",
-    "active_users_today",
-    "commands_today",
-    "violations_today",
-    "load_refusals_today",
-    "high_utilization_count",
-  ]) {
-    setText(`stat-${key}`, formatInt(stats[key]));
+  // A card shows while its field comes (the analytics plugin's go with the plugin).
+  for (const card of document.querySelectorAll(".cards[aria-label=Overview] article[data-field]")) {
+    const field = card.dataset.field;
+    card.hidden = !(field in stats);
+    const value = byId(`stat-${field}`);
+    if (value && field in stats) value.textContent = formatInt(stats[field]);
   }
   // The server says so in every stats snapshot: false while its database calls fail.
   byId("db-banner").hidden = stats.database_available !== false;

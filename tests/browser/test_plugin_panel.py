@@ -82,3 +82,28 @@ def test_without_plugin_event_types_the_feed_stays_hidden(server, open_dashboard
     page = open_dashboard(server)
     assert page.is_hidden("#plugin-events")
     assert page.errors == []
+
+
+def test_with_the_analytics_plugin_off_the_core_figures_stay(tmp_path, open_dashboard):
+    """Each plugin's cards come and go with it; the load and the throttle are the core's."""
+    srv = Server(str(tmp_path), plugins={"quota_analytics": {"enabled": False}})
+    srv.start()
+    try:
+        page = open_dashboard(srv)
+        page.wait_for_function(
+            "() => document.getElementById('stat-throttle').textContent !== '—'", timeout=WAIT
+        )
+        assert page.inner_text("#stat-throttle") == "1.00"
+        assert page.is_visible("article[data-field=system_load] #stat-cpu")
+        for field in ("total_users", "commands_today", "load_refusals_today"):
+            assert page.is_hidden(f"article[data-field={field}]"), field
+        # No card for a core field, nor for what the overview shows; the example disk
+        # plugin (installed for the tests) still has its own.
+        page.wait_for_selector("#plugin-figures .plugin-card[data-field=disk]", timeout=WAIT)
+        fields = page.eval_on_selector_all(
+            "#plugin-figures .plugin-card", "nodes => nodes.map(n => n.dataset.field)"
+        )
+        assert fields == ["disk"], fields
+        assert page.errors == []
+    finally:
+        srv.stop()

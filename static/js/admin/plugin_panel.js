@@ -4,18 +4,6 @@
 
 import { byId, el, formatInt, formatTime, setText } from "./dom.js";
 
-// Stats fields the overview cards already show: every other field is a plugin's.
-const CORE_FIELDS = new Set([
-  "total_users",
-  "active_users_today",
-  "commands_today",
-  "violations_today",
-  "load_refusals_today",
-  "high_utilization_count",
-  "average_throttle_factor",
-  "system_load",
-  "database_available",
-]);
 // Plugin event types the page renders elsewhere (the Users tab applies `usage`).
 const SHOWN_ELSEWHERE = new Set(["usage"]);
 const MAX_EVENTS = 50;
@@ -62,8 +50,11 @@ function summarize(data) {
 }
 
 export class PluginPanel {
-  constructor(types) {
+  /** `types`: the plugins' event types; `shown`: the stats fields the page renders itself
+   * (the `data-field` of its own elements), so that every other field gets a card. */
+  constructor(types, shown) {
     this.types = types.filter((t) => !SHOWN_ELSEWHERE.has(t));
+    this.shown = shown;
     this.cards = byId("plugin-figures");
     this.section = byId("plugin-events");
     this.list = byId("plugin-events-feed");
@@ -109,7 +100,7 @@ export class PluginPanel {
   /** Cards for the stats fields of plugins (those the overview does not show). */
   figures(stats) {
     const fields = Object.keys(stats)
-      .filter((k) => !CORE_FIELDS.has(k) && k !== "delta")
+      .filter((k) => !this.shown.has(k) && k !== "delta")
       .sort();
     this.cards.replaceChildren(...fields.map((name) => this._card(name, stats[name])));
     this.cards.hidden = fields.length === 0;
