@@ -283,6 +283,84 @@ async def test_replay_failed_when_the_event_log_raises_and_live_events_still_flo
 
 
 @pytest.mark.gen_test
+async def test_a_replay_that_fails_is_logged_as_such(caplog):
+    async def broken_log(after, limit):
+        raise OSError("database is locked")
+
+    hub = Hub(broken_log, ring_size=0)
+    hub.last_seq = 10
+    await hub.attach(PendingClient(), "4")
+    (record,) = [r for r in caplog.records if r.name == "quotaserver.realtime.hub"]
+    assert record.getMessage() == "replay from the event log failed"
+    assert "database is locked" in str(record.exc_info[1])
+
+
+@pytest.mark.gen_test
+async def test_in_a_cluster_a_failed_catch_up_is_replay_failed_and_logged(caplog):
+    """A cluster instance syncs with the event log before it answers a cursor: when that
+    read fails the client hears replay_failed (at the head it knew), nothing is skipped."""
+    calls = []
+
+    async def broken_log(after, limit):
+        calls.append(after)
+        raise OSError("database is locked")
+
+    hub = Hub(broken_log, ring_size=100)
+    hub.sync_on_recover = True
+    hub.last_seq = 10
+    client = PendingClient()
+    await hub.attach(client, "10")
+    assert calls == [10]
+    assert client.sent[-1].data == {
+        "recovered": False, "missed": None, "seq": 10, "reason": "replay_failed",
+    }  # fmt: skip
+    assert client.last_seq == 10
+    messages = [r.getMessage() for r in caplog.records if r.name == "quotaserver.realtime.hub"]
+    assert messages == ["catching up with the event log failed"]
+
+
+@pytest.mark.gen_test
+async def test_in_a_cluster_a_cursor_at_the_head_after_the_catch_up_recovers_nothing():
+    async def log_to_12(after, limit):
+        return [durable(s) for s in range(after + 1, 13)][:limit]
+
+    hub = Hub(log_to_12, ring_size=100)
+    hub.sync_on_recover = True
+    hub.last_seq = 10
+    at_head = PendingClient()
+    await hub.attach(at_head, "12")  # ahead of this instance, the log's head after the sync
+    assert at_head.sent[-1].data == {"recovered": True, "missed": 0, "seq": 12}
+    ahead = PendingClient()
+    await hub.attach(ahead, "13")
+    assert ahead.sent[-1].data == {
+        "recovered": False, "missed": None, "seq": 12, "reason": "unknown_cursor",
+    }  # fmt: skip
+
+
+@pytest.mark.gen_test
+async def test_a_gap_free_ring_answers_without_the_log():
+    asked = []
+
+    async def log_source(after, limit):
+        asked.append(after)
+        return [durable(s) for s in range(after + 1, 21)][:limit]
+
+    hub = Hub(log_source, ring_size=100)
+    hub.last_seq = 15
+    for seq in range(16, 21):
+        hub.publish(durable(seq))
+    client = PendingClient()
+    await hub.attach(client, "16")  # the ring holds 16..20: 17..20 missed, 16 not
+    assert [m.seq for m in client.sent if m.seq] == [17, 18, 19, 20]
+    assert client.sent[-1].data == {"recovered": True, "missed": 4, "seq": 20}
+    assert asked == []  # a ring-only replay
+    older = PendingClient()
+    await hub.attach(older, "14")  # 15 is not in the ring: the log answers
+    assert asked == [14]
+    assert [m.seq for m in older.sent if m.seq] == [15, 16, 17, 18, 19, 20]
+
+
+@pytest.mark.gen_test
 async def test_a_client_closing_during_the_database_replay_gets_nothing_more():
     gate = asyncio.Event()
 
