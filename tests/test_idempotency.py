@@ -288,3 +288,23 @@ async def test_a_database_from_before_migration_7_gets_the_key_table(app_factory
     assert (await keyed(upgraded, "new")).code == 200
     assert (await keyed(upgraded, "new")).headers["Idempotent-Replayed"] == "true"
     assert await used(upgraded, "alice") == 2
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_while_overloaded_a_counted_key_is_still_answered_and_a_new_one_waits(app_factory):
+    """Shedding load stores no key, so a retry is decided afresh once load drops; a key
+    that had already counted keeps its first answer, overload or not."""
+    app = await app_factory(throttle__cpu_bands=[[90, 0.0]])
+    first = await keyed(app, "counted", count=2)
+    assert first.code == 200
+    app.load.update(95, 10)
+    again = await keyed(app, "counted", count=2)
+    assert (again.code, again.headers.get("Idempotent-Replayed")) == (200, "true")
+    assert again.json["periods"] == first.json["periods"]
+    shed = await keyed(app, "fresh")
+    assert (shed.code, shed.json["reason"]) == (503, "system_overloaded")
+    assert "Idempotent-Replayed" not in shed.headers
+    app.load.update(10, 10)
+    later = await keyed(app, "fresh")
+    assert later.code == 200 and "Idempotent-Replayed" not in later.headers
+    assert later.json["periods"]["daily"]["used"] == 3

@@ -39,7 +39,7 @@ from clients import (
     sse_connect,
     ws_connect,
 )
-from conftest import FakeMonotonic
+from conftest import FakeClock, FakeMonotonic
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from routes import group_spans, implemented
@@ -799,6 +799,26 @@ async def test_the_last_admin_rule_counts_live_admin_tokens_only(app_factory):
     assert (gone["role"], gone["source"], gone["revoked"]) == ("admin", "api", True)
     assert gone["created_by"] == gone["revoked_by"] == "test-admin"
     assert gone["created_at"] <= gone["revoked_at"]
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_revoked_tokens_are_listed_after_the_active_ones_newest_first(app_factory):
+    clock = FakeClock()
+    app = await start(app_factory, clock=clock)
+    for name in ("first-gone", "second-gone", "kept"):
+        made = await call(app, "POST", "/api/admin/tokens", {"name": name, "role": "viewer"})
+        assert made.code == 201
+    for name in ("first-gone", "second-gone"):
+        clock.advance(minutes=1)
+        listed = (await call(app, "GET", "/api/admin/tokens")).json["tokens"]
+        token_id = next(t["token_id"] for t in listed if t["name"] == name)
+        assert (await call(app, "DELETE", f"/api/admin/tokens/{token_id}")).code == 200
+    listed = (await call(app, "GET", "/api/admin/tokens")).json["tokens"]
+    revoked = [t["name"] for t in listed if t["revoked"]]
+    active = [t["name"] for t in listed if not t["revoked"]]
+    assert revoked == ["second-gone", "first-gone"]
+    assert "kept" in active and "first-gone" not in active
+    assert [t["revoked"] for t in listed] == sorted((t["revoked"] for t in listed))
 
 
 @pytest.mark.gen_test(timeout=30)
