@@ -818,7 +818,7 @@ async def test_revoked_tokens_are_listed_after_the_active_ones_newest_first(app_
     active = [t["name"] for t in listed if not t["revoked"]]
     assert revoked == ["second-gone", "first-gone"]
     assert "kept" in active and "first-gone" not in active
-    assert [t["revoked"] for t in listed] == sorted((t["revoked"] for t in listed))
+    assert [t["revoked"] for t in listed] == sorted(t["revoked"] for t in listed)
 
 
 @pytest.mark.gen_test(timeout=30)
