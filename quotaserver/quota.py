@@ -121,10 +121,6 @@ class Decision:
             return 200
         return 503 if self.reason == "system_overloaded" else 429
 
-    def tightest(self) -> tuple[str, PeriodStatus] | None:
-        """The limited window with the least remaining (the one a client should watch)."""
-        return tightest(self.periods)
-
 
 @dataclass(frozen=True, slots=True)
 class BatchItem:
@@ -147,14 +143,9 @@ def _replayed(stored: Any, key: RequestKey, now: datetime) -> Replay | DomainErr
         return exc
 
 
-def tightest(periods: dict[str, PeriodStatus]) -> tuple[str, PeriodStatus] | None:
-    """The limited window with the least remaining, the sooner reset first on a tie."""
-    limited = [(p, s) for p, s in periods.items() if s.limit is not None]
-    return tightest_of(limited) if limited else None
-
-
 def tightest_of(limited: list[tuple[str, PeriodStatus]]) -> tuple[str, PeriodStatus]:
-    """:func:`tightest` of a non-empty list of limited windows."""
+    """Of a non-empty list of limited windows, the one with the least remaining (the one a
+    client should watch), the sooner reset first on a tie."""
     return min(limited, key=lambda ps: (ps[1].remaining, ps[1].resets_at))
 
 
