@@ -288,6 +288,14 @@ async def test_user_status_and_health(app_factory):
     assert status.code == 200
     assert status.json["command_types"]["refactor"]["daily"]["used"] == 7
     assert status.json["command_types"]["shell"]["daily"]["used"] == 0
+    # The user's own limits, per command type; who it is and since when.
+    await app.rules.set_user_limits("lee", "refactor", {"daily": 9}, actor="test")
+    status = (await call(app, "GET", "/api/quotas/users/lee", token=VIEWER)).json
+    daily = status["command_types"]["refactor"]["daily"]
+    assert (daily["limit"], daily["used"], daily["remaining"]) == (9, 7, 2)
+    assert status["command_types"]["shell"]["daily"]["limit"] != 9
+    assert status["user"] == "lee" and isinstance(status["user_id"], int)
+    assert status["created_at"].endswith("Z") and status["throttle_factor"] == 1.0
     missing = await call(app, "GET", "/api/quotas/users/nobody", token=SERVICE)
     assert missing.code == 404 and missing.json["error"]["code"] == "unknown_user"
     health = await call(app, "GET", "/api/health", token=None)
