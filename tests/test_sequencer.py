@@ -15,15 +15,16 @@ def event(seq: int) -> Message:
 class Log:
     """The event log as the database would answer: committed events by id."""
 
-    def __init__(self, *seqs: int, failures: int = 0):
+    def __init__(self, *seqs: int, failures: int = 0, fail_on: frozenset[int] = frozenset()):
         self.rows = {s: event(s) for s in seqs}
         self.failures = failures
+        self.fail_on = fail_on  # which reads fail (0 is the first), after the first failures
         self.reads: list[tuple[int, int]] = []
 
     async def __call__(self, after: int, limit: int) -> list[Message]:
         self.reads.append((after, limit))
-        if self.failures:
-            self.failures -= 1
+        if self.failures or len(self.reads) - 1 in self.fail_on:
+            self.failures = max(0, self.failures - 1)
             raise ConnectionError("database down")
         return [self.rows[s] for s in sorted(self.rows) if s > after][:limit]
 
@@ -88,22 +89,47 @@ async def test_backfilled_counts_every_event_only_the_log_brought():
     assert delivered == [2, 3, 5, 6, 7, 8] and seq.backfilled == 4
 
 
-@pytest.mark.gen_test
-async def test_while_the_log_cannot_be_read_the_gap_is_held_never_skipped():
-    log = Log(5, 6, 7, failures=3)
+def recorded(log: Log, batch: int = 1000) -> tuple[Sequencer, list[int], list[float]]:
+    """A sequencer whose hold and back-off sleeps are recorded and return at once."""
     delays: list[float] = []
 
     async def sleep(delay: float) -> None:
         delays.append(delay)
 
     delivered: list[int] = []
-    seq = Sequencer(lambda m: delivered.append(m.seq), log, hold=0.01, sleep=sleep)
+    seq = Sequencer(lambda m: delivered.append(m.seq), log, hold=0.01, batch=batch, sleep=sleep)
+    return seq, delivered, delays
+
+
+@pytest.mark.gen_test
+async def test_while_the_log_cannot_be_read_the_gap_is_held_never_skipped(caplog):
+    log = Log(5, 6, 7, failures=7)
+    seq, delivered, delays = recorded(log)
     seq.head = 5
     seq.offer(event(7))
-    await seq.settled()  # three failed reads, then the fourth answers
+    await seq.settled()  # seven failed reads, then the eighth answers
     assert delivered == [6, 7]
-    assert len(log.reads) == 4
-    assert delays == [0.01, 0.1, 0.2, 0.4]  # the hold, then a doubling back-off
+    assert len(log.reads) == 8
+    # The hold, then a back-off that doubles up to 5 s.
+    assert delays == [0.01, 0.1, 0.2, 0.4, 0.8, 1.6, 3.2, 5.0]
+    warnings = [r for r in caplog.records if r.name == "quotaserver.realtime.sequencer"]
+    assert [r.getMessage() for r in warnings] == [
+        "cannot read the event log to fill a gap; retrying"
+    ] * 7
+    assert all(r.exc_info and isinstance(r.exc_info[1], ConnectionError) for r in warnings)
+
+
+@pytest.mark.gen_test
+async def test_a_read_that_succeeds_restarts_the_back_off():
+    # One event per read: 6, then a failure, then 7, then a failure, then 8.
+    log = Log(5, 6, 7, 8, fail_on=frozenset({1, 3}))
+    seq, delivered, delays = recorded(log, batch=1)
+    seq.head = 5
+    seq.offer(event(9))
+    log.rows[9] = event(9)
+    await seq.settled()
+    assert delivered == [6, 7, 8, 9]
+    assert delays == [0.01, 0.1, 0.1]  # each failure after a success waits the first step
 
 
 @pytest.mark.gen_test
