@@ -78,7 +78,7 @@ class Sessions:
         if not identity.session_id:
             return
         if self._store is None:
-            raise RuntimeError("Sessions.load() has not run")
+            raise RuntimeError("Sessions.load() has not run")  # pragma: no mutate (a bug)
         store = self._store
         now = time.time()
         expires = now + self.lifetime

