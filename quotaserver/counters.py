@@ -143,17 +143,17 @@ class CounterSQL:
         row = self._run(self.sql_user, (username,)).fetchone()
         return row[0] if row else None
 
-    def ensure_user(self, username: str, now: datetime) -> tuple[int, bool]:
-        """The user's id, creating the user on first sight; and whether it was created."""
-        found = self.user_id(username)
+    def ensure_user(self, username: str, now: datetime) -> int:
+        """The user's id, creating the user on first sight."""
+        found = self.user_id(username)  # the usual case: one read
         if found is not None:
-            return found, False
+            return found
         row = self._run(
             self.sql_insert_user, (username, self._created_at(naive_utc(now)))
         ).fetchone()
         if row is not None:
-            return row[0], True
-        return self.user_id(username), False  # created meanwhile by another transaction
+            return row[0]
+        return self.user_id(username)  # created meanwhile by another transaction
 
     def limits(
         self, user_id: int | None, command_type: str, periods: tuple[str, ...]

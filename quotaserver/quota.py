@@ -353,8 +353,8 @@ class QuotaService:
         )
         return {"period": period, "limit": limit, "attempted": attempted, "message": message}
 
-    def ensure_user(self, username: str, now: datetime) -> tuple[int, bool]:
-        """The user's id (created on first sight) and whether it was just created."""
+    def ensure_user(self, username: str, now: datetime) -> int:
+        """The user's id (created on first sight)."""
         return self.sql.ensure_user(username, now)
 
     def _consume_sync(
@@ -508,7 +508,7 @@ class QuotaService:
             now = self.clock()
             window = self.calendar.window(period, now)
             with self.db.atomic():
-                user_id, _ = self.ensure_user(user, now)
+                user_id = self.ensure_user(user, now)
                 limit = self.limits_for(user_id, command_type).get(period) or 0
                 used = self.sql.used(user_id, command_type, {period: window})[period]
                 fields = self._violation_fields(period, limit, used + 1, command_type)
