@@ -21,7 +21,7 @@ from clients import (
 )
 from scrape import samples, scrape, value
 from services import Server, start_server
-from waits import wait_until_async
+from waits import wait_until, wait_until_async
 
 
 @pytest.mark.gen_test(timeout=30)
@@ -95,7 +95,7 @@ async def test_every_metric_follows_what_happened(app_factory):
     assert value(after, "process_open_fds") > 0
 
     ws.close()
-    await _until(lambda: app.hub.count("websocket") == 0, "the WebSocket client to leave")
+    await wait_until(lambda: app.hub.count("websocket") == 0, "the WebSocket client to leave")
     final = await scrape(app)
     assert value(final, "quotaserver_stream_clients", transport="websocket") == 0
 
@@ -115,13 +115,6 @@ def _events_by_type() -> dict[str, int]:
     for row in Event.select(Event.type):
         counts[row.type] = counts.get(row.type, 0) + 1
     return counts
-
-
-async def _until(condition, what: str, timeout: float = 10.0) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not condition():
-        assert asyncio.get_running_loop().time() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.02)
 
 
 # -- several processes -------------------------------------------------------------------

@@ -13,6 +13,7 @@ import pytest
 from clients import call, consume, settle
 from conftest import FakeClock
 from peewee import fn
+from waits import wait_until
 
 from quotaserver.models import Activity, Usage, User, Violation
 
@@ -84,7 +85,7 @@ async def test_live_stats_equal_a_database_recount_after_a_mixed_workload(app_fa
         resp = await call(app, "POST", "/api/ws/test-violation", {"user": user})
         assert resp.code == 200, resp
     # The plugin's violations ran at start-up; wait for them to be stored.
-    await _until(lambda: app.plugin_state("violator").get("done"), "the plugin's run")
+    await wait_until(lambda: app.plugin_state("violator").get("done"), "the plugin's run")
     await _until_stats(app, lambda s: s["total_users"] == 11)
 
     await settle(app)
@@ -98,13 +99,6 @@ async def test_live_stats_equal_a_database_recount_after_a_mixed_workload(app_fa
         "active_users_today": 8,
     }
     assert {k: live[k] for k in expected} == expected
-
-
-async def _until(condition, what: str, timeout: float = 10.0) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not condition():
-        assert asyncio.get_running_loop().time() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.02)
 
 
 async def _until_stats(app, condition, timeout: float = 10.0) -> None:

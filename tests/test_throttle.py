@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 
 import psutil
 import pytest
 from clients import consume
+from waits import wait_until
 
 from quotaserver.config import load_config
 from quotaserver.models import Event
@@ -168,13 +168,6 @@ def test_source_off_never_throttles():
     assert sample.cpu_percent == 100  # still shown on the dashboard
 
 
-async def _until(condition, what: str, timeout: float = 15.0) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not condition():
-        assert asyncio.get_running_loop().time() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.02)
-
-
 def _throttle_events() -> list[dict]:
     return [row.payload() for row in Event.select().where(Event.type == "throttle")]
 
@@ -193,9 +186,9 @@ async def test_one_log_line_and_one_event_per_change_that_held(app_factory, capl
         throttle__source=source,
     )
     health = app.scheduler.sources["system_metrics"]
-    await _until(lambda: app.load.factor == 0.5, "the factor to change")
+    await wait_until(lambda: app.load.factor == 0.5, "the factor to change")
     runs = health.runs
-    await _until(lambda: health.runs >= runs + 10, "ten more samples")
+    await wait_until(lambda: health.runs >= runs + 10, "ten more samples")
     events = await app.store.run(_throttle_events)
     assert len(events) == 1, events
     assert events[0]["previous_factor"] == 1.0 and events[0]["throttle_factor"] == 0.5
@@ -215,7 +208,7 @@ async def test_source_off_samples_but_never_throttles(app_factory):
         throttle__source="off",
     )
     health = app.scheduler.sources["system_metrics"]
-    await _until(lambda: health.runs >= 10, "ten samples")
+    await wait_until(lambda: health.runs >= 10, "ten samples")
     assert app.load.factor == 1.0
     assert await app.store.run(_throttle_events) == []
     assert (await consume(app, "ann")).code == 200
