@@ -53,7 +53,7 @@ async def worker(
 async def heartbeat_gaps(port: int, interval: float, stop_at: float) -> list[float]:
     """Gaps between consecutive ping messages, as one live dashboard sees them."""
     ws = LeanWebSocket()
-    await ws.connect(port, "types=none")
+    await ws.connect(port, "types=ping")  # control messages only
     reader_task = ws.task
     ws.task.cancel()
     gaps, last = [], None

@@ -32,7 +32,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import psutil  # noqa: E402
 from clients import ADMIN, METRICS, SERVICE, VIEWER  # noqa: E402
-from pg_fixtures import pg_app, pg_url  # noqa: E402, F401  (fixtures, one server per module)
+from pg_fixtures import pg, pg_app, pg_url  # noqa: E402, F401  (fixtures, one server per module)
 from services import CI, missing  # noqa: E402
 from waits import wait_until_sync  # noqa: E402
 

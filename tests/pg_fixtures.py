@@ -1,20 +1,30 @@
-"""Fixtures for the app on a real PostgreSQL server: one server per module that imports them."""
+"""Fixtures on a real PostgreSQL server, registered for every test module by conftest.py:
+``pg`` (the server, one per module that uses it), ``pg_url`` (a database on it) and
+``pg_app`` (the app on that database, emptied first). Without the server binaries a test
+that asks for them is skipped here and fails under CI=true (services.missing)."""
 
 from __future__ import annotations
 
 import pytest
-from services import Postgres
+from services import INITDB, Postgres, missing
 
 
 @pytest.fixture(scope="module")
-def pg_url():
+def pg():
+    if INITDB is None:
+        missing("PostgreSQL server binaries not installed (apt-get install postgresql)")
     pytest.importorskip("psycopg2", reason="pip install psycopg2-binary (the test extras do)")
     server = Postgres()
     server.start()
     try:
-        yield server.create_database()
+        yield server
     finally:
         server.destroy()
+
+
+@pytest.fixture(scope="module")
+def pg_url(pg):
+    return pg.create_database()
 
 
 def _reset() -> None:

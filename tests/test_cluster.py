@@ -30,7 +30,7 @@ from clients import (
     ws_connect,
 )
 from conftest import TOKENS
-from services import INITDB, REDIS, ROOT, Postgres, Redis, needs, start_server, write_config
+from services import INITDB, REDIS, ROOT, Redis, needs, start_server, write_config
 
 from quotaserver.db import SCHEMA_VERSION
 
@@ -41,15 +41,6 @@ pytestmark = needs(
 
 LIMIT = 200
 SECRET = "cluster-test-secret-0123456789abcdef"  # backplane.secret of every instance
-
-
-@pytest.fixture(scope="module")
-def pg():
-    pytest.importorskip("psycopg2", reason="pip install psycopg2-binary (the test extras do)")
-    server = Postgres()
-    server.start()
-    yield server
-    server.destroy()
 
 
 @pytest.fixture(scope="module")

@@ -71,7 +71,7 @@ def _lock(path: str) -> sqlite3.Connection:
 async def test_a_locked_sqlite_database_answers_503_database_busy_then_heals(app_factory, tmp_path):
     app = await app_factory(database__busy_timeout=0.3, **FAST)
     assert (await consume(app, "alice")).code == 200
-    ws = await ws_connect(app, "types=none")
+    ws = await ws_connect(app, "types=ping")
     await ws.recv_type("welcome")
     holder = _lock(str(tmp_path / "quotaserver.db"))
     pings = PingWatch(ws)
@@ -154,7 +154,7 @@ async def test_postgresql_restart_is_survived_without_restarting_quotaserver(app
 async def test_a_hung_postgresql_gives_503_within_the_timeout_and_heartbeats_go_on(app_factory, pg):
     app = await app_factory(**pg_settings(pg.create_database()))
     assert (await consume(app, "carol")).code == 200
-    ws = await ws_connect(app, "types=none")
+    ws = await ws_connect(app, "types=ping")
     await ws.recv_type("welcome")
     _signal_cluster(pg, signal.SIGSTOP)
     pings = PingWatch(ws)

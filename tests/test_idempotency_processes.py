@@ -8,7 +8,7 @@ import signal
 import pytest
 from clients import ADMIN, SERVICE, call
 from conftest import TOKENS
-from services import INITDB, Postgres, missing, start_server
+from services import start_server
 
 
 async def keyed(server, key, user="alice", count=1, token=ADMIN):
@@ -56,17 +56,6 @@ async def test_a_keyed_consume_acknowledged_before_kill_9_is_not_counted_again(t
     finally:
         server.kill()
         await server.wait()
-
-
-@pytest.fixture(scope="module")
-def pg():
-    if INITDB is None:
-        missing("PostgreSQL server binaries not installed (apt-get install postgresql)")
-    pytest.importorskip("psycopg2", reason="pip install psycopg2-binary (the test extras do)")
-    server = Postgres()
-    server.start()
-    yield server
-    server.destroy()
 
 
 @pytest.mark.gen_test(timeout=180)

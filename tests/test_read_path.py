@@ -54,19 +54,6 @@ async def test_reads_cannot_write(app_factory):
     assert (await call(app, "GET", "/api/admin/quotas/users?search=sneaky")).json["total"] == 0
 
 
-@pytest.fixture(scope="module")
-def pg():
-    from services import INITDB, Postgres, missing
-
-    if INITDB is None:
-        missing("PostgreSQL server binaries not installed")
-    pytest.importorskip("psycopg2", reason="pip install psycopg2-binary (the test extras do)")
-    server = Postgres()
-    server.start()
-    yield server
-    server.destroy()
-
-
 @pytest.mark.gen_test(timeout=60)
 async def test_a_held_admin_read_does_not_delay_consumes_on_postgresql(app_factory, pg):
     app = await app_factory(database__url=pg.create_database(), database__pool_size=4)
