@@ -9,6 +9,7 @@ the upgrade. Every check runs against the real server over real sockets.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import itertools
 import json
 import logging
@@ -693,6 +694,40 @@ async def test_sessions_logged_out_one_after_another_all_stay_dead(app_factory):
         for j in jars
     ]
     assert codes == [401, 401, 200]  # the third was never logged out
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_credentials_changed_by_another_process_hold_here_within_a_poll(
+    app_factory, tmp_path
+):
+    """Another process (here: a second connection to the same SQLite file) revokes one token
+    and stores a new one, bumping the credentials version as every security write does: this
+    process reloads at its next poll, refuses the one, accepts the other and closes the
+    revoked token's stream with 1008."""
+    app = await start(app_factory, auth__sync_interval=0.1)
+    made = await call(app, "POST", "/api/admin/tokens", {"name": "doomed", "role": "viewer"})
+    doomed = made.json["token"]
+    stream = await ws_connect(app, token=doomed)
+    await stream.recv_type("welcome")
+    newcomer = "qs_created-by-another-process-0123456789"
+    digest = hashlib.sha256(newcomer.encode()).hexdigest()
+    assert (await call(app, "GET", "/api/ws/health", token=newcomer)).code == 401
+    with sqlite3.connect(f"{tmp_path}/quotaserver.db") as db:
+        db.execute(
+            "UPDATE api_token SET revoked_at = '2026-01-01 00:00:00', revoked_by = 'other' "
+            "WHERE name = 'doomed'"
+        )
+        db.execute(
+            "INSERT INTO api_token (digest, name, role, source, created_by, created_at) "
+            "VALUES (?, 'newcomer', 'viewer', 'api', 'other', '2026-01-01 00:00:00')",
+            (digest,),
+        )
+        db.execute("UPDATE auth_state SET version = version + 1")
+    assert await stream.closed(timeout=10) == 1008
+    assert (await call(app, "GET", "/api/ws/health", token=doomed)).code == 401
+    assert (await call(app, "GET", "/api/ws/health", token=newcomer)).code == 200
+    names = {t.name for t in app.auth.tokens()}
+    assert "newcomer" in names and "doomed" not in names
 
 
 # -- token revocation ----------------------------------------------------------------------
