@@ -43,10 +43,9 @@ class Sessions:
 
     def new_session(self, identity: Identity, xsrf: str) -> dict[str, Any]:
         """The payload of a new session cookie; ``xsrf`` (the sign-in form's XSRF token,
-        hex) is bound to it: a state-changing request of this session must carry it."""
+        hex) is bound to it: a state-changing request of this session must carry it. The
+        name and role are not in it: they are the token's, read at each request."""
         return {
-            "n": identity.name,
-            "r": identity.role,
             "t": identity.token_id,
             "s": secrets.token_hex(8),
             "e": int(time.time() + self.lifetime),

@@ -683,7 +683,7 @@ async def test_a_logged_out_session_stays_dead_after_a_restart(app_factory):
 
 
 @pytest.mark.gen_test(timeout=30)
-async def test_sessions_logged_out_one_after_another_all_stay_dead(app_factory):
+async def test_sessions_logged_out_one_after_another_all_stay_dead(app_factory, tmp_path):
     app = await start(app_factory)
     jars = [await browser_session(app, VIEWER) for _ in range(3)]
     for jar in jars[:2]:
@@ -694,6 +694,11 @@ async def test_sessions_logged_out_one_after_another_all_stay_dead(app_factory):
         for j in jars
     ]
     assert codes == [401, 401, 200]  # the third was never logged out
+    ended = audit_rows(tmp_path, "session.end")
+    token_id = next(t.token_id for t in app.auth.tokens() if t.name == "test-viewer")
+    assert [(a, t, json.loads(d)) for a, t, d in ended] == [
+        ("test-viewer", "test-viewer", {"token_id": token_id, "role": "viewer"})
+    ] * 2
 
 
 @pytest.mark.gen_test(timeout=30)
