@@ -37,9 +37,19 @@ from typing import Any
 import pytest
 import yaml
 
-__all__ = ["QuotaServer", "StatsStream", "quotaserver_server"]
+__all__ = ["QuotaServer", "ServerDidNotStart", "StatsStream", "quotaserver_server"]
 
 START_TIMEOUT = 30.0
+
+
+class ServerDidNotStart(RuntimeError):
+    """The server exited (or never listened) instead of starting: a refused configuration
+    exits with ``status`` 2 and says why in ``output``."""
+
+    def __init__(self, status: int | None, output: str):
+        super().__init__(f"quotaserver did not start (exit status {status}):\n{output}")
+        self.status = status
+        self.output = output
 
 
 class QuotaServer:
@@ -241,11 +251,19 @@ def start_server(
                 found.set()
         found.set()
 
-    threading.Thread(target=pump, daemon=True).start()
-    if not found.wait(START_TIMEOUT) or process.poll() is not None:
-        process.kill()
-        raise RuntimeError("quotaserver did not start:\n" + "".join(output))
-    url = re.search(r"http://\S+", next(x for x in output if "listening on" in x)).group(0)
+    pumping = threading.Thread(target=pump, daemon=True)
+    pumping.start()
+    found.wait(START_TIMEOUT)
+    listening = [line for line in output if "listening on" in line]
+    if not listening:  # it exited (its output ended) or it is still not listening
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            process.wait(5)
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        pumping.join(5)
+        raise ServerDidNotStart(process.returncode, "".join(output))
+    url = re.search(r"http://\S+", listening[0]).group(0)
     return QuotaServer(process, url, token, output)
 
 

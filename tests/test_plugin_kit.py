@@ -18,7 +18,7 @@ from quotaserver.realtime.emitters import EventEmitter, PeriodicEmitter
 
 # Plugin authors get this fixture from the pytest11 entry point (the scaffold test below
 # proves that); imported here too so a stale egg-info in a checkout cannot hide it.
-from quotaserver.testing import quotaserver_server  # noqa: F401, F811
+from quotaserver.testing import ServerDidNotStart, quotaserver_server  # noqa: F401, F811
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -153,6 +153,18 @@ def test_the_testing_plugin_starts_the_real_server_and_merges_stats(quotaserver_
         assert set(merged) >= set(first) and "delta" not in merged
         assert server.consume("una", count=10**6)[0] in (400, 429)
     assert server.stop() == 0
+
+
+@pytest.mark.parametrize("attempt", range(4))  # a refusal races the end of the output
+def test_a_refused_config_raises_server_did_not_start_with_the_reason(
+    quotaserver_server,  # noqa: F811
+    attempt,
+):
+    with pytest.raises(ServerDidNotStart) as refused:
+        quotaserver_server(plugins={"system_metrics": {"interval": -1}})
+    assert refused.value.status == 2
+    assert "plugins.system_metrics.interval" in refused.value.output
+    assert "Traceback" not in refused.value.output
 
 
 def _documented_signatures():
