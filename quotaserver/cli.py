@@ -15,6 +15,7 @@ import os
 import sys
 import threading
 from collections.abc import Callable
+from typing import Any
 
 import pluggy
 import yaml
@@ -122,14 +123,23 @@ def serve_command(args: argparse.Namespace) -> int:
     return status
 
 
-def _plugin_lines(pm: object) -> list[str]:
+def _plugin_lines(plugins: list[dict[str, Any]]) -> list[str]:
     lines = []
-    for p in plugin_list(pm):
+    for p in plugins:
         version = f" {p['version']}" if p["version"] else ""
         lines.append(f"{p['name']}{version} ({p['source']}: {p['origin']})")
         lines.append(f"  hooks: {', '.join(p['hooks']) or '-'}")
         if p["event_types"]:
             lines.append(f"  event types: {', '.join(p['event_types'])}")
+        for e in p.get("emitters", []):
+            every = f" every {e['interval']:g} s" if "interval" in e else ""
+            field = f", stats field {e['stats_field']}" if "stats_field" in e else ""
+            lines.append(f"  emitter: {e['name']} ({e['kind']}{every}{field})")
+        if p.get("stats_fields"):
+            lines.append(f"  stats fields: {', '.join(p['stats_fields'])}")
+        if p.get("settings"):
+            shown = ", ".join(f"{k}={json.dumps(v)}" for k, v in p["settings"].items())
+            lines.append(f"  settings: {shown}")
     return lines
 
 
@@ -153,7 +163,7 @@ def check_config(args: argparse.Namespace) -> int:
     shown = display_config(config, secret_settings(pm))
     print(yaml.safe_dump(json.loads(json.dumps(shown)), sort_keys=False), end="")
     print("# plugins")
-    for line in _plugin_lines(pm):
+    for line in _plugin_lines(plugin_list(pm)):
         print(f"#   {line}")
     print("# secrets (present or not; values are never printed)")
     for line in secret_presence(config, os.environ):
@@ -200,11 +210,17 @@ def _plugins_options(parser: argparse.ArgumentParser) -> None:
 @command("plugins", "list the plugins that load: name, version, source, hooks", _plugins_options)
 def plugins_command(args: argparse.Namespace) -> int:
     config, pm = load(args)
-    check_setup(config, pm)  # also collects the event types emitters declare
+    registered = check_setup(config, pm)  # also collects the event types emitters declare
+    settings = display_config(config, secret_settings(pm)).get("plugins", {})
+    plugins = plugin_list(pm)
+    for p in plugins:
+        p["emitters"] = registered.get(p["name"], {}).get("emitters", [])
+        p["stats_fields"] = registered.get(p["name"], {}).get("stats_fields", [])
+        p["settings"] = settings.get(p["name"], {})
     if args.json:
-        print(json.dumps({"plugins": plugin_list(pm)}, indent=2))
+        print(json.dumps({"plugins": plugins}, indent=2))
     else:
-        for line in _plugin_lines(pm):
+        for line in _plugin_lines(plugins):
             print(line)
     return 0
 

@@ -804,18 +804,20 @@ class Hooks:
             log.error("plugin %s failed in %s: %s", plugin, hook, exc, exc_info=exc)
 
 
-def check_setup(config: Config, pm: pluggy.PluginManager) -> None:
+def check_setup(config: Config, pm: pluggy.PluginManager) -> dict[str, dict[str, Any]]:
     """What start-up would refuse about the plugins' emitters, without starting anything.
 
     For ``check-config``: runs start-up's :meth:`QuotaApp.register_sources` on an
     application over a throw-away database, so a duplicate emitter or stats field is a
     :class:`PluginError` here too. Nothing is started (no ``startup`` hook, no emitter).
+    Returns what each plugin registered: ``{plugin: {"emitters": [...], "stats_fields":
+    [...]}}`` (``quotaserver plugins`` lists it).
     """
     import tempfile
 
     from .app import QuotaApp
 
-    async def dry_run(directory: str) -> None:
+    async def dry_run(directory: str) -> dict[str, dict[str, Any]]:
         # No backplane: emitters do not need one, and under --workers the secret a Redis
         # backplane needs may be the launcher's to generate (a traceback here otherwise).
         dry = config.with_overrides(
@@ -828,8 +830,15 @@ def check_setup(config: Config, pm: pluggy.PluginManager) -> None:
         app = QuotaApp(dry, plugin_manager=pm)  # env tokens as start-up sees them
         try:
             app.register_sources()
+            summary: dict[str, dict[str, Any]] = {}
+            for plugin, emitters in app.scheduler.describe().items():
+                summary.setdefault(plugin, {})["emitters"] = emitters
+            for plugin, fields in app.hooks.call("stats_fields", app=app):
+                if isinstance(fields, dict):
+                    summary.setdefault(plugin, {})["stats_fields"] = sorted(fields)
+            return summary
         finally:
             app.store.close()
 
     with tempfile.TemporaryDirectory(prefix="quotaserver-check-") as directory:
-        asyncio.run(dry_run(directory))
+        return asyncio.run(dry_run(directory))

@@ -48,14 +48,18 @@ def test_plugins_command_lists_name_version_source_hooks(tmp_path):
     directory = tmp_path / "extra"
     directory.mkdir()
     (directory / "queue.py").write_text(
-        "from quotaserver import EventEmitter, hookimpl\n__version__ = '2.1'\n\n"
+        "from quotaserver import EventEmitter, PeriodicEmitter, hookimpl\n__version__ = '2.1'\n\n"
         "@hookimpl\ndef register_event_types():\n    return ['queue_alarm']\n\n"
         "@hookimpl\ndef register_emitters(app):\n"
-        "    return [EventEmitter('queue', lambda emit: None, event_types=('queue_full',))]\n"
+        "    return [EventEmitter('queue', lambda emit: None, event_types=('queue_full',)),\n"
+        "            PeriodicEmitter('queue_depth', 5, lambda: 3, stats_field='depth')]\n\n"
+        "@hookimpl\ndef stats_fields(app):\n    return {'queue_backlog': 0}\n\n"
+        "@hookimpl\ndef secret_settings():\n    return ['api_key']\n"
     )
     config = tmp_path / "q.yaml"
     config.write_text(
-        f"plugins_dir: {directory}\nplugins: {{quota_analytics: {{enabled: false}}}}\n"
+        f"plugins_dir: {directory}\nplugins: {{quota_analytics: {{enabled: false}},"
+        " queue: {limit: 7, api_key: s3cret-key}}\n"
     )
     listed = quotaserver_cli("plugins", "--json", "--config", str(config), cwd=tmp_path)
     assert listed.returncode == 0, listed.stderr
@@ -65,15 +69,25 @@ def test_plugins_command_lists_name_version_source_hooks(tmp_path):
         "version": "2.1",
         "source": "file",
         "origin": str(directory / "queue.py"),
-        "hooks": ["register_emitters", "register_event_types"],
+        "hooks": ["register_emitters", "register_event_types", "secret_settings", "stats_fields"],
         "event_types": ["queue_alarm", "queue_full"],
+        "emitters": [
+            {"name": "queue_depth", "kind": "periodic", "interval": 5, "stats_field": "depth"},
+            {"name": "queue", "kind": "event", "event_types": ["queue_full"]},
+        ],
+        "stats_fields": ["queue_backlog"],
+        "settings": {"limit": 7, "api_key": "<redacted>"},
     }
+    assert "s3cret-key" not in listed.stdout
     assert plugins["alert_engine"]["source"] == "built-in"
     assert plugins["alert_engine"]["version"] == quotaserver.__version__
     assert "quota_analytics" not in plugins
     text = quotaserver_cli("plugins", "--config", str(config), cwd=tmp_path)
     assert f"queue 2.1 (file: {directory / 'queue.py'})\n" in text.stdout
     assert "  event types: queue_alarm, queue_full\n" in text.stdout
+    assert "  emitter: queue_depth (periodic every 5 s, stats field depth)\n" in text.stdout
+    assert "  emitter: queue (event)\n" in text.stdout
+    assert "  stats fields: queue_backlog\n" in text.stdout
     checked = quotaserver_cli("check-config", "--config", str(config), cwd=tmp_path)
     assert checked.returncode == 0
     assert "# plugins\n" in checked.stdout and "#   queue 2.1 (file:" in checked.stdout

@@ -144,6 +144,20 @@ class Scheduler:
         self._pools: dict[str, ThreadPool] = {}
         self._running = False
 
+    def describe(self) -> dict[str, list[dict[str, Any]]]:
+        """The registered emitters by plugin: name, kind, interval, stats field, types."""
+        out: dict[str, list[dict[str, Any]]] = {}
+        for emitter, health in [*self._periodic, *self._event]:
+            entry: dict[str, Any] = {"name": emitter.name, "kind": health.kind}
+            if isinstance(emitter, PeriodicEmitter):
+                entry["interval"] = emitter.interval
+                if emitter.stats_field:
+                    entry["stats_field"] = emitter.stats_field
+            if emitter.event_types:
+                entry["event_types"] = list(emitter.event_types)
+            out.setdefault(health.plugin, []).append(entry)
+        return out
+
     def add(self, emitter: PeriodicEmitter | EventEmitter, plugin: str) -> None:
         """Register ``emitter`` of ``plugin``; a clash is a :class:`PluginError`."""
         if not isinstance(emitter, PeriodicEmitter | EventEmitter):
