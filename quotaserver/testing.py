@@ -209,13 +209,33 @@ def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _installed_plugins(directory: Path, config: dict[str, Any]) -> list[str]:
+    """The names of the plugins that would load with ``config`` (``quotaserver plugins``)."""
+    path = directory / "plugins-probe.yaml"
+    path.write_text(yaml.safe_dump(config))
+    listed = subprocess.run(
+        [sys.executable, "-m", "quotaserver", "plugins", "--json", "--config", str(path)],
+        cwd=directory,
+        capture_output=True,
+        text=True,
+        timeout=START_TIMEOUT,
+    )
+    if listed.returncode != 0:
+        raise ServerDidNotStart(listed.returncode, listed.stdout + listed.stderr)
+    return [p["name"] for p in json.loads(listed.stdout)["plugins"]]
+
+
 def start_server(
-    directory: Path, plugins: dict[str, Any] | None = None, **settings: Any
+    directory: Path,
+    plugins: dict[str, Any] | None = None,
+    only: list[str] | None = None,
+    **settings: Any,
 ) -> QuotaServer:
     """Start ``python -m quotaserver serve`` with a config in ``directory``.
 
     ``settings`` are nested YAML sections (``realtime={"stats_interval": 0.1}``); stats are
     sent every 0.2 s and the host's CPU load does not throttle unless you say otherwise.
+    ``only=["my_plugin"]`` disables every other plugin (the built-in ones included).
     """
     token = secrets.token_urlsafe(24)
     config = _merge(
@@ -229,6 +249,10 @@ def start_server(
         },
         settings,
     )
+    if only is not None:
+        off = {"enabled": False}
+        others = [n for n in _installed_plugins(directory, config) if n not in only]
+        config["plugins"] = {**config["plugins"], **{n: off for n in others}}
     path = directory / "quotaserver.yaml"
     path.write_text(yaml.safe_dump(config))
     env = {k: v for k, v in os.environ.items() if not k.startswith("QUOTASERVER_")}
@@ -269,14 +293,16 @@ def start_server(
 
 @pytest.fixture
 def quotaserver_server(tmp_path: Path) -> Iterator[Callable[..., QuotaServer]]:
-    """``server = quotaserver_server(plugins={...}, **sections)``: the real server, stopped
-    after the test."""
+    """``server = quotaserver_server(plugins={...}, only=[...], **sections)``: the real
+    server, stopped after the test."""
     servers: list[QuotaServer] = []
 
-    def start(plugins: dict[str, Any] | None = None, **settings: Any) -> QuotaServer:
+    def start(
+        plugins: dict[str, Any] | None = None, only: list[str] | None = None, **settings: Any
+    ) -> QuotaServer:
         directory = tmp_path / f"server{len(servers)}"
         directory.mkdir()
-        server = start_server(directory, plugins, **settings)
+        server = start_server(directory, plugins, only, **settings)
         servers.append(server)
         return server
 

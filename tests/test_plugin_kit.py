@@ -181,6 +181,11 @@ def test_a_refused_config_raises_server_did_not_start_with_the_reason(
     assert "Traceback" not in refused.value.output
 
 
+def test_only_loads_just_the_plugins_under_test(quotaserver_server):  # noqa: F811
+    server = quotaserver_server(only=["disk_usage"])
+    assert server.plugin_names() == {"disk_usage"}
+
+
 def _documented_signatures():
     with open(DOCS) as fh:
         text = fh.read()
