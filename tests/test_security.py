@@ -735,6 +735,53 @@ async def test_credentials_changed_by_another_process_hold_here_within_a_poll(
     assert "newcomer" in names and "doomed" not in names
 
 
+@pytest.mark.gen_test(timeout=30)
+async def test_security_writes_check_the_database_not_this_process_memory(app_factory, tmp_path):
+    """Another process revoked an admin token, ended a session and created a token moments
+    ago, and this process has not reloaded yet (a poll a minute away, no nudge): in memory
+    all still look as before, but the writes they attempt are refused by the database."""
+    app = await start(app_factory, auth__sync_interval=60)
+    ops = (await call(app, "POST", "/api/admin/tokens", {"name": "ops", "role": "admin"})).json
+    jar = await browser_session(app, ADMIN)
+    signed = jar[SESSION_COOKIE].strip('"')
+    raw = tornado.web.decode_signed_value(app.web.settings["cookie_secret"], SESSION_COOKIE, signed)
+    session_id = json.loads(raw)["s"]
+    with sqlite3.connect(f"{tmp_path}/quotaserver.db") as db:
+        db.execute(
+            "UPDATE api_token SET revoked_at = '2026-01-01 00:00:00', revoked_by = 'other' "
+            "WHERE name = 'ops'"
+        )
+        db.execute(
+            "INSERT INTO revoked_session (session_id, expires_at) VALUES (?, '2999-01-01')",
+            (session_id,),
+        )
+        db.execute(
+            "INSERT INTO api_token (digest, name, role, source, created_by, created_at) "
+            "VALUES (?, 'taken', 'viewer', 'api', 'other', '2026-01-01 00:00:00')",
+            ("ab" * 32,),
+        )
+    assert (await call(app, "GET", "/api/ws/health", token=ops["token"])).code == 200
+    body = {"name": "made-by-ops", "role": "viewer"}
+    refused = await call(app, "POST", "/api/admin/tokens", body, token=ops["token"])
+    assert (refused.code, refused.json["error"]) == (
+        401, {"code": "unauthorized", "message": "these credentials were revoked"},
+    )  # fmt: skip
+    body = {"name": "made-by-session", "role": "viewer"}
+    refused = await call(
+        app, "POST", "/api/admin/tokens", body, token=None, headers=cookie_header(jar)
+    )
+    assert refused.code == 401, refused
+    clash = await call(app, "POST", "/api/admin/tokens", {"name": "taken", "role": "viewer"})
+    assert (clash.code, clash.json["error"]) == (
+        409, {"code": "conflict", "message": "an active token already has this name"},
+    )  # fmt: skip
+    # The admin token of the configuration, untouched, still writes.
+    made = await call(app, "POST", "/api/admin/tokens", {"name": "fine", "role": "viewer"})
+    assert made.code == 201
+    names = [t["name"] for t in (await call(app, "GET", "/api/admin/tokens")).json["tokens"]]
+    assert "made-by-ops" not in names and "made-by-session" not in names
+
+
 # -- token revocation ----------------------------------------------------------------------
 def audit_rows(tmp_path: Any, action: str) -> list[tuple]:
     with sqlite3.connect(f"{tmp_path}/quotaserver.db") as db:
