@@ -778,8 +778,13 @@ async def test_security_writes_check_the_database_not_this_process_memory(app_fa
     # The admin token of the configuration, untouched, still writes.
     made = await call(app, "POST", "/api/admin/tokens", {"name": "fine", "role": "viewer"})
     assert made.code == 201
-    names = [t["name"] for t in (await call(app, "GET", "/api/admin/tokens")).json["tokens"]]
-    assert "made-by-ops" not in names and "made-by-session" not in names
+    listed = (await call(app, "GET", "/api/admin/tokens")).json["tokens"]
+    assert {"made-by-ops", "made-by-session"}.isdisjoint(t["name"] for t in listed)
+    # Nor may the revoked token revoke anything.
+    fine = next(t["token_id"] for t in listed if t["name"] == "fine")
+    refused = await call(app, "DELETE", f"/api/admin/tokens/{fine}", token=ops["token"])
+    assert refused.code == 401
+    assert (await call(app, "GET", "/api/ws/health", token=made.json["token"])).code == 200
 
 
 # -- token revocation ----------------------------------------------------------------------
@@ -787,6 +792,44 @@ def audit_rows(tmp_path: Any, action: str) -> list[tuple]:
     with sqlite3.connect(f"{tmp_path}/quotaserver.db") as db:
         query = "SELECT actor, target, details FROM audit_log WHERE action = ? ORDER BY id"
         return db.execute(query, (action,)).fetchall()
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_a_revocation_ends_that_token_only_and_says_what_it_did(app_factory, tmp_path):
+    clock = FakeClock()
+    app = await start(app_factory, clock=clock)
+    unknown = await call(app, "DELETE", "/api/admin/tokens/0123456789abcdef")
+    assert (unknown.code, unknown.json["error"]) == (
+        404, {"code": "unknown_token", "message": "no active token has this id"},
+    )  # fmt: skip
+    made = {
+        name: (await call(app, "POST", "/api/admin/tokens", {"name": name, "role": "viewer"})).json
+        for name in ("temp", "stays")
+    }
+    token_id = made["temp"]["token_id"]
+    assert (await call(app, "DELETE", f"/api/admin/tokens/{token_id}")).code == 200
+    assert (await call(app, "GET", "/api/ws/health", token=made["temp"]["token"])).code == 401
+    assert (await call(app, "GET", "/api/ws/health", token=made["stays"]["token"])).code == 200
+    assert (await call(app, "GET", "/api/ws/health", token=VIEWER)).code == 200
+    again = await call(app, "DELETE", f"/api/admin/tokens/{token_id}")  # a retry
+    when = clock().isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    assert (again.code, again.json["error"]) == (
+        404,
+        {"code": "unknown_token",
+         "message": f"this token was already revoked by test-admin at {when}"},
+    )  # fmt: skip
+    # A token of the configuration is remembered as revoked, with its source.
+    listed = (await call(app, "GET", "/api/admin/tokens")).json["tokens"]
+    config_viewer = next(t for t in listed if t["name"] == "test-viewer")
+    assert (await call(app, "DELETE", f"/api/admin/tokens/{config_viewer['token_id']}")).code == 200
+    listed = (await call(app, "GET", "/api/admin/tokens")).json["tokens"]
+    gone = {t["name"]: (t["source"], t["revoked_by"]) for t in listed if t["revoked"]}
+    assert gone == {"temp": ("api", "test-admin"), "test-viewer": ("config", "test-admin")}
+    details = [json.loads(d) for _a, _t, d in audit_rows(tmp_path, "token.revoke")]
+    assert details == [
+        {"token_id": token_id, "role": "viewer", "source": "api"},
+        {"token_id": config_viewer["token_id"], "role": "viewer", "source": "config"},
+    ]
 
 
 @pytest.mark.gen_test(timeout=30)
