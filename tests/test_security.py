@@ -795,6 +795,43 @@ def audit_rows(tmp_path: Any, action: str) -> list[tuple]:
 
 
 @pytest.mark.gen_test(timeout=30)
+async def test_a_token_write_on_a_locked_database_is_503_and_writes_nothing(
+    app_factory, tmp_path
+):
+    app = await start(app_factory, database__busy_timeout=0.2)
+    holder = sqlite3.connect(f"{tmp_path}/quotaserver.db", isolation_level=None, timeout=0)
+    holder.execute("BEGIN IMMEDIATE")  # another process's write lock
+    try:
+        made = await call(app, "POST", "/api/admin/tokens", {"name": "later", "role": "viewer"})
+    finally:
+        holder.rollback()
+        holder.close()
+    assert made.code == 503, made
+    assert made.headers["Retry-After"] == "1"  # as a consume's: the lock is brief
+    assert made.json["error"]["code"] == "database_busy"
+    # Nothing was half-written: the same name can be created now.
+    again = await call(app, "POST", "/api/admin/tokens", {"name": "later", "role": "viewer"})
+    assert again.code == 201 and "Retry-After" not in again.headers
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_bad_token_requests_name_the_rule_they_broke(app_factory):
+    app = await start(app_factory)
+    bad_role = await call(app, "POST", "/api/admin/tokens", {"name": "x", "role": "root"})
+    assert (bad_role.code, bad_role.json["error"]) == (
+        400, {"code": "invalid_field", "message": "role must be one of " + ", ".join(ROLES)},
+    )  # fmt: skip
+    bad_name = await call(app, "POST", "/api/admin/tokens", {"name": "a b", "role": "viewer"})
+    assert (bad_name.code, bad_name.json["error"]) == (
+        400,
+        {"code": "invalid_field",
+         "message": "name must be 1-64 letters, digits or . _ @ - (starting with a letter or digit)"},
+    )  # fmt: skip
+    made = await call(app, "POST", "/api/admin/tokens", {"name": "ok", "role": "viewer"})
+    assert made.json["created_at"].endswith("Z") and made.json["created_by"] == "test-admin"
+
+
+@pytest.mark.gen_test(timeout=30)
 async def test_a_revocation_ends_that_token_only_and_says_what_it_did(app_factory, tmp_path):
     clock = FakeClock()
     app = await start(app_factory, clock=clock)
