@@ -795,9 +795,7 @@ def audit_rows(tmp_path: Any, action: str) -> list[tuple]:
 
 
 @pytest.mark.gen_test(timeout=30)
-async def test_a_token_write_on_a_locked_database_is_503_and_writes_nothing(
-    app_factory, tmp_path
-):
+async def test_a_token_write_on_a_locked_database_is_503_and_writes_nothing(app_factory, tmp_path):
     app = await start(app_factory, database__busy_timeout=0.2)
     holder = sqlite3.connect(f"{tmp_path}/quotaserver.db", isolation_level=None, timeout=0)
     holder.execute("BEGIN IMMEDIATE")  # another process's write lock
@@ -822,10 +820,9 @@ async def test_bad_token_requests_name_the_rule_they_broke(app_factory):
         400, {"code": "invalid_field", "message": "role must be one of " + ", ".join(ROLES)},
     )  # fmt: skip
     bad_name = await call(app, "POST", "/api/admin/tokens", {"name": "a b", "role": "viewer"})
+    rule = "name must be 1-64 letters, digits or . _ @ - (starting with a letter or digit)"
     assert (bad_name.code, bad_name.json["error"]) == (
-        400,
-        {"code": "invalid_field",
-         "message": "name must be 1-64 letters, digits or . _ @ - (starting with a letter or digit)"},
+        400, {"code": "invalid_field", "message": rule},
     )  # fmt: skip
     made = await call(app, "POST", "/api/admin/tokens", {"name": "ok", "role": "viewer"})
     assert made.json["created_at"].endswith("Z") and made.json["created_by"] == "test-admin"
