@@ -25,7 +25,7 @@ from .db import Store
 from .defaults_policy import reconcile as reconcile_defaults
 from .events import events_after, events_since, last_seq
 from .handlers.base import MisdirectedHandler, StaticHandler
-from .isolation import LoopWatchdog, PluginThreads, current_plugin, stop_requested
+from .isolation import LoopWatchdog, PluginThreads, current_plugin
 from .logs import log_request
 from .metrics import Metrics
 from .netguard import make_http_server
@@ -253,7 +253,6 @@ class QuotaApp:
         if self.stopped:
             return
         self.stopped = True
-        stop_requested.set()
         self.watchdog.stop()
         if self.server is not None:
             self.server.stop()

@@ -18,6 +18,7 @@ import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import peewee
 import pluggy
@@ -28,11 +29,14 @@ from . import __version__
 from .config import Config, ConfigError
 from .db import DatabaseError
 from .defaults_policy import reconcile as reconcile_defaults
-from .isolation import exit_guard, watch_signals
+from .isolation import exit_guard, stop_requested, watch_signals
 from .metrics import MULTIPROC_ENV, disable_multiprocess, enable_multiprocess, worker_exited
 from .realtime.gc_steps import GcSteps
 from .realtime.messages import CLOSE_GOING_AWAY, CLOSE_RESTART
 from .reload import reload_config
+
+if TYPE_CHECKING:
+    from .app import QuotaApp
 
 log = logging.getLogger("quotaserver")
 
@@ -73,14 +77,14 @@ async def serve(
             f"{exc.strerror}",
             file=sys.stderr,
         )
-        await app.stop()
+        await _stopped(app)
         return 1
     except (peewee.OperationalError, DatabaseError) as exc:
         print(f"quotaserver: cannot use the database: {exc}".strip(), file=sys.stderr)
-        await app.stop()
+        await _stopped(app)
         return 1
     except ConfigError:
-        await app.stop()  # release threads and connections before the one-line error
+        await _stopped(app)  # release threads and connections before the one-line error
         raise
     log.info("started quotaserver %s on %s (pid %d)", __version__, app.url, os.getpid())
     # What start-up built lives as long as the process: keep it out of every collection,
@@ -111,12 +115,19 @@ async def serve(
     code = CLOSE_RESTART if signum == signal.SIGTERM else CLOSE_GOING_AWAY
     started = time.monotonic()
     try:
-        await asyncio.wait_for(app.stop(code), timeout=config["server.shutdown_timeout"])
+        await asyncio.wait_for(_stopped(app, code), timeout=config["server.shutdown_timeout"])
     except TimeoutError:
         log.error("shutdown took longer than %s s", config["server.shutdown_timeout"])
         return 1
     log.info("shutdown complete in %.1f s", time.monotonic() - started)
     return 0
+
+
+async def _stopped(app: QuotaApp, *args: Any) -> None:
+    """Stop the app of this ``serve`` process: first arm the exit guard (the process ends
+    within the budget whatever a plugin does), a process-wide matter, not the app's."""
+    stop_requested.set()
+    await app.stop(*args)
 
 
 def announce(url: str, config: Config, login_code: str | None, workers: int = 1) -> None:

@@ -17,6 +17,7 @@ from plugin_files import plugin_dir
 from services import free_port
 from waits import wait_until
 
+from quotaserver import isolation
 from quotaserver.isolation import ThreadPool
 
 # Registered last, so pluggy's order calls it first: it used to block everything after it.
@@ -295,3 +296,14 @@ def poll(condition, what, timeout=10.0):
     while not condition():
         assert time.monotonic() < deadline, f"not reached: {what}"
         time.sleep(0.01)
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_stopping_one_app_arms_no_process_wide_exit_guard(app_factory):
+    """The exit guard belongs to a serve process, not to an app: two apps in one process,
+    one stopped, and the process is not marked as stopping (the other keeps serving)."""
+    first = await app_factory()
+    second = await app_factory(database__url=first.config["database.url"])
+    await first.stop()
+    assert not isolation.stop_requested.is_set()
+    assert (await consume(second, "ann")).code == 200
