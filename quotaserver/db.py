@@ -452,6 +452,7 @@ class GroupCommitter:
         self._thread.join()
 
     def _loop(self) -> None:
+        models.database_proxy.bind_thread(self.db)  # this store's models, on this thread
         while True:
             item = self._queue.get()
             batch = []
@@ -614,12 +615,20 @@ class Store:
         if self.is_sqlite:
             self._committer = GroupCommitter(self.db)
         else:
-            self._executor = ThreadPoolExecutor(max_workers=pool_size, thread_name_prefix="db")
+            self._executor = ThreadPoolExecutor(
+                max_workers=pool_size,
+                thread_name_prefix="db",
+                initializer=models.database_proxy.bind_thread,
+                initargs=(self.db,),
+            )
         # Reads of the admin pages, history and replay run on their own threads and
         # connections: a long one never queues a consume behind it (SQLite WAL readers do
         # not block the writer) and, on PostgreSQL, can never take every connection.
         self._readers = ThreadPoolExecutor(
-            max_workers=max(2, pool_size // 2), thread_name_prefix="db-read"
+            max_workers=max(2, pool_size // 2),
+            thread_name_prefix="db-read",
+            initializer=models.database_proxy.bind_thread,
+            initargs=(self.db,),
         )
         self._read_only = threading.local()
 

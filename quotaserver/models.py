@@ -7,6 +7,7 @@ the same way on every database).
 from __future__ import annotations
 
 import json
+import threading
 from datetime import UTC, datetime
 from typing import Any
 
@@ -24,7 +25,41 @@ from peewee import (
     TextField,
 )
 
-database_proxy = DatabaseProxy()
+
+class StoreProxy(DatabaseProxy):
+    """The models' database: the one of the :class:`quotaserver.db.Store` whose thread is
+    running (each store binds its own threads), elsewhere the one initialised last.
+
+    So two applications in one process (tests, an embedding program) each work on their own
+    database; a process with one store behaves as with a plain ``DatabaseProxy``.
+    """
+
+    __slots__ = ("_local",)
+
+    def __init__(self) -> None:
+        object.__setattr__(self, "_local", threading.local())
+        super().__init__()
+
+    def bind_thread(self, db: Any) -> None:
+        """Make ``db`` the database of the calling thread (a store's worker threads)."""
+        self._local.db = db
+
+    @property  # type: ignore[override]
+    def obj(self) -> Any:
+        bound = getattr(self._local, "db", None)
+        return bound if bound is not None else _DEFAULT.__get__(self, type(self))
+
+    def __setattr__(self, attr: str, value: Any) -> None:
+        if attr == "obj":  # initialize(): the default for threads no store bound
+            _DEFAULT.__set__(self, value)
+        elif attr in ("_callbacks", "_Model"):
+            object.__setattr__(self, attr, value)
+        else:
+            raise AttributeError("Cannot set attribute on proxy.")
+
+
+_DEFAULT = DatabaseProxy.__dict__["obj"]  # the slot that holds the process-wide default
+database_proxy = StoreProxy()
 
 GLOBAL_SCOPE = ""  # QuotaRule.scope of the global default rules
 

@@ -6,9 +6,11 @@ import sqlite3
 import threading
 
 import pytest
+from clients import consume
 from peewee import IntegrityError, SqliteDatabase
 
 from quotaserver.db import GroupCommitter, add_to_commit
+from quotaserver.models import User
 
 
 @pytest.fixture
@@ -117,3 +119,24 @@ def test_totals_of_a_batch_are_written_once_before_its_commit_without_failed_uni
     assert rows(committer.path, "totals") == [(1, 6, 1)]
     # Outside a group commit there is nothing to add to: the caller writes itself.
     assert add_to_commit(write, 1, (1,)) is False
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_two_apps_in_one_process_each_use_their_own_database(app_factory, tmp_path):
+    """The models follow the store whose thread runs them: no process-wide database."""
+    first = await app_factory(database__url=f"sqlite:///{tmp_path}/first.db")
+    second = await app_factory(database__url=f"sqlite:///{tmp_path}/second.db")
+    assert (await consume(first, "only-in-first")).code == 200
+    assert (await consume(second, "only-in-second")).code == 200
+    assert (await consume(first, "only-in-first")).json["periods"]["daily"]["used"] == 2
+
+    def names() -> list[str]:
+        return [u.username for u in User.select().order_by(User.username)]
+
+    assert await first.store.run(names) == ["only-in-first"]
+    assert await second.store.run(names) == ["only-in-second"]
+    assert await first.store.read(names) == ["only-in-first"]  # its reader threads too
+    for name in ("first", "second"):
+        with sqlite3.connect(f"{tmp_path}/{name}.db") as db:
+            rows = db.execute("SELECT username FROM user").fetchall()
+        assert rows == [(f"only-in-{name}",)]
