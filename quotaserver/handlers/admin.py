@@ -17,9 +17,17 @@ from ..history import activity_per_bucket, violations_per_day
 from ..ranking import BadCursor
 from ..text import normalize_name
 from ..windows import isoformat
-from .api import refuse_hidden, validate_username
 from .base import ADMIN, VIEWER, ApiError, BaseHandler
-from .params import MAX_PER_PAGE, choice_arg, int_arg, page_arg, str_arg, time_arg
+from .params import (
+    MAX_PER_PAGE,
+    choice_arg,
+    int_arg,
+    page_arg,
+    refuse_hidden,
+    str_arg,
+    time_arg,
+    validate_username,
+)
 from .streams import parse_types
 
 if TYPE_CHECKING:

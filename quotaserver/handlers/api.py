@@ -11,11 +11,10 @@ from typing import Any
 
 from ..errors import DomainError
 from ..idempotency import HEADER, Replay, RequestKey, parse_key
-from ..limits import whole_number
 from ..probes import PATIENCE
 from ..quota import BatchItem, BatchResult, Decision, PeriodStatus, tightest_of
-from ..text import hidden_character, name_problem, normalize_name
 from .base import SERVICE, ApiError, BaseHandler, json_body
+from .params import validate_command_type, validate_count, validate_username
 
 REQUEST_FIELDS = {"user", "command_type", "count"}
 REFUND_FIELDS = {"user", "command_type", "key"}
@@ -25,48 +24,6 @@ MAX_BATCH = 500
 #: Longest /api/health waits for a fresh database probe: under the 1 s that load balancers
 #: are told to allow (docs/deployment.md), with room for the rest of the request.
 HEALTH_BUDGET = 0.5
-
-
-def validate_username(value: Any, max_length: int, field: str = "user") -> str:
-    """The name in its one spelling (NFC), or 400: see docs/api.md for what a name may be."""
-    if not isinstance(value, str):
-        raise ApiError(400, "invalid_field", f"{field} must be a string")
-    value = normalize_name(value)  # before anything else: NFC and NFD are one user
-    if not value.strip():
-        raise ApiError(400, "invalid_field", f"{field} must not be empty")
-    if len(value) > max_length:
-        raise ApiError(400, "invalid_field", f"{field} is longer than {max_length} characters")
-    if not (value.isascii() and value.isprintable()) and any(
-        ord(c) < 32 or ord(c) == 127 for c in value
-    ):
-        raise ApiError(400, "invalid_field", f"{field} must not contain control characters")
-    refuse_hidden(value, field)
-    problem = name_problem(value)
-    if problem:
-        raise ApiError(400, "invalid_field", f"{field} {problem}")
-    return value
-
-
-def refuse_hidden(value: str, field: str) -> None:
-    """400 invalid_field for a name with an invisible or bidirectional character."""
-    hidden = hidden_character(value)
-    if hidden:
-        raise ApiError(
-            400,
-            "invalid_field",
-            f"{field} must not contain invisible or bidirectional characters ({hidden})",
-        )
-
-
-def validate_count(value: Any, max_count: int) -> int:
-    value = whole_number(value)
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise ApiError(400, "invalid_field", "count must be an integer")
-    if value <= 0:
-        raise ApiError(400, "invalid_field", "count must be positive")
-    if value > max_count:
-        raise ApiError(400, "invalid_field", f"count must be at most {max_count}")
-    return value
 
 
 def rate_limit_headers(
@@ -169,13 +126,6 @@ class QuotaRequestHandler(BaseHandler):
         self.set_status(answer.status)
         self.set_header("Content-Type", "application/json; charset=utf-8")
         self.finish(answer.response)
-
-
-def validate_command_type(value: Any) -> str:
-    if not isinstance(value, str) or not value:
-        raise ApiError(400, "invalid_field", "command_type must be a non-empty string")
-    refuse_hidden(value, "command_type")
-    return value
 
 
 class CheckHandler(QuotaRequestHandler):

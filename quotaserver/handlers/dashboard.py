@@ -13,8 +13,8 @@ import hashlib
 import json
 import os
 
-from .api import validate_username
 from .base import CSP, VIEWER, BaseHandler
+from .params import validate_username
 
 DASHBOARD = "/admin/quotas"
 

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 from ..alerts import SEVERITIES
 from ..realtime.messages import DURABLE_TYPES
-from .api import validate_username
 from .base import ApiError, BaseHandler
+from .params import validate_username
 
 
 class TestBroadcastHandler(BaseHandler):

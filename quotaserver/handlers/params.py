@@ -1,4 +1,6 @@
-"""Query-string parsing for the admin API: every bad value is a 400 in the error envelope."""
+"""Request validation, in one place for every handler: names, command types and counts of
+a body, and the query-string parameters of the admin API. Every bad value is a 400 in the
+error envelope; the body's shape (fields, JSON) is :func:`base.json_body`'s."""
 
 from __future__ import annotations
 
@@ -9,10 +11,59 @@ from typing import Any
 import tornado.web
 
 from ..admin_queries import PageRequest
-from .base import ApiError
+from ..limits import whole_number
+from ..text import hidden_character, name_problem, normalize_name
+from .base import ApiError, control_character
 
 MAX_PER_PAGE = 200
 ASCII_INTEGER = re.compile(r"-?[0-9]{1,19}\Z", re.ASCII)
+
+
+def validate_username(value: Any, max_length: int, field: str = "user") -> str:
+    """The name in its one spelling (NFC), or 400: see docs/api.md for what a name may be."""
+    if not isinstance(value, str):
+        raise ApiError(400, "invalid_field", f"{field} must be a string")
+    value = normalize_name(value)  # before anything else: NFC and NFD are one user
+    if not value.strip():
+        raise ApiError(400, "invalid_field", f"{field} must not be empty")
+    if len(value) > max_length:
+        raise ApiError(400, "invalid_field", f"{field} is longer than {max_length} characters")
+    if control_character(value):
+        raise ApiError(400, "invalid_field", f"{field} must not contain control characters")
+    refuse_hidden(value, field)
+    problem = name_problem(value)
+    if problem:
+        raise ApiError(400, "invalid_field", f"{field} {problem}")
+    return value
+
+
+def refuse_hidden(value: str, field: str) -> None:
+    """400 invalid_field for a name with an invisible or bidirectional character."""
+    hidden = hidden_character(value)
+    if hidden:
+        raise ApiError(
+            400,
+            "invalid_field",
+            f"{field} must not contain invisible or bidirectional characters ({hidden})",
+        )
+
+
+def validate_count(value: Any, max_count: int) -> int:
+    value = whole_number(value)
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ApiError(400, "invalid_field", "count must be an integer")
+    if value <= 0:
+        raise ApiError(400, "invalid_field", "count must be positive")
+    if value > max_count:
+        raise ApiError(400, "invalid_field", f"count must be at most {max_count}")
+    return value
+
+
+def validate_command_type(value: Any) -> str:
+    if not isinstance(value, str) or not value:
+        raise ApiError(400, "invalid_field", "command_type must be a non-empty string")
+    refuse_hidden(value, "command_type")
+    return value
 
 
 def int_arg(
