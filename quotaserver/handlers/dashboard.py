@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 
+from ..realtime.messages import SERVER_TYPES
 from .base import CSP, VIEWER, BaseHandler
 from .params import validate_username
 
@@ -64,6 +65,8 @@ class DashboardHandler(BaseHandler):
             session=bool(identity and identity.session_id),
             # The event types plugins declared: the page's plugin events feed loads them.
             plugin_types=self.app.hub.plugin_types,
+            # What the server sends of its own (an EventSource hears named events only).
+            server_types=sorted(SERVER_TYPES),
             page_user=page_user,
             timezone=self.app.config["quotas.timezone"],
             import_map=import_map,

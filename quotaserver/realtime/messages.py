@@ -21,9 +21,11 @@ CORE_TYPES = DURABLE_TYPES | {"stats"}
 CONTROL_TYPES = frozenset({"welcome", "ping", "recovered", "error"})
 # What a WebSocket client may send.
 CLIENT_TYPES = frozenset({"subscribe", "pong", "ping"})
-# No plugin may declare these: the core's own, and its replies (``subscribed``, SSE's
-# final ``close``).
-RESERVED_TYPES = CORE_TYPES | CONTROL_TYPES | CLIENT_TYPES | {"subscribed", "close"}
+# Everything the server sends of its own: with the replies (``subscribed``, SSE's final
+# ``close``). The dashboard's EventSource listens to these (and the plugins' types).
+SERVER_TYPES = CORE_TYPES | CONTROL_TYPES | {"subscribed", "close"}
+# No plugin may declare these.
+RESERVED_TYPES = SERVER_TYPES | CLIENT_TYPES
 
 # Close codes (also documented in docs/protocol.md).
 CLOSE_GOING_AWAY = 1001

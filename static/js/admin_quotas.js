@@ -198,6 +198,7 @@ const stream = new LiveStream({
   ssePath: "/sse/admin/quotas",
   onMessage,
   onStatus,
+  serverTypes: (document.body.dataset.serverTypes || "").split(",").filter(Boolean),
 });
 
 // -- loading over REST -----------------------------------------------------------------

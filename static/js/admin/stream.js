@@ -12,8 +12,6 @@ export const RETRY_GIVEN_UP = 5 * 60 * 1000; // ms: after giving up, try again t
 const DEAD_AFTER = 60000; // ms without any message: the connection is presumed dead
 const CLOSE_POLICY = 1008; // credentials revoked (logout elsewhere) or policy violation
 
-const SSE_TYPES = ["welcome", "stats", "violation", "alert", "quota_change", "throttle",
-  "ping", "recovered", "subscribed", "close"];
 
 /** Seconds to wait before attempt `attempt` (1-based): 1, 2, 4 ... capped, +/- 20 %. */
 export function backoffDelay(attempt, random = Math.random) {
@@ -30,10 +28,13 @@ export class LiveStream {
    * @param {(msg: object, info: object) => void} options.onMessage  every envelope, in
    *   order; info.resumed tells whether the connection was opened with a cursor
    * @param {(status: object) => void} options.onStatus
+   * @param {string[]} options.serverTypes  the types the server sends of its own (the page
+   *   gets them from the server): an EventSource hears only named events it listens to
    */
-  constructor({ wsPath, ssePath, onMessage, onStatus }) {
+  constructor({ wsPath, ssePath, onMessage, onStatus, serverTypes }) {
     this.wsPath = wsPath;
     this.ssePath = ssePath;
+    this.serverTypes = serverTypes;
     this.onMessage = onMessage;
     this.onStatus = onStatus;
     this.lastSeq = null; // resume cursor: the highest seq handed to onMessage
@@ -170,7 +171,7 @@ export class LiveStream {
       }
       this._receive(entry, msg);
     };
-    const listening = new Set(SSE_TYPES);
+    const listening = new Set(this.serverTypes);
     for (const type of listening) es.addEventListener(type, handle);
     es.onmessage = handle;
     es.addEventListener("error", (event) => {
