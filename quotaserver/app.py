@@ -74,7 +74,11 @@ class QuotaApp:
         # Plugins load first: one that cannot load stops start-up (exit 2) before the
         # database file or directory is created.
         self.pm = plugin_manager or get_plugin_manager(config)
-        self.hooks = Hooks(self.pm, timeout=config["plugin_timeout"])
+        self.hooks = Hooks(
+            self.pm,
+            timeout=config["plugin_timeout"],
+            max_payload=config["plugin_max_payload_bytes"],
+        )
         private_database_files(config["database.url"])
         self.store = Store.from_config(config)
         self.load = SystemLoad.from_config(config)
@@ -329,7 +333,9 @@ class QuotaApp:
 
         plugin = plugin or current_plugin.get()
         if plugin is not None:
-            refusal = self.hooks.event_refusal(plugin, type) or _payload_refusal(plugin, data)
+            refusal = self.hooks.event_refusal(plugin, type) or _payload_refusal(
+                plugin, data, self.config["plugin_max_payload_bytes"]
+            )
             if refusal:
                 raise PluginEventError(refusal)
         if not durable:
@@ -504,19 +510,15 @@ def reap_interval(client_timeout: float) -> float:
     return min(1.0, client_timeout / 10)
 
 
-#: The largest plugin event (its ``data`` as JSON): every event is stored and sent to every
-#: dashboard, so a runaway payload would cost all of them.
-MAX_PLUGIN_EVENT_BYTES = 64 * 1024
-
-
-def _payload_refusal(plugin: str, data: Any) -> str | None:
-    """Why a plugin's event ``data`` may not be published, or None."""
+def _payload_refusal(plugin: str, data: Any, limit: int) -> str | None:
+    """Why a plugin's event ``data`` may not be published, or None (``limit``:
+    ``plugin_max_payload_bytes``; every event is stored and sent to every dashboard)."""
     if not isinstance(data, dict):
         return f"plugin {plugin}: event data must be a mapping, not {type(data).__name__}"
     try:
         size = len(json.dumps(data, allow_nan=False, separators=(",", ":")).encode())
     except (TypeError, ValueError) as exc:
         return f"plugin {plugin}: event data is not JSON: {exc}"
-    if size > MAX_PLUGIN_EVENT_BYTES:
-        return f"plugin {plugin}: event data is {size} bytes, over {MAX_PLUGIN_EVENT_BYTES}"
+    if size > limit:
+        return f"plugin {plugin}: event data is {size} bytes, over {limit}"
     return None

@@ -593,6 +593,15 @@ SETTINGS: tuple[Setting, ...] = (
         0.01,
         3600,
     ),
+    Setting(
+        "plugin_max_payload_bytes",
+        int,
+        64 * 1024,
+        "Largest event data, and largest set of stats fields, one plugin may publish (bytes "
+        "of JSON): every event is stored and sent to every dashboard.",
+        1024,
+        16 * 1024 * 1024,
+    ),
 )
 # QUOTASERVER_PLUGINS_<NAME>_<KEY>: resolved once the plugin names are known (plugins.py).
 PLUGIN_ENV_PREFIX = ENV_PREFIX + "PLUGINS_"

@@ -443,9 +443,13 @@ class Hooks:
     hung implementation delays no other. Failures and timeouts are logged and counted.
     """
 
-    def __init__(self, pm: pluggy.PluginManager, timeout: float = 5.0):
+    def __init__(
+        self, pm: pluggy.PluginManager, timeout: float = 5.0, max_payload: int = 64 * 1024
+    ):
         self.pm = pm
         self.timeout = timeout
+        #: plugin_max_payload_bytes: the largest stats_fields result of one plugin.
+        self.max_payload = max_payload
         self.failures: dict[tuple[str, str], HookFailure] = {}
         self._abandoned: set[asyncio.Future] = set()
         #: Times each plugin blocked the event loop (over the watchdog's threshold).
@@ -536,12 +540,10 @@ class Hooks:
         for plugin, fields in self.call("stats_fields", app=app):
             if not isinstance(fields, dict):
                 continue
-            try:  # one plugin's bad value must not stop the stats of every client
-                json.dumps(fields, allow_nan=False)
-            except (TypeError, ValueError) as exc:
-                problem = f"plugin {plugin}: stats_fields returned a value that is not JSON: {exc}"
+            problem = _stats_problem(plugin, fields, self.max_payload)
+            if problem:  # one plugin's bad value must not stop the stats of every client
                 if strict:
-                    raise PluginError(problem) from None
+                    raise PluginError(problem)
                 self._failed(plugin, "stats_fields", ValueError(problem))
                 continue
             for key, value in fields.items():
@@ -802,6 +804,17 @@ class Hooks:
         else:
             failure.last_error = f"{type(exc).__name__}: {exc}"[:500]
             log.error("plugin %s failed in %s: %s", plugin, hook, exc, exc_info=exc)
+
+
+def _stats_problem(plugin: str, fields: dict[str, Any], limit: int) -> str | None:
+    """Why a plugin's ``stats_fields`` result may not reach clients, or None."""
+    try:
+        size = len(json.dumps(fields, allow_nan=False, separators=(",", ":")).encode())
+    except (TypeError, ValueError) as exc:
+        return f"plugin {plugin}: stats_fields returned a value that is not JSON: {exc}"
+    if size > limit:
+        return f"plugin {plugin}: stats_fields returned {size} bytes, over {limit}"
+    return None
 
 
 def check_setup(config: Config, pm: pluggy.PluginManager) -> dict[str, dict[str, Any]]:

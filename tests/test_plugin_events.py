@@ -183,6 +183,17 @@ async def test_an_event_over_64_kib_or_not_json_is_refused_and_stored_nowhere(
     assert fits.seq == seq_before + 1
 
 
+@pytest.mark.gen_test(timeout=30)
+async def test_the_payload_limit_is_plugin_max_payload_bytes(app_factory, tmp_path):
+    app = await app_factory(
+        plugins_dir=plugin_dir(tmp_path, forger=FORGER), plugin_max_payload_bytes=2048
+    )
+    emit = app.plugin_state("forger")["emit"]
+    with pytest.raises(PluginEventError, match=r"event data is \d+ bytes, over 2048"):
+        await emit("note", {"blob": "x" * 2048})
+    assert (await emit("note", {"blob": "x" * 1000})).seq is not None
+
+
 SNOOP = """
 from quotaserver import hookimpl
 

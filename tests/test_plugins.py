@@ -502,6 +502,25 @@ def stats_fields(app):
 
 
 @pytest.mark.gen_test(timeout=30)
+async def test_stats_fields_over_the_payload_limit_fail_that_plugin_only(app_factory, tmp_path):
+    big = TURNS_BAD.replace(
+        '{"turns_bad_at": datetime.datetime(2026, 1, 1)}', '{"turns_bad_at": "x" * 5000}'
+    )
+    app = await app_factory(
+        plugins_dir=plugin_dir(tmp_path, turns_bad=big),
+        plugin_max_payload_bytes=4096,
+        realtime__stats_interval=0.05,
+    )
+    app.plugin_state("turns_bad")["bad"] = True
+    stats = app.stats_snapshot()
+    assert "turns_bad_at" not in stats and "system_load" in stats
+    health = (await call(app, "GET", "/api/plugins")).json
+    (plugin,) = [p for p in health["plugins"] if p["name"] == "turns_bad"]
+    (failure,) = [f for f in plugin["failures"] if f["hook"] == "stats_fields"]
+    assert "stats_fields returned 50" in failure["error"] and "over 4096" in failure["error"]
+
+
+@pytest.mark.gen_test(timeout=30)
 async def test_a_stats_value_that_turns_non_json_fails_that_plugin_not_the_stats(
     app_factory, tmp_path
 ):
