@@ -1,6 +1,7 @@
 """The broadcaster's replay/live hand-over, driven step by step with an in-process client."""
 
 import asyncio
+from datetime import UTC, datetime
 
 import pytest
 from waits import wait_until
@@ -592,3 +593,17 @@ def test_wants_filters_everything_but_control_types():
     assert client.wants("alert") and client.wants("welcome") and client.wants("recovered")
     assert not client.wants("violation") and not client.wants("stats")
     assert RecordingClient().wants("anything")
+
+
+@pytest.mark.gen_test
+async def test_a_ping_carries_the_server_time_to_every_client():
+    hub = Hub(no_replay)
+    watchers = [RecordingClient(), RecordingClient(types=frozenset({"alert"}))]
+    for client in watchers:
+        await hub.attach(client, None)
+    hub.ping()
+    for client in watchers:
+        (ping,) = [m for m in client.sent if m.type == "ping"]
+        assert list(ping.data) == ["server_time"]
+        sent = datetime.fromisoformat(ping.data["server_time"].replace("Z", "+00:00"))
+        assert abs((datetime.now(UTC) - sent).total_seconds()) < 60
