@@ -408,6 +408,7 @@ def run_server_until_exit(tmp_path: Any) -> subprocess.CompletedProcess:
         ("cookie_secret", "a-long-enough-secret-0123456789\n", 0o644, "mode 0644"),
         ("cookie_secret", "short\n", 0o600, "fewer than 16"),
     ],
+    ids=["short-token", "token-0644", "token-0640", "secret-0644", "short-secret"],
 )
 def test_weak_or_readable_secret_files_stop_start_up_with_exit_2(
     tmp_path, name, content, mode, why

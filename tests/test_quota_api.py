@@ -328,7 +328,11 @@ BAD_INPUTS = [
 ]
 
 
-@pytest.mark.parametrize(("raw", "headers", "status", "code"), BAD_INPUTS)
+@pytest.mark.parametrize(
+    ("raw", "headers", "status", "code"),
+    BAD_INPUTS,
+    ids=[raw.replace("\\", "") for raw, *_ in BAD_INPUTS],  # ids that read back as themselves
+)
 @pytest.mark.gen_test
 async def test_bad_input_gets_a_4xx_envelope_and_writes_nothing(
     app_factory, raw, headers, status, code
