@@ -2,7 +2,9 @@
 
 A mutant is *detected* when a test failed (killed) or when it ran past mutmut's CPU time
 limit (timeout: the mutant looped). Survivors and mutants no selected test executes count
-against the score. With ``--min P`` the exit status is 1 when a module scores below P %.
+against the score, and so does a mutant whose tests could not be run (exit 255: mutmut's
+worker caught an error, such as a test id pytest could not find; mutmut itself files these
+under "timeout"). With ``--min P`` the exit status is 1 when a module scores below P %.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ STATUS = {
     -24: "timeout",
     24: "timeout",
     152: "timeout",
-    255: "timeout",
+    255: "error",
     None: "not checked",
 }
 
