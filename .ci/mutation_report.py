@@ -4,7 +4,8 @@ A mutant is *detected* when a test failed (killed) or when it ran past mutmut's 
 limit (timeout: the mutant looped). Survivors and mutants no selected test executes count
 against the score, and so does a mutant whose tests could not be run (exit 255: mutmut's
 worker caught an error, such as a test id pytest could not find; mutmut itself files these
-under "timeout"). With ``--min P`` the exit status is 1 when a module scores below P %.
+under "timeout") or were not run yet ("not run"); the last column leaves those out. With
+``--min P`` the exit status is 1 when a module scores below P % (all mutants counted).
 """
 
 from __future__ import annotations
@@ -54,8 +55,11 @@ def main(argv: list[str] | None = None) -> int:
     if not by_module:
         print(f"no mutmut results under {args.root}/: run `make mutation`", file=sys.stderr)
         return 2
-    print("| module | mutants | killed | timeout | survived | no tests | other | score |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print(
+        "| module | mutants | killed | timeout | survived | no tests | not run | score "
+        "| score of those run |"
+    )
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     low = []
     for module, statuses in by_module.items():
         count = Counter(statuses.values())
@@ -63,11 +67,14 @@ def main(argv: list[str] | None = None) -> int:
         detected = sum(count[s] for s in DETECTED)
         other = counted - detected - count["survived"] - count["no tests"]
         score = 100.0 * detected / counted if counted else 100.0
+        ran = counted - other
+        of_run = 100.0 * detected / ran if ran else 100.0
         if args.min is not None and score < args.min:
             low.append(module)
         print(
             f"| {module} | {counted} | {count['killed']} | {count['timeout']} "
-            f"| {count['survived']} | {count['no tests']} | {other} | {score:.1f} % |"
+            f"| {count['survived']} | {count['no tests']} | {other} | {score:.1f} % "
+            f"| {of_run:.1f} % |"
         )
     if args.survivors:
         for statuses in by_module.values():
