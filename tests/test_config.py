@@ -64,47 +64,50 @@ def test_environment_and_flags_override_yaml(tmp_path):
     assert nested["realtime.stats_interval"] == 1.5
 
 
+CONFIG_ERRORS = [
+    ("server:\n  prot: 1\n", {}, "server.prot: unknown setting"),
+    ("bogus: 1\n", {}, "bogus: unknown setting"),
+    ("server:\n  port: eighty\n", {}, "server.port: expected int"),
+    ("server:\n  port: 70000\n", {}, "server.port: must be <= 65535"),
+    ("realtime:\n  max_connections: 0\n", {}, "realtime.max_connections: must be >= 1"),
+    ("dev: yes please\n", {}, "dev: expected bool"),
+    ("quotas:\n  timezone: Mars/Olympus\n", {}, "quotas.timezone: unknown time zone"),
+    ("quotas:\n  week_start: someday\n", {}, "quotas.week_start: must be one of"),
+    ("quotas:\n  defaults:\n    shell: {daily: -1}\n", {}, "quotas.defaults: shell.daily"),
+    ("quotas:\n  defaults:\n    shell: {yearly: 5}\n", {}, "unknown period"),
+    ("quotas:\n  defaults:\n    deploy: {daily: 5}\n", {}, "quotas.defaults.deploy"),
+    ("throttle:\n  cpu_bands: [[120, 0.5]]\n", {}, "throttle.cpu_bands"),
+    (
+        "throttle:\n  memory_bands: [[90, 0.5], [90, 0.0]]\n",
+        {},
+        "throttle.memory_bands: each threshold may appear once",
+    ),  # fmt: skip
+    ("server: [1, 2]\n", {}, "server: must be a mapping"),
+    ("- just\n- a list\n", {}, "top level must be a mapping"),
+    ("server:\n  port: [unclosed\n", {}, "invalid YAML at line"),
+    ("plugins:\n  no_such_plugin: {}\n", {}, "plugins.no_such_plugin: no such plugin"),
+    ("plugins:\n  load_history: {}\n", {}, "load history is part of the core now"),
+    ("plugins:\n  alert_engine: {enabled: maybe}\n", {}, "plugins.alert_engine.enabled"),
+    ("plugins:\n  alert_engine:\n    rules: {bogus: {}}\n", {}, "unknown rule 'bogus'"),
+    (
+        "plugins:\n  alert_engine:\n    rules:\n      high_utilization: {severity: x}\n",
+        {},
+        "high_utilization.severity",
+    ),  # fmt: skip
+    ("plugins:\n  system_metrics: {interval: -1}\n", {}, "plugins.system_metrics.interval"),
+    ("quotas:\n  periods: []\n", {}, "quotas.periods: must name at least one period"),
+    ("realtime:\n  stats_interval: .nan\n", {}, "realtime.stats_interval: must be a finite"),
+    ("realtime:\n  heartbeat_interval: .inf\n", {}, "realtime.heartbeat_interval"),
+    ("plugins:\n  system_metrics: {intervall: 2}\n", {}, "plugins.system_metrics.intervall"),
+    ("", {"QUOTASERVER_SERVER_PORT": "abc"}, "server.port: expected int"),
+    ("", {"QUOTASERVER_NOPE": "1"}, "QUOTASERVER_NOPE: unknown setting"),
+    ("database:\n  url: mysql://x/y\n", {}, "database.url"),
+]
+
+
+# Ids without backslashes (the YAML's line breaks): a node id must read back as itself.
 @pytest.mark.parametrize(
-    ("text", "env", "needle"),
-    [
-        ("server:\n  prot: 1\n", {}, "server.prot: unknown setting"),
-        ("bogus: 1\n", {}, "bogus: unknown setting"),
-        ("server:\n  port: eighty\n", {}, "server.port: expected int"),
-        ("server:\n  port: 70000\n", {}, "server.port: must be <= 65535"),
-        ("realtime:\n  max_connections: 0\n", {}, "realtime.max_connections: must be >= 1"),
-        ("dev: yes please\n", {}, "dev: expected bool"),
-        ("quotas:\n  timezone: Mars/Olympus\n", {}, "quotas.timezone: unknown time zone"),
-        ("quotas:\n  week_start: someday\n", {}, "quotas.week_start: must be one of"),
-        ("quotas:\n  defaults:\n    shell: {daily: -1}\n", {}, "quotas.defaults: shell.daily"),
-        ("quotas:\n  defaults:\n    shell: {yearly: 5}\n", {}, "unknown period"),
-        ("quotas:\n  defaults:\n    deploy: {daily: 5}\n", {}, "quotas.defaults.deploy"),
-        ("throttle:\n  cpu_bands: [[120, 0.5]]\n", {}, "throttle.cpu_bands"),
-        (
-            "throttle:\n  memory_bands: [[90, 0.5], [90, 0.0]]\n",
-            {},
-            "throttle.memory_bands: each threshold may appear once",
-        ),  # fmt: skip
-        ("server: [1, 2]\n", {}, "server: must be a mapping"),
-        ("- just\n- a list\n", {}, "top level must be a mapping"),
-        ("server:\n  port: [unclosed\n", {}, "invalid YAML at line"),
-        ("plugins:\n  no_such_plugin: {}\n", {}, "plugins.no_such_plugin: no such plugin"),
-        ("plugins:\n  load_history: {}\n", {}, "load history is part of the core now"),
-        ("plugins:\n  alert_engine: {enabled: maybe}\n", {}, "plugins.alert_engine.enabled"),
-        ("plugins:\n  alert_engine:\n    rules: {bogus: {}}\n", {}, "unknown rule 'bogus'"),
-        (
-            "plugins:\n  alert_engine:\n    rules:\n      high_utilization: {severity: x}\n",
-            {},
-            "high_utilization.severity",
-        ),  # fmt: skip
-        ("plugins:\n  system_metrics: {interval: -1}\n", {}, "plugins.system_metrics.interval"),
-        ("quotas:\n  periods: []\n", {}, "quotas.periods: must name at least one period"),
-        ("realtime:\n  stats_interval: .nan\n", {}, "realtime.stats_interval: must be a finite"),
-        ("realtime:\n  heartbeat_interval: .inf\n", {}, "realtime.heartbeat_interval"),
-        ("plugins:\n  system_metrics: {intervall: 2}\n", {}, "plugins.system_metrics.intervall"),
-        ("", {"QUOTASERVER_SERVER_PORT": "abc"}, "server.port: expected int"),
-        ("", {"QUOTASERVER_NOPE": "1"}, "QUOTASERVER_NOPE: unknown setting"),
-        ("database:\n  url: mysql://x/y\n", {}, "database.url"),
-    ],
+    ("text", "env", "needle"), CONFIG_ERRORS, ids=[needle for _, _, needle in CONFIG_ERRORS]
 )
 def test_config_errors_exit_2_with_one_message_naming_the_key(tmp_path, text, env, needle):
     path = write(tmp_path, text)
