@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
 import socket
@@ -333,8 +332,8 @@ class QuotaApp:
 
         plugin = plugin or current_plugin.get()
         if plugin is not None:
-            refusal = self.hooks.event_refusal(plugin, type) or _payload_refusal(
-                plugin, data, self.config["plugin_max_payload_bytes"]
+            refusal = self.hooks.event_refusal(plugin, type) or self.hooks.payload_refusal(
+                plugin, data
             )
             if refusal:
                 raise PluginEventError(refusal)
@@ -508,17 +507,3 @@ def reap_interval(client_timeout: float) -> float:
     """Seconds between reaper runs: a tenth of the timeout, at most 1 s (one pass over the
     clients costs microseconds per client)."""
     return min(1.0, client_timeout / 10)
-
-
-def _payload_refusal(plugin: str, data: Any, limit: int) -> str | None:
-    """Why a plugin's event ``data`` may not be published, or None (``limit``:
-    ``plugin_max_payload_bytes``; every event is stored and sent to every dashboard)."""
-    if not isinstance(data, dict):
-        return f"plugin {plugin}: event data must be a mapping, not {type(data).__name__}"
-    try:
-        size = len(json.dumps(data, allow_nan=False, separators=(",", ":")).encode())
-    except (TypeError, ValueError) as exc:
-        return f"plugin {plugin}: event data is not JSON: {exc}"
-    if size > limit:
-        return f"plugin {plugin}: event data is {size} bytes, over {limit}"
-    return None

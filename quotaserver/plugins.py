@@ -448,7 +448,7 @@ class Hooks:
     ):
         self.pm = pm
         self.timeout = timeout
-        #: plugin_max_payload_bytes: the largest stats_fields result of one plugin.
+        #: plugin_max_payload_bytes: the largest event data or stats_fields of one plugin.
         self.max_payload = max_payload
         self.failures: dict[tuple[str, str], HookFailure] = {}
         self._abandoned: set[asyncio.Future] = set()
@@ -526,6 +526,20 @@ class Hooks:
                 f"plugin {plugin} emits undeclared event type {type!r}: declare it in the "
                 "emitter's event_types or with the register_event_types hook"
             )
+        return None
+
+    def payload_refusal(self, plugin: str, data: Any) -> str | None:
+        """Why ``plugin``'s event ``data`` may not be published, or None: it must be a JSON
+        mapping within ``plugin_max_payload_bytes`` (every event is stored and sent to every
+        dashboard)."""
+        if not isinstance(data, dict):
+            return f"plugin {plugin}: event data must be a mapping, not {type(data).__name__}"
+        try:
+            size = _json_size(data)
+        except (TypeError, ValueError) as exc:
+            return f"plugin {plugin}: event data is not JSON: {exc}"
+        if size > self.max_payload:
+            return f"plugin {plugin}: event data is {size} bytes, over {self.max_payload}"
         return None
 
     def stats(self, app: Any, claims: dict[str, str], strict: bool = False) -> dict[str, Any]:
@@ -806,10 +820,15 @@ class Hooks:
             log.error("plugin %s failed in %s: %s", plugin, hook, exc, exc_info=exc)
 
 
+def _json_size(value: Any) -> int:
+    """Bytes of ``value`` as compact JSON; TypeError or ValueError if it is not JSON."""
+    return len(json.dumps(value, allow_nan=False, separators=(",", ":")).encode())
+
+
 def _stats_problem(plugin: str, fields: dict[str, Any], limit: int) -> str | None:
     """Why a plugin's ``stats_fields`` result may not reach clients, or None."""
     try:
-        size = len(json.dumps(fields, allow_nan=False, separators=(",", ":")).encode())
+        size = _json_size(fields)
     except (TypeError, ValueError) as exc:
         return f"plugin {plugin}: stats_fields returned a value that is not JSON: {exc}"
     if size > limit:
