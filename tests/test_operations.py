@@ -442,9 +442,10 @@ async def test_sighup_keeps_dashboards_connected_and_applies_a_new_log_level(tmp
         await wait_until(lambda: printed(server, "SIGHUP: configuration reloaded"), "the reload")
         assert (await call(server, "GET", "/api/health", token=None)).code == 200
         await wait_until(lambda: printed(server, access), "an access line at the new level")
-        assert await shell_daily_limit(server) == 42  # enforce: the file's limit, applied
+        # enforce: the file's limit, applied after the reload line (pushed, then read back)
         change = await ws.recv_type("quota_change")
         assert change["data"]["limits"] == {"daily": 42} and change["data"]["actor"] == "config"
+        assert await shell_daily_limit(server) == 42
         # A setting that is not reloadable is named as waiting for a restart.
         assert printed(server, "at the next restart: server.max_body_size"), server.output
 
