@@ -15,6 +15,12 @@ same transaction) and a read of the counters. The per-minute activity is summed 
 commit (:func:`db.add_to_commit`) and written once per transaction on SQLite; on PostgreSQL
 admitted commands are summed per process and flushed (quotaserver.activity) and a
 violation's count is one more statement.
+
+A batch of unkeyed decisions is set-wise instead: the users' ids, their rules and every
+counter the batch touches are read (the counters created where missing and, on PostgreSQL,
+locked) in three or four statements, the items are decided in memory in order, and the
+counters and daily peaks are written back in one statement each: six round trips on
+PostgreSQL for 10 decisions as for 500, against three per decision.
 """
 
 from __future__ import annotations
@@ -136,8 +142,44 @@ class CounterSQL:
             f'-(round(100.0 * CAST(up."used" AS DOUBLE PRECISION) / {p} * 10) / 10)'
         )
 
+        # -- a batch, set-wise: a handful of statements whatever its size -------------
+        self.sql_users_named = (
+            f'SELECT "id", "username" FROM {user} WHERE "username" IN ({{names}})'
+        )
+        self.sql_insert_users = (
+            f'INSERT INTO {user} ("username", "created_at") VALUES {{rows}} '
+            'ON CONFLICT ("username") DO NOTHING RETURNING "id", "username"'
+        )
+        self.sql_rules_of = (
+            f'SELECT "scope", "command_type", "period", "limit" FROM {rule} '
+            'WHERE "command_type" IN ({types}) AND "scope" IN ({scopes})'
+        )
+        # Every counter a batch touches: created at 0 where missing, and read, in one
+        # statement; on PostgreSQL the no-op update also locks them, in VALUES order (the
+        # single consume's order: by user and type, then shortest window first).
+        self.sql_lock_counters = (
+            f'INSERT INTO {usage} ("user_id", "command_type", "period", "window_start", "used") '
+            'VALUES {rows} ON CONFLICT ("user_id", "command_type", "period", "window_start") '
+            f'DO UPDATE SET "used" = {usage}."used" '
+            'RETURNING "user_id", "command_type", "period", "used"'
+        )
+        self.sql_set_counters = (
+            f'INSERT INTO {usage} ("user_id", "command_type", "period", "window_start", "used") '
+            'VALUES {rows} ON CONFLICT ("user_id", "command_type", "period", "window_start") '
+            'DO UPDATE SET "used" = excluded."used"'
+        )
+        self.sql_peaks = self.sql_peak.replace(f"VALUES ({p}, {p}, {p}, {p})", "VALUES {rows}")
+
     def _run(self, sql: str, params: tuple):
         return self.db.execute_sql(sql, params)
+
+    def _marks(self, n: int, width: int = 1) -> str:
+        """``n`` comma-separated placeholders, or ``n`` rows of ``width`` of them."""
+        p = self.db.param
+        if width == 1:
+            return ", ".join([p] * n)
+        row = "(" + ", ".join([p] * width) + ")"
+        return ", ".join([row] * n)
 
     def user_id(self, username: str) -> int | None:
         row = self._run(self.sql_user, (username,)).fetchone()
@@ -245,6 +287,85 @@ class CounterSQL:
             self._run(self.sql_decrement, (count, *key))
         return self.used(user_id, command_type, windows), refused
 
+    # -- batches ------------------------------------------------------------------------
+    def users_and_limits_of(
+        self, pairs: list[tuple[str, str]], periods: tuple[str, ...], now: datetime
+    ) -> tuple[dict[str, int], set[str], dict[tuple[int, str], dict[str, int | None]]]:
+        """For a batch's distinct (user name, command type) pairs: every user's id (created
+        on first sight), the names created now, and the effective limits of every pair by
+        (user id, command type), in three statements."""
+        usernames = list(dict.fromkeys(name for name, _ in pairs))
+        command_types = list(dict.fromkeys(command_type for _, command_type in pairs))
+        found = self._run(
+            self.sql_users_named.format(names=self._marks(len(usernames))), tuple(usernames)
+        ).fetchall()
+        ids = {name: user_id for user_id, name in found}
+        missing = [name for name in usernames if name not in ids]
+        created: set[str] = set()
+        if missing:
+            at = self._created_at(naive_utc(now))
+            params = tuple(v for name in missing for v in (name, at))
+            sql = self.sql_insert_users.format(rows=self._marks(len(missing), 2))
+            for user_id, name in self._run(sql, params).fetchall():
+                ids[name] = user_id
+                created.add(name)
+            for name in missing:  # created meanwhile by another transaction
+                if name not in ids:
+                    ids[name] = self.user_id(name)
+        scopes = [GLOBAL_SCOPE, *{str(i) for i in ids.values()}]
+        sql = self.sql_rules_of.format(
+            types=self._marks(len(command_types)), scopes=self._marks(len(scopes))
+        )
+        rules: dict[tuple[str, str], list] = {}
+        for scope, command_type, period, limit in self._run(sql, (*command_types, *scopes)):
+            rules.setdefault((command_type, scope), []).append((scope, period, limit))
+        limits = {}
+        for name, command_type in pairs:
+            user_id = ids[name]
+            rows = rules.get((command_type, GLOBAL_SCOPE), []) + rules.get(
+                (command_type, str(user_id)), []
+            )
+            limits[user_id, command_type] = effective_limits(rows, periods)
+        return ids, created, limits
+
+    def lock_counters(
+        self, keys: list[tuple[int, str]], windows: dict[str, Window]
+    ) -> dict[tuple[int, str], dict[str, int]]:
+        """The counters of every (user id, command type) in ``keys`` (sorted), in this
+        transaction's hands: created at 0 where missing and, on PostgreSQL, locked."""
+        params: list = []
+        for user_id, command_type in keys:
+            for period, window in windows.items():
+                params += (user_id, command_type, period, window.key, 0)
+        sql = self.sql_lock_counters.format(rows=self._marks(len(keys) * len(windows), 5))
+        counters: dict[tuple[int, str], dict[str, int]] = {key: {} for key in keys}
+        for user_id, command_type, period, used in self._run(sql, tuple(params)).fetchall():
+            counters[user_id, command_type][period] = used
+        return counters
+
+    def set_counters(
+        self, counters: dict[tuple[int, str], dict[str, int]], windows: dict[str, Window]
+    ) -> None:
+        """Write the counters of :meth:`lock_counters` back, as they are now."""
+        if not counters:
+            return
+        params: list = []
+        for (user_id, command_type), used in sorted(counters.items()):
+            for period, window in windows.items():
+                params += (user_id, command_type, period, window.key, used[period])
+        rows = len(counters) * len(windows)
+        self._run(self.sql_set_counters.format(rows=self._marks(rows, 5)), tuple(params))
+
+    def raise_peaks(self, peaks: dict[int, tuple[float, str]], day: int) -> None:
+        """:meth:`raise_peak` for many users at once: ``{user id: (rank, name)}`` (each
+        user's lowest :func:`peak_rank` of the batch)."""
+        if not peaks:
+            return
+        params: list = []
+        for user_id, (rank, username) in sorted(peaks.items()):
+            params += (user_id, day, rank, username)
+        self._run(self.sql_peaks.format(rows=self._marks(len(peaks), 4)), tuple(params))
+
     def used(self, user_id: int | None, command_type: str, windows: dict[str, Window]) -> dict:
         used = dict.fromkeys(windows, 0)
         if user_id is None:
@@ -289,5 +410,9 @@ class CounterSQL:
     def raise_peak(self, user_id: int, username: str, day: int, percent: float | None) -> None:
         """Record ``percent`` of a daily limit (None: unlimited) as a candidate for the
         user's peak today."""
-        rank = 1.0 if percent is None else -percent
-        self._run(self.sql_peak, (user_id, day, rank, username))
+        self._run(self.sql_peak, (user_id, day, peak_rank(percent), username))
+
+
+def peak_rank(percent: float | None) -> float:
+    """A daily peak's ``rank``: minus the percent, 1 when unlimited (lowest ranks first)."""
+    return 1.0 if percent is None else -percent

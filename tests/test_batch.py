@@ -177,3 +177,55 @@ async def test_an_overloaded_batch_counts_nothing_and_keeps_no_key(app_factory):
     again = (await batch(app, decisions)).json["results"]  # decided afresh, not replayed
     assert [(r["status"], r.get("replayed", False)) for r in again] == [(200, False)] * 2
     assert [r["periods"]["daily"]["used"] for r in again] == [2, 3]
+
+
+@pytest.mark.gen_test(timeout=90)
+async def test_a_batch_decides_exactly_as_the_same_single_consumes_in_order(app_factory, tmp_path):
+    """The oracle is the single consume: one app takes a batch, another (its own database)
+    the same decisions one by one; every answer, counter, peak and violation agrees."""
+    import random
+
+    from quotaserver.models import Activity, DailyPeak
+
+    defaults = {"shell": {"daily": 12, "weekly": 20}, "code": {"daily": 9, "weekly": None}}
+    apps = [
+        await app_factory(quotas__defaults=defaults),
+        await app_factory(
+            quotas__defaults=defaults, database__url=f"sqlite:///{tmp_path}/single.db"
+        ),
+    ]
+    for app in apps:
+        await consume(app, "olga", "shell", 12)  # at the daily limit already
+        await app.rules.set_user_limits("pete", "code", {"daily": 3, "weekly": 4}, actor="t")
+        await app.rules.set_user_limits("olga", "code", {"daily": None}, actor="t")
+    rng = random.Random(7)
+    users = ["olga", "pete", "rosa", "stan", "tina"]
+    decisions = [
+        {"user": rng.choice(users), "command_type": rng.choice(["shell", "code"]),
+         "count": rng.choice([1, 1, 2, 5, 13])}
+        for _ in range(150)
+    ]  # fmt: skip
+    batched = (await batch(apps[0], decisions)).json["results"]
+    singles = [
+        (await consume(apps[1], d["user"], d["command_type"], d["count"])).json for d in decisions
+    ]
+    assert len(batched) == len(singles) == 150
+    for item, single in zip(batched, singles, strict=True):
+        assert item.pop("status") == (200 if single["allowed"] else 429)
+        assert item == single
+    assert {r["allowed"] for r in batched} == {True, False}
+
+    def state():
+        return (
+            sorted((u.user.username, u.command_type, u.period, u.used) for u in Usage.select()),
+            sorted((p.username, p.day, p.rank) for p in DailyPeak.select()),
+            sorted(
+                (v.user.username, v.command_type, v.period, v.attempted) for v in Violation.select()
+            ),
+            sum(a.commands for a in Activity.select()),
+            sum(a.violations for a in Activity.select()),
+        )
+
+    await settle(apps[0])
+    await settle(apps[1])
+    assert await apps[0].store.run(state) == await apps[1].store.run(state)

@@ -112,3 +112,35 @@ async def test_an_admitted_consume_is_at_most_three_round_trips(app_factory, log
     rank, commands = await app.store.run(peak_and_activity)
     assert rank == -3.0  # the daily peak: 3/100 = 3 % (hourly 3/50 is not counted)
     assert commands == 3
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_a_batch_is_a_fixed_number_of_round_trips_whatever_its_size(app_factory, logged_pg):
+    from clients import SERVICE, call
+
+    url, log_path = logged_pg
+    app = await app_factory(database__url=url, database__pool_size=1, realtime__stats_interval=3600)
+    users = [f"bt-{i}" for i in range(50)]
+
+    async def batch_statements(size: int) -> list[str]:
+        decisions = [
+            {"user": users[i % len(users)], "command_type": ("code", "shell")[i % 2]}
+            for i in range(size)
+        ]
+        start = _mark(url)
+        answer = await call(
+            app, "POST", "/api/quotas/consume/batch", {"decisions": decisions}, token=SERVICE
+        )
+        end = _mark(url)
+        assert answer.code == 200 and all(r["allowed"] for r in answer.json["results"])
+        lines = _statements_between(log_path, start, end)
+        pids = {pid for pid, sql in lines if '"usage"' in sql and "ON CONFLICT" in sql}
+        assert len(pids) == 1, lines
+        return [sql for pid, sql in lines if pid in pids]
+
+    await batch_statements(100)  # first sight of every user and counter
+    small, large = await batch_statements(10), await batch_statements(400)
+    # BEGIN with the users' ids, their rules, the counters read and locked, the counters
+    # written, the daily peaks, COMMIT: six, for 10 decisions as for 400.
+    assert len(small) == len(large) == 6, (small, large)
+    assert small[0].startswith("BEGIN; ") and small[-1] == "COMMIT", small

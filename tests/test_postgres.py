@@ -85,6 +85,47 @@ async def test_concurrent_first_consumes_create_the_user_and_counters_once(pg_ap
     assert await count(app, User, User.username == "carl") == 1
 
 
+@pytest.mark.gen_test(timeout=120)
+async def test_concurrent_batches_and_single_consumes_share_the_limits_exactly(pg_app):
+    # Users and counters that do not exist yet, raced for by batches (which lock every
+    # counter they touch, sorted) and single consumes (which lock one user's, shortest
+    # window first), with a user's own rule that beats the default: none deadlocks, none
+    # over-admits, and every refusal is a violation.
+    app = await pg_app(database__pool_size=8)
+    await app.rules.set_global_limits("code", {"daily": 30, "weekly": 1000}, actor="t")
+    await consume(app, "pam", "code")
+    await app.rules.set_user_limits("pam", "code", {"daily": 10}, actor="t")
+    users = ["pam", "quinn", "ravi", "sue"]
+    decisions = [{"user": u, "command_type": "code"} for u in reversed(users)] * 10
+    batches = [
+        call(app, "POST", "/api/quotas/consume/batch", {"decisions": decisions}, token=SERVICE)
+        for _ in range(6)
+    ]
+    singles = [consume(app, u, "code") for u in users for _ in range(15)]
+    answers = await asyncio.gather(*batches, *singles)
+    assert {a.code for a in answers[:6]} == {200}
+    items = [r for a in answers[:6] for r in a.json["results"]] + [a.json for a in answers[6:]]
+    admitted = {u: sum(1 for r in items if r["user"] == u and r["allowed"]) for u in users}
+    assert admitted == {"pam": 9, "quinn": 30, "ravi": 30, "sue": 30}  # pam had 1 already
+    refused = sum(1 for r in items if not r["allowed"])
+    assert refused == len(items) - 99
+    assert await count(app, Violation) == refused
+    used = await app.store.run(
+        lambda: {
+            (u.user.username, u.period): u.used
+            for u in Usage.select(Usage, User).join(User).where(Usage.command_type == "code")
+            if u.period in ("daily", "weekly")
+        }
+    )
+    assert used == {
+        **{(u, "daily"): 30 for u in users[1:]},
+        **{(u, "weekly"): 30 for u in users[1:]},
+        ("pam", "daily"): 10,
+        ("pam", "weekly"): 10,
+    }
+    assert await count(app, User) == 4
+
+
 @pytest.mark.gen_test(timeout=60)
 async def test_rules_alerts_and_replay_on_postgresql(pg_app):
     app = await pg_app()
