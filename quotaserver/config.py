@@ -316,7 +316,15 @@ SETTINGS: tuple[Setting, ...] = (
         "SQLite synchronous mode: full survives power loss, normal a process crash.",
         choices=("full", "normal"),
     ),
-    Setting("database.pool_size", int, 4, "Database worker threads (PostgreSQL).", 1, 64),
+    Setting(
+        "database.pool_size",
+        int,
+        4,
+        "Database threads for writes (PostgreSQL), shared by the `server.workers` processes: "
+        "each gets pool_size / workers (at least 1); reads get half as many (at least 2).",
+        1,
+        64,
+    ),
     Setting(
         "database.connect_timeout",
         float,

@@ -612,6 +612,11 @@ class Store:
         self.on_error: Callable[[DatabaseError], None] | None = None
         self._committer: GroupCommitter | None = None
         self._executor: ThreadPoolExecutor | None = None
+        #: Threads (each with its connection) for writes and for reads; health shows them.
+        self.pool = {
+            "writers": 1 if self.is_sqlite else pool_size,
+            "readers": max(2, pool_size // 2),
+        }
         if self.is_sqlite:
             self._committer = GroupCommitter(self.db)
         else:
@@ -625,7 +630,7 @@ class Store:
         # connections: a long one never queues a consume behind it (SQLite WAL readers do
         # not block the writer) and, on PostgreSQL, can never take every connection.
         self._readers = ThreadPoolExecutor(
-            max_workers=max(2, pool_size // 2),
+            max_workers=self.pool["readers"],
             thread_name_prefix="db-read",
             initializer=models.database_proxy.bind_thread,
             initargs=(self.db,),
@@ -806,6 +811,7 @@ class Store:
     def health(self) -> dict[str, Any]:
         return {
             "reachable": self.available,
+            "pool": self.pool,
             "errors": self.errors,
             "last_error": self.last_error,
             "last_error_at": (

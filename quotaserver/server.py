@@ -279,6 +279,11 @@ def run_workers(config: Config, plugin_manager: pluggy.PluginManager | None) -> 
             count,
             config["backplane.channel"],
         )
+    # One deployment's database connections, divided: N pools of pool_size each would
+    # multiply the connections by N and have the workers' threads contend for the cores.
+    config = config.with_overrides(
+        database__pool_size=max(1, config["database.pool_size"] // count)
+    )
     try:
         login_code = asyncio.run(prepare(config, plugin_manager))
     except (peewee.OperationalError, DatabaseError) as exc:

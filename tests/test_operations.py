@@ -513,8 +513,12 @@ async def test_a_worker_that_dies_is_replaced_and_sigterm_stops_all_with_0(tmp_p
         "backplane": {"url": redis.url, "secret": "a-backplane-secret-for-tests-0123456789"},
         "throttle": {"source": "off"},
     }
+    config["database"]["pool_size"] = 8
     workers = await start(tmp_path, config, "--workers", "2")
     try:
+        for _ in range(4):  # the deployment's pool, divided: 8 / 2 workers, half for reads
+            health = await call(workers, "GET", "/api/ws/health")
+            assert health.json["database"]["pool"] == {"writers": 1, "readers": 2}, health.json
         launcher = psutil.Process(workers.pid)
         first = {child.pid for child in launcher.children()}
         assert len(first) == 2

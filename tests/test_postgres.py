@@ -30,6 +30,8 @@ async def count(app, model, *where):
 async def test_consume_check_and_violation_on_postgresql(pg_app):
     app = await pg_app()
     assert not app.store.is_sqlite
+    health = await call(app, "GET", "/api/ws/health")
+    assert health.json["database"]["pool"] == {"writers": 4, "readers": 2}  # one process
     await app.rules.set_global_limits("code", {"daily": 3}, actor="t")
     ok = await consume(app, "alice", "code", 2)
     assert ok.code == 200 and ok.json["periods"]["daily"]["used"] == 2
