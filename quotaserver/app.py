@@ -25,6 +25,7 @@ from .defaults_policy import reconcile as reconcile_defaults
 from .events import events_after, events_since, last_seq
 from .handlers.base import MisdirectedHandler, StaticHandler
 from .isolation import LoopWatchdog, PluginThreads, current_plugin
+from .load_log import LoadLog
 from .logs import log_request
 from .metrics import Metrics
 from .netguard import make_http_server
@@ -81,6 +82,7 @@ class QuotaApp:
         private_database_files(config["database.url"])
         self.store = Store.from_config(config)
         self.load = SystemLoad.from_config(config)
+        self.load_log = LoadLog(self.store, self.load.history, lambda: self.instance_name)
         self.hub = Hub(
             self._replay,
             max_connections=config["realtime.max_connections"],
@@ -218,6 +220,7 @@ class QuotaApp:
         ]
         for timer in self._timers:
             timer.start()
+        self.load_log.start()
         self.broadcast_stats()
         self.running = True
         if listen:
@@ -279,6 +282,7 @@ class QuotaApp:
                 task.cancel()
         await self.hooks.call_async("shutdown", timeout=2, app=self)
         await self.quota.flush_activity(closing=True)
+        await self.load_log.close()
         self.threads.shutdown(wait=False)
         if self.server is not None:
             try:

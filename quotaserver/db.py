@@ -246,6 +246,17 @@ def _migration_9(db: Database) -> None:
         db.execute_sql(sql)
 
 
+def _migration_10(db: Database) -> None:
+    """The load chart's samples, per instance (quotaserver.load_log)."""
+    table = models.LoadPoint._meta.table_name
+    db.execute_sql(
+        f'CREATE TABLE IF NOT EXISTS "{table}" ("instance" VARCHAR(255) NOT NULL, '
+        '"t" DOUBLE PRECISION NOT NULL, "cpu_percent" REAL NOT NULL, '
+        '"memory_percent" REAL NOT NULL, "throttle_factor" REAL NOT NULL, '
+        'PRIMARY KEY ("instance", "t"))'
+    )
+
+
 # Append-only: (version, function). Never edit a released migration; add a new one.
 # Migrations 1 and 2 create tables from the models as they are today. The first change to
 # an existing model must therefore come with an explicit ALTER migration (playhouse.migrate)
@@ -260,6 +271,7 @@ MIGRATIONS: tuple[tuple[int, Callable[[Database], None]], ...] = (
     (7, _migration_7),
     (8, _migration_8),
     (9, _migration_9),
+    (10, _migration_10),
 )
 SCHEMA_VERSION = MIGRATIONS[-1][0]  # what this code knows; a newer database is refused
 

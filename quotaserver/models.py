@@ -18,6 +18,7 @@ from peewee import (
     CompositeKey,
     DatabaseProxy,
     DateTimeField,
+    DoubleField,
     FloatField,
     ForeignKeyField,
     IntegerField,
@@ -234,6 +235,20 @@ class LoadRefusalMinute(BaseModel):
     refused = BigIntegerField(default=0)
 
 
+class LoadPoint(BaseModel):
+    """A load sample of one instance: the dashboard's load chart, read back after a restart
+    (quotaserver.load_log writes them every few seconds and keeps the last 15 minutes)."""
+
+    instance = CharField(max_length=255)
+    t = DoubleField()  # time.time() of the sample
+    cpu_percent = FloatField()
+    memory_percent = FloatField()
+    throttle_factor = FloatField()
+
+    class Meta:
+        primary_key = CompositeKey("instance", "t")
+
+
 class LoadRefusalDay(BaseModel):
     """Consumes of a known user refused for load on one day (the daily window's key)."""
 
@@ -308,8 +323,8 @@ ALL_MODELS = (SchemaVersion, User, QuotaRule, Usage, Violation, Event, Alert, Au
 AUTH_MODELS = (ApiToken, RevokedSession)
 # Added by migration 3.
 SCALE_MODELS = (DailyPeak,)
-# Added by migration 9 (its own CREATE TABLE statements, not these definitions).
-LOAD_MODELS = (LoadRefusalMinute, LoadRefusalDay)
+# Added by migrations 9 and 10 (their own CREATE TABLE statements, not these definitions).
+LOAD_MODELS = (LoadRefusalMinute, LoadRefusalDay, LoadPoint)
 # Added by migration 5 (written out as SQL there).
 CLUSTER_AUTH_MODELS = (AuthState, LoginCode)
 # Added by migration 7.

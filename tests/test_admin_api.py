@@ -167,6 +167,32 @@ async def test_load_history_needs_no_plugin(app_factory):
     assert [(p["cpu_percent"], p["memory_percent"]) for p in load] == [(10.0, 20.0), (30.0, 40.0)]
 
 
+@pytest.mark.gen_test(timeout=60)
+async def test_the_load_history_survives_a_restart_per_instance(app_factory):
+    import time
+
+    from quotaserver.models import LoadPoint
+    from quotaserver.throttle import LoadSample
+
+    first = await app_factory(server__instance_name="web1")
+    first.load.update(10.0, 20.0)
+    first.load.update(30.0, 40.0)
+    # A sample older than the window is written, then pruned in the same transaction.
+    first.load.history.samples.appendleft(LoadSample(99.0, 99.0, 1.0, time.time() - 1200))
+    await first.stop()  # writes what it has not written yet
+    second = await app_factory(server__instance_name="web1")
+    second.load.update(50.0, 60.0)
+    load = (await call(second, "GET", f"{API}/history")).json["load"]
+    assert [(p["cpu_percent"], p["memory_percent"]) for p in load] == [
+        (10.0, 20.0), (30.0, 40.0), (50.0, 60.0),
+    ]  # fmt: skip
+    assert [p["t"] for p in load] == sorted(p["t"] for p in load)
+    await second.load_log.flush()
+    assert await second.store.run(lambda: LoadPoint.select().count()) == 3
+    other = await app_factory(server__instance_name="web2")  # another instance's chart
+    assert (await call(other, "GET", f"{API}/history")).json["load"] == []
+
+
 @pytest.mark.gen_test
 async def test_violations_per_day_covers_thirty_days_zero_filled(app_factory):
     clock = FakeClock(datetime(2026, 3, 1, 9, 0, tzinfo=UTC))

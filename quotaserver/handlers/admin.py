@@ -139,7 +139,7 @@ class HistoryHandler(AdminHandler):
                 "bucket": bucket,
                 "activity": activity,
                 "load_minutes": load_minutes,
-                "load": self.app.load.history.since(load_minutes * 60.0),
+                "load": await self.app.load_log.since(load_minutes * 60.0),
             }
         )
 
