@@ -50,7 +50,7 @@ if TYPE_CHECKING:
 
 # Utilisation risk levels, highest first: (name, percent at or above which it applies).
 RISK_LEVELS = (("critical", 95.0), ("high", 90.0), ("elevated", 80.0))
-USER_SORTS = ("username", "utilization", "violations")
+USER_SORTS = ("username", "utilization", "violations", "refused")
 MAX_ID = 2**62  # ids in cursors stay inside every database's integer range
 
 
@@ -190,10 +190,13 @@ class AdminQueries:
         ranking = FastRanking(self.store.db, search, today.key)
         after = decode_cursor(cursor) if cursor else None
         total = None
-        if sort == "violations":
+        if sort in ("violations", "refused"):
             if cursor:
-                raise BadCursor("the violations order pages by page number only")
-            users, total = ranking.by_violations(page, today.start)
+                raise BadCursor(f"the {sort} order pages by page number only")
+            if sort == "violations":
+                users, total = ranking.by_violations(page, today.start)
+            else:
+                users, total = ranking.by_refused(page)
             last = None
         elif sort == "utilization":
             users, last = ranking.by_utilization(page, after)

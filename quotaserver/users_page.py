@@ -101,6 +101,17 @@ def _dialect(param: str, collate: bool) -> dict[str, str]:
             f'SELECT "user_id", "refused" FROM "{LoadRefusalDay._meta.table_name}" '
             'WHERE "day" = ? AND "user_id" IN '
         ),
+        # Today's users refused for load, most first: the day index's range.
+        "refusers": (
+            f'SELECT "t1"."id", "t1"."username", "t1"."created_at" FROM {U} AS "t1" '
+            f'JOIN "{LoadRefusalDay._meta.table_name}" AS "r" ON "r"."user_id" = "t1"."id" '
+            'WHERE "r"."day" = ? {} '
+            f'ORDER BY "r"."refused" DESC, {low}, "t1"."username" LIMIT ? OFFSET ?'
+        ),
+        "refusers_count": (
+            f'SELECT COUNT(*) FROM "{LoadRefusalDay._meta.table_name}" AS "r" '
+            f'JOIN {U} AS "t1" ON "t1"."id" = "r"."user_id" WHERE "r"."day" = ? {{}}'
+        ),
         "rules": (
             'SELECT "scope", "user_id", "command_type", "period", "limit" '
             f'FROM "{QuotaRule._meta.table_name}" WHERE "scope" IN '
@@ -263,6 +274,16 @@ class FastRanking:
         sql = self.sql["violators"].format(extra)
         rows = self._rows(sql, [since_value, *params, page.per_page, page.offset])
         total = self._rows(self.sql["violators_count"].format(extra), [since_value, *params])
+        return self._users(rows), total[0][0]
+
+    def by_refused(self, page: Any) -> tuple[list[UserRow], int]:
+        """The users with consumes refused for load today, most first (then by name), and
+        how many there are; offset pages, as :meth:`by_violations`."""
+        cond, params = self._match()
+        extra = f"AND {cond}" if cond else ""
+        sql = self.sql["refusers"].format(extra)
+        rows = self._rows(sql, [self.day, *params, page.per_page, page.offset])
+        total = self._rows(self.sql["refusers_count"].format(extra), [self.day, *params])
         return self._users(rows), total[0][0]
 
     def load_refusals_today(self, user_ids: list[int]) -> dict[int, int]:

@@ -141,6 +141,29 @@ async def test_users_sort_by_violations_today_lists_the_worst_first(app_factory)
 
 
 @pytest.mark.gen_test(timeout=60)
+async def test_users_sort_by_refused_for_load_lists_the_most_refused_first(app_factory):
+    app = await app_factory(throttle__cpu_bands=[[90, 0.0]])
+    for name in ("ann", "bob", "cy", "calm"):
+        assert (await consume(app, name)).code == 200  # known users: their refusals count
+    app.load.update(95, 10)  # the factor drops to 0: every consume is refused for load
+    for name, n in (("cy", 3), ("bob", 1), ("ann", 3)):
+        for _ in range(n):
+            assert (await consume(app, name)).code == 503
+    resp = (await call(app, "GET", f"{API}/users?sort=refused&per_page=2")).json
+    assert [(u["username"], u["load_refusals_today"]) for u in resp["items"]] == [
+        ("ann", 3),
+        ("cy", 3),
+    ]  # most first, then by name; calm was never refused and is not listed
+    assert (resp["total"], resp["pages"], resp["next_cursor"]) == (3, 2, None)
+    second = (await call(app, "GET", f"{API}/users?sort=refused&per_page=2&page=2")).json
+    assert [u["username"] for u in second["items"]] == ["bob"]
+    found = (await call(app, "GET", f"{API}/users?sort=refused&q=c")).json
+    assert [u["username"] for u in found["items"]] == ["cy"] and found["total"] == 1
+    bad = await call(app, "GET", f"{API}/users?sort=refused&cursor=abc")
+    assert bad.code == 400 and bad.json["error"]["code"] == "invalid_parameter"
+
+
+@pytest.mark.gen_test(timeout=60)
 async def test_csv_exports_match_the_api_with_the_same_filters(app_factory, monkeypatch):
     monkeypatch.setattr(csv_export, "PAGE", 2)  # several pages with a handful of rows
     app = await app_factory(plugins={"alert_engine": {"enabled": False}})
@@ -151,7 +174,7 @@ async def test_csv_exports_match_the_api_with_the_same_filters(app_factory, monk
             await consume(app, name)
     await consume(app, "bob", "code")
 
-    for query in ("", "?sort=utilization", "?q=b", "?sort=violations"):
+    for query in ("", "?sort=utilization", "?q=b", "?sort=violations", "?sort=refused"):
         api = (
             await call(app, "GET", f"{API}/users{query}{'&' if query else '?'}per_page=100")
         ).json

@@ -22,7 +22,14 @@ const PER_PAGE = 25;
 const RECENT_EVENTS = 500;
 const RISKS = [["critical", 95], ["high", 90], ["elevated", 80]];
 // Column headers that sort (the server's orders; per-type columns have no index to sort by).
-const SORTABLE = { User: "username", Risk: "utilization", "Violations today": "violations" };
+const SORTABLE = {
+  User: "username",
+  Risk: "utilization",
+  "Violations today": "violations",
+  "Refused for load": "refused",
+};
+// The orders the server keeps by page number only: live events refresh them instead.
+const SERVER_ORDERED = new Set(["violations", "refused"]);
 
 /**
  * Percent of limit used, exactly as the server's ``round(100.0 * used / limit, 1)`` (null:
@@ -148,10 +155,11 @@ export class UsersTable {
   }
 
   /** A header that sorts the list by the server's order `sort` (aria-sort says which). */
-  _sortHeader(label, className) {
+  _sortHeader(label, className, title) {
     const sort = SORTABLE[label];
     const active = this.sort === sort;
-    const button = el("button", { class: "th-sort", text: active ? `${label} ▼` : label, attrs: { type: "button" } });
+    const attrs = title ? { type: "button", title } : { type: "button" };
+    const button = el("button", { class: "th-sort", text: active ? `${label} ▼` : label, attrs });
     button.addEventListener("click", () => this.setSort(sort));
     return el("th", { class: className, attrs: { scope: "col", "aria-sort": active ? "descending" : "none" } }, [button]);
   }
@@ -170,7 +178,7 @@ export class UsersTable {
       ...this.commandTypes.map((c) => el("th", { text: c, attrs: { scope: "col" } })),
       this._sortHeader("Risk"),
       this._sortHeader("Violations today", "num"),
-      el("th", { text: "Refused for load", class: "num", attrs: { title: "consumes answered 503 today because the throttle factor was 0" } }),
+      this._sortHeader("Refused for load", "num", "consumes answered 503 today because the throttle factor was 0"),
       canWrite ? el("th", { text: "Actions" }) : null,
     );
     const rows = this.items.map((u) => this._row(u));
@@ -239,7 +247,7 @@ export class UsersTable {
     let changed = false;
     for (const row of data.users) {
       let u = this._find(row.username);
-      if (!u && this.sort === "violations") continue; // that list holds violators only
+      if (!u && SERVER_ORDERED.has(this.sort)) continue; // that list holds some users only
       if (!u) {
         if (this.q && !row.username.toLowerCase().startsWith(this.q.toLowerCase())) continue;
         u = { user_id: row.user_id, username: row.username, usage: {}, violations_today: 0, created_at: null };
