@@ -28,11 +28,14 @@ from collections import Counter
 from collections.abc import Awaitable
 from typing import Any
 
-from quotaserver import hookimpl
-from quotaserver.alerts import SEVERITIES
-from quotaserver.config import check_plugin_block, positive_number
-from quotaserver.models import Alert, DailyPeak, Violation, naive_utc
-from quotaserver.realtime.emitters import PeriodicEmitter
+from quotaserver import (
+    SEVERITIES,
+    PeriodicEmitter,
+    check_plugin_block,
+    hookimpl,
+    positive_number,
+    readings,
+)
 
 NAME = "alert_engine"
 DEFAULT_RULES: dict[str, dict[str, Any]] = {
@@ -119,45 +122,15 @@ def _day(app: Any) -> tuple[int, str]:
     return window.key, window.start.astimezone(app.quota.calendar.tz).date().isoformat()
 
 
-def _violations_today(app: Any) -> Counter[int]:
-    start = app.quota.calendar.window("daily", app.clock()).start
-    rows = Violation.select(Violation.user).where(Violation.created_at >= naive_utc(start))
-    return Counter(row.user_id for row in rows)
+def _day_start(app: Any) -> Any:
+    return app.quota.calendar.window("daily", app.clock()).start
 
 
-def _user_violations_today(app: Any, user_id: int) -> int:
-    start = app.quota.calendar.window("daily", app.clock()).start
-    return (
-        Violation.select()
-        .where((Violation.user == user_id) & (Violation.created_at >= naive_utc(start)))
-        .count()
-    )
-
-
-def _live_rules() -> set[str]:
-    """Rules with an alert that is not resolved (an episode a restart must not forget)."""
-    rows = Alert.select(Alert.rule).where(Alert.dedupe_key.is_null(False)).distinct()
-    return {row.rule for row in rows}
-
-
-def _cleared_users(rule: str, threshold: float, day_key: int) -> list[int]:
+async def _cleared_users(app: Any, rule: str, threshold: float, day_key: int) -> list[int]:
     """Users with a live ``rule`` alert whose highest daily utilisation today is below
     ``threshold`` (a fraction): a raised limit or a reset usage ended their condition."""
-    users = {
-        row.user_id
-        for row in Alert.select(Alert.user).where(
-            (Alert.rule == rule) & Alert.dedupe_key.is_null(False) & Alert.user.is_null(False)
-        )
-    }
-    if not users:
-        return []
-    # rank is minus the percent of the user's highest daily utilisation (a row of today).
-    peaks = {
-        row.user_id: -row.rank
-        for row in DailyPeak.select().where(
-            (DailyPeak.user.in_(list(users))) & (DailyPeak.day == day_key)
-        )
-    }
+    users = await readings.users_with_live_alert(app, rule)
+    peaks = await readings.daily_peaks(app, sorted(users), day_key)
     return sorted(u for u in users if peaks.get(u, 0.0) < threshold * 100)
 
 
@@ -180,10 +153,10 @@ def startup(app: Any) -> Any:
     engine = _engine(app)
 
     async def load() -> None:
-        engine.violations = await app.store.read(_violations_today, app)
+        engine.violations = await readings.violations_per_user(app, _day_start(app))
         day_key, day = _day(app)
         engine.day_key = day_key
-        live = await app.store.read(_live_rules)
+        live = await readings.live_alert_rules(app)
         engine.throttle_alerted = "sustained_throttling" in live
         engine.load_alerted = "high_system_load" in live
         if live & set(DAILY_RULES):
@@ -205,7 +178,7 @@ async def _end_cleared_utilization(app: Any) -> None:
     day_key, _ = _day(app)
     for name in UTILIZATION_RULES:
         threshold = engine.rules[name]["threshold"]
-        for user_id in await app.store.read(_cleared_users, name, threshold, day_key):
+        for user_id in await _cleared_users(app, name, threshold, day_key):
             await app.alerts.end(name, user_id=user_id)
 
 
@@ -221,7 +194,7 @@ async def on_violation(app: Any, violation: dict[str, Any]) -> None:
     engine.violations[user_id] += 1
     count = engine.violations[user_id]
     if app.clustered:  # other instances record violations too: count them all
-        count = await app.store.read(_user_violations_today, app, user_id)
+        count = await readings.user_violations(app, user_id, _day_start(app))
     if rule is None or count < rule["threshold"]:
         return
     label = "Critical" if rule["severity"] == "critical" else rule["severity"].capitalize()

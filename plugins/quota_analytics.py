@@ -34,13 +34,7 @@ from collections import deque
 from datetime import datetime
 from typing import Any
 
-from peewee import fn
-
-from quotaserver import hookimpl
-from quotaserver.db import DatabaseError
-from quotaserver.models import Activity, DailyPeak, LoadRefusalMinute, User
-from quotaserver.realtime.emitters import PeriodicEmitter
-from quotaserver.standings import utilization
+from quotaserver import DatabaseError, PeriodicEmitter, hookimpl, readings, utilization
 
 NAME = "quota_analytics"
 HIGH_PERCENT = 80.0
@@ -122,48 +116,19 @@ def _today(app: Any) -> Any:
     return app.quota.calendar.window("daily", app.clock())
 
 
-def _peak_counts(day_key: int) -> tuple[int, int]:
-    """Users active today, and those at >= 80% of a daily limit (index range counts)."""
-    today = DailyPeak.select().where(DailyPeak.day == day_key)
-    return today.count(), today.where(DailyPeak.rank <= -HIGH_PERCENT).count()
-
-
-def _rebuild(app: Any) -> dict[str, Any]:
-    """Today's figures from the database (runs on a reader, at start-up)."""
-    today = _today(app)
-    active, high = _peak_counts(today.key)
-    # Activity counts what was admitted and refused, so a later usage reset does not
-    # make today's commands disappear from the stats.
-    totals = Activity.select(fn.SUM(Activity.commands), fn.SUM(Activity.violations)).where(
-        Activity.minute >= today.key
-    )
-    commands, violations = totals.tuples().first() or (0, 0)
-    refused = (
-        LoadRefusalMinute.select(fn.SUM(LoadRefusalMinute.refused))
-        .where(LoadRefusalMinute.minute >= today.key)
-        .scalar()
-    )
-    return {
-        "day_key": today.key,
-        "total_users": User.select().count(),
-        "max_user_id": User.select(fn.MAX(User.id)).scalar() or 0,
-        "active": active,
-        "high": high,
-        "commands": int(commands or 0),  # PostgreSQL sums are Decimals
-        "violations": int(violations or 0),
-        "load_refusals": int(refused or 0),
-    }
-
-
 async def rebuild(app: Any) -> None:
-    data = await app.store.read(_rebuild, app)
+    """Today's figures from the database (at start-up). Activity counts what was admitted
+    and refused, so a later usage reset does not make today's commands disappear."""
+    today = _today(app)
+    active, high = await readings.active_users(app, today.key, HIGH_PERCENT)
+    totals = await readings.day_totals(app, today.key)
     fig = _figures(app)
-    fig.new_day(data["day_key"])
-    fig.users_at_start, fig.max_user_id_at_start = data["total_users"], data["max_user_id"]
+    fig.new_day(today.key)
+    fig.users_at_start, fig.max_user_id_at_start = totals["users"], totals["max_user_id"]
     fig.new_users = set()
-    fig.active, fig.high = data["active"], data["high"]
-    fig.commands, fig.violations = data["commands"], data["violations"]
-    fig.load_refusals = data["load_refusals"]
+    fig.active, fig.high = active, high
+    fig.commands, fig.violations = totals["commands"], totals["violations"]
+    fig.load_refusals = totals["load_refusals"]
 
 
 def request_recount(app: Any) -> None:
@@ -186,7 +151,7 @@ async def _recount(app: Any, fig: Figures) -> None:
             today = _today(app)
             started = time.monotonic()
             try:
-                active, high = await app.store.read(_peak_counts, today.key)
+                active, high = await readings.active_users(app, today.key, HIGH_PERCENT)
             except DatabaseError:  # counted in health; the next change asks again
                 return
             finally:

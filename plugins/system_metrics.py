@@ -16,9 +16,7 @@ from typing import Any
 
 import psutil
 
-from quotaserver import hookimpl
-from quotaserver.config import check_plugin_block, positive_number
-from quotaserver.realtime.emitters import PeriodicEmitter
+from quotaserver import PeriodicEmitter, check_plugin_block, hookimpl, positive_number
 
 NAME = "system_metrics"
 log = logging.getLogger("quotaserver.throttle")

@@ -56,8 +56,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from quotaserver import PeriodicEmitter, hookimpl
-from quotaserver.config import check_plugin_block, positive_number
+from quotaserver import PeriodicEmitter, check_plugin_block, hookimpl, positive_number
 
 __version__ = "0.1.0"
 
