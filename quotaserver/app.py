@@ -245,7 +245,7 @@ class QuotaApp:
         self.scheduler.add(retention.emitter(self), "quotaserver")
         for plugin, emitters in self.hooks.call("register_emitters", app=self):
             for emitter in emitters:
-                self.scheduler.add(emitter, plugin)
+                self.scheduler.add(self.hooks.isolated(emitter, plugin), plugin)
         self.hooks.stats(self, self._stats_claims(), strict=True)
 
     def _loop_blocked(self, plugin: str | None, hook: str | None, seconds: float) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import dataclasses
 import difflib
 import importlib
 import importlib.metadata
@@ -30,7 +31,7 @@ import yaml
 from . import __version__, hookspecs
 from .config import PLUGIN_ENV_PREFIX, Config, ConfigError
 from .isolation import current_plugin, plugin_context, running_hook
-from .realtime.emitters import PluginError
+from .realtime.emitters import PeriodicEmitter, PluginError
 from .realtime.messages import RESERVED_TYPES
 from .windows import isoformat, utc_now
 
@@ -435,6 +436,25 @@ def _call_in_thread(impl: Any, hook: str, args: dict[str, Any]) -> Any:
     return result
 
 
+def _retrieved(future: asyncio.Future) -> None:
+    if not future.cancelled():
+        future.exception()
+
+
+@dataclass
+class _PoolRun:
+    """A hook call running in its plugin's pool, for a caller that does not wait on it."""
+
+    future: asyncio.Future
+    started: float
+    late: bool = False  # its timeout has been counted
+
+    def error(self) -> BaseException | None:
+        if self.future.cancelled():
+            return TimeoutError("cancelled")
+        return self.future.exception()
+
+
 class Hooks:
     """Calls every hook implementation in isolation from the others.
 
@@ -460,6 +480,10 @@ class Hooks:
         #: plugin's pool (``threads.pool(name)``) rather than on the event loop.
         self.threads: Any = None
         self._offload: dict[int, bool] = {}
+        #: Offloaded ``stats_fields``: each plugin's run in its pool (future, started at)
+        #: and the fields of its last run that finished, which the stats broadcast shows.
+        self._stats_runs: dict[str, _PoolRun] = {}
+        self._stats_last: dict[str, Any] = {}
 
     #: A plugin that blocks the event loop this many times has its hooks disabled.
     MAX_LOOP_BLOCKS = 3
@@ -551,7 +575,7 @@ class Hooks:
         """
         owners = dict(claims)
         snapshot: dict[str, Any] = {}
-        for plugin, fields in self.call("stats_fields", app=app):
+        for plugin, fields in self._stats_results(app, strict):
             if not isinstance(fields, dict):
                 continue
             problem = _stats_problem(plugin, fields, self.max_payload)
@@ -571,6 +595,70 @@ class Hooks:
                     raise PluginError(problem)
                 self._failed(plugin, "stats_fields", ValueError(problem))
         return snapshot
+
+    def _stats_results(self, app: Any, strict: bool) -> list[tuple[str, Any]]:
+        """Every plugin's ``stats_fields``: called now, except a third party's plain function
+        after start-up (``strict``), which runs in its plugin's pool and is shown from its
+        last finished run (one stats interval old; a run still going is not started again,
+        and one over ``plugin_timeout`` is a failure of that plugin)."""
+        results = []
+        for impl in self._impls("stats_fields"):
+            plugin = impl.plugin_name
+            if not strict and self._offloaded(impl):
+                fields = self._offloaded_stats(impl, app)
+            else:
+                ok, fields = self._invoke(impl, "stats_fields", {"app": app}, awaitable=False)
+                if not ok:
+                    continue
+                self._succeeded(plugin, "stats_fields")
+                if self._offloaded(impl):  # start-up's call: shown until a run in the pool
+                    self._stats_last[plugin] = fields
+            if fields is not None:
+                results.append((plugin, fields))
+        return results
+
+    def _offloaded_stats(self, impl: Any, app: Any) -> Any:
+        plugin = impl.plugin_name
+        run = self._stats_runs.get(plugin)
+        if run is not None and not run.future.done():
+            if not run.late and time.monotonic() - run.started > self.timeout:
+                run.late = True  # one failure per run, however long it hangs
+                error = TimeoutError(f"timed out after {self.timeout:g} s")
+                self._failed(plugin, "stats_fields", error)
+            return self._stats_last.get(plugin)
+        if run is not None:
+            error = run.error()
+            if error is None:
+                self._succeeded(plugin, "stats_fields")
+                self._stats_last[plugin] = run.future.result()
+            else:
+                self._failed(plugin, "stats_fields", error)
+                self._stats_last.pop(plugin, None)
+        future = self._hand_off(impl, "stats_fields", {"app": app})
+        if future is not None:
+            # Read here at the next broadcast; retrieved now so that a run still going when
+            # the app stops is not reported as an exception nobody retrieved.
+            future.add_done_callback(_retrieved)
+            self._stats_runs[plugin] = _PoolRun(future, time.monotonic())
+        return self._stats_last.get(plugin)
+
+    def isolated(self, emitter: Any, plugin: str) -> Any:
+        """``emitter`` as it runs: a third party's periodic emitter whose ``collect`` is a
+        plain function runs it on the emitter's own thread (``blocking=True``), so a
+        ``collect`` that sleeps costs that source, not the event loop."""
+        if (
+            isinstance(emitter, PeriodicEmitter)
+            and not emitter.blocking
+            and self.third_party(plugin)
+            and not inspect.iscoroutinefunction(emitter.collect)
+        ):
+            return dataclasses.replace(emitter, blocking=True)
+        return emitter
+
+    def third_party(self, plugin: str) -> bool:
+        """Whether ``plugin`` came from an entry point or a plugins directory."""
+        info = getattr(self.pm, "info", {}).get(plugin)
+        return info is not None and info.source != "built-in"
 
     def json_results(self, hook: str, **kwargs: Any) -> dict[str, dict[str, Any]]:
         """``{plugin: mapping}`` of a hook whose results are JSON mappings; a result that
@@ -684,8 +772,7 @@ class Hooks:
         key = id(impl)
         offload = self._offload.get(key)
         if offload is None:
-            info = getattr(self.pm, "info", {}).get(impl.plugin_name)
-            third_party = info is not None and info.source != "built-in"
+            third_party = self.third_party(impl.plugin_name)
             offload = third_party and not inspect.iscoroutinefunction(impl.function)
             self._offload[key] = offload
         return offload and self.threads is not None

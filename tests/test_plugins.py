@@ -1,5 +1,6 @@
 """The plugin contract: every hook is documented and tested here; failures stay local."""
 
+import asyncio
 import re
 import signal
 import sys
@@ -10,7 +11,7 @@ import pytest
 from clients import VIEWER, call, consume, ws_connect
 from plugin_files import DOCS, HOOKS, plugin_dir
 from services import start_server, write_config
-from waits import wait_until, wait_until_sync
+from waits import wait_until, wait_until_async, wait_until_sync
 
 from quotaserver.config import ConfigError, load_config
 from quotaserver.plugins import PluginError, get_plugin_manager, secret_settings
@@ -512,8 +513,9 @@ async def test_stats_fields_over_the_payload_limit_fail_that_plugin_only(app_fac
         realtime__stats_interval=0.05,
     )
     app.plugin_state("turns_bad")["bad"] = True
-    stats = app.stats_snapshot()
-    assert "turns_bad_at" not in stats and "system_load" in stats
+    # A third party's plain stats_fields runs in its pool: shown from its last run.
+    await wait_until(lambda: "turns_bad_at" not in app.stats_snapshot(), "the field dropped")
+    assert "system_load" in app.stats_snapshot()
     health = (await call(app, "GET", "/api/plugins")).json
     (plugin,) = [p for p in health["plugins"] if p["name"] == "turns_bad"]
     (failure,) = [f for f in plugin["failures"] if f["hook"] == "stats_fields"]
@@ -534,8 +536,62 @@ async def test_a_stats_value_that_turns_non_json_fails_that_plugin_not_the_stats
     stats = await ws.recv_type("stats")
     while stats["data"].get("commands_today", 0) < 1:
         stats = await ws.recv_type("stats")
-    health = (await call(app, "GET", "/api/plugins")).json
-    (plugin,) = [p for p in health["plugins"] if p["name"] == "turns_bad"]
-    (failure,) = [f for f in plugin["failures"] if f["hook"] == "stats_fields"]
-    assert failure["failing"] and "not JSON" in failure["error"]
+
+    async def failure() -> dict | None:
+        health = (await call(app, "GET", "/api/plugins")).json
+        (plugin,) = [p for p in health["plugins"] if p["name"] == "turns_bad"]
+        return next((f for f in plugin["failures"] if f["hook"] == "stats_fields"), None)
+
+    await wait_until_async(failure, "the plugin's stats_fields failing")
+    found = await failure()
+    assert found["failing"] and "not JSON" in found["error"]
     ws.close()
+
+
+SLEEPY = """
+import time
+from quotaserver import PeriodicEmitter, hookimpl
+
+@hookimpl
+def stats_fields(app):
+    time.sleep(app.plugin_state("sleepy").get("sleep", 0))
+    return {"sleepy_value": 1}
+
+def collect():
+    time.sleep(3)  # a plain collect without blocking=True: a careless author's
+    return {"x": 1}
+
+@hookimpl
+def register_emitters(app):
+    return [PeriodicEmitter("sleepy_source", 0.2, collect, stats_field="sleepy_source")]
+"""
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_a_third_partys_sleeping_stats_fields_and_collect_stall_no_consume(
+    app_factory, tmp_path
+):
+    import time
+
+    app = await app_factory(
+        plugins_dir=plugin_dir(tmp_path, sleepy=SLEEPY),
+        realtime__stats_interval=0.05,
+        plugin_timeout=1.0,
+    )
+    app.plugin_state("sleepy")["sleep"] = 2.0  # every stats_fields call from now on: 2 s
+    for n in range(10):
+        started = time.monotonic()
+        assert (await consume(app, f"u{n}")).code == 200
+        assert time.monotonic() - started < 1.0  # the loop never waited on the plugin
+        await asyncio.sleep(0.1)
+
+    async def blamed() -> bool:
+        health = (await call(app, "GET", "/api/ws/health")).json
+        hooks = {(f["plugin"], f["hook"]) for f in health["plugin_failures"] if f["failing"]}
+        source = next(s for s in health["sources"] if s["name"] == "sleepy_source")
+        return ("sleepy", "stats_fields") in hooks and not source["healthy"]
+
+    await wait_until_async(blamed, "the sleepy plugin named for both")
+    health = (await call(app, "GET", "/api/ws/health")).json
+    assert health["loop_blocks"] == {}  # neither ran on the event loop
+    assert app.stats_snapshot()["sleepy_value"] == 1  # still shown, from start-up's call
