@@ -212,6 +212,14 @@ def _register(pm: PluginManager, candidate: _Candidate, plugin: Any) -> None:
             raise PluginError(
                 f"plugin {candidate.name} ({where}): unknown hook {caller.name}{hint}"
             )
+        for impl in caller.get_hookimpls():
+            if impl.plugin is plugin and (impl.hookwrapper or impl.wrapper):
+                # Each implementation is called on its own, under its own timeout and
+                # failure count (Hooks), so there is no call for a wrapper to wrap.
+                raise PluginError(
+                    f"plugin {candidate.name} ({where}): {caller.name} is a hook wrapper; "
+                    "quotaserver calls every implementation separately: use a plain hookimpl"
+                )
     version = candidate.version or getattr(plugin, "__version__", None)
     pm.info[candidate.name] = PluginInfo(
         candidate.name, candidate.source, candidate.origin, version
@@ -436,6 +444,18 @@ def _call_in_thread(impl: Any, hook: str, args: dict[str, Any]) -> Any:
     return result
 
 
+TRACE_ENV = "QUOTASERVER_TRACE_PLUGINS"
+
+
+def _trace(plugin: str, hook: str, seconds: float, where: str) -> None:
+    log.info("trace: plugin %s %s %.3f ms %s", plugin, hook, seconds * 1000, where)
+
+
+def _trace_when_done(future: asyncio.Future, plugin: str, hook: str, where: str) -> None:
+    started = time.monotonic()
+    future.add_done_callback(lambda f: _trace(plugin, hook, time.monotonic() - started, where))
+
+
 def _retrieved(future: asyncio.Future) -> None:
     if not future.cancelled():
         future.exception()
@@ -484,6 +504,8 @@ class Hooks:
         #: and the fields of its last run that finished, which the stats broadcast shows.
         self._stats_runs: dict[str, _PoolRun] = {}
         self._stats_last: dict[str, Any] = {}
+        #: QUOTASERVER_TRACE_PLUGINS=1: log every hook call with its plugin and duration.
+        self.trace = os.environ.get(TRACE_ENV, "") not in ("", "0")
 
     #: A plugin that blocks the event loop this many times has its hooks disabled.
     MAX_LOOP_BLOCKS = 3
@@ -709,6 +731,8 @@ class Hooks:
             running_hook.leave()
             current_plugin.reset(token)
         blocked = time.monotonic() - started
+        if self.trace and not inspect.isawaitable(result):
+            _trace(impl.plugin_name, hook, blocked, "on the event loop")
         if blocked > self.timeout:
             # A sync implementation cannot be interrupted; say that it held everything up.
             self._failed(
@@ -786,7 +810,10 @@ class Hooks:
             if pool.busy >= pool.workers:
                 raise TimeoutError(f"all {pool.workers} threads of the plugin are hung")
             args = {k: kwargs[k] for k in impl.argnames}
-            return asyncio.wrap_future(pool.submit(_call_in_thread, impl, hook, args))
+            future = asyncio.wrap_future(pool.submit(_call_in_thread, impl, hook, args))
+            if self.trace:
+                _trace_when_done(future, plugin, hook, "in its pool")
+            return future
         except (RuntimeError, TimeoutError) as exc:
             self._failed(plugin, hook, exc)
             return None
@@ -799,15 +826,21 @@ class Hooks:
             # Nothing to run alongside: await it in place (a task and a wait would cost
             # ~50 us per consume for on_decision, for no isolation gained).
             name, awaitable = calls[waiting[0]]
+            started, coroutine = time.monotonic(), inspect.iscoroutine(awaitable)
             calls[waiting[0]] = (name, await self._await_inline(name, hook, awaitable, limit))
+            if self.trace and coroutine:  # (a pool's future is traced by _hand_off)
+                _trace(name, hook, time.monotonic() - started, "awaited")
         elif waiting:
             tasks = {}
             for i in waiting:
                 name, awaitable = calls[i]
-                if inspect.iscoroutine(awaitable):
+                coroutine = inspect.iscoroutine(awaitable)
+                if coroutine:
                     awaitable = _tracked(awaitable, name, hook)
                 with plugin_context(name):  # the task's threads come from the plugin's pool
                     tasks[i] = asyncio.ensure_future(awaitable)
+                if self.trace and coroutine:
+                    _trace_when_done(tasks[i], name, hook, "awaited")
                 calls[i] = (name, tasks[i])
             await self._await_tasks(list(tasks.values()), limit)
             for i, task in tasks.items():

@@ -595,3 +595,61 @@ async def test_a_third_partys_sleeping_stats_fields_and_collect_stall_no_consume
     health = (await call(app, "GET", "/api/ws/health")).json
     assert health["loop_blocks"] == {}  # neither ran on the event loop
     assert app.stats_snapshot()["sleepy_value"] == 1  # still shown, from start-up's call
+
+
+WRAPPER = """
+from quotaserver import hookimpl
+
+@hookimpl(wrapper=True)
+def on_decision(app, decision):
+    return (yield)
+"""
+
+TRACED = """
+import asyncio
+from quotaserver import hookimpl
+
+@hookimpl
+def on_decision(app, decision):
+    pass
+
+@hookimpl
+async def on_violation(app, violation):
+    await asyncio.sleep(0.05)
+"""
+
+
+def test_a_hook_wrapper_is_refused_at_load_in_one_line(tmp_path):
+    config = load_config(None, env={}).with_overrides(
+        plugins_dir=plugin_dir(tmp_path, wrapping=WRAPPER)
+    )
+    with pytest.raises(PluginError) as refused:
+        get_plugin_manager(config)
+    message = str(refused.value)
+    assert "plugin wrapping" in message and "on_decision is a hook wrapper" in message
+    assert "\n" not in message
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_trace_plugins_logs_every_hook_call_with_its_plugin_and_duration(
+    app_factory, tmp_path, monkeypatch, caplog
+):
+    monkeypatch.setenv("QUOTASERVER_TRACE_PLUGINS", "1")
+    app = await app_factory(
+        plugins_dir=plugin_dir(tmp_path, traced=TRACED),
+        quotas__defaults={"shell": {"daily": 0}},
+    )
+    with caplog.at_level("INFO", logger="quotaserver.plugins"):
+        assert (await consume(app, "tia")).code == 429
+
+        def traced(hook: str) -> list[str]:
+            return [
+                r.getMessage() for r in caplog.records
+                if r.getMessage().startswith(f"trace: plugin traced {hook} ")
+            ]  # fmt: skip
+
+        await wait_until(lambda: traced("on_violation"), "the awaited hook's line")
+    (decision,) = traced("on_decision")  # a third party's plain hook: in its pool
+    assert decision.endswith("ms in its pool")
+    (violation,) = traced("on_violation")
+    assert float(violation.split()[4]) >= 50 and violation.endswith("ms awaited")
