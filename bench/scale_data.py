@@ -231,7 +231,7 @@ async def users_pages(port: int, users: int, rounds: int) -> dict[str, Any]:
 
 
 def _cursor_at(sort: str, name: str) -> str | None:
-    from quotaserver.ranking import encode_cursor
+    from quotaserver.cursors import encode_cursor
 
     if sort == "username":
         return encode_cursor({"n": name})

@@ -6,7 +6,7 @@ page that reloads over REST and then resumes its stream from that ``seq`` neithe
 nor repeats an event. All database work runs on the store's reader threads.
 
 Every list pages by **keyset**: a response carries ``next_cursor`` (the sort key of its last
-row, encoded as :mod:`quotaserver.ranking` encodes the users list's) and the next request
+row, encoded as :mod:`quotaserver.cursors` encodes the users list's) and the next request
 passes it back as ``cursor``; a page then costs an index range, however deep it is, and a
 row is returned exactly once even while rows are added or changed (a row whose sort key
 changes moves; see docs/admin-api.md). ``page`` offsets still work for short jumps.
@@ -23,6 +23,7 @@ from peewee import JOIN, Tuple, fn
 
 from .alerts import alert_json
 from .audit import audit_json
+from .cursors import BadCursor, decode_cursor, encode_cursor
 from .db import DatabaseUnavailable
 from .events import last_seq
 from .limits import Rules
@@ -38,10 +39,9 @@ from .models import (
     aware,
     naive_utc,
 )
-from .ranking import BadCursor, decode_cursor, encode_cursor
 from .read_gate import GateTimeout, gate_of
 from .standings import utilization
-from .users_page import FastRanking
+from .users_page import UsersPage
 from .windows import isoformat
 
 if TYPE_CHECKING:
@@ -187,7 +187,7 @@ class AdminQueries:
         # Plain SQL and tuples (see quotaserver.users_page): the ORM's Python work per page
         # held the GIL long enough to slow consumes while admins paged.
         today = self._today()
-        ranking = FastRanking(self.store.db, search, today.key)
+        ranking = UsersPage(self.store.db, search, today.key)
         after = decode_cursor(cursor) if cursor else None
         total = None
         if sort in ("violations", "refused"):
@@ -259,9 +259,7 @@ class AdminQueries:
             {c: used.get((c, "daily"), 0) for c in self.quota.command_types},
             rules,
             self._violations_today([user.id], today.start).get(user.id, 0),
-            FastRanking(self.store.db, "", today.key)
-            .load_refusals_today([user.id])
-            .get(user.id, 0),
+            UsersPage(self.store.db, "", today.key).load_refusals_today([user.id]).get(user.id, 0),
         )
         return {
             **daily,

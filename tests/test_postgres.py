@@ -204,7 +204,7 @@ async def test_the_users_total_takes_an_id_that_committed_out_of_order_at_the_ne
     ``RECOUNT_AFTER`` seconds later (docs/admin-api.md)."""
     import psycopg2
 
-    from quotaserver import ranking
+    from quotaserver import users_page
 
     app = await pg_app()
     assert (await consume(app, "ann")).code == 200
@@ -223,7 +223,7 @@ async def test_the_users_total_takes_an_id_that_committed_out_of_order_at_the_ne
         late.commit()
         assert (await consume(app, "carl")).code == 200  # above the count: counted at once
         assert await total() == 3  # late's id is below the count's highest: not yet
-        monkeypatch.setattr(ranking, "RECOUNT_AFTER", 0.0)
+        monkeypatch.setattr(users_page, "RECOUNT_AFTER", 0.0)
         assert await total() == 4  # the next full count has it
     finally:
         late.close()

@@ -117,7 +117,7 @@ async def test_a_searched_utilisation_order_is_the_same_by_either_index_path(
 ):
     """A rare prefix is ranked from key lookups, a common one by walking today's ranking:
     both give the unsearched order, filtered by the prefix."""
-    from quotaserver import ranking
+    from quotaserver import users_page
 
     app = await app_factory(clock=FakeClock())
     await app.rules.set_global_limits("shell", {"daily": 40}, actor="t")
@@ -133,7 +133,7 @@ async def test_a_searched_utilisation_order_is_the_same_by_either_index_path(
 
     everyone = await order("")
     for few in (0, 10_000):
-        monkeypatch.setattr(ranking, "FEW_MATCHES", few)
+        monkeypatch.setattr(users_page, "FEW_MATCHES", few)
         for search in ("ab", "A", "ac1", "zz"):
             expected = [n for n in everyone if n.lower().startswith(search.lower())]
             assert await order(search) == expected, (few, search)

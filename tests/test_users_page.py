@@ -1,5 +1,5 @@
 """The users page built from plain SQL and tuples (quotaserver.users_page) is, JSON for JSON,
-the page the ORM form (quotaserver.ranking.UserRanking and model queries) builds."""
+the page the ORM form (tests/ranking_oracle.py and model queries) builds."""
 
 from __future__ import annotations
 
@@ -10,14 +10,15 @@ import pytest
 from clients import call, consume
 from conftest import FakeClock
 from peewee import fn
+from ranking_oracle import UserRanking
 from services import INITDB, needs
 
-from quotaserver import ranking
+from quotaserver import users_page
 from quotaserver.admin_queries import AdminQueries, PageRequest
+from quotaserver.cursors import decode_cursor, encode_cursor
 from quotaserver.events import last_seq
 from quotaserver.limits import Rules
 from quotaserver.models import Usage, Violation, naive_utc
-from quotaserver.ranking import UserRanking, decode_cursor, encode_cursor
 from quotaserver.standings import daily_of
 
 TYPES = ("shell", "code", "test", "review")
@@ -123,7 +124,7 @@ async def compare_pages(app: Any, monkeypatch: Any) -> None:
     queries = AdminQueries(app)
     compared = 0
     for few in (0, 10_000):  # both index paths of a searched utilisation order
-        monkeypatch.setattr(ranking, "FEW_MATCHES", few)
+        monkeypatch.setattr(users_page, "FEW_MATCHES", few)
         for sort in ("utilization", "username"):
             for search in ("", "ab", "É", "u", "zz"):
                 for per_page in (1, 7, 100):

@@ -13,8 +13,8 @@ from typing import TYPE_CHECKING, Any
 from .. import csv_export
 from ..admin_queries import USER_SORTS, AdminQueries, PageRequest
 from ..alerts import SEVERITIES, STATUSES
+from ..cursors import BadCursor
 from ..history import activity_per_bucket, violations_per_day
-from ..ranking import BadCursor
 from ..text import normalize_name
 from ..windows import isoformat
 from .base import ADMIN, VIEWER, ApiError, BaseHandler
