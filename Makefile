@@ -55,6 +55,9 @@ MUTATION_CHILDREN ?= 6
 mutation: install-test
 	rm -rf mutants && mkdir -p mutants/quotaserver
 	for d in static templates conf; do ln -s ../$$d mutants/quotaserver/$$d; done
+	# The built-in plugins as mutmut copied them: the editable install maps this package
+	# to the checkout's plugins/, which would put the working tree under every mutant.
+	ln -s ../plugins mutants/quotaserver/builtin_plugins
 	$(VENV)/bin/mutmut run --max-children $(MUTATION_CHILDREN)
 	$(PY) .ci/mutation_report.py --min $(MUTATION_MIN)
 
