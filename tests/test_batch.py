@@ -168,9 +168,9 @@ async def test_an_overloaded_batch_counts_nothing_and_keeps_no_key(app_factory):
     assert [(r["status"], r["allowed"], r["reason"]) for r in shed] == [
         (503, False, "system_overloaded")
     ] * 2
-    assert [(r["user"], r["count"], r["throttle_factor"]) for r in shed] == [
-        ("ida", 2, 0.0),
-        ("ida", 1, 0.0),
+    assert [(r["user"], r["command_type"], r["count"], r["throttle_factor"]) for r in shed] == [
+        ("ida", "shell", 2, 0.0),
+        ("ida", "shell", 1, 0.0),
     ]
     assert await daily_used(app) == 0 and await rows(app, Violation) == 0
     app.load.update(10, 10)
@@ -229,3 +229,18 @@ async def test_a_batch_decides_exactly_as_the_same_single_consumes_in_order(app_
     await settle(apps[0])
     await settle(apps[1])
     assert await apps[0].store.run(state) == await apps[1].store.run(state)
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_a_batch_with_keys_answers_with_the_throttle_factor_it_was_decided_under(
+    app_factory,
+):
+    app = await app_factory(quotas__defaults=LIMITS, throttle__cpu_bands=[[90, 0.5]])
+    app.load.update(95, 10)
+    decisions = [
+        {"user": "jo", "command_type": "shell", "key": "j-1"},
+        {"user": "jo", "command_type": "shell", "count": 2},  # no key, in a keyed batch
+    ]
+    results = (await batch(app, decisions)).json["results"]
+    assert [(r["status"], r["throttle_factor"]) for r in results] == [(200, 0.5), (200, 0.5)]
+    assert [r["periods"]["daily"]["used"] for r in results] == [1, 3]

@@ -301,10 +301,37 @@ async def test_while_overloaded_a_counted_key_is_still_answered_and_a_new_one_wa
     again = await keyed(app, "counted", count=2)
     assert (again.code, again.headers.get("Idempotent-Replayed")) == (200, "true")
     assert again.json["periods"] == first.json["periods"]
-    shed = await keyed(app, "fresh")
+    shed = await keyed(app, "fresh", user="omar", count=3)
     assert (shed.code, shed.json["reason"]) == (503, "system_overloaded")
+    assert (shed.json["user"], shed.json["count"]) == ("omar", 3)
     assert "Idempotent-Replayed" not in shed.headers
+    shed = await keyed(app, "fresh")
     app.load.update(10, 10)
     later = await keyed(app, "fresh")
     assert later.code == 200 and "Idempotent-Replayed" not in later.headers
     assert later.json["periods"]["daily"]["used"] == 3
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_a_keyed_consume_is_published_and_counted_like_an_unkeyed_one(app_factory):
+    """Its violation reaches live clients, the decision reaches the plugins and /metrics,
+    and the answer carries the throttle factor it was decided under."""
+    from scrape import scrape, value
+
+    app = await app_factory(throttle__cpu_bands=[[90, 0.5]])
+    await app.rules.set_global_limits("code", {"daily": 2}, actor="test")
+    watcher = await ws_connect(app, "types=violation")
+    await watcher.recv_type("welcome")
+    before = await scrape(app)
+    app.load.update(95, 10)  # the factor is 0.5: admitted, and said so
+    admitted = await keyed(app, "k-ok", command_type="code", count=2)
+    assert admitted.code == 200 and admitted.json["throttle_factor"] == 0.5
+    refused = await keyed(app, "k-over", command_type="code")
+    assert refused.code == 429
+    event = await watcher.recv_type("violation")
+    assert (event["data"]["username"], event["data"]["attempted"]) == ("alice", 3)
+    after = await scrape(app)
+    name = "quotaserver_decisions_total"
+    for result in ("allowed", "denied"):
+        was = before.get((name, (("result", result),)), 0)
+        assert value(after, name, result=result) - was == 1, result

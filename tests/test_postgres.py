@@ -128,6 +128,34 @@ async def test_concurrent_batches_and_single_consumes_share_the_limits_exactly(p
     assert await count(app, User) == 4
 
 
+@pytest.mark.gen_test(timeout=120)
+async def test_concurrent_batches_with_the_same_keys_count_each_key_once(pg_app):
+    # Each batch looks its keys up first, finds none and decides; the later ones wait on
+    # the counters' row lock, then find the key taken by the first and answer its answer.
+    app = await pg_app(database__pool_size=8)
+    await app.rules.set_global_limits("code", {"daily": 1000}, actor="t")
+    await consume(app, "kay", "code")
+    decisions = [{"user": "kay", "command_type": "code", "key": f"b-{i}"} for i in range(20)]
+    answers = await asyncio.gather(
+        *(
+            call(app, "POST", "/api/quotas/consume/batch", {"decisions": decisions},
+                 token=SERVICE)
+            for _ in range(4)
+        )
+    )  # fmt: skip
+    assert {a.code for a in answers} == {200}
+    results = [a.json["results"] for a in answers]
+    for i in range(20):  # every batch answers each item with the first answer
+        assert {r[i]["status"] for r in results} == {200}
+        assert {r[i]["periods"]["daily"]["used"] for r in results} == {i + 2}
+    assert sum(1 for r in results for item in r if not item.get("replayed")) == 20
+    used = await app.store.run(
+        lambda: Usage.select(Usage.used).join(User)
+        .where((User.username == "kay") & (Usage.period == "daily")).scalar()
+    )  # fmt: skip
+    assert used == 21
+
+
 @pytest.mark.gen_test(timeout=60)
 async def test_rules_alerts_and_replay_on_postgresql(pg_app):
     app = await pg_app()

@@ -386,3 +386,16 @@ async def test_unknown_route_and_method_are_json(app_factory):
     assert missing.code == 404 and missing.json["error"]["code"] == "not_found"
     wrong = await call(app, "GET", "/api/quotas/consume", token=SERVICE)
     assert wrong.code == 405 and "error" in wrong.json
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_the_in_process_check_asks_about_one_command_by_default(app_factory):
+    """What plugins call: ``app.quota.check(user, type)`` is about one more command."""
+    from quotaserver.quota import UnknownCommandType
+
+    app = await app_factory(quotas__defaults={"shell": {"daily": 3}})
+    assert (await consume(app, "pia", "shell", 2)).code == 200
+    decision = await app.quota.check("pia", "shell")
+    assert decision.allowed and decision.count == 1
+    assert not (await app.quota.check("pia", "shell", 2)).allowed
+    assert UnknownCommandType("nope").status == 400  # unless quotas.unknown_command_status

@@ -983,6 +983,27 @@ async def test_the_last_admin_rule_counts_live_admin_tokens_only(app_factory):
 
 
 @pytest.mark.gen_test(timeout=30)
+async def test_a_created_admin_token_can_replace_the_declared_one(app_factory):
+    """The rule counts live API admin tokens as admins, and a declared admin token that was
+    revoked as not one: the created admin may take over, then is the last."""
+    app = await start(app_factory)
+
+    async def revoke(name: str, token: str) -> Any:
+        listed = (await call(app, "GET", "/api/admin/tokens", token=token)).json["tokens"]
+        token_id = next(t["token_id"] for t in listed if t["name"] == name and not t["revoked"])
+        return await call(app, "DELETE", f"/api/admin/tokens/{token_id}", token=token)
+
+    made = await call(app, "POST", "/api/admin/tokens", {"name": "ops-admin", "role": "admin"})
+    assert made.code == 201
+    ops = made.json["token"]
+    assert (await revoke("test-admin", ops)).code == 200  # ops-admin keeps it administrable
+    assert (await call(app, "GET", "/api/ws/health", token=ADMIN)).code == 401
+    refused = await revoke("ops-admin", ops)  # the revoked declared admin does not count
+    assert refused.code == 409 and refused.json["error"]["code"] == "last_admin", refused
+    assert (await call(app, "GET", "/api/ws/health", token=ops)).code == 200
+
+
+@pytest.mark.gen_test(timeout=30)
 async def test_revoked_tokens_are_listed_after_the_active_ones_newest_first(app_factory):
     clock = FakeClock()
     app = await start(app_factory, clock=clock)
