@@ -26,6 +26,7 @@ from .audit import audit_json
 from .cursors import BadCursor, decode_cursor, encode_cursor
 from .db import DatabaseUnavailable
 from .events import last_seq
+from .history import activity_per_bucket, violations_per_day
 from .limits import Rules
 from .models import (
     GLOBAL_SCOPE,
@@ -39,7 +40,7 @@ from .models import (
     aware,
     naive_utc,
 )
-from .read_gate import GateTimeout, gate_of
+from .read_gate import GateTimeout
 from .standings import utilization
 from .users_page import UsersPage
 from .windows import isoformat
@@ -114,12 +115,21 @@ class AdminQueries:
         # One snapshot for the rows and the seq, on a reader (never the writer's queue),
         # one admin read at a time with a rest after it (quotaserver.read_gate).
         try:
-            return await gate_of(self.app).run(
+            return await self.app.read_gate.run(
                 lambda: self.store.read(fn, *args), wait=self.store.call_timeout
             )
         except GateTimeout:
             # Queued behind an admin read that did not finish: answer 503, do not pile up.
             raise DatabaseUnavailable("an earlier admin read did not finish; retry") from None
+
+    # -- the charts --------------------------------------------------------------------
+    async def activity(self, now: datetime, minutes: int, bucket: int) -> list[dict[str, Any]]:
+        """Admitted, denied and refused per bucket (quotaserver.history)."""
+        return await self._read(activity_per_bucket, now, minutes, bucket)
+
+    async def violations_per_day(self, days: int) -> list[dict[str, Any]]:
+        quota = self.quota
+        return await self._read(violations_per_day, quota.calendar, quota.clock(), days)
 
     # -- users -------------------------------------------------------------------------
     async def users(

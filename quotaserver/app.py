@@ -34,6 +34,7 @@ from .plugin_storage import PluginStorage
 from .plugins import Hooks, PluginEventError, get_plugin_manager
 from .probes import DatabaseProbe
 from .quota import Decision, QuotaService
+from .read_gate import ReadGate
 from .realtime.backplane import RedisBackplane, make_backplane
 from .realtime.cluster_counts import ClusterCounts
 from .realtime.emitters import Scheduler
@@ -83,6 +84,7 @@ class QuotaApp:
         self.store = Store.from_config(config)
         self.load = SystemLoad.from_config(config)
         self.load_log = LoadLog(self.store, self.load.history, lambda: self.instance_name)
+        self.read_gate = ReadGate()  # admin page reads take turns (quotaserver.read_gate)
         self.hub = Hub(
             self._replay,
             max_connections=config["realtime.max_connections"],

@@ -7,8 +7,9 @@ reader thread at once and saturate the process: consume p99 grew 3.5x (docs/benc
 ``t``, keeps the next one waiting another ``rest x t``: admin reads use at most
 ``1 / (1 + rest)`` of one thread however many admins page, and a lone read is never
 delayed (only the one after it waits; a failed read rests none, and no rest exceeds
-``MAX_REST``). Reads for the stream (replay, history) and the consume path do not pass
-through it.
+``MAX_REST``). Every admin page read passes through it (the lists, the user page, the
+charts' history); the stream's replay and the consume path do not. The application owns
+one gate (``QuotaApp.read_gate``).
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ import asyncio
 import time
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
-from weakref import WeakKeyDictionary
 
 T = TypeVar("T")
 
@@ -52,14 +52,3 @@ class ReadGate:
         delay = min((time.perf_counter() - started) * self.rest, MAX_REST)
         asyncio.get_running_loop().call_later(delay, self._slots.release)
         return result
-
-
-_gates: WeakKeyDictionary[object, ReadGate] = WeakKeyDictionary()
-
-
-def gate_of(owner: object) -> ReadGate:
-    """The gate shared by every admin read of ``owner`` (one application)."""
-    gate = _gates.get(owner)
-    if gate is None:
-        gate = _gates[owner] = ReadGate()
-    return gate

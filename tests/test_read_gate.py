@@ -94,3 +94,19 @@ async def test_a_read_queued_behind_a_hung_one_gives_up_instead_of_piling_up():
     release.set()
     assert await first == "late"
     assert await gate.run(quick, wait=5) == "ok"  # the turn comes back after the rest
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_the_charts_history_reads_take_the_same_gate(app_factory):
+    app = await app_factory()
+    turns = []
+    run = app.read_gate.run
+
+    async def counted(read, wait=None):
+        turns.append(1)
+        return await run(read, wait)
+
+    app.read_gate.run = counted
+    for path in ("/history?minutes=60", "/violations/daily", "/users"):
+        assert (await call(app, "GET", f"{API}{path}")).code == 200
+    assert len(turns) == 3

@@ -14,7 +14,6 @@ from .. import csv_export
 from ..admin_queries import USER_SORTS, AdminQueries, PageRequest
 from ..alerts import SEVERITIES, STATUSES
 from ..cursors import BadCursor
-from ..history import activity_per_bucket, violations_per_day
 from ..text import normalize_name
 from ..windows import isoformat
 from .base import ADMIN, VIEWER, ApiError, BaseHandler
@@ -131,7 +130,7 @@ class HistoryHandler(AdminHandler):
         load_minutes = int_arg(self, "load_minutes", 15, 1, 15)
         now = self.app.clock()
         await self.app.quota.flush_activity()  # this process's buffered minutes, if any
-        activity = await self.app.store.read(activity_per_bucket, now, minutes, bucket)
+        activity = await self.queries.activity(now, minutes, bucket)
         self.send_json(
             {
                 "server_time": isoformat(now),
@@ -149,8 +148,7 @@ class ViolationsDailyHandler(AdminHandler):
 
     async def get(self) -> None:
         days = int_arg(self, "days", 30, 1, 366)
-        quota = self.app.quota
-        points = await self.app.store.read(violations_per_day, quota.calendar, quota.clock(), days)
+        points = await self.queries.violations_per_day(days)
         self.send_json(
             {
                 "days": points,
