@@ -65,7 +65,17 @@ def run(
                 )
                 if save:
                     save(results)
+    if "quotaserver" in servers:
+        # Batches of 100 beside the single consumes of the same build (issue 23's 10x).
+        consume.append(
+            asyncio.run(sbs.consume("quotaserver", 8, spec["seconds"], server_cpus, 1, batch=BATCH))
+        )
+        if save:
+            save(results)
     return results
+
+
+BATCH = 100  # decisions per batch request in the batch row
 
 
 def table(results: dict) -> str:
@@ -120,17 +130,42 @@ def table(results: dict) -> str:
         "",
         "Consume (quotaserver: synchronous=full; tornado: bare JSON POST handler)",
         "",
-        "| server | connections | requests/s | p50 ms | p99 ms | statuses | "
-        "server CPU ms / request |",
-        "| --- | ---: | ---: | ---: | ---: | --- | ---: |",
+        "| server | connections | requests/s | decisions/s | p50 ms | p99 ms | statuses | "
+        "server CPU ms / decision |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | --- | ---: |",
     ]
     for r in results["consume"]:
         statuses = ", ".join(f"{k}: {v}" for k, v in r["status_counts"].items())
+        label = f"{r['server']}, batch of {r['batch']}" if r.get("batch") else r["server"]
+        decisions = r.get("decisions_per_s", r["requests_per_s"])
+        cpu = r.get("server_cpu_ms_per_decision", r["server_cpu_ms_per_request"])
         lines.append(
-            f"| {r['server']} | {r['connections']} | {r['requests_per_s']:,.0f} | "
-            f"{r['p50_ms']} | {r['p99_ms']} | {statuses} | {r['server_cpu_ms_per_request']} |"
+            f"| {label} | {r['connections']} | {r['requests_per_s']:,.0f} | {decisions:,.0f} | "
+            f"{r['p50_ms']} | {r['p99_ms']} | {statuses} | {cpu} |"
         )
+    lines += ratios(results["consume"])
     return "\n".join(lines) + "\n"
+
+
+def ratios(consume: list[dict]) -> list[str]:
+    """The consume ratios the targets are stated in, from rows of this run: the single
+    consumes with the most connections, against the bare handler and against batches."""
+    singles = [r for r in consume if not r.get("batch")]
+    most = max((r["connections"] for r in singles), default=0)
+
+    def row(server: str) -> dict | None:
+        return next((r for r in singles if (r["server"], r["connections"]) == (server, most)), None)
+
+    single, bare = row("quotaserver"), row("tornado")
+    batched = next((r for r in consume if r.get("batch")), None)
+    out = [""]
+    if single and bare:
+        ratio = single["requests_per_s"] / bare["requests_per_s"]
+        out.append(f"single consume vs bare handler, {most} connections: {ratio:.2f}x")
+    if single and batched:
+        ratio = batched["decisions_per_s"] / single["requests_per_s"]
+        out.append(f"batch of {batched['batch']}: decisions/s vs single consumes/s: {ratio:.1f}x")
+    return out
 
 
 def plot(results: dict, path: str) -> bool:

@@ -502,8 +502,10 @@ async def consume(
     server_cpus: str,
     workers: int = 1,
     database_url: str | None = None,
+    batch: int = 0,
 ) -> dict:
-    """``connections`` keep-alive clients consuming as fast as answers come back."""
+    """``connections`` keep-alive clients consuming as fast as answers come back; with
+    ``batch`` (quotaserver), each request is a batch of that many decisions."""
     # The run saturates the server's core on purpose: load shedding (503 at high CPU) would
     # measure the throttle, not the path.
     settings: dict[str, Any] = {}
@@ -521,16 +523,21 @@ async def consume(
         latencies: list[float] = []
         codes: dict[int, int] = {}
         errors: dict[int, str] = {}  # one answer per unexpected status, for the report
-        path = server.consume_path
+        path = "/api/quotas/consume/batch" if batch else server.consume_path
+
+        def decision(rng: random.Random) -> dict:
+            return {"user": f"user{rng.randrange(5000)}", "command_type": rng.choice(COMMANDS)}
 
         async def worker(index: int, stop_at: float) -> None:
             rng = random.Random(index)
             http = HttpClient(server.port, source_address(index))
             await http.open()
             while time.perf_counter() < stop_at:
-                body = json.dumps(
-                    {"user": f"user{rng.randrange(5000)}", "command_type": rng.choice(COMMANDS)}
-                ).encode()
+                if batch:
+                    body = json.dumps({"decisions": [decision(rng) for _ in range(batch)]})
+                else:
+                    body = json.dumps(decision(rng))
+                body = body.encode()
                 t0 = time.perf_counter()
                 status, reply = await http.post(path, body)
                 latencies.append(time.perf_counter() - t0)
@@ -555,6 +562,8 @@ async def consume(
             "seconds": round(elapsed, 1),
             "requests": len(latencies),
             "requests_per_s": round(len(latencies) / elapsed, 1),
+            "batch": batch or None,
+            "decisions_per_s": round(len(latencies) * max(batch, 1) / elapsed, 1),
             "status_counts": {str(k): v for k, v in sorted(codes.items())},
             "errors": {str(k): v for k, v in errors.items()},
             "p50_ms": round(percentile(latencies, 0.50) * 1000, 2),
@@ -562,6 +571,9 @@ async def consume(
             "server_cpu_s": round(cpu_server, 2),
             # Robust to other load on the machine, unlike requests/s.
             "server_cpu_ms_per_request": round(cpu_server / max(len(latencies), 1) * 1000, 3),
+            "server_cpu_ms_per_decision": round(
+                cpu_server / max(len(latencies) * max(batch, 1), 1) * 1000, 4
+            ),
             "client_cpu_s": round(own_cpu() - cpu_client, 2),
         }
         print(json.dumps(result), flush=True)
@@ -598,6 +610,7 @@ def main() -> None:
     )
     con.add_argument("--postgres-cpus", help="PostgreSQL's cores (default: the server's)")
     con.add_argument("--pool-size", type=int, default=8, help="database.pool_size per worker")
+    con.add_argument("--batch", type=int, default=0, help="decisions per request (batch)")
     for p in (fan, con):
         p.add_argument("--server-cpus", default="0")
         p.add_argument("--client-cpus", default="1")
@@ -633,6 +646,7 @@ def main() -> None:
                     args.server_cpus,
                     args.workers,
                     url,
+                    args.batch,
                 )
             )
         finally:

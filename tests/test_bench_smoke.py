@@ -11,6 +11,8 @@ import asyncio
 import os
 import sys
 
+import pytest
+
 BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench")
 sys.path.insert(0, BENCH)
 
@@ -32,15 +34,19 @@ def test_every_broadcaster_delivers_every_event_and_the_report_is_built(tmp_path
     for r in results["fanout"]:
         assert r["delivered"] == r["expected"] == r["clients"] * r["events"], r
         assert r["events"] == spec["events"][r["clients"]]
-    assert [(r["server"], r["connections"]) for r in results["consume"]] == [
-        ("quotaserver", 2),
-        ("tornado", 2),
+    assert [(r["server"], r["connections"], r["batch"]) for r in results["consume"]] == [
+        ("quotaserver", 2, None),
+        ("tornado", 2, None),
+        ("quotaserver", 8, run_all.BATCH),
     ]
     for r in results["consume"]:
         assert r["requests"] > 0 and set(r["status_counts"]) == {"200"}, r
+    batched = results["consume"][-1]
+    assert batched["decisions_per_s"] == pytest.approx(batched["requests_per_s"] * 100, 0.01)
 
     text = run_all.table(results)
     assert "| quotaserver | sse |" in text and "| websockets | ws |" in text
+    assert "| quotaserver, batch of 100 | 8 |" in text and "decisions/s vs single" in text
     png = tmp_path / "p99.png"
     assert run_all.plot(results, str(png))
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
