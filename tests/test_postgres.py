@@ -45,6 +45,14 @@ async def test_consume_check_and_violation_on_postgresql(pg_app):
     assert status.json["command_types"]["code"]["daily"]["used"] == 2
 
 
+@pytest.mark.gen_test(timeout=60)
+async def test_a_freshly_migrated_postgresql_database_is_what_the_models_declare(pg_app):
+    from schema_check import disagreements
+
+    app = await pg_app()
+    assert await app.store.run(lambda: disagreements(app.store.db)) == []
+
+
 @pytest.mark.gen_test(timeout=120)
 async def test_concurrent_consumes_never_over_admit_on_postgresql(pg_app):
     app = await pg_app(database__pool_size=8)

@@ -140,3 +140,12 @@ async def test_two_apps_in_one_process_each_use_their_own_database(app_factory, 
         with sqlite3.connect(f"{tmp_path}/{name}.db") as db:
             rows = db.execute("SELECT username FROM user").fetchall()
         assert rows == [(f"only-in-{name}",)]
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_a_freshly_migrated_database_is_what_the_models_declare(app_factory):
+    """Migrations are written out; a model changed without a migration fails here."""
+    from schema_check import disagreements
+
+    app = await app_factory()
+    assert await app.store.run(lambda: disagreements(app.store.db)) == []
