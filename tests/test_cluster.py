@@ -32,7 +32,7 @@ from clients import (
 from conftest import TOKENS
 from services import INITDB, REDIS, ROOT, Redis, needs, start_server, write_config
 
-from quotaserver.db import SCHEMA_VERSION
+from quotaserver.migrations import SCHEMA_VERSION
 
 pytestmark = needs(
     INITDB is not None and REDIS is not None,
