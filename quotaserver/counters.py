@@ -207,26 +207,26 @@ class CounterSQL:
 
     def user_and_limits(
         self, username: str, command_type: str, periods: tuple[str, ...], now: datetime
-    ) -> tuple[int, bool, dict[str, int | None]]:
-        """The user's id (created on first sight), whether it was just created, and its
-        effective limits for ``command_type``."""
+    ) -> tuple[int, dict[str, int | None]]:
+        """The user's id (created on first sight) and its effective limits for
+        ``command_type``."""
         rows = self._run(
             self.sql_user_limits, (username, command_type, GLOBAL_SCOPE, username)
         ).fetchall()
         user_id = next((r[0] for r in rows if r[0] is not None), None)
         limits = effective_limits([r[1:] for r in rows if r[0] is None], periods)
         if user_id is not None:
-            return user_id, False, limits
+            return user_id, limits
         row = self._run(
             self.sql_insert_user, (username, self._created_at(naive_utc(now)))
         ).fetchone()
         if row is not None:
             # Created now: it has no rules of its own (rules are set only on existing users,
             # and users are never deleted, so no stale rule can carry its id).
-            return row[0], True, limits
+            return row[0], limits
         # Created meanwhile by another transaction, which may have given it rules.
         user_id = self.user_id(username)
-        return user_id, False, self.limits(user_id, command_type, periods)
+        return user_id, self.limits(user_id, command_type, periods)
 
     def increment_all(
         self,
@@ -290,10 +290,10 @@ class CounterSQL:
     # -- batches ------------------------------------------------------------------------
     def users_and_limits_of(
         self, pairs: list[tuple[str, str]], periods: tuple[str, ...], now: datetime
-    ) -> tuple[dict[str, int], set[str], dict[tuple[int, str], dict[str, int | None]]]:
+    ) -> tuple[dict[str, int], dict[tuple[int, str], dict[str, int | None]]]:
         """For a batch's distinct (user name, command type) pairs: every user's id (created
-        on first sight), the names created now, and the effective limits of every pair by
-        (user id, command type), in three statements."""
+        on first sight) and the effective limits of every pair by (user id, command type),
+        in three statements."""
         usernames = list(dict.fromkeys(name for name, _ in pairs))
         command_types = list(dict.fromkeys(command_type for _, command_type in pairs))
         found = self._run(
@@ -301,14 +301,12 @@ class CounterSQL:
         ).fetchall()
         ids = {name: user_id for user_id, name in found}
         missing = [name for name in usernames if name not in ids]
-        created: set[str] = set()
         if missing:
             at = self._created_at(naive_utc(now))
             params = tuple(v for name in missing for v in (name, at))
             sql = self.sql_insert_users.format(rows=self._marks(len(missing), 2))
             for user_id, name in self._run(sql, params).fetchall():
                 ids[name] = user_id
-                created.add(name)
             for name in missing:  # created meanwhile by another transaction
                 if name not in ids:
                     ids[name] = self.user_id(name)
@@ -326,7 +324,7 @@ class CounterSQL:
                 (command_type, str(user_id)), []
             )
             limits[user_id, command_type] = effective_limits(rows, periods)
-        return ids, created, limits
+        return ids, limits
 
     def lock_counters(
         self, keys: list[tuple[int, str]], windows: dict[str, Window]

@@ -93,7 +93,6 @@ class Decision:
     consumed: bool = False  # True when counters were incremented
     reason: str | None = None  # "quota_exceeded" | "system_overloaded"
     violation: dict[str, Any] | None = None
-    new_user: bool = False
     events: list[Message] = field(default_factory=list)
     at: datetime = field(default_factory=utc_now)
 
@@ -432,7 +431,7 @@ class QuotaService:
         back in one statement each. Refusals write their violation as a single one does."""
         sql = self.sql
         pairs = list(dict.fromkeys((item.user, item.command_type) for item in items))
-        ids, created, limits = sql.users_and_limits_of(pairs, self.periods, now)
+        ids, limits = sql.users_and_limits_of(pairs, self.periods, now)
         counters = sql.lock_counters(sorted(limits), windows)
         changed: dict[tuple[int, str], dict[str, int]] = {}
         peaks: dict[int, tuple[float, str]] = {}
@@ -457,10 +456,8 @@ class QuotaService:
                 throttle_factor=factor,
                 periods=self.statuses(own, used, windows),
                 consumed=exhausted is None,
-                new_user=item.user in created,
                 at=now,
             )
-            created.discard(item.user)  # new for its first decision only
             decisions.append(decision)
             if exhausted is None:
                 daily = decision.periods.get("daily")
@@ -519,7 +516,7 @@ class QuotaService:
         windows: dict[str, Window],
     ) -> Decision:
         """Count in every window or refuse (the caller holds the transaction)."""
-        user_id, new_user, limits = self.sql.user_and_limits(user, command_type, self.periods, now)
+        user_id, limits = self.sql.user_and_limits(user, command_type, self.periods, now)
         # All windows or none; a refusal leaves the counters as they were. PostgreSQL raises
         # the daily peak in the same statement.
         peak = (user, windows["daily"].key) if self._peak_in_upsert else None
@@ -535,7 +532,6 @@ class QuotaService:
             throttle_factor=factor,
             periods=self.statuses(limits, used, windows),
             consumed=exhausted is None,
-            new_user=new_user,
             at=now,
         )
         if exhausted is None:

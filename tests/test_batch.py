@@ -8,6 +8,7 @@ import asyncio
 import pytest
 from clients import SERVICE, call, consume, settle, ws_connect
 from scrape import scrape, value
+from waits import wait_until
 
 from quotaserver.models import Event, Usage, Violation
 
@@ -229,6 +230,17 @@ async def test_a_batch_decides_exactly_as_the_same_single_consumes_in_order(app_
     await settle(apps[0])
     await settle(apps[1])
     assert await apps[0].store.run(state) == await apps[1].store.run(state)
+
+    # And the plugins were told the same decisions (the analytics' figures).
+    def figures(app) -> dict:
+        snapshot = app.stats_snapshot()
+        return {k: snapshot[k] for k in ("total_users", "commands_today", "violations_today")}
+
+    await wait_until(lambda: figures(apps[0]) == figures(apps[1]), "the same figures")
+    assert figures(apps[0])["total_users"] == len(users)
+    assert figures(apps[0])["commands_today"] == 12 + sum(
+        r["count"] for r in batched if r["allowed"]
+    )
 
 
 @pytest.mark.gen_test(timeout=60)
