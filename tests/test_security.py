@@ -816,6 +816,53 @@ async def test_a_token_write_on_a_locked_database_is_503_and_writes_nothing(app_
 
 
 @pytest.mark.gen_test(timeout=30)
+async def test_a_token_write_the_database_refuses_is_503_and_changes_nothing(
+    app_factory, tmp_path, caplog
+):
+    """Not a lock but a refusal (here a trigger a DBA left on the table): 503 with
+    Retry-After, the reason in the log, and nothing changed, in memory or in the rows."""
+    app = await start(app_factory)
+    with sqlite3.connect(f"{tmp_path}/quotaserver.db") as db:
+        db.execute(
+            "CREATE TRIGGER no_tokens BEFORE INSERT ON api_token "
+            "BEGIN SELECT RAISE(ABORT, 'tokens are frozen'); END"
+        )
+    with caplog.at_level("WARNING", logger="quotaserver.tokens"):
+        made = await call(app, "POST", "/api/admin/tokens", {"name": "frozen", "role": "viewer"})
+    assert made.code == 503 and made.headers["Retry-After"] == "5", made
+    assert made.json["error"] == {
+        "code": "unavailable",
+        "message": "the database did not accept the change; nothing was changed, retry later",
+    }
+    assert any(
+        r.getMessage() == "security change not written: tokens are frozen" for r in caplog.records
+    )
+    listed = (await call(app, "GET", "/api/admin/tokens")).json["tokens"]
+    assert "frozen" not in {t["name"] for t in listed}
+    with sqlite3.connect(f"{tmp_path}/quotaserver.db") as db:
+        db.execute("DROP TRIGGER no_tokens")
+    made = await call(app, "POST", "/api/admin/tokens", {"name": "frozen", "role": "viewer"})
+    assert made.code == 201 and "Retry-After" not in made.headers
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_a_created_token_is_listed_as_created_and_its_name_is_taken(app_factory):
+    app = await start(app_factory)
+    made = await call(app, "POST", "/api/admin/tokens", {"name": "ci-bot", "role": "service"})
+    assert made.code == 201
+    secret = made.json["token"]
+    assert secret.startswith("qs_") and len(secret) == 3 + 43  # 32 random bytes, base64url
+    listed = (await call(app, "GET", "/api/admin/tokens")).json["tokens"]
+    (row,) = [t for t in listed if t["name"] == "ci-bot"]
+    assert (row["role"], row["source"], row["created_by"]) == ("service", "api", "test-admin")
+    assert row["created_at"] and not row["revoked"]
+    again = await call(app, "POST", "/api/admin/tokens", {"name": "ci-bot", "role": "viewer"})
+    assert (again.code, again.json["error"]) == (
+        409, {"code": "conflict", "message": "an active token already has this name"},
+    )  # fmt: skip
+
+
+@pytest.mark.gen_test(timeout=30)
 async def test_bad_token_requests_name_the_rule_they_broke(app_factory):
     app = await start(app_factory)
     bad_role = await call(app, "POST", "/api/admin/tokens", {"name": "x", "role": "root"})
