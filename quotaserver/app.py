@@ -106,7 +106,13 @@ class QuotaApp:
         self.threads = PluginThreads()
         self.hooks.threads = self.threads  # plain third-party hooks run in their pools
         self.quota = QuotaService(
-            config, self.store, self.load, clock, publish=self.publish, on_decision=self._decided
+            config,
+            self.store,
+            self.load,
+            clock,
+            publish=self.publish,
+            on_decision=self._decided,
+            on_decisions=self._decided_many,
         )
         self.alerts = AlertService(self.store, self.publish, clock)
         self.plugin_storage = PluginStorage(self.store, clock)
@@ -437,6 +443,14 @@ class QuotaApp:
     def _decided(self, decision: Decision) -> None:
         self.metrics.decided(decision)
         self.react("on_decision", decision=decision)
+
+    def _decided_many(self, decisions: list[Decision]) -> None:
+        """A batch's decisions, in order: as :meth:`_decided` for each."""
+        for decision in decisions:
+            self.metrics.decided(decision)
+        rest = self.hooks.react_each("on_decision", "decision", decisions, app=self)
+        if rest is not None:
+            self.track(rest)
 
     def react(self, hook: str, **kwargs: Any) -> None:
         """Tell the plugins (``hook``), after the fact: what suspends goes on in the

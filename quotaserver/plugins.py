@@ -774,6 +774,62 @@ class Hooks:
             self._succeeded(name, hook)
         return None
 
+    def react_each(
+        self, hook: str, name: str, values: list[Any], **kwargs: Any
+    ) -> Awaitable[list[tuple[str, Any]]] | None:
+        """:meth:`react` once for each of ``values`` as the argument ``name`` (a batch's
+        decisions): the same calls in the same order, with the isolation bookkeeping (the
+        running plugin and hook, the watchdog's note, the timing) done once per
+        implementation instead of once per call. A failing call is counted and the next
+        value still goes to that implementation."""
+        if hook in self.COPIED:
+            results = [self.react(hook, **{**kwargs, name: v}) for v in values]
+            pending = [r for r in results if r is not None]
+            return asyncio.gather(*pending) if pending else None
+        waiting: list[tuple[str, Any]] = []
+        for impl in self._impls(hook):
+            plugin = impl.plugin_name
+            if self._offloaded(impl):
+                for value in values:
+                    future = self._hand_off(impl, hook, {**kwargs, name: value})
+                    if future is not None:
+                        waiting.append((plugin, future))
+                continue
+            ok, awaitables = self._invoke_each(impl, hook, kwargs, name, values)
+            waiting += awaitables
+            if ok and not awaitables:
+                self._succeeded(plugin, hook)
+        return self._complete(hook, waiting, self.timeout) if waiting else None
+
+    def _invoke_each(
+        self, impl: Any, hook: str, kwargs: dict[str, Any], name: str, values: list[Any]
+    ) -> tuple[bool, list[tuple[str, Any]]]:
+        plugin = impl.plugin_name
+        ok, awaitables = True, []
+        started = time.monotonic()
+        token = current_plugin.set(plugin)
+        running_hook.enter(plugin, hook)
+        try:
+            for value in values:
+                args = {k: value if k == name else kwargs[k] for k in impl.argnames}
+                try:
+                    result = impl.function(**args)
+                except Exception as exc:
+                    self._failed(plugin, hook, exc)
+                    ok = False
+                    continue
+                if inspect.isawaitable(result):
+                    awaitables.append((plugin, result))
+        finally:
+            running_hook.leave()
+            current_plugin.reset(token)
+        blocked = time.monotonic() - started
+        if self.trace:
+            _trace(plugin, hook, blocked, f"on the event loop, {len(values)} calls")
+        if blocked > self.timeout:
+            self._failed(plugin, hook, TimeoutError(f"blocked the event loop for {blocked:.1f} s"))
+        return ok, awaitables
+
     def _start(self, hook: str, kwargs: dict[str, Any]) -> list[tuple[str, Any]]:
         calls: list[tuple[str, Any]] = []
         copied = self.COPIED.get(hook)

@@ -166,12 +166,15 @@ class QuotaService:
         clock: Clock = utc_now,
         publish: Callable[[list[Message]], None] | None = None,
         on_decision: Callable[[Decision], None] | None = None,
+        on_decisions: Callable[[list[Decision]], None] | None = None,
     ):
         self.store = store
         self.load = load
         self.clock = clock
         self.publish = publish or (lambda msgs: None)
         self.on_decision = on_decision or (lambda d: None)
+        #: A batch's decisions at once (default: ``on_decision`` for each).
+        self.on_decisions = on_decisions or (lambda ds: [self.on_decision(d) for d in ds])
         self.command_types: tuple[str, ...] = tuple(config["quotas.command_types"])
         # Shortest window first: a multi-window denial reports the first exhausted one.
         self.periods = tuple(p for p in PERIODS if p in config["quotas.periods"])
@@ -414,10 +417,10 @@ class QuotaService:
             return Change(results, events)
 
         def decided(change: Change[list[BatchResult]]) -> None:
-            for result in change.payload:
-                if isinstance(result, Decision):
-                    self._counted(result)
-                    self.on_decision(result)
+            decisions = [r for r in change.payload if isinstance(r, Decision)]
+            for decision in decisions:
+                self._counted(decision)
+            self.on_decisions(decisions)
 
         return await commit(self.store, run, self.publish, decided)
 

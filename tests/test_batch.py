@@ -129,6 +129,8 @@ async def test_a_bad_item_refuses_the_whole_batch_and_counts_nothing(app_factory
         ([good, "hank"], 400, "invalid_field", "decisions[1]: each decision"),
         ([{"user": "hank", "command_type": "shell", "extra": 1}], 400, "unknown_field", "[0]"),
         ([good, {**good, "count": 0}], 400, "invalid_field", "decisions[1]: count"),
+        ([good, {**good, "user": "ha\u0001nk"}], 400, "invalid_field", "control characters"),
+        ([good, {**good, "user": "ha\x7fnk"}], 400, "invalid_field", "control characters"),
         ([good] * 501, 400, "invalid_field", "at most 500"),
         ([], 400, "invalid_field", "non-empty"),
     ]

@@ -165,7 +165,7 @@ class BatchConsumeHandler(BaseHandler):
         try:
             if not isinstance(raw, dict):
                 raise ApiError(400, "invalid_field", "each decision must be a JSON object")
-            body = json_item(raw)
+            body = json_item(raw, self.controls_checked)
             config = self.app.config
             user = validate_username(body["user"], config["quotas.max_username_length"])
             command_type = validate_command_type(body["command_type"])
@@ -188,9 +188,9 @@ class BatchConsumeHandler(BaseHandler):
         return BatchItem(user, command_type, count, key)
 
 
-def json_item(raw: Any) -> dict[str, Any]:
+def json_item(raw: Any, controls_checked: bool = False) -> dict[str, Any]:
     """A batch item: an object with the single consume's fields and ``key``."""
-    return json_body(raw, BATCH_ITEM_FIELDS, required=("user", "command_type"))
+    return json_body(raw, BATCH_ITEM_FIELDS, ("user", "command_type"), controls_checked)
 
 
 def _batch_result(result: BatchResult) -> dict[str, Any]:

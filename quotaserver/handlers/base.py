@@ -227,12 +227,16 @@ def control_character(value: Any) -> bool:
 
 
 def json_body(
-    body: Any, fields: Collection[str] | None = None, required: Collection[str] = ()
+    body: Any,
+    fields: Collection[str] | None = None,
+    required: Collection[str] = (),
+    controls_checked: bool = False,
 ) -> dict[str, Any]:
     """Check a decoded request body: a JSON object (400 ``invalid_json``), with no field
     outside ``fields`` (400 ``unknown_field``; None allows any), every ``required`` one
     present (400 ``missing_field``) and no control character in any string (400
-    ``invalid_field``). Values are the handler's to validate."""
+    ``invalid_field``; ``controls_checked``: :func:`no_controls_possible` said none can
+    be there). Values are the handler's to validate."""
     if not isinstance(body, dict):
         raise ApiError(400, "invalid_json", "the body must be a JSON object")
     if fields is not None:
@@ -242,10 +246,21 @@ def json_body(
     for name in required:
         if name not in body:
             raise ApiError(400, "missing_field", f"{name} is required")
+    if controls_checked:
+        return body
     for name, value in body.items():
         if control_character(value):
             raise ApiError(400, "invalid_field", f"{name} must not contain control characters")
     return body
+
+
+def no_controls_possible(raw: bytes) -> bool:
+    """Whether no string decoded from the JSON text ``raw`` can hold a C0 control or DEL.
+
+    JSON refuses raw control characters inside strings, so one can only come from an
+    escape (a backslash) or be DEL itself; UTF-8 never encodes other characters with bytes
+    below 0x80. A body with neither needs no walk through its strings."""
+    return b"\\" not in raw and b"\x7f" not in raw
 
 
 def unauthorized() -> ApiError:
@@ -295,6 +310,8 @@ class BaseHandler(tornado.web.RequestHandler):
     """Routes declare ``roles`` (admin is always allowed); ``None`` means public."""
 
     roles: ClassVar[frozenset[str] | None] = ADMIN
+    #: Set by :meth:`json_body`: no string of the body can hold a control character.
+    controls_checked = False
     #: Per-method exceptions to ``roles``, e.g. ``{"GET": VIEWER}``.
     method_roles: ClassVar[Mapping[str, frozenset[str] | None]] = {}
     #: An HTML page: strangers are sent to the login page rather than given a 401.
@@ -435,11 +452,13 @@ class BaseHandler(tornado.web.RequestHandler):
         ctype = self.request.headers.get("Content-Type", "")
         if ctype.split(";")[0].strip().lower() != "application/json":
             raise ApiError(415, "unsupported_media_type", "Content-Type must be application/json")
+        raw = self.request.body or b""
         try:
-            body = parse_json(self.request.body or b"")
+            body = parse_json(raw)
         except ValueError:  # UnicodeDecodeError is one too
             raise ApiError(400, "invalid_json", "the body is not valid JSON") from None
-        return json_body(body, fields, required)
+        self.controls_checked = no_controls_possible(raw)
+        return json_body(body, fields, required, self.controls_checked)
 
     def send_json(self, obj: Any, status: int = 200) -> None:
         self.set_status(status)
