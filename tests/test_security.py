@@ -850,6 +850,11 @@ async def test_a_created_token_is_listed_as_created_and_its_name_is_taken(app_fa
     app = await start(app_factory)
     made = await call(app, "POST", "/api/admin/tokens", {"name": "ci-bot", "role": "service"})
     assert made.code == 201
+    assert (made.json["name"], made.json["role"], made.json["source"]) == (
+        "ci-bot",
+        "service",
+        "api",
+    )
     secret = made.json["token"]
     assert secret.startswith("qs_") and len(secret) == 3 + 43  # 32 random bytes, base64url
     listed = (await call(app, "GET", "/api/admin/tokens")).json["tokens"]
@@ -860,6 +865,7 @@ async def test_a_created_token_is_listed_as_created_and_its_name_is_taken(app_fa
     assert (again.code, again.json["error"]) == (
         409, {"code": "conflict", "message": "an active token already has this name"},
     )  # fmt: skip
+    assert "Retry-After" not in again.headers  # only a 503 says when to retry
 
 
 @pytest.mark.gen_test(timeout=30)
