@@ -528,7 +528,8 @@ async def test_a_worker_that_dies_is_replaced_and_sigterm_stops_all_with_0(tmp_p
             lambda: len({c.pid for c in launcher.children()} - first) == 1,
             "a new worker in place of the killed one",
         )
-        assert printed(workers, f"(pid {victim}) exited with -9; starting a new one")
+        line = f"(pid {victim}) exited with -9; starting a new one"
+        await wait_until(lambda: printed(workers, line), "the replacement in the log")
         now = {child.pid for child in launcher.children()}
         assert victim not in now and len(now) == 2
         for n in range(6):  # whichever worker answers, each decides
