@@ -222,6 +222,8 @@ class AdminQueries:
                  for u in users]  # fmt: skip
         result = page.result(items, ranking.total() if total is None else total, ranking.seq())
         result["next_cursor"] = encode_cursor(last) if last is not None else None
+        # The thresholds behind each row's "risk", for a client that updates rows live.
+        result["risk_levels"] = [[name, floor] for name, floor in RISK_LEVELS]
         return result
 
     def _user_detail_sync(self, username: str) -> dict[str, Any] | None:

@@ -132,6 +132,7 @@ async def test_users_sort_by_violations_today_lists_the_worst_first(app_factory)
         ("carol", 3),
     ]
     assert (resp["total"], resp["pages"], resp["next_cursor"]) == (3, 2, None)
+    assert resp["risk_levels"] == [["critical", 95.0], ["high", 90.0], ["elevated", 80.0]]
     second = (await call(app, "GET", f"{API}/users?sort=violations&per_page=2&page=2")).json
     assert [u["username"] for u in second["items"]] == ["dave"]
     found = (await call(app, "GET", f"{API}/users?sort=violations&q=da")).json

@@ -20,7 +20,6 @@ const RISK_TITLE = {
 const PER_PAGE = 25;
 // Durable events kept to re-apply over a REST answer read before them (see render).
 const RECENT_EVENTS = 500;
-const RISKS = [["critical", 95], ["high", 90], ["elevated", 80]];
 // Column headers that sort (the server's orders; per-type columns have no index to sort by).
 const SORTABLE = {
   User: "username",
@@ -137,6 +136,7 @@ export class UsersTable {
   render(response) {
     this.commandTypes = response.command_types;
     this.pages = response.pages;
+    this.riskLevels = response.risk_levels; // the server's thresholds, not a copy here
     this.items = response.items;
     this.seq = response.seq; // events up to this seq are already in the rows
     this.hasMore = Boolean(response.next_cursor);
@@ -206,7 +206,8 @@ export class UsersTable {
       if (usage.percent !== null) percents.push(usage.percent);
     }
     u.max_percent = percents.length ? Math.max(...percents) : null;
-    const level = RISKS.find(([, floor]) => u.max_percent !== null && u.max_percent >= floor);
+    const levels = this.riskLevels || [];
+    const level = levels.find(([, floor]) => u.max_percent !== null && u.max_percent >= floor);
     u.risk = level ? level[0] : null;
   }
 
