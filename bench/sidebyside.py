@@ -504,14 +504,18 @@ async def consume(
     workers: int = 1,
     database_url: str | None = None,
     batch: int = 0,
+    plugins_dir: str | None = None,
 ) -> dict:
     """``connections`` keep-alive clients consuming as fast as answers come back; with
-    ``batch`` (quotaserver), each request is a batch of that many decisions."""
+    ``batch`` (quotaserver), each request is a batch of that many decisions; with
+    ``plugins_dir``, quotaserver loads the plugin files there too."""
     # The run saturates the server's core on purpose: load shedding (503 at high CPU) would
     # measure the throttle, not the path.
     settings: dict[str, Any] = {}
     if database_url:
         settings = {"database_url": database_url, "database_pool_size": POOL_SIZE}
+    if plugins_dir:
+        settings["plugins_dir"] = plugins_dir
     server = launch(
         name,
         server_cpus,
@@ -614,6 +618,7 @@ def main() -> None:
         "--pool-size", type=int, default=8, help="database.pool_size (its workers divide it)"
     )
     con.add_argument("--batch", type=int, default=0, help="decisions per request (batch)")
+    con.add_argument("--plugins-dir", help="quotaserver also loads the plugin files here")
     for p in (fan, con):
         p.add_argument("--server-cpus", default="0")
         p.add_argument("--client-cpus", default="1")
@@ -650,6 +655,7 @@ def main() -> None:
                     args.workers,
                     url,
                     args.batch,
+                    args.plugins_dir,
                 )
             )
         finally:
