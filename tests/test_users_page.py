@@ -57,6 +57,7 @@ def orm_page(
              for u in users]  # fmt: skip
     result = page.result(items, rank.total(), last_seq())
     result["next_cursor"] = encode_cursor(last) if last is not None else None
+    result["risk_levels"] = [["critical", 95.0], ["high", 90.0], ["elevated", 80.0]]
     return result
 
 
