@@ -219,6 +219,12 @@ async def test_the_event_count_cap_closes_a_slow_client_and_spares_the_others():
     hub.publish(durable(5))
     assert [m.seq for m in fast.sent] == [1, 2, 3, 4, 5]
     assert hub.clients == {fast}
+    # A second one over the cap is counted beside the first (the metric and health read it).
+    later = await attached(hub, PendingClient())
+    for seq in (6, 7, 8, 9):
+        hub.publish(durable(seq))
+        await fast.flush()
+    assert later.closed and hub.slow_closed == 2
 
 
 @pytest.mark.gen_test
@@ -607,3 +613,17 @@ async def test_a_ping_carries_the_server_time_to_every_client():
         assert list(ping.data) == ["server_time"]
         sent = datetime.fromisoformat(ping.data["server_time"].replace("Z", "+00:00"))
         assert abs((datetime.now(UTC) - sent).total_seconds()) < 60
+
+
+@pytest.mark.gen_test
+async def test_an_event_a_client_already_has_is_not_sent_again():
+    hub = Hub(no_replay)
+    client = await attached(hub, PendingClient())
+    for seq in (1, 2, 3):
+        hub.publish(durable(seq))
+    await client.flush()
+    hub.publish(durable(3))  # the same event once more (a second path delivered it too)
+    hub.publish(durable(2))
+    hub.publish(durable(4))
+    await client.flush()
+    assert [m.seq for m in client.sent if m.seq is not None] == [1, 2, 3, 4]
