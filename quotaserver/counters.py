@@ -116,13 +116,15 @@ class CounterSQL:
         peak = _q(DailyPeak._meta.table_name)
         # Today's peak only rises with usage (resets and limit changes recompute it); a row
         # of an earlier day is replaced.
-        self.sql_peak = (
+        # One row (sql_peak) or many (sql_peaks, a batch's, one row per user).
+        self.sql_peaks = (
             f'INSERT INTO {peak} ("user_id", "day", "rank", "username") '
-            f"VALUES ({p}, {p}, {p}, {p}) "
+            "VALUES {rows} "
             'ON CONFLICT ("user_id") DO UPDATE SET '
             f'"rank" = CASE WHEN {peak}."day" = excluded."day" AND {peak}."rank" < excluded."rank" '
             f'THEN {peak}."rank" ELSE excluded."rank" END, "day" = excluded."day"'
         )
+        self.sql_peak = self.sql_peaks.format(rows=f"({p}, {p}, {p}, {p})")
 
         # PostgreSQL: the peak rides on the upsert, written only when every window took the
         # count; the rank as utilization() computes it (PostgreSQL's round of a double
@@ -168,7 +170,6 @@ class CounterSQL:
             'VALUES {rows} ON CONFLICT ("user_id", "command_type", "period", "window_start") '
             'DO UPDATE SET "used" = excluded."used"'
         )
-        self.sql_peaks = self.sql_peak.replace(f"VALUES ({p}, {p}, {p}, {p})", "VALUES {rows}")
 
     def _run(self, sql: str, params: tuple):
         return self.db.execute_sql(sql, params)
@@ -369,7 +370,7 @@ class CounterSQL:
         if user_id is None:
             return used
         keys = {w.key for w in windows.values()}
-        sql = self.sql_used.format(keys=", ".join([self.db.param] * len(keys)))
+        sql = self.sql_used.format(keys=self._marks(len(keys)))
         for period, window_start, value in self._run(sql, (user_id, command_type, *keys)):
             if period in windows and windows[period].key == window_start:
                 used[period] = value

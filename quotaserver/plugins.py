@@ -730,15 +730,18 @@ class Hooks:
         finally:
             running_hook.leave()
             current_plugin.reset(token)
-        blocked = time.monotonic() - started
-        if self.trace and not inspect.isawaitable(result):
-            _trace(impl.plugin_name, hook, blocked, "on the event loop")
-        if blocked > self.timeout:
-            # A sync implementation cannot be interrupted; say that it held everything up.
-            self._failed(
-                impl.plugin_name, hook, TimeoutError(f"blocked the event loop for {blocked:.1f} s")
-            )
+        # An awaitable is traced when awaited (quotaserver's _complete), not here.
+        where = None if inspect.isawaitable(result) else "on the event loop"
+        self._held(impl.plugin_name, hook, time.monotonic() - started, where)
         return True, result
+
+    def _held(self, plugin: str, hook: str, seconds: float, where: str | None) -> None:
+        """After a call on the loop: trace it (``where``), and count one that held the loop
+        longer than the timeout as a failure (a sync call cannot be interrupted)."""
+        if self.trace and where is not None:
+            _trace(plugin, hook, seconds, where)
+        if seconds > self.timeout:
+            self._failed(plugin, hook, TimeoutError(f"blocked the event loop for {seconds:.1f} s"))
 
     def call(self, hook: str, **kwargs: Any) -> list[tuple[str, Any]]:
         """Call every implementation of ``hook``; return ``(plugin name, result)`` pairs."""
@@ -782,20 +785,18 @@ class Hooks:
         running plugin and hook, the watchdog's note, the timing) done once per
         implementation instead of once per call. A failing call is counted and the next
         value still goes to that implementation."""
-        if hook in self.COPIED:
-            results = [self.react(hook, **{**kwargs, name: v}) for v in values]
-            pending = [r for r in results if r is not None]
-            return asyncio.gather(*pending) if pending else None
+        copied = self.COPIED.get(hook) == name  # each implementation its own copy
         waiting: list[tuple[str, Any]] = []
         for impl in self._impls(hook):
             plugin = impl.plugin_name
+            own = [copy.deepcopy(v) for v in values] if copied else values
             if self._offloaded(impl):
-                for value in values:
+                for value in own:
                     future = self._hand_off(impl, hook, {**kwargs, name: value})
                     if future is not None:
                         waiting.append((plugin, future))
                 continue
-            ok, awaitables = self._invoke_each(impl, hook, kwargs, name, values)
+            ok, awaitables = self._invoke_each(impl, hook, kwargs, name, own)
             waiting += awaitables
             if ok and not awaitables:
                 self._succeeded(plugin, hook)
@@ -823,11 +824,8 @@ class Hooks:
         finally:
             running_hook.leave()
             current_plugin.reset(token)
-        blocked = time.monotonic() - started
-        if self.trace:
-            _trace(plugin, hook, blocked, f"on the event loop, {len(values)} calls")
-        if blocked > self.timeout:
-            self._failed(plugin, hook, TimeoutError(f"blocked the event loop for {blocked:.1f} s"))
+        where = f"on the event loop, {len(values)} calls"
+        self._held(plugin, hook, time.monotonic() - started, where)
         return ok, awaitables
 
     def _start(self, hook: str, kwargs: dict[str, Any]) -> list[tuple[str, Any]]:

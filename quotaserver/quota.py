@@ -174,7 +174,7 @@ class QuotaService:
         self.publish = publish or (lambda msgs: None)
         self.on_decision = on_decision or (lambda d: None)
         #: A batch's decisions at once (default: ``on_decision`` for each).
-        self.on_decisions = on_decisions or (lambda ds: [self.on_decision(d) for d in ds])
+        self.on_decisions = on_decisions or self._each_decided
         self.command_types: tuple[str, ...] = tuple(config["quotas.command_types"])
         # Shortest window first: a multi-window denial reports the first exhausted one.
         self.periods = tuple(p for p in PERIODS if p in config["quotas.periods"])
@@ -236,6 +236,10 @@ class QuotaService:
         """Write the buffered per-minute activity now (before a read; at shutdown)."""
         if self.activity is not None:
             await (self.activity.close() if closing else self.activity.flush())
+
+    def _each_decided(self, decisions: list[Decision]) -> None:
+        for decision in decisions:
+            self.on_decision(decision)
 
     def _committed(self, change: Change[Decision]) -> None:
         self._counted(change.payload)
